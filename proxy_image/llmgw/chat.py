@@ -14,23 +14,23 @@ from llmgateway.v1 import llm_service_pb2 as pb
 
 from .errors import GatewayError, Kind
 
-ROLE_BY_NAME: dict[str, int] = {
+ROLE_BY_NAME: dict[str, pb.Role] = {
     "system": pb.ROLE_SYSTEM,
     "user": pb.ROLE_USER,
     "assistant": pb.ROLE_ASSISTANT,
     "tool": pb.ROLE_TOOL,
     "developer": pb.ROLE_DEVELOPER,
 }
-ROLE_NAME: dict[int, str] = {v: k for k, v in ROLE_BY_NAME.items()}
+ROLE_NAME: dict[pb.Role, str] = {v: k for k, v in ROLE_BY_NAME.items()}
 
-FINISH_BY_NAME: dict[str, int] = {
+FINISH_BY_NAME: dict[str, pb.FinishReason] = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
     "content_filter": pb.FINISH_REASON_CONTENT_FILTER,
     "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
     "function_call": pb.FINISH_REASON_TOOL_CALLS,
 }
-FINISH_NAME: dict[int, str] = {
+FINISH_NAME: dict[pb.FinishReason, str] = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
     pb.FINISH_REASON_CONTENT_FILTER: "content_filter",
@@ -53,8 +53,7 @@ def validate_request(req: pb.ChatRequest) -> None:
     for i, message in enumerate(req.messages):
         if message.role not in ROLE_NAME:
             raise invalid(
-                f"messages[{i}].role: unknown role {message.role} "
-                f"(expected one of {', '.join(ROLE_BY_NAME)})"
+                f"messages[{i}].role: unknown role {message.role} (expected one of {', '.join(ROLE_BY_NAME)})"
             )
     if req.HasField("temperature") and not (0.0 <= req.temperature <= 2.0 and math.isfinite(req.temperature)):
         raise invalid(f"temperature: {req.temperature:g} is out of range [0, 2]")

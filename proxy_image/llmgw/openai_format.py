@@ -15,13 +15,36 @@ from .chat import FINISH_BY_NAME, FINISH_NAME, MAX_STOP_SEQUENCES, ROLE_BY_NAME,
 
 # Fields OpenAI clients commonly send that do not change the answer's meaning, so we accept and drop them.
 _IGNORED_FIELDS = frozenset(
-    {"n", "stream_options", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "seed",
-     "service_tier", "store", "parallel_tool_calls"}
+    {
+        "n",
+        "stream_options",
+        "logprobs",
+        "top_logprobs",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "service_tier",
+        "store",
+        "parallel_tool_calls",
+    }
 )
-_KNOWN_FIELDS = frozenset(
-    {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "user",
-     "metadata", "stream"}
-) | _IGNORED_FIELDS
+_KNOWN_FIELDS = (
+    frozenset(
+        {
+            "model",
+            "messages",
+            "temperature",
+            "top_p",
+            "max_tokens",
+            "max_completion_tokens",
+            "stop",
+            "user",
+            "metadata",
+            "stream",
+        }
+    )
+    | _IGNORED_FIELDS
+)
 
 
 def _number(body: dict[str, Any], key: str) -> float | None:
@@ -39,7 +62,11 @@ def _content_text(content: Any, where: str) -> str:
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise invalid(f"{where}.content[{j}]: only text parts are supported, got {kind!r}")
             parts.append(part["text"])
@@ -239,6 +266,8 @@ def chunk_from_json(body: Any) -> pb.ChatChunk:
     return chunk
 
 
-def error_body(message: str, error_type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, error_type: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error envelope."""
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}

@@ -1,0 +1,483 @@
+"""The proxy's configuration file: its shape, its defaults, and the checks that name the bad key.
+
+The operator renders an ``LLMGateway`` spec into this YAML (camelCase keys, like the CRD) and mounts it
+into the proxy pods as a ConfigMap; people running the proxy by hand write it themselves
+(``examples/proxy/local.yaml``). :func:`load` either returns a fully checked :class:`ProxyConfig` or raises
+:class:`ConfigError` whose message starts with the dotted path of the offending key, for example
+``routes[0].grpcWeight: must be an integer from 0 to 100, got 150``.
+
+Secrets are never part of this file: provider API keys and client API keys are named here (an environment
+variable or a file path) and read when the configuration is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import os
+import pathlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import yaml
+
+PROVIDER_TYPES = ("openai", "anthropic", "grpc")
+REST_TYPES = ("openai", "anthropic")
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SecretRef:
+    """Where a secret value comes from: an environment variable or a file (for example a Secret volume)."""
+
+    env: str | None = None
+    file: str | None = None
+
+    def read(self, where: str) -> str:
+        if self.env is not None:
+            value = os.environ.get(self.env)
+            if not value:
+                raise ConfigError(f"{where}.env: environment variable {self.env} is not set or empty")
+            return value.strip()
+        assert self.file is not None
+        try:
+            value = pathlib.Path(self.file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{where}.file: cannot read {self.file}: {exc.strerror}") from None
+        if not value:
+            raise ConfigError(f"{where}.file: {self.file} is empty")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Retries:
+    max_attempts: int = 3
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    name: str
+    type: str
+    base_url: str = ""  # openai, anthropic
+    target: str = ""  # grpc
+    api_key: SecretRef | None = None
+    timeout_s: float = 120.0
+    connect_timeout_s: float = 5.0
+    max_connections: int = 256
+    retries: Retries = Retries()
+    tls: bool = False  # grpc: use TLS to the target
+    anthropic_version: str = "2023-06-01"
+    default_max_tokens: int = 4096  # anthropic requires max_tokens; used when the client gives none
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def path(self) -> str:
+        """Which side of the REST/gRPC split this provider serves."""
+        return "grpc" if self.type == "grpc" else "rest"
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    model: str  # exact name, a prefix pattern ending in "*", or "*" for every model
+    rest: str | None
+    grpc: str | None
+    grpc_weight: int
+    upstream_model: str | None = None
+
+    def matches(self, model: str) -> bool:
+        if self.model.endswith("*"):
+            return model.startswith(self.model[:-1])
+        return model == self.model
+
+
+@dataclasses.dataclass(frozen=True)
+class Listen:
+    grpc: str = "0.0.0.0:50051"
+    rest: str = "0.0.0.0:8080"
+    admin: str = "0.0.0.0:9090"
+
+
+@dataclasses.dataclass(frozen=True)
+class TLS:
+    cert_file: str
+    key_file: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Auth:
+    api_keys_file: str | None = None
+    api_keys_env: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_concurrent_requests: int = 512
+    max_request_bytes: int = 4 * 1024 * 1024
+    request_timeout_s: float = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Cache:
+    enabled: bool = False
+    max_entries: int = 1024
+    ttl_s: float = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyConfig:
+    generation: int
+    listen: Listen
+    tls: TLS | None
+    auth: Auth | None
+    limits: Limits
+    cache: Cache
+    drain_s: float
+    reload_interval_s: float
+    providers: dict[str, Provider]
+    routes: tuple[Route, ...]
+    # Loaded secrets and the fingerprint of every file the config depends on; not part of the YAML.
+    provider_keys: dict[str, str] = dataclasses.field(repr=False, compare=False, default_factory=dict)
+    client_keys: tuple[str, ...] = dataclasses.field(repr=False, compare=False, default=())
+    source_files: tuple[str, ...] = dataclasses.field(compare=False, default=())
+
+    def route_for(self, model: str) -> Route | None:
+        """The first route matching ``model``: exact names win over patterns, longer patterns first."""
+        for route in self.routes:
+            if route.matches(model):
+                return route
+        return None
+
+    @property
+    def models(self) -> list[str]:
+        return sorted(r.model for r in self.routes if not r.model.endswith("*"))
+
+
+class _Reader:
+    """Reads one YAML mapping, checking types and refusing unknown keys, with the key's path in errors."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where or 'config'}: must be a mapping, got {type(data).__name__}")
+        self.data = data
+        self.where = where
+        self.used: set[str] = set()
+
+    def path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(
+        self, key: str, kind: type | tuple[type, ...], default: Any = None, *, required: bool = False
+    ) -> Any:
+        self.used.add(key)
+        if key not in self.data or self.data[key] is None:
+            if required:
+                raise ConfigError(f"{self.path(key)}: required")
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            raise ConfigError(f"{self.path(key)}: must be {_kind_name(kinds)}, got a boolean")
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds):
+            raise ConfigError(f"{self.path(key)}: must be {_kind_name(kinds)}, got {type(value).__name__}")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float = 0.0, exclusive: bool = True) -> float:
+        value = self.get(key, float, default)
+        if value < minimum or (exclusive and value == minimum):
+            op = ">" if exclusive else ">="
+            raise ConfigError(f"{self.path(key)}: must be {op} {minimum:g}, got {value:g}")
+        return float(value)
+
+    def integer(self, key: str, default: int, *, minimum: int = 1, maximum: int | None = None) -> int:
+        value = self.get(key, int, default)
+        if value < minimum or (maximum is not None and value > maximum):
+            upper = f" to {maximum}" if maximum is not None else " or more"
+            raise ConfigError(f"{self.path(key)}: must be an integer from {minimum}{upper}, got {value}")
+        return int(value)
+
+    def section(self, key: str, build: Callable[[_Reader], T], default: T) -> T:
+        raw = self.get(key, dict)
+        if raw is None:
+            return default
+        reader = _Reader(raw, self.path(key))
+        result = build(reader)
+        reader.done()
+        return result
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(
+                f"{self.path(unknown[0])}: unknown key (allowed: {', '.join(sorted(self.used))})"
+            )
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        dict: "a mapping",
+        list: "a list",
+    }
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def check_listen_address(value: str, where: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: must be HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def _secret_ref(r: _Reader) -> SecretRef:
+    env = r.get("env", str)
+    file = r.get("file", str)
+    if (env is None) == (file is None):
+        raise ConfigError(f"{r.where}: set exactly one of env or file")
+    return SecretRef(env=env, file=file)
+
+
+def _retries(r: _Reader) -> Retries:
+    return Retries(
+        max_attempts=r.integer("maxAttempts", 3, minimum=1, maximum=10),
+        initial_backoff_s=r.number("initialBackoffSeconds", 0.1),
+        max_backoff_s=r.number("maxBackoffSeconds", 5.0),
+    )
+
+
+def _provider(r: _Reader) -> Provider:
+    name = r.get("name", str, required=True)
+    ptype = r.get("type", str, required=True)
+    if ptype not in PROVIDER_TYPES:
+        raise ConfigError(f"{r.path('type')}: must be one of {', '.join(PROVIDER_TYPES)}, got {ptype!r}")
+    base_url = r.get("baseURL", str, "")
+    target = r.get("target", str, "")
+    if ptype == "grpc":
+        if not target:
+            raise ConfigError(f"{r.path('target')}: required for type grpc (HOST:PORT of the upstream)")
+        if base_url:
+            raise ConfigError(f"{r.path('baseURL')}: not used by type grpc; set target instead")
+        check_listen_address(target, r.path("target"))
+    else:
+        if not base_url:
+            raise ConfigError(f"{r.path('baseURL')}: required for type {ptype}")
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{r.path('baseURL')}: must start with http:// or https://, got {base_url!r}")
+        if target:
+            raise ConfigError(f"{r.path('target')}: only used by type grpc; set baseURL instead")
+    headers = r.get("headers", dict, {})
+    for key, value in headers.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ConfigError(f"{r.path('headers')}: must map strings to strings")
+        if key.lower() in ("authorization", "x-api-key"):
+            raise ConfigError(f"{r.path('headers')}.{key}: credentials belong in apiKey, not in headers")
+    provider = Provider(
+        name=name,
+        type=ptype,
+        base_url=base_url.rstrip("/"),
+        target=target,
+        api_key=r.section("apiKey", _secret_ref, None),
+        timeout_s=r.number("timeoutSeconds", 120.0),
+        connect_timeout_s=r.number("connectTimeoutSeconds", 5.0),
+        max_connections=r.integer("maxConnections", 256),
+        retries=r.section("retries", _retries, Retries()),
+        tls=r.get("tls", bool, False),
+        anthropic_version=r.get("anthropicVersion", str, "2023-06-01"),
+        default_max_tokens=r.integer("defaultMaxTokens", 4096),
+        headers=tuple(sorted(headers.items())),
+    )
+    if ptype != "grpc" and "tls" in r.data:
+        raise ConfigError(f"{r.path('tls')}: only used by type grpc (REST providers use https:// in baseURL)")
+    return provider
+
+
+def _route(r: _Reader, providers: dict[str, Provider]) -> Route:
+    model = r.get("model", str, required=True)
+    if "*" in model[:-1]:
+        raise ConfigError(f"{r.path('model')}: '*' is only allowed at the end, got {model!r}")
+    rest = r.get("rest", str)
+    grpc_name = r.get("grpc", str)
+    if rest is None and grpc_name is None:
+        raise ConfigError(f"{r.where}: set rest, grpc or both (provider names)")
+    for key, name, allowed in (("rest", rest, REST_TYPES), ("grpc", grpc_name, ("grpc",))):
+        if name is None:
+            continue
+        if name not in providers:
+            raise ConfigError(f"{r.path(key)}: no provider named {name!r} (have: {', '.join(providers)})")
+        if providers[name].type not in allowed:
+            raise ConfigError(
+                f"{r.path(key)}: provider {name!r} has type {providers[name].type}; "
+                f"the {key} path needs type {' or '.join(allowed)}"
+            )
+    default_weight = 100 if rest is None else 0
+    weight = r.integer("grpcWeight", default_weight, minimum=0, maximum=100)
+    if rest is None and weight != 100:
+        raise ConfigError(f"{r.path('grpcWeight')}: must be 100 when the route has no rest provider")
+    if grpc_name is None and weight != 0:
+        raise ConfigError(f"{r.path('grpcWeight')}: must be 0 when the route has no grpc provider")
+    return Route(
+        model=model, rest=rest, grpc=grpc_name, grpc_weight=weight, upstream_model=r.get("upstreamModel", str)
+    )
+
+
+def parse(data: Any) -> ProxyConfig:
+    """Check a parsed YAML document and build the configuration (secrets are not read here)."""
+    r = _Reader(data, "")
+    listen = r.section(
+        "listen",
+        lambda s: Listen(
+            grpc=s.get("grpc", str, Listen.grpc),
+            rest=s.get("rest", str, Listen.rest),
+            admin=s.get("admin", str, Listen.admin),
+        ),
+        Listen(),
+    )
+    for key in ("grpc", "rest", "admin"):
+        check_listen_address(getattr(listen, key), f"listen.{key}")
+    tls = r.section(
+        "tls",
+        lambda s: TLS(
+            cert_file=s.get("certFile", str, required=True), key_file=s.get("keyFile", str, required=True)
+        ),
+        None,
+    )
+
+    def _auth(s: _Reader) -> Auth:
+        auth = Auth(api_keys_file=s.get("apiKeysFile", str), api_keys_env=s.get("apiKeysEnv", str))
+        if auth.api_keys_file is None and auth.api_keys_env is None:
+            raise ConfigError("auth: set apiKeysFile or apiKeysEnv (or remove auth to disable client auth)")
+        return auth
+
+    auth = r.section("auth", _auth, None)
+    limits = r.section(
+        "limits",
+        lambda s: Limits(
+            max_concurrent_requests=s.integer("maxConcurrentRequests", Limits.max_concurrent_requests),
+            max_request_bytes=s.integer("maxRequestBytes", Limits.max_request_bytes, minimum=1024),
+            request_timeout_s=s.number("requestTimeoutSeconds", Limits.request_timeout_s),
+        ),
+        Limits(),
+    )
+    cache = r.section(
+        "cache",
+        lambda s: Cache(
+            enabled=s.get("enabled", bool, False),
+            max_entries=s.integer("maxEntries", Cache.max_entries),
+            ttl_s=s.number("ttlSeconds", Cache.ttl_s),
+        ),
+        Cache(),
+    )
+    drain_s = r.section("shutdown", lambda s: s.number("drainSeconds", 25.0, exclusive=False), 25.0)
+    reload_interval_s = r.number("reloadIntervalSeconds", 1.0)
+    generation = r.integer("generation", 0, minimum=0)
+
+    raw_providers = r.get("providers", list, required=True)
+    providers: dict[str, Provider] = {}
+    for i, raw in enumerate(raw_providers):
+        pr = _Reader(raw, f"providers[{i}]")
+        provider = _provider(pr)
+        pr.done()
+        if provider.name in providers:
+            raise ConfigError(f"providers[{i}].name: duplicate provider name {provider.name!r}")
+        providers[provider.name] = provider
+    raw_routes = r.get("routes", list, required=True)
+    if not raw_routes:
+        raise ConfigError("routes: at least one route is required")
+    routes: list[Route] = []
+    for i, raw in enumerate(raw_routes):
+        rr = _Reader(raw, f"routes[{i}]")
+        route = _route(rr, providers)
+        rr.done()
+        if any(existing.model == route.model for existing in routes):
+            raise ConfigError(f"routes[{i}].model: duplicate route for model {route.model!r}")
+        routes.append(route)
+    r.done()
+    # Exact names first, then patterns from the most specific (longest) to "*".
+    routes.sort(key=lambda rt: (rt.model.endswith("*"), -len(rt.model)))
+    return ProxyConfig(
+        generation=generation,
+        listen=listen,
+        tls=tls,
+        auth=auth,
+        limits=limits,
+        cache=cache,
+        drain_s=drain_s,
+        reload_interval_s=reload_interval_s,
+        providers=providers,
+        routes=tuple(routes),
+    )
+
+
+def _read_client_keys(auth: Auth) -> tuple[str, ...]:
+    keys: list[str] = []
+    if auth.api_keys_file is not None:
+        try:
+            text = pathlib.Path(auth.api_keys_file).read_text()
+        except OSError as exc:
+            raise ConfigError(f"auth.apiKeysFile: cannot read {auth.api_keys_file}: {exc.strerror}") from None
+        keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if auth.api_keys_env is not None:
+        keys += [k.strip() for k in os.environ.get(auth.api_keys_env, "").split(",") if k.strip()]
+    if not keys:
+        raise ConfigError("auth: no client API keys found (every request would be refused)")
+    return tuple(keys)
+
+
+def load(path: str | os.PathLike[str]) -> ProxyConfig:
+    """Read, check and resolve the configuration file at ``path`` (including the secrets it names)."""
+    try:
+        text = pathlib.Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    config = parse(data)
+    provider_keys = {
+        name: p.api_key.read(f"providers[{i}].apiKey")
+        for i, (name, p) in enumerate(config.providers.items())
+        if p.api_key is not None
+    }
+    client_keys = _read_client_keys(config.auth) if config.auth else ()
+    sources = [str(path)]
+    sources += [p.api_key.file for p in config.providers.values() if p.api_key and p.api_key.file]
+    if config.auth and config.auth.api_keys_file:
+        sources.append(config.auth.api_keys_file)
+    return dataclasses.replace(
+        config, provider_keys=provider_keys, client_keys=client_keys, source_files=tuple(sources)
+    )
+
+
+def fingerprint(paths: tuple[str, ...]) -> str:
+    """A digest of the files' contents; a change means the configuration must be reloaded."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.encode())
+        try:
+            digest.update(pathlib.Path(path).read_bytes())
+        except OSError:
+            digest.update(b"\0missing")
+    return digest.hexdigest()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,450 @@
+"""The gateway's request path, shared by both fronts: admission, routing, the REST/gRPC split, retries,
+fallback, caching and the metrics of each attempt.
+
+A *route* sends a model's requests to a REST provider, a gRPC provider, or both. With both, each request
+picks its path at random by the route's ``grpcWeight`` (0 and 100 are exact), and if that path fails with a
+retryable error before anything reached the client, the request moves to the other path. The chosen path
+gets one attempt when a fallback exists (the other path is the better retry); the last path gets the
+provider's full retry budget, with exponential backoff, jitter and the upstream's Retry-After, all bounded
+by the request's deadline. Streams are never retried once their first token was sent.
+
+The configuration in effect is one immutable :class:`Runtime`; a reload builds a new one and swaps it in.
+Requests keep the runtime they started with, so a reload never disturbs them; backends that the new
+configuration no longer uses are closed once their last request is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hmac
+import logging
+import random
+import time
+from collections.abc import AsyncGenerator, Iterator
+
+from llmgateway.v1 import llm_service_pb2 as pb
+
+from .backends import Backend, CallStats, build_backend
+from .chat import is_deterministic, validate_request
+from .config import ProxyConfig, Route
+from .errors import GatewayError, Kind
+from .metrics import Metrics
+from .retry import backoff_delay
+
+log = logging.getLogger("llmgw.gateway")
+
+
+class ResponseCache:
+    """A bounded LRU of complete responses to deterministic requests, each kept for ``ttl`` seconds."""
+
+    def __init__(self, max_entries: int, ttl: float) -> None:
+        self.max_entries = max_entries
+        self.ttl = ttl
+        self._entries: collections.OrderedDict[bytes, tuple[float, pb.ChatResponse]] = (
+            collections.OrderedDict()
+        )
+
+    def get(self, key: bytes) -> pb.ChatResponse | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        expires, response = entry
+        if expires < time.monotonic():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return response
+
+    def put(self, key: bytes, response: pb.ChatResponse) -> None:
+        self._entries[key] = (time.monotonic() + self.ttl, response)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class Runtime:
+    """One loaded configuration with the backends that serve it."""
+
+    def __init__(self, config: ProxyConfig, backends: dict[str, Backend]) -> None:
+        self.config = config
+        self.backends = backends
+        self.cache = (
+            ResponseCache(config.cache.max_entries, config.cache.ttl_s) if config.cache.enabled else None
+        )
+        self._client_keys = [k.encode() for k in config.client_keys]
+
+    def check_api_key(self, authorization: str | None) -> None:
+        """Refuse a request without one of the configured client keys (compared in constant time)."""
+        if not self._client_keys:
+            return
+        if not authorization:
+            raise GatewayError(Kind.UNAUTHENTICATED, "missing API key: send 'Authorization: Bearer <key>'")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise GatewayError(
+                Kind.UNAUTHENTICATED, "malformed Authorization header: expected 'Bearer <key>'"
+            )
+        presented = token.strip().encode()
+        matched = False
+        for key in self._client_keys:  # no early exit: the time taken does not depend on which key matched
+            matched |= hmac.compare_digest(presented, key)
+        if not matched:
+            raise GatewayError(Kind.UNAUTHENTICATED, "invalid API key")
+
+    def route(self, model: str) -> Route:
+        route = self.config.route_for(model)
+        if route is None:
+            available = ", ".join(self.config.models) or "none"
+            raise GatewayError(
+                Kind.INVALID_ARGUMENT, f"model: unknown model {model!r} (available: {available})"
+            )
+        return route
+
+
+class Admission:
+    """The cap on concurrent requests across both fronts."""
+
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit = limit
+        self.inflight = 0
+        self._metrics = metrics
+
+    @contextlib.contextmanager
+    def enter(self, front: str) -> Iterator[None]:
+        if self.inflight >= self.limit:
+            self._metrics.rejected.labels(front, "concurrency").inc()
+            raise GatewayError(
+                Kind.RESOURCE_EXHAUSTED,
+                f"the gateway is serving its limit of {self.limit} concurrent requests; retry shortly",
+            )
+        self.inflight += 1
+        gauge = self._metrics.inflight.labels(front)
+        gauge.inc()
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            gauge.dec()
+
+
+class _Attempt:
+    """Bookkeeping of one upstream attempt on one path: its metrics, recorded once."""
+
+    __slots__ = ("labels", "metrics", "start", "stats")
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, str, str]) -> None:
+        self.metrics = metrics
+        self.labels = labels
+        self.stats = CallStats()
+        self.start = time.perf_counter()
+
+    def done(self, code: str, usage: pb.Usage | None = None) -> None:
+        m, labels = self.metrics, self.labels
+        m.upstream_requests.labels(*labels, code).inc()
+        m.duration.labels(*labels).observe(time.perf_counter() - self.start)
+        m.payload_bytes.labels(*labels, "sent").inc(self.stats.sent)
+        m.payload_bytes.labels(*labels, "received").inc(self.stats.received)
+        if usage is not None and code == "200":
+            m.tokens.labels(*labels, "input").observe(usage.prompt_tokens)
+            m.tokens.labels(*labels, "output").observe(usage.completion_tokens)
+
+
+class Gateway:
+    def __init__(
+        self, config: ProxyConfig, metrics: Metrics | None = None, *, seed: int | None = None
+    ) -> None:
+        self.metrics = metrics or Metrics()
+        self.admission = Admission(config.limits.max_concurrent_requests, self.metrics)
+        self.runtime = Runtime(
+            config, {n: build_backend(p, config.provider_keys.get(n)) for n, p in config.providers.items()}
+        )
+        self._rng = random.Random(seed)
+        self._uses: collections.Counter[int] = collections.Counter()
+        self._retired: dict[int, Backend] = {}
+        self._publish(config)
+
+    # -- configuration -------------------------------------------------------------------------------
+
+    def apply(self, config: ProxyConfig) -> None:
+        """Make ``config`` the one in effect; requests already running finish on the old one."""
+        old = self.runtime
+        backends: dict[str, Backend] = {}
+        for name, provider in config.providers.items():
+            previous = old.backends.get(name)
+            same_key = old.config.provider_keys.get(name) == config.provider_keys.get(name)
+            if previous is not None and previous.provider == provider and same_key:
+                backends[name] = previous
+            else:
+                backends[name] = build_backend(provider, config.provider_keys.get(name))
+        kept = {id(b) for b in backends.values()}
+        for backend in old.backends.values():
+            if id(backend) not in kept:
+                self._retire(backend)
+        self.runtime = Runtime(config, backends)
+        self.admission.limit = config.limits.max_concurrent_requests
+        self._publish(config)
+
+    def _publish(self, config: ProxyConfig) -> None:
+        self.metrics.grpc_weight.clear()
+        for route in config.routes:
+            self.metrics.grpc_weight.labels(route.model).set(route.grpc_weight)
+        self.metrics.generation.set(config.generation)
+
+    def _retire(self, backend: Backend) -> None:
+        if self._uses[id(backend)]:
+            self._retired[id(backend)] = backend
+        else:
+            asyncio.get_running_loop().create_task(backend.close())
+
+    @contextlib.contextmanager
+    def _using(self, backend: Backend) -> Iterator[None]:
+        self._uses[id(backend)] += 1
+        try:
+            yield
+        finally:
+            self._uses[id(backend)] -= 1
+            if not self._uses[id(backend)]:
+                del self._uses[id(backend)]
+                retired = self._retired.pop(id(backend), None)
+                if retired is not None:
+                    asyncio.get_running_loop().create_task(retired.close())
+
+    async def close(self) -> None:
+        for backend in [*self.runtime.backends.values(), *self._retired.values()]:
+            await backend.close()
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def list_models(self) -> list[pb.Model]:
+        config = self.runtime.config
+        return [
+            pb.Model(id=r.model, owned_by=",".join(p for p in (r.rest, r.grpc) if p), created=0)
+            for r in sorted(config.routes, key=lambda r: r.model)
+            if not r.model.endswith("*")
+        ]
+
+    def _paths(self, route: Route) -> list[str]:
+        if route.rest is None:
+            return ["grpc"]
+        if route.grpc is None:
+            return ["rest"]
+        # random() is in [0, 1): weight 0 never picks gRPC and weight 100 always does.
+        if self._rng.random() * 100 < route.grpc_weight:
+            return ["grpc", "rest"]
+        return ["rest", "grpc"]
+
+    def _deadline(self, runtime: Runtime, timeout: float | None) -> float:
+        limit = runtime.config.limits.request_timeout_s
+        return time.monotonic() + (min(timeout, limit) if timeout is not None else limit)
+
+    @staticmethod
+    def _attempts(runtime: Runtime, route: Route, paths: list[str]) -> Iterator[tuple[int, str, str, int]]:
+        """(index, path, provider name, attempts allowed) for each path in order.
+
+        A path followed by a fallback gets one attempt; the last path gets its provider's retry budget.
+        """
+        for i, path in enumerate(paths):
+            name = route.rest if path == "rest" else route.grpc
+            assert name is not None
+            last = i == len(paths) - 1
+            yield i, path, name, runtime.config.providers[name].retries.max_attempts if last else 1
+
+    def _retry_delay(
+        self,
+        error: GatewayError,
+        attempt: int,
+        allowed: int,
+        provider_name: str,
+        runtime: Runtime,
+        deadline: float,
+    ) -> float | None:
+        """Seconds to wait before retrying, or None when this path is done."""
+        if not error.retryable or attempt >= allowed:
+            return None
+        retries = runtime.config.providers[provider_name].retries
+        delay = backoff_delay(
+            attempt,
+            base=retries.initial_backoff_s,
+            cap=retries.max_backoff_s,
+            retry_after=error.retry_after,
+            rng=self._rng,
+        )
+        if time.monotonic() + delay >= deadline:
+            return None
+        return delay
+
+    def _fallback(self, route: Route, paths: list[str], i: int, error: GatewayError, deadline: float) -> bool:
+        if i + 1 >= len(paths) or not error.retryable or time.monotonic() >= deadline:
+            return False
+        self.metrics.fallbacks.labels(route.model, paths[i], paths[i + 1], error.status_label).inc()
+        log.info(
+            "route %s: %s path failed (%s); falling back to %s",
+            route.model,
+            paths[i],
+            error.message,
+            paths[i + 1],
+        )
+        return True
+
+    def authenticate(self, authorization: str | None, front: str) -> None:
+        """Fronts call this first, so that a client without a valid key learns nothing else."""
+        try:
+            self.runtime.check_api_key(authorization)
+        except GatewayError:
+            self.metrics.rejected.labels(front, "unauthenticated").inc()
+            raise
+
+    def _begin(self, req: pb.ChatRequest, front: str) -> tuple[Runtime, Route]:
+        runtime = self.runtime
+        try:
+            validate_request(req)
+            return runtime, runtime.route(req.model)
+        except GatewayError:
+            self.metrics.rejected.labels(front, "invalid").inc()
+            raise
+
+    @staticmethod
+    def _remaining(deadline: float) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise GatewayError(
+                Kind.DEADLINE_EXCEEDED, "the request's deadline passed before a provider answered"
+            )
+        return remaining
+
+    async def complete(
+        self, req: pb.ChatRequest, *, front: str, timeout: float | None = None
+    ) -> pb.ChatResponse:
+        """The whole reply; the caller has authenticated the client."""
+        runtime, route = self._begin(req, front)
+        code = "500"
+        try:
+            with self.admission.enter(front):
+                response = await self._complete(runtime, route, req, self._deadline(runtime, timeout))
+            code = "200"
+            return response
+        except GatewayError as exc:
+            code = exc.status_label
+            raise
+        except asyncio.CancelledError:
+            code = "499"
+            raise
+        finally:
+            self.metrics.requests.labels(front, route.model, code).inc()
+
+    async def _complete(
+        self, runtime: Runtime, route: Route, req: pb.ChatRequest, deadline: float
+    ) -> pb.ChatResponse:
+        cache_key = None
+        if runtime.cache is not None and is_deterministic(req):
+            cache_key = req.SerializeToString(deterministic=True)
+            cached = runtime.cache.get(cache_key)
+            self.metrics.cache.labels("hit" if cached is not None else "miss").inc()
+            if cached is not None:
+                return cached
+        paths = self._paths(route)
+        for i, path, provider_name, allowed in self._attempts(runtime, route, paths):
+            backend = runtime.backends[provider_name]
+            model = route.upstream_model or req.model
+            attempt = 0
+            while True:
+                attempt += 1
+                tracker = _Attempt(self.metrics, (route.model, path, provider_name))
+                try:
+                    with self._using(backend):
+                        response = await backend.complete(
+                            req,
+                            model,
+                            min(self._remaining(deadline), backend.provider.timeout_s),
+                            tracker.stats,
+                        )
+                except GatewayError as exc:
+                    tracker.done(exc.status_label)
+                    delay = self._retry_delay(exc, attempt, allowed, provider_name, runtime, deadline)
+                    if delay is not None:
+                        self.metrics.retries.labels(route.model, path, provider_name, exc.status_label).inc()
+                        await asyncio.sleep(delay)
+                        continue
+                    if self._fallback(route, paths, i, exc, deadline):
+                        break
+                    raise
+                except asyncio.CancelledError:
+                    tracker.done("499")
+                    raise
+                tracker.done("200", response.usage)
+                if cache_key is not None and runtime.cache is not None:
+                    runtime.cache.put(cache_key, response)
+                return response
+        raise AssertionError("unreachable: the last path either returns or raises")
+
+    async def stream(
+        self, req: pb.ChatRequest, *, front: str, timeout: float | None = None
+    ) -> AsyncGenerator[pb.ChatChunk, None]:
+        """The reply's chunks; the caller has authenticated the client. Errors before the first chunk are
+        raised before anything is yielded."""
+        runtime, route = self._begin(req, front)
+        code = "500"
+        try:
+            with self.admission.enter(front):
+                async for chunk in self._stream(runtime, route, req, self._deadline(runtime, timeout)):
+                    yield chunk
+            code = "200"
+        except GatewayError as exc:
+            code = exc.status_label
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "499"
+            raise
+        finally:
+            self.metrics.requests.labels(front, route.model, code).inc()
+
+    async def _stream(
+        self, runtime: Runtime, route: Route, req: pb.ChatRequest, deadline: float
+    ) -> AsyncGenerator[pb.ChatChunk, None]:
+        paths = self._paths(route)
+        for i, path, provider_name, allowed in self._attempts(runtime, route, paths):
+            backend = runtime.backends[provider_name]
+            model = route.upstream_model or req.model
+            attempt = 0
+            while True:
+                attempt += 1
+                tracker = _Attempt(self.metrics, (route.model, path, provider_name))
+                sent_any = False
+                usage: pb.Usage | None = None
+                try:
+                    with self._using(backend):
+                        timeout = min(self._remaining(deadline), backend.provider.timeout_s)
+                        async with contextlib.aclosing(
+                            backend.stream(req, model, timeout, tracker.stats)
+                        ) as chunks:
+                            async for chunk in chunks:
+                                if not sent_any:
+                                    sent_any = True
+                                    self.metrics.ttft.labels(*tracker.labels).observe(
+                                        time.perf_counter() - tracker.start
+                                    )
+                                if chunk.HasField("usage"):
+                                    usage = chunk.usage
+                                yield chunk
+                except GatewayError as exc:
+                    tracker.done(exc.status_label)
+                    if sent_any:
+                        raise
+                    delay = self._retry_delay(exc, attempt, allowed, provider_name, runtime, deadline)
+                    if delay is not None:
+                        self.metrics.retries.labels(route.model, path, provider_name, exc.status_label).inc()
+                        await asyncio.sleep(delay)
+                        continue
+                    if self._fallback(route, paths, i, exc, deadline):
+                        break
+                    raise
+                except (asyncio.CancelledError, GeneratorExit):
+                    tracker.done("499")
+                    raise
+                tracker.done("200", usage)
+                return

@@ -1,0 +1,170 @@
+"""``llmgw proxy``: the process the operator runs as LLMGateway pods.
+
+It serves the gRPC front, the REST front and the admin port from one asyncio (uvloop) event loop, and:
+
+- reloads its configuration when the file, or a file it names (API keys), changes, polling the
+  content every ``reloadIntervalSeconds``. That also works for Kubernetes ConfigMap and Secret volumes,
+  which kubelet updates by swapping a symlink. A bad new file is rejected, logged and counted
+  (``llmgw_config_reloads_total{result="failure"}``) and the old configuration stays in effect. Listen
+  addresses and TLS files take effect at the next restart;
+- on SIGTERM or SIGINT, drains: readiness turns to 503 and health to NOT_SERVING, the listeners stop
+  accepting, and in-flight requests and streams get up to ``shutdown.drainSeconds`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import time
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2
+
+from . import config as config_mod
+from .config import ConfigError, ProxyConfig
+from .gateway import Gateway
+from .grpc_front import SERVICE_NAME, build_server
+from .metrics import Metrics
+from .rest_front import RestFront, admin_app
+
+log = logging.getLogger("llmgw.proxy")
+
+
+class ProxyServer:
+    def __init__(self, config_path: str, metrics: Metrics | None = None) -> None:
+        self.config_path = config_path
+        self.metrics = metrics or Metrics()
+        self.config: ProxyConfig = config_mod.load(config_path)
+        self.gateway = Gateway(self.config, self.metrics)
+        self._fingerprint = config_mod.fingerprint(self.config.source_files)
+        self.draining = False
+        self.grpc_port = self.rest_port = self.admin_port = 0
+        self._runners: list[web.AppRunner] = []
+        self._rest_site: web.TCPSite | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self.metrics.reloads.labels("success").inc()
+        self.metrics.last_reload.set(time.time())
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if self.config.tls is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.config.tls.cert_file, self.config.tls.key_file)
+        return context
+
+    async def start(self) -> None:
+        cfg = self.config
+        self.grpc_server, self.health = build_server(self.gateway, cfg.limits.max_request_bytes)
+        grpc_address = cfg.listen.grpc
+        if cfg.tls is not None:
+            with open(cfg.tls.key_file, "rb") as key, open(cfg.tls.cert_file, "rb") as cert:
+                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            self.grpc_port = self.grpc_server.add_secure_port(grpc_address, credentials)
+        else:
+            self.grpc_port = self.grpc_server.add_insecure_port(grpc_address)
+        await self.grpc_server.start()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+        rest = RestFront(self.gateway, cfg.limits.max_request_bytes)
+        self._rest_site, self.rest_port = await self._serve(rest.app, cfg.listen.rest, self._ssl_context())
+        _, self.admin_port = await self._serve(
+            admin_app(self.gateway, lambda: not self.draining), cfg.listen.admin, None
+        )
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        log.info(
+            "proxy serving gRPC on port %d, REST on port %d, admin on port %d (config generation %d)",
+            self.grpc_port,
+            self.rest_port,
+            self.admin_port,
+            cfg.generation,
+        )
+
+    async def _serve(
+        self, app: web.Application, address: str, context: ssl.SSLContext | None
+    ) -> tuple[web.TCPSite, int]:
+        host, port = config_mod.check_listen_address(address, "listen")
+        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=context, backlog=1024)
+        await site.start()
+        self._runners.append(runner)
+        bound = runner.addresses  # the real port when port 0 was asked for
+        return site, int(bound[-1][1]) if bound else port
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reload_interval_s)
+            self.reload_if_changed()
+
+    def reload_if_changed(self) -> bool:
+        """Load the configuration again if any file it depends on changed; True when a new one took effect."""
+        fingerprint = config_mod.fingerprint(self.config.source_files)
+        if fingerprint == self._fingerprint:
+            return False
+        try:
+            new = config_mod.load(self.config_path)
+        except ConfigError as exc:
+            self._fingerprint = fingerprint  # report a bad file once, not on every poll
+            self.metrics.reloads.labels("failure").inc()
+            log.error("configuration change rejected, keeping generation %d: %s", self.config.generation, exc)
+            return False
+        self._fingerprint = config_mod.fingerprint(new.source_files)
+        if new.listen != self.config.listen or new.tls != self.config.tls:
+            log.warning("listen addresses or TLS files changed: they take effect when the proxy restarts")
+        self.gateway.apply(new)
+        self.config = new
+        self.metrics.reloads.labels("success").inc()
+        self.metrics.last_reload.set(time.time())
+        log.info("configuration generation %d in effect", new.generation)
+        return True
+
+    async def drain(self) -> None:
+        """Stop accepting, let in-flight requests finish within the grace period, then close everything."""
+        if self.draining:
+            return
+        self.draining = True
+        self.metrics.draining.set(1)
+        grace = self.config.drain_s
+        log.info("draining: %d request(s) in flight, up to %.0fs", self.gateway.admission.inflight, grace)
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await self.health.enter_graceful_shutdown()
+        if self._rest_site is not None:
+            await self._rest_site.stop()  # closes the listener; open connections keep being served
+        grpc_stopped = asyncio.get_running_loop().create_task(self.grpc_server.stop(grace))
+        deadline = time.monotonic() + grace
+        while self.gateway.admission.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await grpc_stopped
+        for runner in self._runners:
+            await runner.cleanup()
+        await self.gateway.close()
+        log.info("drained; exiting")
+
+    async def run_until_signal(self) -> None:
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await self.drain()
+
+
+def run(config_path: str) -> int:
+    """Run the proxy until SIGTERM/SIGINT; exit code 2 for a configuration that cannot be loaded."""
+    import uvloop
+
+    try:
+        server = ProxyServer(config_path)
+    except ConfigError as exc:
+        log.error("invalid configuration: %s", exc)
+        return 2
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(server.run_until_signal())
+    return 0
