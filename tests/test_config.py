@@ -1,0 +1,156 @@
+"""The configuration loader: defaults, and an error naming the key for every kind of mistake."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import pytest
+import yaml
+
+from llmgw import config
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def base() -> dict[str, Any]:
+    return {
+        "providers": [
+            {"name": "rest", "type": "openai", "baseURL": "http://127.0.0.1:1/v1"},
+            {"name": "claude", "type": "anthropic", "baseURL": "http://127.0.0.1:2"},
+            {"name": "g", "type": "grpc", "target": "127.0.0.1:3"},
+        ],
+        "routes": [{"model": "m", "rest": "rest", "grpc": "g", "grpcWeight": 25}],
+    }
+
+
+def test_example_config_loads() -> None:
+    cfg = config.load(ROOT / "examples" / "proxy" / "local.yaml")
+    assert cfg.listen.grpc == "127.0.0.1:50051"
+    assert cfg.listen.rest == "127.0.0.1:8080"
+    assert cfg.listen.admin == "127.0.0.1:9090"
+    route = cfg.route_for("demo-model")
+    assert route is not None and route.grpc_weight == 50
+    assert route.rest == "openai-fake" and route.grpc == "grpc-fake"
+    assert cfg.auth is None
+    assert cfg.providers["grpc-fake"].target == "127.0.0.1:18003"
+
+
+def test_defaults() -> None:
+    cfg = config.parse(base())
+    assert cfg.cache.enabled is False
+    assert cfg.limits.max_concurrent_requests == 512
+    assert cfg.providers["rest"].retries.max_attempts == 3
+    assert cfg.generation == 0
+
+
+def test_route_precedence_exact_then_longest_pattern() -> None:
+    data = base()
+    data["routes"] = [
+        {"model": "*", "rest": "rest"},
+        {"model": "gpt-*", "rest": "rest"},
+        {"model": "gpt-4o", "grpc": "g"},
+    ]
+    cfg = config.parse(data)
+    assert cfg.route_for("gpt-4o").model == "gpt-4o"  # type: ignore[union-attr]
+    assert cfg.route_for("gpt-3").model == "gpt-*"  # type: ignore[union-attr]
+    assert cfg.route_for("other").model == "*"  # type: ignore[union-attr]
+    assert cfg.route_for("gpt-4o").grpc_weight == 100  # type: ignore[union-attr]
+
+
+def _mutate(path: str, value: Any) -> dict[str, Any]:
+    data = base()
+    target: Any = data
+    keys = path.split(".")
+    for key in keys[:-1]:
+        target = target[int(key)] if key.isdigit() else target.setdefault(key, {})
+    last = keys[-1]
+    if value is _DELETE:
+        del target[int(last) if last.isdigit() else last]
+    elif last.isdigit():
+        target[int(last)] = value
+    else:
+        target[last] = value
+    return data
+
+
+_DELETE = object()
+
+BAD = [
+    ("routes.0.grpcWeight", 150, "routes[0].grpcWeight: must be an integer from 0 to 100, got 150"),
+    ("routes.0.grpcWeight", "50", "routes[0].grpcWeight: must be an integer, got str"),
+    ("routes.0.grpcWeight", True, "routes[0].grpcWeight: must be an integer, got a boolean"),
+    ("routes.0.grpc", "nope", "routes[0].grpc: no provider named 'nope'"),
+    ("routes.0.grpc", "rest", "routes[0].grpc: provider 'rest' has type openai"),
+    ("routes.0.rest", "g", "routes[0].rest: provider 'g' has type grpc"),
+    ("routes.0.model", _DELETE, "routes[0].model: required"),
+    ("routes.0.model", "a*b", "routes[0].model: '*' is only allowed at the end"),
+    ("routes.0.colour", "red", "routes[0].colour: unknown key"),
+    ("providers.0.type", "cohere", "providers[0].type: must be one of openai, anthropic, grpc"),
+    ("providers.0.baseURL", _DELETE, "providers[0].baseURL: required for type openai"),
+    ("providers.0.baseURL", "127.0.0.1:1", "providers[0].baseURL: must start with http:// or https://"),
+    ("providers.2.target", _DELETE, "providers[2].target: required for type grpc"),
+    ("providers.2.target", "nohost", "providers[2].target: must be HOST:PORT"),
+    ("providers.1.name", "rest", "providers[1].name: duplicate provider name 'rest'"),
+    ("providers.0.retries", {"maxAttempts": 0}, "providers[0].retries.maxAttempts: must be an integer from 1"),
+    ("providers.0.apiKey", {"env": "A", "file": "/b"}, "providers[0].apiKey: set exactly one of env or file"),
+    ("providers.0.headers", {"Authorization": "x"}, "credentials belong in apiKey"),
+    ("providers.0.tls", True, "providers[0].tls: only used by type grpc"),
+    ("listen", {"grpc": "50051"}, "listen.grpc: must be HOST:PORT"),
+    ("limits", {"maxConcurrentRequests": -1}, "limits.maxConcurrentRequests: must be an integer from 1"),
+    ("cache", {"ttlSeconds": 0}, "cache.ttlSeconds: must be > 0"),
+    ("auth", {}, "auth: set apiKeysFile or apiKeysEnv"),
+    ("routes", [], "routes: at least one route is required"),
+    ("surprise", 1, "surprise: unknown key"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "message"), BAD, ids=[b[2][:40] for b in BAD])
+def test_invalid_config_names_the_key(path: str, value: Any, message: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(_mutate(path, value))
+    assert message in str(info.value)
+
+
+def test_weight_must_match_paths() -> None:
+    data = base()
+    data["routes"] = [{"model": "m", "rest": "rest", "grpcWeight": 10}]
+    with pytest.raises(config.ConfigError, match=r"routes\[0\].grpcWeight: must be 0 when the route has no grpc"):
+        config.parse(data)
+
+
+def test_secrets_are_read_and_never_in_errors(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-file-secret\n")
+    monkeypatch.setenv("OPENAI_KEY", "sk-env-secret")
+    data = base()
+    data["providers"][0]["apiKey"] = {"env": "OPENAI_KEY"}
+    data["providers"][2]["apiKey"] = {"file": str(key_file)}
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cfg = config.load(path)
+    assert cfg.provider_keys == {"rest": "sk-env-secret", "g": "sk-file-secret"}
+    assert "sk-file-secret" not in repr(cfg) and "sk-env-secret" not in repr(cfg)
+    assert str(key_file) in cfg.source_files
+
+    monkeypatch.delenv("OPENAI_KEY")
+    with pytest.raises(config.ConfigError, match="providers\\[0\\].apiKey.env: environment variable OPENAI_KEY"):
+        config.load(path)
+
+
+def test_client_keys_from_file_and_env(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nkey-one\n\nkey-two\n")
+    monkeypatch.setenv("MORE_KEYS", "key-three, key-four")
+    data = base()
+    data["auth"] = {"apiKeysFile": str(keys), "apiKeysEnv": "MORE_KEYS"}
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert config.load(path).client_keys == ("key-one", "key-two", "key-three", "key-four")
+
+
+def test_not_yaml(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text("routes: [unclosed\n")
+    with pytest.raises(config.ConfigError, match="not valid YAML"):
+        config.load(path)
