@@ -37,7 +37,7 @@ async def fakes() -> AsyncIterator[Fakes]:
 
 
 def proxy_config(fakes: Fakes, **overrides: Any) -> dict[str, Any]:
-    """A proxy config in front of the fakes: demo-model (split), demo-claude (anthropic), rest-only, grpc-only."""
+    """A proxy config in front of the fakes: demo-model (split), demo-claude, rest-only, grpc-only."""
     config: dict[str, Any] = {
         "generation": 1,
         "listen": {"grpc": "127.0.0.1:0", "rest": "127.0.0.1:0", "admin": "127.0.0.1:0"},

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from llmgw import config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -92,7 +91,11 @@ BAD = [
     ("providers.2.target", _DELETE, "providers[2].target: required for type grpc"),
     ("providers.2.target", "nohost", "providers[2].target: must be HOST:PORT"),
     ("providers.1.name", "rest", "providers[1].name: duplicate provider name 'rest'"),
-    ("providers.0.retries", {"maxAttempts": 0}, "providers[0].retries.maxAttempts: must be an integer from 1"),
+    (
+        "providers.0.retries",
+        {"maxAttempts": 0},
+        "providers[0].retries.maxAttempts: must be an integer from 1",
+    ),
     ("providers.0.apiKey", {"env": "A", "file": "/b"}, "providers[0].apiKey: set exactly one of env or file"),
     ("providers.0.headers", {"Authorization": "x"}, "credentials belong in apiKey"),
     ("providers.0.tls", True, "providers[0].tls: only used by type grpc"),
@@ -115,11 +118,15 @@ def test_invalid_config_names_the_key(path: str, value: Any, message: str) -> No
 def test_weight_must_match_paths() -> None:
     data = base()
     data["routes"] = [{"model": "m", "rest": "rest", "grpcWeight": 10}]
-    with pytest.raises(config.ConfigError, match=r"routes\[0\].grpcWeight: must be 0 when the route has no grpc"):
+    with pytest.raises(
+        config.ConfigError, match=r"routes\[0\].grpcWeight: must be 0 when the route has no grpc"
+    ):
         config.parse(data)
 
 
-def test_secrets_are_read_and_never_in_errors(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_secrets_are_read_and_never_in_errors(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     key_file = tmp_path / "key"
     key_file.write_text("sk-file-secret\n")
     monkeypatch.setenv("OPENAI_KEY", "sk-env-secret")
@@ -134,7 +141,9 @@ def test_secrets_are_read_and_never_in_errors(tmp_path: pathlib.Path, monkeypatc
     assert str(key_file) in cfg.source_files
 
     monkeypatch.delenv("OPENAI_KEY")
-    with pytest.raises(config.ConfigError, match="providers\\[0\\].apiKey.env: environment variable OPENAI_KEY"):
+    with pytest.raises(
+        config.ConfigError, match=r"providers\[0\]\.apiKey\.env: environment variable OPENAI_KEY"
+    ):
         config.load(path)
 
 
