@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from llmgw.fake_provider import FakeProvider
 from llmgw.server import ProxyServer
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from llmgw import config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -11,10 +11,10 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
-from llmgateway.v1 import llm_service_pb2 as pb
-from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
 
 from conftest import LLMGW, Fakes, proxy_config, set_weight
+from llmgateway.v1 import llm_service_pb2 as pb
+from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
 from llmgw.fake_provider import FakeProvider
 
 USER = [{"role": "user", "content": "hello"}]
@@ -26,7 +26,9 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Any) -> None:
         "providers: [{name: a, type: openai, baseURL: 'http://127.0.0.1:1'}]\n"
         "routes: [{model: m, rest: a, grpcWeight: 150}]\n"
     )
-    result = subprocess.run([LLMGW, "proxy", "--config", str(path)], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [LLMGW, "proxy", "--config", str(path)], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 2
     assert "routes[0].grpcWeight: must be an integer from 0 to 100, got 150" in result.stderr
 
@@ -41,8 +43,10 @@ async def test_sigterm_drains_streams_in_flight(fakes: Fakes, proxy_process: Any
 
     async def rest_stream(session: aiohttp.ClientSession, model: str) -> str:
         nonlocal started
-        resp = await session.post(f"http://127.0.0.1:{proxy.rest_port}/v1/chat/completions",
-                                  json={"model": model, "messages": USER, "stream": True})
+        resp = await session.post(
+            f"http://127.0.0.1:{proxy.rest_port}/v1/chat/completions",
+            json={"model": model, "messages": USER, "stream": True},
+        )
         assert resp.status == 200
         body = b""
         async for line in resp.content:
@@ -97,8 +101,10 @@ async def test_provider_key_never_logged(fakes: Fakes, proxy_process: Any) -> No
         proxy = proxy_process(config, env={"PROVIDER_KEY": secret, "LLMGW_LOG_LEVEL": "debug"})
         await asyncio.to_thread(proxy.wait_ready)
         async with aiohttp.ClientSession() as session:
-            resp = await session.post(f"http://127.0.0.1:{proxy.rest_port}/v1/chat/completions",
-                                      json={"model": "rest-only", "messages": USER})
+            resp = await session.post(
+                f"http://127.0.0.1:{proxy.rest_port}/v1/chat/completions",
+                json={"model": "rest-only", "messages": USER},
+            )
             body = await resp.text()
             metrics = await (await session.get(f"http://127.0.0.1:{proxy.admin_port}/metrics")).text()
         assert resp.status == 502 and "rejected the gateway's credentials" in body

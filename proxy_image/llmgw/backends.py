@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import aiohttp
 import grpc
 import orjson
+
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
 

@@ -13,6 +13,8 @@ import logging
 import os
 import sys
 
+from . import demo, fake_provider, server
+
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
@@ -35,8 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     proxy = sub.add_parser("proxy", help="run the LLM proxy")
     proxy.add_argument("--config", required=True, metavar="FILE", help="the proxy's YAML configuration")
 
-    from . import fake_provider
-
     fake = sub.add_parser("fake-provider", help="run a fake LLM provider on a loopback address")
     fake_provider.configure_parser(fake)
 
@@ -55,15 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     if args.command == "proxy":
-        from . import server
-
         return server.run(args.config)
     if args.command == "fake-provider":
-        from . import fake_provider
-
         return fake_provider.run(args)
-    from . import demo
-
     return demo.run(args.config, args.requests)
 
 

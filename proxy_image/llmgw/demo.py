@@ -140,9 +140,10 @@ async def _scenario(cfg: config_mod.ProxyConfig, requests: int) -> None:
             f"whole stream {(time.perf_counter() - started) * 1000:.0f} ms"
         )
 
+        route = cfg.route_for("demo-model")
+        weight = f"grpcWeight {route.grpc_weight}" if route else "no such route"
         _say(
-            f"\n3) Load: {requests} requests on each front, concurrency {_CONCURRENCY}, model demo-model "
-            f"(grpcWeight {cfg.route_for('demo-model').grpc_weight if cfg.route_for('demo-model') else '?'})"
+            f"\n3) Load: {requests} requests on each front, concurrency {_CONCURRENCY}, model demo-model ({weight})"
         )
         results = {
             "REST front": await _load(rest_client.chat_completion, requests),

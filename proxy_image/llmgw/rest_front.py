@@ -16,8 +16,9 @@ from collections.abc import Callable
 
 import orjson
 from aiohttp import web
-from llmgateway.v1 import llm_service_pb2 as pb
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from llmgateway.v1 import llm_service_pb2 as pb
 
 from . import openai_format
 from .errors import GatewayError, Kind
