@@ -19,6 +19,7 @@ import openai
 import orjson
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc
 from llmgw import fake_provider as fp
