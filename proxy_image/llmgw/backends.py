@@ -240,33 +240,14 @@ class OpenAIBackend(_RestBackend):
         self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats
     ) -> AsyncGenerator[pb.ChatChunk, None]:
         resp = await self.post(openai_format.request_to_json(req, model=model, stream=True), timeout, stats)
-        final: pb.ChatChunk | None = None
-        async for _, data in self.sse_events(resp, stats):
-            if data == b"[DONE]":
-                break
-            try:
-                body = orjson.loads(data)
-                if "error" in body:
-                    raise self.error(502, data, {})
-                chunk = openai_format.chunk_from_json(body)
-            except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
-                raise _bad_body(self.provider, exc) from None
-            if chunk.finish_reason or chunk.HasField("usage"):
-                # The finish reason and the usage may come in two chunks; send them as one final chunk.
-                if final is None:
-                    final = chunk
-                else:
-                    final.MergeFrom(chunk)
-                if chunk.delta:
-                    yield pb.ChatChunk(
-                        id=chunk.id, model=chunk.model, created=chunk.created, delta=chunk.delta
-                    )
-                    final.delta = ""
-            elif chunk.delta:
+        events = (data async for _, data in self.sse_events(resp, stats))
+        try:
+            async for chunk in openai_format.read_stream(
+                events, lambda body: self.error(502, orjson.dumps(body), {})
+            ):
                 yield chunk
-        if final is None:
-            raise _bad_body(self.provider, ValueError("stream ended without a finish_reason"))
-        yield final
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise _bad_body(self.provider, exc) from None
 
 
 _ANTHROPIC_FINISH = {

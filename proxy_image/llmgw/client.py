@@ -66,6 +66,7 @@ from llmgateway.v1 import llm_service_pb2_grpc
 from . import openai_format
 from .errors import GatewayError, Kind, from_upstream_grpc, from_upstream_http
 from .retry import backoff_delay
+from .sse import sse_events
 
 __all__ = [
     "BACKOFF_BASE_S",
@@ -511,71 +512,15 @@ class LLMHttpClient(_LoopBound):
         await self.close()
 
 
-async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The data of each server-sent event (``data:`` lines joined by newlines, dispatched on a blank line)."""
-    lines: list[bytes] = []
-    async for raw in content:
-        line = raw.rstrip(b"\r\n")
-        if not line:
-            if lines:
-                yield b"\n".join(lines)
-                lines = []
-            continue
-        if line.startswith(b"data:"):
-            value = line[5:]
-            lines.append(value[1:] if value.startswith(b" ") else value)
-        # comments (":"), "event:", "id:" and "retry:" fields carry nothing the client needs
-    if lines:
-        yield b"\n".join(lines)
-
-
-def _is_usage_only(chunk: pb.ChatChunk) -> bool:
-    return chunk.HasField("usage") and not chunk.delta and chunk.finish_reason == pb.FINISH_REASON_UNSPECIFIED
-
-
 async def _chunks_from_sse(content: aiohttp.StreamReader) -> AsyncIterator[pb.ChatChunk]:
-    """The chunks of an OpenAI SSE stream, shaped like the gRPC stream's.
-
-    OpenAI sends the finish_reason and (with ``include_usage``) the usage in two separate last chunks; they
-    are merged into one final chunk carrying both, as ``StreamingChat`` sends it. An error event raises.
-    """
-    pending: pb.ChatChunk | None = None  # a finish chunk that may still receive the usage
-    finished = False
-    async for data in _sse_data(content):
-        if data == b"[DONE]":
-            finished = True
-            break
-        try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise GatewayError(Kind.BAD_GATEWAY, f"malformed stream event: {exc}") from None
-        if isinstance(event, dict) and "error" in event:
-            raise _stream_error(event)
-        try:
-            chunk = openai_format.chunk_from_json(event)
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-            raise GatewayError(Kind.BAD_GATEWAY, f"malformed stream chunk: {exc!r}") from None
-        if pending is not None:
-            if _is_usage_only(chunk):
-                pending.usage.CopyFrom(chunk.usage)
-                chunk = pending
-                pending = None
-                yield chunk
-                continue
-            yield pending
-            pending = None
-        if chunk.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-            finished = True
-            if not chunk.HasField("usage"):
-                pending = chunk
-                continue
-        yield chunk
-    if pending is not None:
-        yield pending
-    if not finished:
-        raise GatewayError(
-            Kind.BAD_GATEWAY, "the stream ended before its final chunk and [DONE]", retryable=True
-        )
+    """The chunks of an OpenAI SSE stream, shaped like the gRPC stream's (see ``openai_format.read_stream``)."""
+    try:
+        async for chunk in openai_format.read_stream(
+            (data async for _, data in sse_events(content)), _stream_error
+        ):
+            yield chunk
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise GatewayError(Kind.BAD_GATEWAY, f"malformed stream: {exc}", retryable=True) from None
 
 
 class LLMConnection:

@@ -23,12 +23,13 @@ import logging
 import random
 import time
 from collections.abc import AsyncGenerator, Iterator
+from typing import NamedTuple
 
 from llmgateway.v1 import llm_service_pb2 as pb
 
 from .backends import Backend, CallStats, build_backend
 from .chat import is_deterministic, validate_request
-from .config import ProxyConfig, Route
+from .config import ProxyConfig, Retries, Route
 from .errors import GatewayError, Kind
 from .metrics import Metrics
 from .retry import backoff_delay
@@ -154,6 +155,18 @@ class _Attempt:
             m.tokens.labels(*labels, "output").observe(usage.completion_tokens)
 
 
+class _Step(NamedTuple):
+    """One path of a request's plan: where to send it and how many attempts it gets there."""
+
+    route: Route
+    path: str
+    provider: str
+    backend: Backend
+    allowed: int
+    retries: Retries
+    fallback: str | None  # the next path, if any
+
+
 class Gateway:
     def __init__(
         self, config: ProxyConfig, metrics: Metrics | None = None, *, seed: int | None = None
@@ -243,53 +256,51 @@ class Gateway:
         return time.monotonic() + (min(timeout, limit) if timeout is not None else limit)
 
     @staticmethod
-    def _attempts(runtime: Runtime, route: Route, paths: list[str]) -> Iterator[tuple[int, str, str, int]]:
-        """(index, path, provider name, attempts allowed) for each path in order.
-
-        A path followed by a fallback gets one attempt; the last path gets its provider's retry budget.
-        """
+    def _steps(runtime: Runtime, route: Route, paths: list[str]) -> Iterator[_Step]:
+        """The paths of one request in order; the last one gets its provider's retry budget, the others one
+        attempt each (their fallback is the better retry)."""
         for i, path in enumerate(paths):
             name = route.rest if path == "rest" else route.grpc
             assert name is not None
+            retries = runtime.config.providers[name].retries
             last = i == len(paths) - 1
-            yield i, path, name, runtime.config.providers[name].retries.max_attempts if last else 1
+            yield _Step(
+                route,
+                path,
+                name,
+                runtime.backends[name],
+                retries.max_attempts if last else 1,
+                retries,
+                paths[i + 1] if not last else None,
+            )
 
-    def _retry_delay(
-        self,
-        error: GatewayError,
-        attempt: int,
-        allowed: int,
-        provider_name: str,
-        runtime: Runtime,
-        deadline: float,
-    ) -> float | None:
-        """Seconds to wait before retrying, or None when this path is done."""
-        if not error.retryable or attempt >= allowed:
-            return None
-        retries = runtime.config.providers[provider_name].retries
-        delay = backoff_delay(
-            attempt,
-            base=retries.initial_backoff_s,
-            cap=retries.max_backoff_s,
-            retry_after=error.retry_after,
-            rng=self._rng,
-        )
-        if time.monotonic() + delay >= deadline:
-            return None
-        return delay
-
-    def _fallback(self, route: Route, paths: list[str], i: int, error: GatewayError, deadline: float) -> bool:
-        if i + 1 >= len(paths) or not error.retryable or time.monotonic() >= deadline:
+    async def _recover(self, exc: GatewayError, step: _Step, attempt: int, deadline: float) -> bool:
+        """After a failed attempt: wait and return True to retry on the same path, return False to fall back
+        to the next path, or raise ``exc`` when neither may happen."""
+        labels = (step.route.model, step.path, step.provider)
+        if exc.retryable and attempt < step.allowed:
+            delay = backoff_delay(
+                attempt,
+                base=step.retries.initial_backoff_s,
+                cap=step.retries.max_backoff_s,
+                retry_after=exc.retry_after,
+                rng=self._rng,
+            )
+            if time.monotonic() + delay < deadline:
+                self.metrics.retries.labels(*labels, exc.status_label).inc()
+                await asyncio.sleep(delay)
+                return True
+        if step.fallback is not None and exc.retryable and time.monotonic() < deadline:
+            self.metrics.fallbacks.labels(step.route.model, step.path, step.fallback, exc.status_label).inc()
+            log.info(
+                "route %s: %s path failed (%s); falling back to %s",
+                step.route.model,
+                step.path,
+                exc.message,
+                step.fallback,
+            )
             return False
-        self.metrics.fallbacks.labels(route.model, paths[i], paths[i + 1], error.status_label).inc()
-        log.info(
-            "route %s: %s path failed (%s); falling back to %s",
-            route.model,
-            paths[i],
-            error.message,
-            paths[i + 1],
-        )
-        return True
+        raise exc
 
     def authenticate(self, authorization: str | None, front: str) -> None:
         """Fronts call this first, so that a client without a valid key learns nothing else."""
@@ -347,14 +358,13 @@ class Gateway:
             self.metrics.cache.labels("hit" if cached is not None else "miss").inc()
             if cached is not None:
                 return cached
-        paths = self._paths(route)
-        for i, path, provider_name, allowed in self._attempts(runtime, route, paths):
-            backend = runtime.backends[provider_name]
-            model = route.upstream_model or req.model
+        model = route.upstream_model or req.model
+        for step in self._steps(runtime, route, self._paths(route)):
+            backend = step.backend
             attempt = 0
             while True:
                 attempt += 1
-                tracker = _Attempt(self.metrics, (route.model, path, provider_name))
+                tracker = _Attempt(self.metrics, (route.model, step.path, step.provider))
                 try:
                     with self._using(backend):
                         response = await backend.complete(
@@ -365,14 +375,9 @@ class Gateway:
                         )
                 except GatewayError as exc:
                     tracker.done(exc.status_label)
-                    delay = self._retry_delay(exc, attempt, allowed, provider_name, runtime, deadline)
-                    if delay is not None:
-                        self.metrics.retries.labels(route.model, path, provider_name, exc.status_label).inc()
-                        await asyncio.sleep(delay)
+                    if await self._recover(exc, step, attempt, deadline):
                         continue
-                    if self._fallback(route, paths, i, exc, deadline):
-                        break
-                    raise
+                    break
                 except asyncio.CancelledError:
                     tracker.done("499")
                     raise
@@ -406,14 +411,13 @@ class Gateway:
     async def _stream(
         self, runtime: Runtime, route: Route, req: pb.ChatRequest, deadline: float
     ) -> AsyncGenerator[pb.ChatChunk, None]:
-        paths = self._paths(route)
-        for i, path, provider_name, allowed in self._attempts(runtime, route, paths):
-            backend = runtime.backends[provider_name]
-            model = route.upstream_model or req.model
+        model = route.upstream_model or req.model
+        for step in self._steps(runtime, route, self._paths(route)):
+            backend = step.backend
             attempt = 0
             while True:
                 attempt += 1
-                tracker = _Attempt(self.metrics, (route.model, path, provider_name))
+                tracker = _Attempt(self.metrics, (route.model, step.path, step.provider))
                 sent_any = False
                 usage: pb.Usage | None = None
                 try:
@@ -435,14 +439,9 @@ class Gateway:
                     tracker.done(exc.status_label)
                     if sent_any:
                         raise
-                    delay = self._retry_delay(exc, attempt, allowed, provider_name, runtime, deadline)
-                    if delay is not None:
-                        self.metrics.retries.labels(route.model, path, provider_name, exc.status_label).inc()
-                        await asyncio.sleep(delay)
+                    if await self._recover(exc, step, attempt, deadline):
                         continue
-                    if self._fallback(route, paths, i, exc, deadline):
-                        break
-                    raise
+                    break
                 except (asyncio.CancelledError, GeneratorExit):
                     tracker.done("499")
                     raise

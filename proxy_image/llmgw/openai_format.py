@@ -7,7 +7,10 @@ the client library. Request parsing names the offending field in every error, so
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
+
+import orjson
 
 from llmgateway.v1 import llm_service_pb2 as pb
 
@@ -271,3 +274,36 @@ def error_body(
 ) -> dict[str, Any]:
     """OpenAI's error envelope."""
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+async def read_stream(
+    events: AsyncIterable[bytes], on_error: Callable[[dict[str, Any]], Exception]
+) -> AsyncIterator[pb.ChatChunk]:
+    """The chunks of an OpenAI SSE stream (the data of each event), shaped like ``StreamingChat``'s.
+
+    Content chunks come first (empty ones, like OpenAI's opening role-only chunk, are dropped); OpenAI sends
+    the finish_reason and, with ``include_usage``, the usage in two last chunks, which become one final
+    chunk carrying both. An ``{"error": ...}`` event raises ``on_error(body)``; malformed data or a stream
+    that ends without a finish_reason raises ValueError (or KeyError/TypeError for a wrong shape).
+    """
+    final: pb.ChatChunk | None = None
+    async for data in events:
+        if data == b"[DONE]":
+            break
+        body = orjson.loads(data)
+        if isinstance(body, dict) and "error" in body:
+            raise on_error(body)
+        chunk = chunk_from_json(body)
+        if chunk.finish_reason or chunk.HasField("usage"):
+            if chunk.delta:
+                yield pb.ChatChunk(id=chunk.id, model=chunk.model, created=chunk.created, delta=chunk.delta)
+                chunk.delta = ""
+            if final is None:
+                final = chunk
+            else:
+                final.MergeFrom(chunk)
+        elif chunk.delta:
+            yield chunk
+    if final is None or not final.finish_reason:
+        raise ValueError("the stream ended without a finish_reason")
+    yield final

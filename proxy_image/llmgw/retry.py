@@ -6,7 +6,9 @@ import math
 import random
 
 
-def backoff_delay(attempt: int, *, base: float, cap: float, retry_after: float | None, rng: random.Random) -> float:
+def backoff_delay(
+    attempt: int, *, base: float, cap: float, retry_after: float | None, rng: random.Random
+) -> float:
     """Seconds to wait before attempt ``attempt + 1`` (``attempt`` counts from 1).
 
     Full jitter (a uniform draw up to ``base * 2**(attempt-1)``, capped at ``cap``) spreads the retries of
