@@ -1,0 +1,1243 @@
+#!/usr/bin/env python3
+"""The proxy's added latency and throughput, measured side by side with calling the upstream directly.
+
+One run starts, as separate processes on 127.0.0.1 (free ports): a fake ``openai`` provider, a fake ``grpc``
+provider (both ``--latency-ms 0 --token-delay-ms 0``) and one ``llmgw proxy`` with a generated configuration
+(route ``bench-rest`` -> the openai fake only, route ``bench-grpc`` -> the grpc fake only, no client auth,
+``maxConcurrentRequests: 1024``). This process is the load generator: it runs on uvloop, in its own process,
+and compares, always against the same upstream:
+
+* REST front: aiohttp ``POST /v1/chat/completions`` to the openai fake directly vs to the proxy's REST front;
+* gRPC front: grpc.aio ``ChatCompletion`` to the grpc fake directly vs to the proxy's gRPC front;
+* the same two pairs streaming (``"stream": true`` / ``StreamingChat``): time to the first content token
+  (TTFT) and to the end of the stream.
+
+Direct and proxied blocks of requests alternate, round after round (the order flips every round), so that
+machine noise hits both alike. At concurrency 1 it reports p50, p99 and mean latency and the difference
+"added" = via proxy - direct; at concurrency 32 and 64 (unary only) requests per second and the ratio
+via proxy / direct. It also reports the CPU time each process spent per request during the throughput
+blocks (from /proc), which shows where the time goes.
+
+A second, short table justifies the library choices: aiohttp vs httpx as the HTTP client, asyncio vs uvloop
+as the event loop (with the aiohttp client) and orjson vs the standard json module.
+
+Everything is bounded: a request count and a wall-clock limit per block, a time budget for the whole run,
+and every child process is stopped at the end (also on an error, Ctrl-C or SIGTERM; the children run in
+their own process groups and, on Linux, also get SIGTERM if this process dies).
+
+Usage::
+
+    .venv/bin/python bench/proxy_latency.py             # ~2-3 minutes on a 2-core machine
+    .venv/bin/python bench/proxy_latency.py --quick     # smoke run, well under 30 s; numbers are noise
+    .venv/bin/python bench/proxy_latency.py --rounds 8 --requests 500 --json results.json
+
+Tables go to stdout (markdown, paste-able); progress goes to stderr. The targets checked are the issue's:
+p50 added latency under 0.5 ms (gRPC front) / 1 ms (REST front), p99 added under 2 ms, both for unary
+calls and for streaming time to first token; throughput at concurrency 64 at least 40% of direct. The
+numbers are reported as measured, met or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import gc
+import importlib.metadata
+import json
+import math
+import os
+import pathlib
+import platform
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import aiohttp
+import grpc
+import orjson
+import uvloop
+
+from llmgateway.v1 import llm_service_pb2 as pb
+from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
+
+PROMPT = "Hello from the proxy latency benchmark, please answer briefly"
+REST_MODEL = "bench-rest"
+GRPC_MODEL = "bench-grpc"
+TARGETS = ("direct", "proxy")
+READY_TIMEOUT_S = 30.0
+REQUEST_TIMEOUT_S = 10.0
+
+# The issue's targets: added p50 per front, added p99 for both, throughput ratio at concurrency 64.
+P50_TARGET_MS = {"grpc": 0.5, "rest": 1.0}
+P99_TARGET_MS = 2.0
+THROUGHPUT_TARGET = 0.40
+THROUGHPUT_TARGET_CONCURRENCY = 64
+
+FRONT_LABEL = {"rest": "REST front", "grpc": "gRPC front"}
+
+
+def log(message: str) -> None:
+    print(f"[{time.monotonic() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+_T0 = time.monotonic()
+
+
+# ------------------------------------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    requests: int  # requests per block at concurrency 1 (each target, each measurement, each round)
+    rounds: int
+    concurrency: tuple[int, ...]  # throughput levels
+    tp_requests: int  # at most this many requests per throughput block ...
+    tp_seconds: float  # ... and at most this long
+    warmup: int  # warm-up requests per target at concurrency 1 (and 4x that at the highest concurrency)
+    block_timeout_s: float  # wall-clock limit of one concurrency-1 block
+    budget_s: float  # the whole measurement; rounds left when it is spent are skipped (and said so)
+    response_tokens: int
+    micro_requests: int  # per candidate in the library comparison (0: skip it)
+    micro_seconds: float  # throughput rows of the library comparison
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Settings:
+        quick = args.quick
+        return cls(
+            requests=args.requests or (25 if quick else 400),
+            rounds=args.rounds or (2 if quick else 5),
+            concurrency=tuple(args.concurrency),
+            tp_requests=args.throughput_requests or (150 if quick else 20_000),
+            tp_seconds=args.throughput_seconds or (0.3 if quick else 2.0),
+            warmup=20 if quick else 200,
+            block_timeout_s=30.0,
+            budget_s=args.budget or (45.0 if quick else 300.0),
+            response_tokens=args.response_tokens,
+            micro_requests=0 if args.no_micro else (20 if quick else 300),
+            micro_seconds=0.3 if quick else 1.0,
+        )
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+_LIBC: Any = None
+if sys.platform.startswith("linux"):
+    with contextlib.suppress(OSError):
+        _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def _child_setup() -> None:
+    """In the child, before exec: its own process group, and SIGTERM when this process dies (Linux)."""
+    os.setsid()
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Child:
+    """One child process whose output goes to a log file, started in its own process group."""
+
+    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 -- closed in stop()
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_child_setup,  # children start before any thread (grpc's) exists
+            close_fds=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def tail(self, lines: int = 20) -> str:
+        return "\n".join(self.output().splitlines()[-lines:])
+
+    def wait_for(self, pattern: str, timeout: float = READY_TIMEOUT_S) -> re.Match[str]:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.output())
+            if match:
+                return match
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with code {self.proc.returncode} before it was ready:\n{self.tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} was not ready within {timeout:.0f}s:\n{self.tail()}")
+            time.sleep(0.02)
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(grace)
+        self._log.close()
+
+
+def _llmgw(*args: str) -> list[str]:
+    return [sys.executable, "-m", "llmgw.cli", *args]
+
+
+def start_fake(kind: str, model: str, workdir: pathlib.Path, response_tokens: int) -> Child:
+    return Child(
+        f"fake {kind} provider",
+        _llmgw(
+            "--log-level",
+            "warning",
+            "fake-provider",
+            "--kind",
+            kind,
+            "--listen",
+            "127.0.0.1:0",
+            "--models",
+            model,
+            "--response-tokens",
+            str(response_tokens),
+            "--latency-ms",
+            "0",
+            "--token-delay-ms",
+            "0",
+        ),
+        workdir / f"fake-{kind}.log",
+    )
+
+
+def proxy_config(openai_port: int, grpc_port: int) -> str:
+    return f"""\
+# Generated by bench/proxy_latency.py
+generation: 1
+listen:
+  grpc: 127.0.0.1:0
+  rest: 127.0.0.1:0
+  admin: 127.0.0.1:0
+limits:
+  maxConcurrentRequests: 1024
+  requestTimeoutSeconds: 60
+shutdown:
+  drainSeconds: 0
+reloadIntervalSeconds: 30
+providers:
+  - name: bench-openai
+    type: openai
+    baseURL: http://127.0.0.1:{openai_port}/v1
+    maxConnections: 256
+  - name: bench-grpc-upstream
+    type: grpc
+    target: 127.0.0.1:{grpc_port}
+routes:
+  - model: {REST_MODEL}
+    rest: bench-openai
+  - model: {GRPC_MODEL}
+    grpc: bench-grpc-upstream
+"""
+
+
+@dataclasses.dataclass
+class Stack:
+    """The running processes and where to reach them."""
+
+    children: list[Child]
+    openai_port: int = 0
+    grpc_port: int = 0
+    proxy_rest_port: int = 0
+    proxy_grpc_port: int = 0
+    pids: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            try:
+                child.stop()
+            except Exception as exc:  # keep stopping the others
+                print(f"warning: could not stop {child.name}: {exc}", file=sys.stderr)
+
+
+def start_stack(stack: Stack, workdir: pathlib.Path, response_tokens: int) -> None:
+    """Start the two fakes, then the proxy in front of them; fills in ``stack`` as processes come up."""
+    fake_openai = start_fake("openai", REST_MODEL, workdir, response_tokens)
+    stack.children.append(fake_openai)
+    fake_grpc = start_fake("grpc", GRPC_MODEL, workdir, response_tokens)
+    stack.children.append(fake_grpc)
+    listening = r"fake-provider kind=\w+ listening on [^\s]*:(\d+)"
+    stack.openai_port = int(fake_openai.wait_for(listening).group(1))
+    stack.grpc_port = int(fake_grpc.wait_for(listening).group(1))
+    config_path = workdir / "proxy.yaml"
+    config_path.write_text(proxy_config(stack.openai_port, stack.grpc_port))
+    proxy = Child(
+        "proxy", _llmgw("--log-level", "info", "proxy", "--config", str(config_path)), workdir / "proxy.log"
+    )
+    stack.children.append(proxy)
+    match = proxy.wait_for(r"proxy serving gRPC on port (\d+), REST on port (\d+), admin on port (\d+)")
+    stack.proxy_grpc_port, stack.proxy_rest_port = int(match.group(1)), int(match.group(2))
+    stack.pids = {
+        "proxy": proxy.pid,
+        "upstream (openai fake)": fake_openai.pid,
+        "upstream (grpc fake)": fake_grpc.pid,
+    }
+    log(
+        f"fakes: openai :{stack.openai_port}, grpc :{stack.grpc_port}; proxy: REST :{stack.proxy_rest_port}, "
+        f"gRPC :{stack.proxy_grpc_port}"
+    )
+
+
+# ---------------------------------------------------------------------------------------- CPU accounting
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (all its threads), from /proc; None where /proc is not available."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+    times = os.times()
+    out = {"load generator": times.user + times.system}
+    for name, pid in pids.items():
+        value = _proc_cpu_seconds(pid)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------- clients
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def rest_body(stream: bool) -> bytes:
+    body: dict[str, Any] = {"model": REST_MODEL, "messages": [{"role": "user", "content": PROMPT}]}
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return orjson.dumps(body)
+
+
+GRPC_REQUEST = pb.ChatRequest(model=GRPC_MODEL, messages=[pb.ChatMessage(role=pb.ROLE_USER, content=PROMPT)])
+
+# A request function sends one request, checks the answer and returns the perf_counter_ns() at which the
+# first content token arrived (streams) or 0 (unary).
+RequestFn = Callable[[], Awaitable[int]]
+
+
+def rest_unary(session: aiohttp.ClientSession, url: str) -> RequestFn:
+    body = rest_body(stream=False)
+
+    async def call() -> int:
+        async with session.post(url, data=body, headers=JSON_HEADERS) as resp:
+            data = await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {data[:200]!r}")
+        if not orjson.loads(data)["choices"][0]["message"]["content"]:
+            raise RuntimeError("empty reply")
+        return 0
+
+    return call
+
+
+def rest_stream(session: aiohttp.ClientSession, url: str) -> RequestFn:
+    body = rest_body(stream=True)
+
+    async def call() -> int:
+        first = 0
+        done = False
+        async with session.post(url, data=body, headers=JSON_HEADERS) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {(await resp.read())[:200]!r}")
+            async for line in resp.content:
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:].rstrip()
+                if data == b"[DONE]":
+                    done = True
+                    continue
+                if not first:
+                    choices = orjson.loads(data).get("choices")
+                    if choices and choices[0].get("delta", {}).get("content"):
+                        first = time.perf_counter_ns()
+        if not first or not done:
+            raise RuntimeError("stream ended without content or without [DONE]")
+        return first
+
+    return call
+
+
+def grpc_unary(stub: pb_grpc.LLMServiceStub) -> RequestFn:
+    async def call() -> int:
+        response = await stub.ChatCompletion(GRPC_REQUEST, timeout=REQUEST_TIMEOUT_S)
+        if not response.content:
+            raise RuntimeError("empty reply")
+        return 0
+
+    return call
+
+
+def grpc_stream(stub: pb_grpc.LLMServiceStub) -> RequestFn:
+    async def call() -> int:
+        first = 0
+        finished = False
+        async for chunk in stub.StreamingChat(GRPC_REQUEST, timeout=REQUEST_TIMEOUT_S):
+            if not first and chunk.delta:
+                first = time.perf_counter_ns()
+            if chunk.finish_reason:
+                finished = True
+        if not first or not finished:
+            raise RuntimeError("stream ended without content or without finish_reason")
+        return first
+
+    return call
+
+
+# ---------------------------------------------------------------------------------------- measurement
+
+
+@dataclasses.dataclass
+class Block:
+    """One block of requests against one target."""
+
+    measurement: str
+    target: str
+    round: int
+    concurrency: int
+    completed: int
+    errors: int
+    elapsed_s: float
+    latency_us: list[float]
+    ttft_us: list[float]
+    cpu_s: dict[str, float]
+    first_error: str | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.completed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+async def run_block(
+    fn: RequestFn, concurrency: int, max_requests: int, max_seconds: float
+) -> tuple[int, int, float, list[float], list[float], str | None]:
+    """Run up to ``max_requests`` calls with ``concurrency`` workers for at most ``max_seconds``."""
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    issued = 0
+    errors = 0
+    first_error: str | None = None
+    start = time.perf_counter()
+    deadline = start + max_seconds
+    perf_ns = time.perf_counter_ns
+
+    async def worker() -> None:
+        nonlocal issued, errors, first_error
+        while issued < max_requests and time.perf_counter() < deadline:
+            issued += 1
+            t0 = perf_ns()
+            try:
+                first = await fn()
+            except Exception as exc:
+                errors += 1
+                if first_error is None:
+                    first_error = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            t1 = perf_ns()
+            latencies.append((t1 - t0) / 1000)
+            if first:
+                ttfts.append((first - t0) / 1000)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    return len(latencies), errors, elapsed, latencies, ttfts, first_error
+
+
+@dataclasses.dataclass
+class Measurement:
+    key: str  # e.g. "rest/unary/c1"
+    front: str  # rest | grpc
+    mode: str  # unary | stream
+    concurrency: int
+    fns: dict[str, RequestFn]  # target -> request function
+
+
+class Bench:
+    def __init__(self, settings: Settings, stack: Stack) -> None:
+        self.settings = settings
+        self.stack = stack
+        self.blocks: list[Block] = []
+        self.notes: list[str] = []
+        self.other_load: dict[str, float] = {}  # phase -> share of all CPUs used by other processes
+        self.deadline = time.monotonic() + settings.budget_s
+
+    async def measure(self) -> None:
+        s, st = self.settings, self.stack
+        max_conc = max((*s.concurrency, 1))
+        connector_limit = max(256, max_conc * 2)
+        sessions = {
+            t: aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=connector_limit, keepalive_timeout=60),
+                timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+            )
+            for t in TARGETS
+        }
+        channels = {
+            "direct": grpc.aio.insecure_channel(f"127.0.0.1:{st.grpc_port}"),
+            "proxy": grpc.aio.insecure_channel(f"127.0.0.1:{st.proxy_grpc_port}"),
+        }
+        try:
+            urls = {
+                "direct": f"http://127.0.0.1:{st.openai_port}/v1/chat/completions",
+                "proxy": f"http://127.0.0.1:{st.proxy_rest_port}/v1/chat/completions",
+            }
+            stubs = {t: pb_grpc.LLMServiceStub(channels[t]) for t in TARGETS}
+            latency = [
+                Measurement(
+                    "rest/unary/c1",
+                    "rest",
+                    "unary",
+                    1,
+                    {t: rest_unary(sessions[t], urls[t]) for t in TARGETS},
+                ),
+                Measurement("grpc/unary/c1", "grpc", "unary", 1, {t: grpc_unary(stubs[t]) for t in TARGETS}),
+                Measurement(
+                    "rest/stream/c1",
+                    "rest",
+                    "stream",
+                    1,
+                    {t: rest_stream(sessions[t], urls[t]) for t in TARGETS},
+                ),
+                Measurement(
+                    "grpc/stream/c1", "grpc", "stream", 1, {t: grpc_stream(stubs[t]) for t in TARGETS}
+                ),
+            ]
+            throughput = [
+                Measurement(f"{m.front}/unary/c{c}", m.front, "unary", c, m.fns)
+                for c in s.concurrency
+                for m in latency[:2]
+            ]
+            await self.warm_up(latency, max_conc)
+            await self.rounds("latency", latency, s.requests, s.block_timeout_s)
+            await self.rounds("throughput", throughput, s.tp_requests, s.tp_seconds)
+        finally:
+            for session in sessions.values():
+                await session.close()
+            for channel in channels.values():
+                await channel.close()
+
+    async def warm_up(self, measurements: Sequence[Measurement], max_conc: int) -> None:
+        """Open the connections (the proxy's upstream pool too) and warm every code path before measuring."""
+        log("warming up")
+        n = self.settings.warmup
+        for m in measurements:
+            for target, fn in m.fns.items():
+                completed, errors, _, _, _, first_error = await run_block(fn, 1, n, 30.0)
+                if m.mode == "unary":
+                    c2, e2, _, _, _, err2 = await run_block(fn, max_conc, 4 * n, 30.0)
+                    completed, errors, first_error = completed + c2, errors + e2, first_error or err2
+                if errors or not completed:
+                    raise RuntimeError(
+                        f"warm-up of {m.key} ({target}) failed: {errors} error(s): {first_error}"
+                    )
+
+    async def rounds(
+        self, phase: str, measurements: Sequence[Measurement], max_requests: int, max_s: float
+    ) -> None:
+        """The phase's rounds, and how busy the rest of the machine was meanwhile."""
+        wall, busy, ours = time.monotonic(), machine_busy_seconds(), cpu_snapshot(self.stack.pids)
+        try:
+            await self._rounds(phase, measurements, max_requests, max_s)
+        finally:
+            ours_after = cpu_snapshot(self.stack.pids)
+            busy_after = machine_busy_seconds()
+            if busy is not None and busy_after is not None:
+                mine = sum(ours_after[k] - ours[k] for k in ours_after if k in ours)
+                other = max(0.0, (busy_after - busy) - mine)
+                self.other_load[phase] = other / ((time.monotonic() - wall) * usable_cpus())
+
+    async def _rounds(
+        self, phase: str, measurements: Sequence[Measurement], max_requests: int, max_s: float
+    ) -> None:
+        s = self.settings
+        for r in range(s.rounds):
+            if time.monotonic() > self.deadline:
+                note = f"time budget of {s.budget_s:.0f}s spent: {phase} ran {r} of {s.rounds} rounds"
+                self.notes.append(note)
+                log(note)
+                return
+            log(f"{phase}: round {r + 1}/{s.rounds}")
+            order = TARGETS if r % 2 == 0 else TARGETS[::-1]
+            for m in measurements:
+                for target in order:
+                    await self.block(m, target, r, max_requests, max_s)
+
+    async def block(self, m: Measurement, target: str, round_: int, max_requests: int, max_s: float) -> None:
+        gc.collect()
+        await asyncio.sleep(0.02)  # let the previous block's stragglers settle
+        before = cpu_snapshot(self.stack.pids)
+        completed, errors, elapsed, lat, ttft, first_error = await run_block(
+            m.fns[target], m.concurrency, max_requests, max_s
+        )
+        after = cpu_snapshot(self.stack.pids)
+        cpu = {k: after[k] - before[k] for k in after if k in before}
+        if not completed:
+            raise RuntimeError(f"{m.key} ({target}): no request succeeded ({errors} errors: {first_error})")
+        self.blocks.append(
+            Block(
+                m.key, target, round_, m.concurrency, completed, errors, elapsed, lat, ttft, cpu, first_error
+            )
+        )
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) with linear interpolation between closest ranks; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50": percentile(values, 0.50),
+        "p99": percentile(values, 0.99),
+        "mean": sum(values) / len(values) if values else math.nan,
+    }
+
+
+class Results:
+    def __init__(self, blocks: Sequence[Block]) -> None:
+        self.blocks = blocks
+
+    def select(self, key: str, target: str) -> list[Block]:
+        return [b for b in self.blocks if b.measurement == key and b.target == target]
+
+    def samples(self, key: str, target: str, field: str) -> list[float]:
+        return [v for b in self.select(key, target) for v in getattr(b, field)]
+
+    def per_round(self, key: str, field: str, stat: Callable[[list[float]], float]) -> list[float]:
+        """stat(proxy) - stat(direct) of each round in which both targets ran."""
+        rounds = sorted({b.round for b in self.blocks if b.measurement == key})
+        out = []
+        for r in rounds:
+            d = [v for b in self.select(key, "direct") if b.round == r for v in getattr(b, field)]
+            p = [v for b in self.select(key, "proxy") if b.round == r for v in getattr(b, field)]
+            if d and p:
+                out.append(stat(p) - stat(d))
+        return out
+
+    def rate(self, key: str, target: str) -> float:
+        blocks = self.select(key, target)
+        elapsed = sum(b.elapsed_s for b in blocks)
+        return sum(b.completed for b in blocks) / elapsed if elapsed else math.nan
+
+    def rate_ratios(self, key: str) -> list[float]:
+        direct = {b.round: b.rate for b in self.select(key, "direct")}
+        return [b.rate / direct[b.round] for b in self.select(key, "proxy") if direct.get(b.round)]
+
+    def cpu_per_request_us(self, key: str, target: str) -> dict[str, float]:
+        blocks = self.select(key, target)
+        completed = sum(b.completed for b in blocks)
+        totals: dict[str, float] = {}
+        for b in blocks:
+            for name, seconds in b.cpu_s.items():
+                totals[name] = totals.get(name, 0.0) + seconds
+        return {name: seconds / completed * 1e6 for name, seconds in totals.items()} if completed else {}
+
+    def errors(self) -> list[str]:
+        out = []
+        for b in self.blocks:
+            if b.errors:
+                out.append(
+                    f"{b.measurement} {b.target} round {b.round + 1}: {b.errors} error(s), "
+                    f"e.g. {b.first_error}"
+                )
+        return out
+
+
+# ------------------------------------------------------------------------------------------- reporting
+
+
+def ms(us: float) -> str:
+    return "n/a" if math.isnan(us) else f"{us / 1000:.3f} ms"
+
+
+def signed_ms(us: float) -> str:
+    return "n/a" if math.isnan(us) else f"{us / 1000:+.3f} ms"
+
+
+def span(values: Sequence[float], fmt: Callable[[float], str]) -> str:
+    if len(values) < 2:
+        return ""
+    return f" (rounds: {fmt(min(values))} to {fmt(max(values))})"
+
+
+def met(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def main_table(results: Results, settings: Settings) -> list[str]:
+    rows = [
+        "| measurement | direct | via proxy | added / ratio | target | met? |",
+        "|---|---|---|---|---|---|",
+    ]
+    for front in ("rest", "grpc"):
+        label = FRONT_LABEL[front]
+        for mode, field, what in (
+            ("unary", "latency_us", "unary latency"),
+            ("stream", "ttft_us", "streaming TTFT"),
+            ("stream", "latency_us", "streaming, whole stream"),
+        ):
+            key = f"{front}/{mode}/c1"
+            d = summary(results.samples(key, "direct", field))
+            p = summary(results.samples(key, "proxy", field))
+            if not d["n"] or not p["n"]:
+                continue
+            with_target = field != "latency_us" or mode == "unary"
+            for stat in ("p50", "p99", "mean"):
+                added = p[stat] - d[stat]
+                target, ok = "", ""
+                if with_target and stat == "p50":
+                    limit = P50_TARGET_MS[front]
+                    target, ok = f"added < {limit:g} ms", met(added < limit * 1000)
+                elif with_target and stat == "p99":
+                    target, ok = f"added < {P99_TARGET_MS:g} ms", met(added < P99_TARGET_MS * 1000)
+                extra = ""
+                if stat == "p50":
+                    extra = span(results.per_round(key, field, lambda v: percentile(v, 0.5)), signed_ms)
+                rows.append(
+                    f"| {label}, {what}, c=1, {stat} | {ms(d[stat])} | {ms(p[stat])} | "
+                    f"{signed_ms(added)}{extra} | {target or '-'} | {ok or '-'} |"
+                )
+    for front in ("rest", "grpc"):
+        for c in settings.concurrency:
+            key = f"{front}/unary/c{c}"
+            d_rate, p_rate = results.rate(key, "direct"), results.rate(key, "proxy")
+            if math.isnan(d_rate) or math.isnan(p_rate):
+                continue
+            ratio = p_rate / d_rate
+            extra = span(results.rate_ratios(key), lambda v: f"{v:.0%}")
+            target, ok = "-", "-"
+            if c == THROUGHPUT_TARGET_CONCURRENCY:
+                target, ok = f">= {THROUGHPUT_TARGET:.0%} of direct", met(ratio >= THROUGHPUT_TARGET)
+            rows.append(
+                f"| {FRONT_LABEL[front]}, unary throughput, c={c} | {d_rate:,.0f} req/s | "
+                f"{p_rate:,.0f} req/s | {ratio:.0%} of direct{extra} | {target} | {ok} |"
+            )
+    return rows
+
+
+def cpu_table(results: Results, settings: Settings) -> list[str]:
+    """CPU time per request of each process, for the concurrency-1 pairs and the highest concurrency."""
+    ncpu = usable_cpus()
+    rows = [
+        "| block | load generator | proxy | upstream fake | total "
+        f"| ceiling if CPU-bound ({ncpu} CPUs) | proxy's ceiling on a core of its own |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    top = max(settings.concurrency) if settings.concurrency else None
+    for front in ("rest", "grpc"):
+        upstream = "upstream (openai fake)" if front == "rest" else "upstream (grpc fake)"
+        keys = [(f"{front}/unary/c1", "unary, c=1"), (f"{front}/stream/c1", "streaming, c=1")]
+        if top is not None:
+            keys.append((f"{front}/unary/c{top}", f"unary, c={top}"))
+        for key, what in keys:
+            for target in TARGETS:
+                cpu = results.cpu_per_request_us(key, target)
+                if not cpu or upstream not in cpu:
+                    continue
+                gen, up = cpu.get("load generator", 0.0), cpu[upstream]
+                prx = cpu.get("proxy", 0.0) if target == "proxy" else 0.0
+                total = gen + prx + up
+                ceiling = own = "-"
+                if not key.endswith("/c1") and total:
+                    ceiling = f"{min(1e6 / max(gen, prx, up), ncpu * 1e6 / total):,.0f} req/s"
+                    own = f"{1e6 / prx:,.0f} req/s" if prx else "-"
+                side = "direct" if target == "direct" else "via proxy"
+                rows.append(
+                    f"| {FRONT_LABEL[front]}, {what}, {side} | {gen:.0f} µs | {prx:.0f} µs | {up:.0f} µs "
+                    f"| {total:.0f} µs | {ceiling} | {own} |"
+                )
+    return rows if len(rows) > 2 else []
+
+
+def usable_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds the machine has spent busy since boot (all CPUs, /proc/stat); None if unknown."""
+    try:
+        first = pathlib.Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    if first[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait (guest is in user)
+    values = [int(v) for v in first[1:9]]
+    return (sum(values) - values[3] - values[4]) / _CLK_TCK
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for dist in ("uvloop", "aiohttp", "grpcio", "orjson", "protobuf", "httpx", "httpx2"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[dist] = importlib.metadata.version(dist)
+    return out
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "cpu_model": cpu_model(),
+        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "python_impl": platform.python_implementation(),
+        "versions": versions(),
+    }
+
+
+def command_line() -> str:
+    exe = sys.executable
+    with contextlib.suppress(ValueError):
+        rel = os.path.relpath(exe)
+        if not rel.startswith(".."):
+            exe = rel
+    return shlex.join([exe, *sys.argv])
+
+
+def layout_text(info: dict[str, Any]) -> str:
+    cpus = info["cpus_usable"] or info["cpu_count"]
+    return (
+        f"CPU layout: {cpus} CPU(s), no pinning: the OS shares them between this process (the load "
+        "generator: uvloop, one aiohttp session and one grpc.aio channel per target), the proxy (one "
+        "process, uvloop) and the fake upstream being measured (one process per fake, uvloop; the other "
+        "fake idles). Everything talks over loopback."
+    )
+
+
+# ------------------------------------------------------------------------------------- library choices
+
+
+@dataclasses.dataclass
+class MicroRow:
+    comparison: str
+    candidate: str
+    result: str
+    value: float  # the number compared (lower is better for latency/time, higher for rates)
+    higher_is_better: bool = False
+    note: str = ""
+
+
+def _import_httpx() -> tuple[Any, str] | None:
+    for name in ("httpx", "httpx2"):
+        try:
+            module = __import__(name)
+        except ImportError:
+            continue
+        return module, f"{name} {versions().get(name, getattr(module, '__version__', '?'))}"
+    return None
+
+
+async def _aiohttp_latency(url: str, n: int, warmup: int) -> list[float]:
+    async with aiohttp.ClientSession() as session:
+        fn = rest_unary(session, url)
+        await run_block(fn, 1, warmup, 30.0)
+        _, _, _, lat, _, _ = await run_block(fn, 1, n, 30.0)
+    return lat
+
+
+async def _aiohttp_rate(url: str, c: int, seconds: float) -> float:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
+        fn = rest_unary(session, url)
+        await run_block(fn, c, 4 * c, 30.0)
+        completed, _, elapsed, _, _, _ = await run_block(fn, c, 10**9, seconds)
+    return completed / elapsed
+
+
+def _httpx_fn(client: Any, url: str) -> RequestFn:
+    body = rest_body(stream=False)
+
+    async def call() -> int:
+        resp = await client.post(url, content=body, headers=JSON_HEADERS)
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}")
+        if not orjson.loads(resp.content)["choices"][0]["message"]["content"]:
+            raise RuntimeError("empty reply")
+        return 0
+
+    return call
+
+
+async def _httpx_latency(httpx: Any, url: str, n: int, warmup: int) -> list[float]:
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
+        fn = _httpx_fn(client, url)
+        await run_block(fn, 1, warmup, 30.0)
+        _, _, _, lat, _, _ = await run_block(fn, 1, n, 30.0)
+    return lat
+
+
+async def _httpx_rate(httpx: Any, url: str, c: int, seconds: float) -> float:
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+        fn = _httpx_fn(client, url)
+        await run_block(fn, c, 4 * c, 30.0)
+        completed, _, elapsed, _, _, _ = await run_block(fn, c, 10**9, seconds)
+    return completed / elapsed
+
+
+def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow], list[str]]:
+    """aiohttp vs httpx, asyncio vs uvloop, orjson vs json; each candidate alternates in two halves."""
+    n = max(1, settings.micro_requests // 2)
+    warmup = max(5, n // 10)
+    url = f"http://127.0.0.1:{stack.openai_port}/v1/chat/completions"
+    notes: list[str] = []
+    rows: list[MicroRow] = []
+    vers = versions()
+    conc = max((*settings.concurrency, 1)) // 2 or 1
+
+    # HTTP client (uvloop for both): latency at concurrency 1, then requests/s at a moderate concurrency.
+    httpx_info = _import_httpx()
+    lat: dict[str, list[float]] = {"aiohttp": [], "httpx": []}
+    rates: dict[str, list[float]] = {"aiohttp": [], "httpx": []}
+    for _ in range(2):
+        lat["aiohttp"] += uvloop.run(_aiohttp_latency(url, n, warmup))
+        if httpx_info:
+            lat["httpx"] += uvloop.run(_httpx_latency(httpx_info[0], url, n, warmup))
+    for _ in range(2):
+        rates["aiohttp"].append(uvloop.run(_aiohttp_rate(url, conc, settings.micro_seconds / 2)))
+        if httpx_info:
+            rates["httpx"].append(
+                uvloop.run(_httpx_rate(httpx_info[0], url, conc, settings.micro_seconds / 2))
+            )
+    names = {
+        "aiohttp": f"aiohttp {vers.get('aiohttp', '?')}",
+        "httpx": httpx_info[1] if httpx_info else "httpx",
+    }
+    for lib in ("aiohttp", "httpx"):
+        if lat[lib]:
+            st = summary(lat[lib])
+            rows.append(
+                MicroRow(
+                    "HTTP client: POST to the openai fake, c=1 (uvloop)",
+                    names[lib],
+                    f"p50 {ms(st['p50'])}, p99 {ms(st['p99'])}",
+                    st["p50"],
+                )
+            )
+    for lib in ("aiohttp", "httpx"):
+        if rates[lib]:
+            rate = sum(rates[lib]) / len(rates[lib])
+            rows.append(
+                MicroRow(
+                    f"HTTP client: POST to the openai fake, c={conc} (uvloop)",
+                    names[lib],
+                    f"{rate:,.0f} req/s",
+                    rate,
+                    higher_is_better=True,
+                )
+            )
+    if not httpx_info:
+        notes.append("httpx (or httpx2) is not importable: the HTTP client comparison shows aiohttp only.")
+
+    # Event loop, with the aiohttp client: latency at concurrency 1, then requests/s at concurrency `conc`.
+    runners: dict[str, Callable[[Any], Any]] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
+    loops: dict[str, list[float]] = {"asyncio": [], "uvloop": []}
+    loop_rates: dict[str, list[float]] = {"asyncio": [], "uvloop": []}
+    for _ in range(2):
+        for name, run in runners.items():
+            loops[name] += run(_aiohttp_latency(url, n, warmup))
+    for _ in range(2):
+        for name, run in runners.items():
+            loop_rates[name].append(run(_aiohttp_rate(url, conc, settings.micro_seconds / 2)))
+    labels = {"asyncio": "asyncio (stdlib loop)", "uvloop": f"uvloop {vers.get('uvloop', '?')}"}
+    for name in runners:
+        st = summary(loops[name])
+        rows.append(
+            MicroRow(
+                "event loop of the client: aiohttp POST, c=1",
+                labels[name],
+                f"p50 {ms(st['p50'])}, p99 {ms(st['p99'])}",
+                st["p50"],
+            )
+        )
+    for name in runners:
+        rate = sum(loop_rates[name]) / len(loop_rates[name])
+        rows.append(
+            MicroRow(
+                f"event loop of the client: aiohttp POST, c={conc}",
+                labels[name],
+                f"{rate:,.0f} req/s",
+                rate,
+                higher_is_better=True,
+            )
+        )
+
+    # JSON: encode + decode of the fake's real chat.completion body.
+    async def fetch() -> bytes:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(url, data=rest_body(False), headers=JSON_HEADERS) as resp,
+        ):
+            return await resp.read()
+
+    raw = uvloop.run(fetch())
+    obj = orjson.loads(raw)
+    loops_n = 200 if settings.micro_requests < 100 else 5000
+    candidates: dict[str, tuple[Callable[[bytes], Any], Callable[[Any], Any]]] = {
+        f"orjson {vers.get('orjson', '?')}": (orjson.loads, orjson.dumps),
+        "json (stdlib)": (
+            json.loads,
+            lambda o: json.dumps(o, ensure_ascii=False, separators=(",", ":")).encode(),
+        ),
+    }
+    best: dict[str, float] = {}
+    for _ in range(3):
+        for name, (loads, dumps) in candidates.items():
+            t0 = time.perf_counter_ns()
+            for _ in range(loops_n):
+                dumps(loads(raw))
+            per = (time.perf_counter_ns() - t0) / loops_n / 1000
+            best[name] = min(best.get(name, math.inf), per)
+    del obj
+    for name, per in best.items():
+        rows.append(
+            MicroRow(
+                f"JSON: loads + dumps of a chat.completion body ({len(raw)} B)",
+                name,
+                f"{per:.1f} µs (best of 3)",
+                per,
+            )
+        )
+    return rows, notes
+
+
+def micro_table(rows: Sequence[MicroRow]) -> list[str]:
+    out = ["| comparison | candidate | result | relative to the first |", "|---|---|---|---|"]
+    first: dict[str, float] = {}
+    for row in rows:
+        base = first.setdefault(row.comparison, row.value)
+        if row.higher_is_better:
+            rel = f"{row.value / base:.2f}x the rate" if base else "n/a"
+        else:
+            rel = f"{row.value / base:.2f}x the time" if base else "n/a"
+        out.append(f"| {row.comparison} | {row.candidate} | {row.result} | {rel} |")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="tiny counts, a smoke test (numbers are noise)")
+    parser.add_argument(
+        "--requests", type=int, default=0, help="requests per block at concurrency 1 (default 400)"
+    )
+    parser.add_argument("--rounds", type=int, default=0, help="rounds of interleaved blocks (default 5)")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[32, 64],
+        metavar="C",
+        help="throughput concurrency levels (default 32 64)",
+    )
+    parser.add_argument(
+        "--throughput-seconds",
+        type=float,
+        default=0.0,
+        help="wall-clock limit of a throughput block (default 2)",
+    )
+    parser.add_argument(
+        "--throughput-requests",
+        type=int,
+        default=0,
+        help="request limit of a throughput block (default 20000)",
+    )
+    parser.add_argument(
+        "--budget", type=float, default=0.0, help="time budget of the measurement in s (default 300)"
+    )
+    parser.add_argument("--response-tokens", type=int, default=16, help="words per fake reply (default 16)")
+    parser.add_argument("--no-micro", action="store_true", help="skip the library comparison")
+    parser.add_argument("--json", metavar="FILE", help="also write the raw results (all samples) as JSON")
+    args = parser.parse_args(argv)
+    for name in ("requests", "rounds", "throughput_requests"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if any(c < 1 for c in args.concurrency):
+        parser.error("--concurrency values must be at least 1")
+    return args
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = Settings.from_args(args)
+    info = machine_info()
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
+    stack = Stack(children=[])
+    micro_rows: list[MicroRow] = []
+    micro_notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="llmgw-bench-") as tmp:
+        workdir = pathlib.Path(tmp)
+        try:
+            log("starting the fake providers and the proxy")
+            start_stack(stack, workdir, settings.response_tokens)
+            bench = Bench(settings, stack)
+            uvloop.run(bench.measure())
+            if settings.micro_requests:
+                log("library comparison")
+                micro_rows, micro_notes = library_comparison(settings, stack)
+        except KeyboardInterrupt:
+            print("interrupted; stopping the child processes", file=sys.stderr)
+            return 130
+        except Exception:
+            for child in stack.children:
+                print(f"--- last lines of {child.name}'s output:\n{child.tail()}", file=sys.stderr)
+            raise
+        finally:
+            stack.stop()
+    log("done")
+
+    print(report(info, settings, bench, micro_rows, micro_notes), flush=True)
+    if args.json:
+        raw = {
+            "command": command_line(),
+            "machine": info,
+            "settings": dataclasses.asdict(settings),
+            "notes": bench.notes,
+            "other_load": bench.other_load,
+            "child_pids": stack.pids,
+            "blocks": [_block_json(b) for b in bench.blocks],
+            "library_comparison": [dataclasses.asdict(r) for r in micro_rows],
+        }
+        pathlib.Path(args.json).write_text(json.dumps(raw, separators=(",", ":"), default=str))
+        log(f"raw results written to {args.json}")
+    return 0
+
+
+def _block_json(block: Block) -> dict[str, Any]:
+    """A block as JSON, samples rounded to 0.1 µs (in the order they completed)."""
+    out = dataclasses.asdict(block)
+    out["latency_us"] = [round(v, 1) for v in block.latency_us]
+    out["ttft_us"] = [round(v, 1) for v in block.ttft_us]
+    out["requests_per_s"] = round(block.rate, 1)
+    return out
+
+
+def report(
+    info: dict[str, Any], settings: Settings, bench: Bench, micro_rows: list[MicroRow], micro_notes: list[str]
+) -> str:
+    results = Results(bench.blocks)
+    load = info["loadavg_at_start"]
+    out = [
+        "## Proxy latency and throughput (bench/proxy_latency.py)",
+        "",
+        f"Command: `{command_line()}`",
+        "",
+        f"Machine: {info['cpu_count']} CPU(s) ({info['cpu_model']}), {info['platform']}; "
+        f"Python {info['python']}; "
+        + ", ".join(f"{k} {val}" for k, val in info["versions"].items())
+        + "."
+        + (f" Load average at start: {load[0]:.2f}." if load else ""),
+        "",
+        layout_text(info),
+    ]
+    if bench.other_load:
+        shares = ", ".join(f"{phase} {share:.0%}" for phase, share in bench.other_load.items())
+        out.append(
+            f"Other processes on the machine used this share of all CPUs while measuring: {shares} "
+            "(from /proc/stat, minus the bench's own processes)."
+        )
+    out += [
+        "",
+        f"Setup: the fake upstreams answer at once (--latency-ms 0 --token-delay-ms 0, "
+        f"{settings.response_tokens} tokens per reply). {settings.rounds} rounds; in each, direct and "
+        "via-proxy blocks alternate (the order flips every round). Concurrency 1: "
+        f"{settings.requests} requests per block; throughput: blocks of at most {settings.tp_seconds:g} s "
+        f"or {settings.tp_requests} requests. "
+        "'added' = via proxy - direct; the per-round range of the p50 difference shows the noise. "
+        "TTFT = time to the first content token.",
+        "",
+        *main_table(results, settings),
+        "",
+    ]
+    cpu_rows = cpu_table(results, settings)
+    if cpu_rows:
+        out += [
+            "CPU time per request (per stream for streaming) of each process, all its threads, from /proc. "
+            "Ceiling = min(1 s / the busiest process's CPU per request, CPUs / total); the proxy's own "
+            "ceiling = 1 s / its CPU per request, its throughput if it had a core to itself:",
+            "",
+            *cpu_rows,
+            "",
+        ]
+    out += [f"Note: {note}" for note in bench.notes]
+    errors = results.errors()
+    if errors:
+        out.append(f"Errors ({len(errors)} block(s) had failed requests, left out of the numbers):")
+        out += [f"- {e}" for e in errors[:20]]
+        out.append("")
+    if micro_rows:
+        out += ["### Library choices (short comparison)", "", *micro_table(micro_rows), ""]
+        out += [f"Note: {n}" for n in micro_notes]
+        out.append(
+            "Lower time / higher rate is better. For the full JSON vs Protobuf comparison see "
+            "bench/payload.py."
+        )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
