@@ -31,7 +31,7 @@ from .backends import Backend, CallStats, build_backend
 from .chat import is_deterministic, validate_request
 from .config import ProxyConfig, Retries, Route
 from .errors import GatewayError, Kind
-from .metrics import Metrics
+from .metrics import Metrics, PathMetrics
 from .retry import backoff_delay
 
 log = logging.getLogger("llmgw.gateway")
@@ -115,44 +115,44 @@ class Admission:
         self.inflight = 0
         self._metrics = metrics
 
-    @contextlib.contextmanager
-    def enter(self, front: str) -> Iterator[None]:
+    def acquire(self, front: str) -> None:
+        """Count a request in, or refuse it; every successful call is paired with :meth:`release`."""
         if self.inflight >= self.limit:
-            self._metrics.rejected.labels(front, "concurrency").inc()
+            self._metrics.child(self._metrics.rejected, front, "concurrency").inc()
             raise GatewayError(
                 Kind.RESOURCE_EXHAUSTED,
                 f"the gateway is serving its limit of {self.limit} concurrent requests; retry shortly",
             )
         self.inflight += 1
-        gauge = self._metrics.inflight.labels(front)
-        gauge.inc()
-        try:
-            yield
-        finally:
-            self.inflight -= 1
-            gauge.dec()
+        self._metrics.child(self._metrics.inflight, front).inc()
+
+    def release(self, front: str) -> None:
+        self.inflight -= 1
+        self._metrics.child(self._metrics.inflight, front).dec()
 
 
 class _Attempt:
     """Bookkeeping of one upstream attempt on one path: its metrics, recorded once."""
 
-    __slots__ = ("labels", "metrics", "start", "stats")
+    __slots__ = ("metrics", "start", "stats")
 
-    def __init__(self, metrics: Metrics, labels: tuple[str, str, str]) -> None:
+    def __init__(self, metrics: PathMetrics) -> None:
         self.metrics = metrics
-        self.labels = labels
         self.stats = CallStats()
         self.start = time.perf_counter()
 
+    def first_token(self) -> None:
+        self.metrics.ttft.observe(time.perf_counter() - self.start)
+
     def done(self, code: str, usage: pb.Usage | None = None) -> None:
-        m, labels = self.metrics, self.labels
-        m.upstream_requests.labels(*labels, code).inc()
-        m.duration.labels(*labels).observe(time.perf_counter() - self.start)
-        m.payload_bytes.labels(*labels, "sent").inc(self.stats.sent)
-        m.payload_bytes.labels(*labels, "received").inc(self.stats.received)
+        m = self.metrics
+        m.outcome(code).inc()
+        m.duration.observe(time.perf_counter() - self.start)
+        m.sent.inc(self.stats.sent)
+        m.received.inc(self.stats.received)
         if usage is not None and code == "200":
-            m.tokens.labels(*labels, "input").observe(usage.prompt_tokens)
-            m.tokens.labels(*labels, "output").observe(usage.completion_tokens)
+            m.input_tokens.observe(usage.prompt_tokens)
+            m.output_tokens.observe(usage.completion_tokens)
 
 
 class _Step(NamedTuple):
@@ -165,6 +165,7 @@ class _Step(NamedTuple):
     allowed: int
     retries: Retries
     fallback: str | None  # the next path, if any
+    metrics: PathMetrics
 
 
 class Gateway:
@@ -214,18 +215,17 @@ class Gateway:
         else:
             asyncio.get_running_loop().create_task(backend.close())
 
-    @contextlib.contextmanager
-    def _using(self, backend: Backend) -> Iterator[None]:
+    def _lease(self, backend: Backend) -> None:
+        """Count a call on ``backend``, so that a retired backend is closed only after its last call."""
         self._uses[id(backend)] += 1
-        try:
-            yield
-        finally:
-            self._uses[id(backend)] -= 1
-            if not self._uses[id(backend)]:
-                del self._uses[id(backend)]
-                retired = self._retired.pop(id(backend), None)
-                if retired is not None:
-                    asyncio.get_running_loop().create_task(retired.close())
+
+    def _unlease(self, backend: Backend) -> None:
+        self._uses[id(backend)] -= 1
+        if not self._uses[id(backend)]:
+            del self._uses[id(backend)]
+            retired = self._retired.pop(id(backend), None)
+            if retired is not None:
+                asyncio.get_running_loop().create_task(retired.close())
 
     async def close(self) -> None:
         for backend in [*self.runtime.backends.values(), *self._retired.values()]:
@@ -255,8 +255,7 @@ class Gateway:
         limit = runtime.config.limits.request_timeout_s
         return time.monotonic() + (min(timeout, limit) if timeout is not None else limit)
 
-    @staticmethod
-    def _steps(runtime: Runtime, route: Route, paths: list[str]) -> Iterator[_Step]:
+    def _steps(self, runtime: Runtime, route: Route, paths: list[str]) -> Iterator[_Step]:
         """The paths of one request in order; the last one gets its provider's retry budget, the others one
         attempt each (their fallback is the better retry)."""
         for i, path in enumerate(paths):
@@ -272,12 +271,12 @@ class Gateway:
                 retries.max_attempts if last else 1,
                 retries,
                 paths[i + 1] if not last else None,
+                self.metrics.path(route.model, path, name),
             )
 
     async def _recover(self, exc: GatewayError, step: _Step, attempt: int, deadline: float) -> bool:
         """After a failed attempt: wait and return True to retry on the same path, return False to fall back
         to the next path, or raise ``exc`` when neither may happen."""
-        labels = (step.route.model, step.path, step.provider)
         if exc.retryable and attempt < step.allowed:
             delay = backoff_delay(
                 attempt,
@@ -287,7 +286,7 @@ class Gateway:
                 rng=self._rng,
             )
             if time.monotonic() + delay < deadline:
-                self.metrics.retries.labels(*labels, exc.status_label).inc()
+                step.metrics.retry(exc.status_label).inc()
                 await asyncio.sleep(delay)
                 return True
         if step.fallback is not None and exc.retryable and time.monotonic() < deadline:
@@ -307,7 +306,7 @@ class Gateway:
         try:
             self.runtime.check_api_key(authorization)
         except GatewayError:
-            self.metrics.rejected.labels(front, "unauthenticated").inc()
+            self.metrics.child(self.metrics.rejected, front, "unauthenticated").inc()
             raise
 
     def _begin(self, req: pb.ChatRequest, front: str) -> tuple[Runtime, Route]:
@@ -316,7 +315,7 @@ class Gateway:
             validate_request(req)
             return runtime, runtime.route(req.model)
         except GatewayError:
-            self.metrics.rejected.labels(front, "invalid").inc()
+            self.metrics.child(self.metrics.rejected, front, "invalid").inc()
             raise
 
     @staticmethod
@@ -335,8 +334,11 @@ class Gateway:
         runtime, route = self._begin(req, front)
         code = "500"
         try:
-            with self.admission.enter(front):
+            self.admission.acquire(front)
+            try:
                 response = await self._complete(runtime, route, req, self._deadline(runtime, timeout))
+            finally:
+                self.admission.release(front)
             code = "200"
             return response
         except GatewayError as exc:
@@ -346,7 +348,7 @@ class Gateway:
             code = "499"
             raise
         finally:
-            self.metrics.requests.labels(front, route.model, code).inc()
+            self.metrics.child(self.metrics.requests, front, route.model, code).inc()
 
     async def _complete(
         self, runtime: Runtime, route: Route, req: pb.ChatRequest, deadline: float
@@ -355,7 +357,7 @@ class Gateway:
         if runtime.cache is not None and is_deterministic(req):
             cache_key = req.SerializeToString(deterministic=True)
             cached = runtime.cache.get(cache_key)
-            self.metrics.cache.labels("hit" if cached is not None else "miss").inc()
+            self.metrics.child(self.metrics.cache, "hit" if cached is not None else "miss").inc()
             if cached is not None:
                 return cached
         model = route.upstream_model or req.model
@@ -364,15 +366,11 @@ class Gateway:
             attempt = 0
             while True:
                 attempt += 1
-                tracker = _Attempt(self.metrics, (route.model, step.path, step.provider))
+                tracker = _Attempt(step.metrics)
+                self._lease(backend)
                 try:
-                    with self._using(backend):
-                        response = await backend.complete(
-                            req,
-                            model,
-                            min(self._remaining(deadline), backend.provider.timeout_s),
-                            tracker.stats,
-                        )
+                    timeout = min(self._remaining(deadline), backend.provider.timeout_s)
+                    response = await backend.complete(req, model, timeout, tracker.stats)
                 except GatewayError as exc:
                     tracker.done(exc.status_label)
                     if await self._recover(exc, step, attempt, deadline):
@@ -381,6 +379,8 @@ class Gateway:
                 except asyncio.CancelledError:
                     tracker.done("499")
                     raise
+                finally:
+                    self._unlease(backend)
                 tracker.done("200", response.usage)
                 if cache_key is not None and runtime.cache is not None:
                     runtime.cache.put(cache_key, response)
@@ -395,9 +395,12 @@ class Gateway:
         runtime, route = self._begin(req, front)
         code = "500"
         try:
-            with self.admission.enter(front):
+            self.admission.acquire(front)
+            try:
                 async for chunk in self._stream(runtime, route, req, self._deadline(runtime, timeout)):
                     yield chunk
+            finally:
+                self.admission.release(front)
             code = "200"
         except GatewayError as exc:
             code = exc.status_label
@@ -406,7 +409,7 @@ class Gateway:
             code = "499"
             raise
         finally:
-            self.metrics.requests.labels(front, route.model, code).inc()
+            self.metrics.child(self.metrics.requests, front, route.model, code).inc()
 
     async def _stream(
         self, runtime: Runtime, route: Route, req: pb.ChatRequest, deadline: float
@@ -417,24 +420,22 @@ class Gateway:
             attempt = 0
             while True:
                 attempt += 1
-                tracker = _Attempt(self.metrics, (route.model, step.path, step.provider))
+                tracker = _Attempt(step.metrics)
                 sent_any = False
                 usage: pb.Usage | None = None
+                self._lease(backend)
                 try:
-                    with self._using(backend):
-                        timeout = min(self._remaining(deadline), backend.provider.timeout_s)
-                        async with contextlib.aclosing(
-                            backend.stream(req, model, timeout, tracker.stats)
-                        ) as chunks:
-                            async for chunk in chunks:
-                                if not sent_any:
-                                    sent_any = True
-                                    self.metrics.ttft.labels(*tracker.labels).observe(
-                                        time.perf_counter() - tracker.start
-                                    )
-                                if chunk.HasField("usage"):
-                                    usage = chunk.usage
-                                yield chunk
+                    timeout = min(self._remaining(deadline), backend.provider.timeout_s)
+                    async with contextlib.aclosing(
+                        backend.stream(req, model, timeout, tracker.stats)
+                    ) as chunks:
+                        async for chunk in chunks:
+                            if not sent_any:
+                                sent_any = True
+                                tracker.first_token()
+                            if chunk.HasField("usage"):
+                                usage = chunk.usage
+                            yield chunk
                 except GatewayError as exc:
                     tracker.done(exc.status_label)
                     if sent_any:
@@ -445,5 +446,7 @@ class Gateway:
                 except (asyncio.CancelledError, GeneratorExit):
                     tracker.done("499")
                     raise
+                finally:
+                    self._unlease(backend)
                 tracker.done("200", usage)
                 return

@@ -39,21 +39,33 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        self._wrapped: dict[str, Any] = {}  # method name -> wrapped handler, built once per method
+
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
     ) -> Any:
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(_METHOD_PREFIX):
+        if handler is None or not method.startswith(_METHOD_PREFIX):
             return handler
+        wrapped = self._wrapped[method] = self._wrap(handler)
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: Any) -> Any:
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
                     return await behavior(request, context)
-                except (GatewayError, Exception) as exc:
-                    if isinstance(exc, grpc.aio.AbortError):
-                        raise
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
                     await _abort(context, exc)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -68,9 +80,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     async for item in stream_behavior(request, context):
                         yield item
-                except (GatewayError, Exception) as exc:
-                    if isinstance(exc, grpc.aio.AbortError):
-                        raise
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
                     await _abort(context, exc)
 
             return grpc.unary_stream_rpc_method_handler(

@@ -11,6 +11,8 @@ Each proxy owns its own registry, so that several proxies can live in one proces
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -99,3 +101,41 @@ class Metrics:
             registry=r,
         )
         self.draining = Gauge("llmgw_draining", "1 while the proxy drains before exiting.", registry=r)
+        self._children: dict[tuple[Any, ...], Any] = {}
+        self._paths: dict[tuple[str, str, str], PathMetrics] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once: the request path calls this for every request."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def path(self, route: str, path: str, provider: str) -> PathMetrics:
+        """The metrics of one side of one route's split, bound to their labels once."""
+        key = (route, path, provider)
+        found = self._paths.get(key)
+        if found is None:
+            found = self._paths[key] = PathMetrics(self, key)
+        return found
+
+
+class PathMetrics:
+    """The per-attempt metrics of one (route, path, provider), with their label children pre-bound."""
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, str, str]) -> None:
+        self.metrics = metrics
+        self.labels = labels
+        self.duration = metrics.duration.labels(*labels)
+        self.ttft = metrics.ttft.labels(*labels)
+        self.sent = metrics.payload_bytes.labels(*labels, "sent")
+        self.received = metrics.payload_bytes.labels(*labels, "received")
+        self.input_tokens = metrics.tokens.labels(*labels, "input")
+        self.output_tokens = metrics.tokens.labels(*labels, "output")
+
+    def outcome(self, code: str) -> Any:
+        return self.metrics.child(self.metrics.upstream_requests, *self.labels, code)
+
+    def retry(self, reason: str) -> Any:
+        return self.metrics.child(self.metrics.retries, *self.labels, reason)
