@@ -15,6 +15,7 @@ import grpc
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Fakes, proxy_config, set_weight, write_config
@@ -105,6 +106,24 @@ async def test_grpc_front_every_backend(fakes: Fakes, start_proxy: Any) -> None:
         assert "demo-model" in [m.id for m in models.models]
         health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert health.status == health_pb2.HealthCheckResponse.SERVING
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answers = [
+            a
+            async for a in reflection.ServerReflectionInfo(
+                iter(
+                    [
+                        reflection_pb2.ServerReflectionRequest(list_services=""),
+                        reflection_pb2.ServerReflectionRequest(
+                            file_containing_symbol="llmgateway.v1.LLMService"
+                        ),
+                    ]
+                )
+            )
+        ]
+        services = {s.name for s in answers[0].list_services_response.service}
+        assert {"llmgateway.v1.LLMService", "grpc.health.v1.Health"} <= services
+        assert answers[1].file_descriptor_response.file_descriptor_proto
     assert fakes.openai.stats["completed"] == 2 and fakes.grpc.stats["completed"] == 2
     assert fakes.anthropic.stats["completed"] == 2
 
