@@ -214,7 +214,22 @@ class _RetryPolicy:
             await asyncio.sleep(delay)
 
 
-class _LoopBound:
+class _Closing:
+    """``async with`` closes the client."""
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class _LoopBound(_Closing):
     """Remembers the event loop of the first call; channels and sessions cannot move between loops."""
 
     _loop: asyncio.AbstractEventLoop | None = None
@@ -335,14 +350,6 @@ class LLMGrpcClient(_LoopBound):
         if channel is not None:
             await channel.close()
         self._loop = None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
 
 def _error_message(status: int, body: bytes) -> str:
@@ -503,14 +510,6 @@ class LLMHttpClient(_LoopBound):
             await session.close()
         self._loop = None
 
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
 
 async def _chunks_from_sse(content: aiohttp.StreamReader) -> AsyncIterator[pb.ChatChunk]:
     """The chunks of an OpenAI SSE stream, shaped like the gRPC stream's (see ``openai_format.read_stream``)."""
@@ -523,7 +522,7 @@ async def _chunks_from_sse(content: aiohttp.StreamReader) -> AsyncIterator[pb.Ch
         raise GatewayError(Kind.BAD_GATEWAY, f"malformed stream: {exc}", retryable=True) from None
 
 
-class LLMConnection:
+class LLMConnection(_Closing):
     """The hybrid of the seed design: gRPC when a ``grpc_target`` is given and ``use_grpc``, else REST.
 
     With ``fallback`` (and both transports configured), a call whose preferred transport fails with a
@@ -627,11 +626,3 @@ class LLMConnection:
         for client in (self.grpc, self.rest):
             if client is not None:
                 await client.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
