@@ -443,16 +443,20 @@ class LLMHttpClient(_LoopBound):
             ) as resp:
                 await self._raise_for_status(resp)
                 raw = await resp.read()
-        except TimeoutError:
-            raise _timed_out(self._policy.timeout) from None
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise _unreachable(url, exc) from None
-        except aiohttp.ClientError as exc:
-            raise GatewayError(Kind.BAD_GATEWAY, f"{method} {url}: {exc}") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._transport_error(exc, method, url) from None
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             raise GatewayError(Kind.BAD_GATEWAY, f"{method} {url}: response is not JSON: {exc}") from None
+
+    def _transport_error(self, exc: BaseException, method: str, url: str) -> GatewayError:
+        """The GatewayError for a failure below HTTP: a timeout, no connection, a broken body."""
+        if isinstance(exc, TimeoutError):
+            return _timed_out(self._policy.timeout)
+        if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+            return _unreachable(url, exc)
+        return GatewayError(Kind.BAD_GATEWAY, f"{method} {url}: {exc}")
 
     async def chat_completion(self, request: pb.ChatRequest | None = None, **kwargs: Any) -> pb.ChatResponse:
         """The complete reply to a request (a ``pb.ChatRequest`` or OpenAI-style keyword arguments)."""
@@ -482,12 +486,8 @@ class LLMHttpClient(_LoopBound):
                     await self._raise_for_status(resp)
                     async for chunk in _chunks_from_sse(resp.content):
                         yield chunk
-            except TimeoutError:
-                raise _timed_out(self._policy.timeout) from None
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-                raise _unreachable(url, exc) from None
-            except aiohttp.ClientError as exc:
-                raise GatewayError(Kind.BAD_GATEWAY, f"POST {url}: {exc}") from None
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise self._transport_error(exc, "POST", url) from None
 
         async for chunk in self._policy.run_stream(once):
             yield chunk

@@ -29,13 +29,18 @@ log = logging.getLogger("llmgw.rest")
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+def _error_json(exc: GatewayError) -> dict[str, object]:
+    """OpenAI's error envelope for ``exc``, for a plain response and for an error event inside a stream."""
+    return openai_format.error_body(exc.message, exc.kind.error_type, code=exc.kind.name.lower())
+
+
 def error_response(exc: GatewayError) -> web.Response:
     headers = {}
     if exc.retry_after is not None:
         headers["Retry-After"] = f"{max(1, round(exc.retry_after))}"
     elif exc.kind is Kind.RESOURCE_EXHAUSTED:
         headers["Retry-After"] = "1"
-    body = openai_format.error_body(exc.message, exc.kind.error_type, code=exc.kind.name.lower())
+    body = _error_json(exc)
     return web.Response(
         status=exc.kind.http_status, body=orjson.dumps(body), content_type="application/json", headers=headers
     )
@@ -101,9 +106,7 @@ class RestFront:
             await stream_response.write(b"data: [DONE]\n\n")
         except GatewayError as exc:
             # Headers are gone; the OpenAI SDKs raise on an error object inside the stream.
-            await stream_response.write(
-                _sse(openai_format.error_body(exc.message, exc.kind.error_type, code=exc.kind.name.lower()))
-            )
+            await stream_response.write(_sse(_error_json(exc)))
         finally:
             await chunks.aclose()
         await stream_response.write_eof()
