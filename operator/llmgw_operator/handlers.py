@@ -1,0 +1,114 @@
+"""The operator's kopf handlers: thin triggers for :meth:`Reconciler.sync`.
+
+kopf watches the resources and calls these; each only decides *which* gateway to reconcile:
+
+- a gateway created, changed, or found when the operator starts (``on.resume``);
+- a Secret event, for every gateway that references that Secret (an in-memory index kopf keeps from
+  the gateways it watches), so a created or rotated Secret is acted on at once;
+- any event of an object the operator manages (label ``app.kubernetes.io/managed-by=llmgw-operator``),
+  for its owner: a deleted Deployment is recreated, a Deployment's readiness reaches the status;
+- a timer per gateway, the drift check that catches what no watch reports.
+
+kopf's own bookkeeping (the last handled spec) goes to annotations under ``llmgateway.io/``, because
+the CRD's structural schema has no room for kopf's default ``status.kopf``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+from lightkube import ApiError
+
+from .manifests import MANAGED_BY
+from .reconcile import Reconciler
+from .settings import Settings
+from .spec import GROUP, KIND, PLURAL, VERSION, referenced_secrets
+
+log = logging.getLogger(__name__)
+
+CHILD_KINDS = (
+    ("", "v1", "configmaps"),
+    ("", "v1", "services"),
+    ("", "v1", "serviceaccounts"),
+    ("apps", "v1", "deployments"),
+    ("policy", "v1", "poddisruptionbudgets"),
+)
+
+
+def _owner(body: Any) -> str | None:
+    for ref in body.get("metadata", {}).get("ownerReferences", []):
+        if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(f"{GROUP}/"):
+            return str(ref["name"])
+    return None
+
+
+def build_registry(settings: Settings, reconciler: Reconciler) -> kopf.OperatorRegistry:
+    """All handlers of the operator, registered in a fresh registry (one per running operator)."""
+    registry = kopf.OperatorRegistry()
+
+    async def sync(namespace: str, name: str) -> None:
+        try:
+            await reconciler.sync(namespace, name)
+        except ApiError as exc:
+            # kopf retries change handlers after the delay; event handlers wait for the next trigger.
+            raise kopf.TemporaryError(
+                f"API error while reconciling {namespace}/{name}: {exc.status.message}", delay=5
+            ) from exc
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=GROUP, key="last-handled-configuration"
+        )
+        settings.posting.enabled = False  # the reconciler records its own events, with distinct reasons
+        settings.watching.server_timeout = 300
+        settings.batching.worker_limit = 64
+
+    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry)
+    async def gateway_changed(namespace: str | None, name: str, **_: Any) -> None:
+        await sync(namespace or "", name)
+
+    @kopf.timer(
+        GROUP,
+        VERSION,
+        PLURAL,
+        interval=settings.resync_seconds,
+        initial_delay=settings.resync_seconds,
+        registry=registry,
+    )
+    async def drift_check(namespace: str | None, name: str, **_: Any) -> None:
+        await sync(namespace or "", name)
+
+    @kopf.index(GROUP, VERSION, PLURAL, registry=registry)
+    def gateways_by_secret(
+        namespace: str | None, name: str, spec: kopf.Spec, **_: Any
+    ) -> dict[tuple[str | None, str], str]:
+        return {(namespace, secret): name for secret in referenced_secrets(dict(spec))}
+
+    @kopf.on.event("", "v1", "secrets", registry=registry)
+    async def secret_event(namespace: str | None, name: str, **kwargs: Any) -> None:
+        index: kopf.Index[tuple[str | None, str], str] = kwargs["gateways_by_secret"]
+        for gateway in set(index.get((namespace, name), [])):
+            log.info("Secret %s/%s changed: reconciling gateway %s", namespace, name, gateway)
+            await sync(namespace or "", gateway)
+
+    for group, version, plural in CHILD_KINDS:
+
+        @kopf.on.event(
+            group, version, plural, labels={"app.kubernetes.io/managed-by": MANAGED_BY}, registry=registry
+        )
+        async def child_event(namespace: str | None, body: kopf.Body, **_: Any) -> None:
+            owner = _owner(body)
+            if owner is not None and namespace:
+                await sync(namespace, owner)
+
+    return registry

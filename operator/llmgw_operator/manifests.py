@@ -1,0 +1,346 @@
+"""Pure functions from an ``LLMGateway`` to the Kubernetes objects that run it.
+
+Each ``build_*`` function takes plain dicts (the gateway's metadata and its defaulted spec) and returns
+a manifest as a plain dict, ready for server-side apply. Nothing here talks to the API server, so every
+rule about what the operator creates is unit-tested without one.
+
+What one gateway ``NAME`` becomes (all in its namespace, all owned by it, so deleting the gateway
+deletes them through the garbage collector):
+
+- ConfigMap ``NAME-config``: the proxy's own YAML configuration (:mod:`llmgw.config`), rendered from
+  the spec. It names Secrets by environment variable only; values never appear in it.
+- ServiceAccount ``NAME-proxy``: the proxies' identity; they need no API access, so no token is mounted.
+- Deployment ``NAME-proxy``: the proxies. Provider API keys arrive as ``valueFrom.secretKeyRef`` env;
+  a hash of the referenced Secrets' resourceVersions in the pod template rolls the pods on rotation.
+  The config is a ConfigMap volume (not ``subPath``, so the kubelet updates it in place) that the
+  proxies hot-reload: changing the gRPC weight never restarts a pod.
+- Service ``NAME``: ports named ``grpc`` (appProtocol grpc), ``http`` and ``metrics``, so a mesh or a
+  Gateway API route can treat each by its protocol.
+- PodDisruptionBudget ``NAME-proxy`` when replicas > 1: at most one proxy evicted at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import yaml
+
+from .spec import GROUP, KIND, VERSION, parse_duration, secret_key_refs
+
+CONFIG_DIR = "/etc/llmgw"
+CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
+TLS_DIR = "/etc/llmgw/tls"
+MANAGED_BY = "llmgw-operator"
+ANNOTATION_SECRETS_HASH = f"{GROUP}/secrets-hash"
+
+Manifest = dict[str, Any]
+
+
+def labels(name: str) -> dict[str, str]:
+    """Labels on every object of gateway ``name``; the first three select its proxy pods."""
+    return {
+        "app.kubernetes.io/name": "llm-gateway-proxy",
+        "app.kubernetes.io/instance": name,
+        f"{GROUP}/gateway": name,
+        "app.kubernetes.io/component": "proxy",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+
+
+def selector(name: str) -> dict[str, str]:
+    return {
+        key: labels(name)[key]
+        for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", f"{GROUP}/gateway")
+    }
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{key}={value}" for key, value in selector(name).items())
+
+
+def owner_reference(meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(meta: dict[str, Any], name: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": labels(meta["name"]),
+        "ownerReferences": [owner_reference(meta)],
+        **extra,
+    }
+
+
+def config_map_name(gateway: str) -> str:
+    return f"{gateway}-config"
+
+
+def proxy_name(gateway: str) -> str:
+    return f"{gateway}-proxy"
+
+
+def _provider_config(provider: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": provider["name"], "type": provider["type"]}
+    if provider["type"] == "grpc":
+        out["target"] = provider["target"]
+        if "tls" in provider:
+            out["tls"] = provider["tls"]
+    else:
+        out["baseURL"] = provider["baseURL"]
+        out["maxConnections"] = provider["maxConnections"]
+    refs = {ref.env for ref in secret_key_refs({"providers": [provider]})}
+    if refs:
+        out["apiKey"] = {"env": refs.pop()}
+    out["timeoutSeconds"] = parse_duration(provider["timeout"])
+    out["connectTimeoutSeconds"] = parse_duration(provider["connectTimeout"])
+    retries = provider.get("retries", {})
+    out["retries"] = {
+        "maxAttempts": retries.get("maxAttempts", 3),
+        "initialBackoffSeconds": parse_duration(retries.get("initialBackoff", "100ms")),
+        "maxBackoffSeconds": parse_duration(retries.get("maxBackoff", "5s")),
+    }
+    for key in ("anthropicVersion", "defaultMaxTokens", "headers"):
+        if key in provider:
+            out[key] = provider[key]
+    return out
+
+
+def _route_config(route: dict[str, Any], grpc_weight: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": route["model"]}
+    for key in ("rest", "grpc", "upstreamModel"):
+        if key in route:
+            out[key] = route[key]
+    # The gateway's weight applies where both paths exist; a one-path route is 0 or 100 by nature.
+    out["grpcWeight"] = (
+        grpc_weight if "rest" in route and "grpc" in route else (100 if "grpc" in route else 0)
+    )
+    return out
+
+
+def build_proxy_config(spec: dict[str, Any], grpc_weight: int, generation: int) -> dict[str, Any]:
+    """The proxy's configuration (the shape :func:`llmgw.config.parse` checks) for a defaulted spec."""
+    proxy = spec["proxy"]
+    ports = proxy["ports"]
+    config: dict[str, Any] = {
+        "generation": generation,
+        "listen": {
+            "grpc": f"0.0.0.0:{ports['grpc']}",
+            "rest": f"0.0.0.0:{ports['rest']}",
+            "admin": f"0.0.0.0:{ports['admin']}",
+        },
+        "limits": {
+            "maxConcurrentRequests": proxy["maxConcurrentRequests"],
+            "maxRequestBytes": proxy["maxRequestBytes"],
+            "requestTimeoutSeconds": parse_duration(proxy["requestTimeout"]),
+        },
+        "providers": [_provider_config(p) for p in spec["providers"]],
+        "routes": [_route_config(r, grpc_weight) for r in spec["routes"]],
+    }
+    cache = proxy.get("cache")
+    if cache and cache.get("enabled"):
+        config["cache"] = {
+            "enabled": True,
+            "maxEntries": cache["maxEntries"],
+            "ttlSeconds": parse_duration(cache["ttl"]),
+        }
+    if proxy.get("clientAuthSecretRef"):
+        config["auth"] = {"apiKeysEnv": "LLMGW_CLIENT_API_KEYS"}
+    if proxy.get("tlsSecretName"):
+        config["tls"] = {"certFile": f"{TLS_DIR}/tls.crt", "keyFile": f"{TLS_DIR}/tls.key"}
+    return config
+
+
+def render_config(config: dict[str, Any]) -> str:
+    return (
+        "# Rendered by the llm-gateway operator from an LLMGateway; edits are overwritten.\n"
+        + yaml.safe_dump(config, sort_keys=False)
+    )
+
+
+def build_config_map(meta: dict[str, Any], config_text: str) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(meta, config_map_name(meta["name"])),
+        "data": {"config.yaml": config_text},
+    }
+
+
+def build_service_account(meta: dict[str, Any]) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(meta, proxy_name(meta["name"])),
+        "automountServiceAccountToken": False,
+    }
+
+
+def secrets_hash(versions: dict[str, str]) -> str:
+    """A digest of the referenced Secrets' resourceVersions (never their data): a change rolls the pods."""
+    text = "\n".join(f"{name}={version}" for name, version in sorted(versions.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": port, "scheme": "HTTP"},
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": failures,
+        "successThreshold": 1,
+    }
+
+
+def build_deployment(meta: dict[str, Any], spec: dict[str, Any], image: str, secrets_digest: str) -> Manifest:
+    name, proxy = meta["name"], spec["proxy"]
+    ports = proxy["ports"]
+    env: list[dict[str, Any]] = [{"name": "LLMGW_LOG_LEVEL", "value": proxy["logLevel"]}]
+    env += [
+        {"name": ref.env, "valueFrom": {"secretKeyRef": {"name": ref.secret, "key": ref.key}}}
+        for ref in secret_key_refs(spec)
+    ]
+    volumes: list[dict[str, Any]] = [
+        {
+            "name": "config",
+            "configMap": {
+                "name": config_map_name(name),
+                "items": [{"key": "config.yaml", "path": "config.yaml"}],
+            },
+        },
+        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if proxy.get("tlsSecretName"):
+        volumes.append({"name": "tls", "secret": {"secretName": proxy["tlsSecretName"]}})
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    container: dict[str, Any] = {
+        "name": "proxy",
+        "image": image,
+        "args": ["proxy", "--config", CONFIG_FILE],
+        "ports": [
+            {"name": "grpc", "containerPort": ports["grpc"], "protocol": "TCP"},
+            {"name": "http", "containerPort": ports["rest"], "protocol": "TCP"},
+            {"name": "metrics", "containerPort": ports["admin"], "protocol": "TCP"},
+        ],
+        "env": env,
+        "volumeMounts": mounts,
+        "readinessProbe": _probe("/readyz", "metrics", 5, 2),
+        "livenessProbe": _probe("/healthz", "metrics", 10, 3),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    for key in ("imagePullPolicy", "resources"):
+        if proxy.get(key):
+            container[key] = proxy[key]
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": proxy_name(name),
+        "automountServiceAccountToken": False,
+        # The proxy drains for 25 s on SIGTERM (shutdown.drainSeconds); leave it room to finish.
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+    }
+    for key in (
+        "nodeSelector",
+        "tolerations",
+        "affinity",
+        "topologySpreadConstraints",
+        "priorityClassName",
+        "imagePullSecrets",
+    ):
+        if proxy.get(key):
+            pod_spec[key] = proxy[key]
+    annotations = {
+        **proxy.get("podAnnotations", {}),
+        ANNOTATION_SECRETS_HASH: secrets_digest,
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(ports["admin"]),
+        "prometheus.io/path": "/metrics",
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(meta, proxy_name(name)),
+        "spec": {
+            "replicas": proxy["replicas"],
+            "revisionHistoryLimit": 5,
+            "selector": {"matchLabels": selector(name)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {
+                    "labels": {**proxy.get("podLabels", {}), **labels(name)},
+                    "annotations": annotations,
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def build_service(meta: dict[str, Any], spec: dict[str, Any]) -> Manifest:
+    proxy = spec["proxy"]
+    ports = proxy["ports"]
+    metadata = _metadata(meta, meta["name"])
+    if proxy.get("serviceAnnotations"):
+        metadata["annotations"] = dict(proxy["serviceAnnotations"])
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
+        "spec": {
+            "type": proxy["serviceType"],
+            "selector": selector(meta["name"]),
+            "ports": [
+                {
+                    "name": "grpc",
+                    "port": ports["grpc"],
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    "appProtocol": "grpc",
+                },
+                {
+                    "name": "http",
+                    "port": ports["rest"],
+                    "targetPort": "http",
+                    "protocol": "TCP",
+                    "appProtocol": "http",
+                },
+                {
+                    "name": "metrics",
+                    "port": ports["admin"],
+                    "targetPort": "metrics",
+                    "protocol": "TCP",
+                    "appProtocol": "http",
+                },
+            ],
+        },
+    }
+
+
+def build_pod_disruption_budget(meta: dict[str, Any], spec: dict[str, Any]) -> Manifest | None:
+    """None when one replica or fewer: a PDB would then block every voluntary eviction."""
+    if spec["proxy"]["replicas"] <= 1:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(meta, proxy_name(meta["name"])),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(meta["name"])}},
+    }

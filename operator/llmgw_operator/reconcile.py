@@ -1,0 +1,273 @@
+"""Reconciliation: make the objects of one ``LLMGateway`` match its spec, then report in its status.
+
+:meth:`Reconciler.sync` is level-based and idempotent: whatever triggered it (a change of the gateway,
+of a Secret it references, of one of its children, or the periodic drift check), it reads the gateway
+and everything it depends on back from the API server, computes the desired objects with the pure
+``build_*`` functions, writes only what differs, and sets the status. Nothing is kept in memory between
+passes but a lock per gateway, so a restarted operator converges the same way.
+
+"Differs" means: a desired field is missing or has another value in the live object, or the spec hash
+the operator stamped on the object (``llmgateway.io/spec-hash``) is not that of the desired object (so a
+field removed from the spec is removed from the object). Fields others set are left alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import json
+import logging
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import yaml
+
+from llmgw import config as proxy_config
+
+from . import manifests
+from .kube import Kube
+from .settings import Settings
+from .spec import GROUP, KIND, referenced_secrets, secret_key_refs, with_defaults
+from .status import Observation, build_status
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"
+_QUANTITY_SUFFIXES = {
+    "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
+    "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9), "T": Decimal(10**12),
+    "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40),
+}  # fmt: skip
+
+
+def _quantity(value: Any) -> Decimal | None:
+    text = str(value)
+    for suffix in sorted(_QUANTITY_SUFFIXES, key=len, reverse=True):
+        if suffix and text.endswith(suffix):
+            number = text[: -len(suffix)]
+            break
+    else:
+        suffix, number = "", text
+    try:
+        return Decimal(number) * _QUANTITY_SUFFIXES[suffix]
+    except InvalidOperation:
+        return None
+
+
+def is_subset(desired: Any, live: Any) -> bool:
+    """Whether every field of ``desired`` is in ``live`` with the same value (lists: same length, item by
+    item). Quantities compare by value, since the API server normalizes them ("0.5" is stored "500m")."""
+    if isinstance(desired, dict):
+        return isinstance(live, dict) and all(k in live and is_subset(v, live[k]) for k, v in desired.items())
+    if isinstance(desired, list):
+        return isinstance(live, list) and len(desired) == len(live) and all(map(is_subset, desired, live))
+    if isinstance(desired, bool) or isinstance(live, bool):
+        return desired is live
+    if desired == live:
+        return True
+    if isinstance(desired, str | int) and isinstance(live, str | int):
+        a, b = _quantity(desired), _quantity(live)
+        return a is not None and a == b
+    return False
+
+
+def spec_hash(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stamped(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` with the hash of its own content in an annotation."""
+    digest = spec_hash(manifest)
+    metadata = {
+        **manifest["metadata"],
+        "annotations": {**manifest["metadata"].get("annotations", {}), ANNOTATION_SPEC_HASH: digest},
+    }
+    return {**manifest, "metadata": metadata}
+
+
+def up_to_date(desired: dict[str, Any], live: dict[str, Any] | None) -> bool:
+    if live is None:
+        return False
+    live_hash = live.get("metadata", {}).get("annotations", {}).get(ANNOTATION_SPEC_HASH)
+    return live_hash == desired["metadata"]["annotations"][ANNOTATION_SPEC_HASH] and is_subset(desired, live)
+
+
+def grpc_weight(spec: dict[str, Any], status: dict[str, Any]) -> int:
+    """The weight to render: the migration's current one (kept in status), or the fixed ``grpcWeight``."""
+    if "migration" in spec:
+        return int(status.get("migration", {}).get("weight", 0))
+    return int(spec.get("grpcWeight", 0))
+
+
+def next_config_generation(live_text: str | None, rendered: dict[str, Any], floor: int) -> int:
+    """The generation for ``rendered``: the live one if the content is the same, else one more.
+
+    Proxies export the generation they run, which is how the migration knows a weight is live."""
+    if live_text:
+        try:
+            live = yaml.safe_load(live_text)
+        except yaml.YAMLError:
+            live = None
+        if isinstance(live, dict):
+            live_generation = int(live.get("generation", 0))
+            if {**live, "generation": 0} == {**rendered, "generation": 0}:
+                return live_generation
+            return max(live_generation, floor) + 1
+    return floor + 1
+
+
+def check_spec(spec: dict[str, Any], weight: int) -> tuple[dict[str, Any] | None, str | None]:
+    """(the rendered proxy config, None) or (None, what is wrong): the proxy's own checks decide."""
+    try:
+        rendered = manifests.build_proxy_config(spec, weight, 0)
+        proxy_config.parse(rendered)
+    except (proxy_config.ConfigError, ValueError, KeyError) as exc:
+        return None, f"spec does not render into a valid proxy configuration: {exc}"
+    return rendered, None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_WARNING = {("ConfigValid", "False"), ("SecretsResolved", "False"), ("Degraded", "True")}
+
+
+def condition_events(previous: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the events a status change deserves: a condition that changed, or a
+    new one that reports a problem or readiness."""
+    before = {c["type"]: c for c in previous.get("conditions", [])}
+    events = []
+    for cond in current.get("conditions", []):
+        old = before.get(cond["type"])
+        warning = (cond["type"], cond["status"]) in _WARNING
+        if old is None and not (warning or (cond["type"] == "Ready" and cond["status"] == "True")):
+            continue
+        if old is not None and (old["status"], old.get("reason")) == (cond["status"], cond.get("reason")):
+            continue
+        events.append(
+            (
+                "Warning" if warning else "Normal",
+                cond["reason"],
+                f"{cond['type']}={cond['status']}: {cond['message']}",
+            )
+        )
+    return events
+
+
+class Reconciler:
+    """Drives gateways towards their spec; one :meth:`sync` per gateway at a time."""
+
+    def __init__(self, kube: Kube, settings: Settings) -> None:
+        self.kube = kube
+        self.settings = settings
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    async def sync(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """Reconcile gateway ``namespace/name``; its new status, or None if it is gone."""
+        lock = self._locks.setdefault((namespace, name), asyncio.Lock())
+        async with lock:
+            gateway = await self.kube.get(KIND, namespace, name)
+            if gateway is None:
+                self._locks.pop((namespace, name), None)
+                return None
+            if gateway["metadata"].get("deletionTimestamp"):
+                return None  # owner references let the garbage collector remove the children
+            return await self._sync(gateway)
+
+    async def _ensure(
+        self, gateway: dict[str, Any], manifest: dict[str, Any], live: dict[str, Any] | bool | None = False
+    ) -> dict[str, Any]:
+        """Apply ``manifest`` unless the live object already matches; ``live`` False means "not read yet"."""
+        desired = stamped(manifest)
+        meta = desired["metadata"]
+        if live is False:
+            live = await self.kube.get(desired["kind"], meta["namespace"], meta["name"])
+        assert live is not True
+        if up_to_date(desired, live):
+            assert live is not None
+            return live
+        applied = await self.kube.apply(desired)
+        if live is None:
+            await self.kube.event(gateway, "Normal", "Created", f"created {desired['kind']} {meta['name']}")
+        elif desired["kind"] == "ConfigMap":
+            generation = yaml.safe_load(desired["data"]["config.yaml"]).get("generation")
+            await self.kube.event(
+                gateway, "Normal", "ConfigUpdated", f"proxy configuration is now generation {generation}"
+            )
+        elif desired["kind"] == "Deployment":
+            await self.kube.event(gateway, "Normal", "ProxiesUpdated", f"updated Deployment {meta['name']}")
+        return applied
+
+    async def _check_secrets(self, namespace: str, spec: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+        """(problems naming each missing Secret or key, resourceVersion of each Secret found)."""
+        secrets = {name: await self.kube.get("Secret", namespace, name) for name in referenced_secrets(spec)}
+        problems: list[str] = []
+        for ref in secret_key_refs(spec):
+            secret = secrets[ref.secret]
+            if secret is None:
+                problems.append(f"Secret {ref.secret!r} ({ref.purpose}) not found in namespace {namespace}")
+            elif ref.key not in (secret.get("data") or {}):
+                problems.append(f"Secret {ref.secret!r} has no key {ref.key!r} ({ref.purpose})")
+        tls = spec["proxy"].get("tlsSecretName")
+        if tls:
+            secret = secrets[tls]
+            missing = [key for key in ("tls.crt", "tls.key") if key not in ((secret or {}).get("data") or {})]
+            if secret is None:
+                problems.append(f"Secret {tls!r} (TLS certificate) not found in namespace {namespace}")
+            elif missing:
+                problems.append(f"Secret {tls!r} has no key {missing[0]!r} (TLS certificate)")
+        versions = {name: s["metadata"]["resourceVersion"] for name, s in secrets.items() if s is not None}
+        return list(dict.fromkeys(problems)), versions
+
+    async def _sync(self, gateway: dict[str, Any]) -> dict[str, Any]:
+        meta = gateway["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        previous = gateway.get("status") or {}
+        spec = with_defaults(gateway.get("spec") or {})
+        weight = grpc_weight(spec, previous)
+        rendered, config_error = check_spec(spec, weight)
+        secret_problems, versions = await self._check_secrets(namespace, spec)
+
+        live_config = await self.kube.get("ConfigMap", namespace, manifests.config_map_name(name))
+        deployment = await self.kube.get("Deployment", namespace, manifests.proxy_name(name))
+        config_generation = int(previous.get("configGeneration", 0))
+        if rendered is not None:
+            live_text = (live_config or {}).get("data", {}).get("config.yaml")
+            config_generation = next_config_generation(live_text, rendered, config_generation)
+            rendered["generation"] = config_generation
+            config_text = manifests.render_config(rendered)
+            await self._ensure(gateway, manifests.build_config_map(meta, config_text), live_config)
+            await self._ensure(gateway, manifests.build_service_account(meta))
+            await self._ensure(gateway, manifests.build_service(meta, spec))
+            pdb = manifests.build_pod_disruption_budget(meta, spec)
+            if pdb is not None:
+                await self._ensure(gateway, pdb)
+            elif previous.get("replicas", 0) > 1:
+                await self.kube.delete("PodDisruptionBudget", namespace, manifests.proxy_name(name))
+            if not secret_problems:
+                # With a Secret missing, the running proxies are left as they are rather than broken.
+                image = spec["proxy"].get("image") or self.settings.proxy_image
+                desired = manifests.build_deployment(meta, spec, image, manifests.secrets_hash(versions))
+                deployment = await self._ensure(gateway, desired, deployment)
+
+        status = build_status(
+            previous,
+            Observation(
+                generation=meta.get("generation", 0),
+                replicas=spec["proxy"]["replicas"],
+                grpc_weight=weight,
+                config_generation=config_generation,
+                selector=manifests.selector_string(name),
+                config_error=config_error,
+                secret_problems=secret_problems,
+                deployment=deployment,
+            ),
+            _now(),
+        )
+        if status != previous:
+            await self.kube.patch_status(namespace, name, status)
+            for type_, reason, message in condition_events(previous, status):
+                await self.kube.event(gateway, type_, reason, message)
+        return status

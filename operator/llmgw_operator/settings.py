@@ -1,0 +1,63 @@
+"""The operator's settings, read once from ``LLMGW_*`` environment variables.
+
+=========================  =====================================================================
+``LLMGW_NAMESPACES``       Comma-separated namespaces to watch. Empty (the default): every namespace
+                           (cluster-wide; needs a ClusterRole).
+``LLMGW_PROXY_IMAGE``      Proxy image for gateways that set no ``spec.proxy.image``.
+``LLMGW_LOG_LEVEL``        debug, info (default), warning or error.
+``LLMGW_RESYNC_SECONDS``   Period of the drift check of every gateway (default 300). Changes to a
+                           gateway, its Secrets or its children are acted on at once, by watches;
+                           this only catches what no watch reports.
+``LLMGW_HEALTH_LISTEN``    HOST:PORT of kopf's liveness endpoint (``/healthz``); empty: off.
+``LLMGW_PROMETHEUS_URL``   Default Prometheus API for migration analysis (see ``spec.migration``).
+=========================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_PROXY_IMAGE = "ghcr.io/llm-gateway/llmgw-proxy:0.1.0"
+
+
+class SettingsError(ValueError):
+    """An ``LLMGW_*`` variable has a value the operator cannot use; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    namespaces: tuple[str, ...] = ()
+    proxy_image: str = DEFAULT_PROXY_IMAGE
+    log_level: str = "info"
+    resync_seconds: float = 300.0
+    health_listen: str = ""
+    prometheus_url: str = ""
+
+    @property
+    def clusterwide(self) -> bool:
+        return not self.namespaces
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        namespaces = tuple(ns.strip() for ns in env.get("LLMGW_NAMESPACES", "").split(",") if ns.strip())
+        log_level = env.get("LLMGW_LOG_LEVEL", "info").lower()
+        if log_level not in ("debug", "info", "warning", "error"):
+            raise SettingsError(f"LLMGW_LOG_LEVEL: must be debug, info, warning or error, got {log_level!r}")
+        try:
+            resync = float(env.get("LLMGW_RESYNC_SECONDS", "300"))
+        except ValueError:
+            raise SettingsError(
+                f"LLMGW_RESYNC_SECONDS: must be a number, got {env['LLMGW_RESYNC_SECONDS']!r}"
+            ) from None
+        if resync <= 0:
+            raise SettingsError("LLMGW_RESYNC_SECONDS: must be positive")
+        return cls(
+            namespaces=namespaces,
+            proxy_image=env.get("LLMGW_PROXY_IMAGE", DEFAULT_PROXY_IMAGE) or DEFAULT_PROXY_IMAGE,
+            log_level=log_level,
+            resync_seconds=resync,
+            health_listen=env.get("LLMGW_HEALTH_LISTEN", ""),
+            prometheus_url=env.get("LLMGW_PROMETHEUS_URL", ""),
+        )

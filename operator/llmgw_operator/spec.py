@@ -1,0 +1,115 @@
+"""The ``LLMGateway`` spec as plain dicts: defaults from the CRD, durations, and the secrets it names.
+
+The CRD's OpenAPI schema is the one source of defaults. The API server applies them when a resource is
+stored; :func:`with_defaults` applies the same ones here (structural defaulting: a missing property gets
+its ``default``, then objects are filled recursively), so the pure functions in :mod:`manifests` give the
+same result for a spec typed in a unit test as for one read back from the API server.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import yaml
+
+GROUP = "llmgateway.io"
+VERSION = "v1alpha1"
+PLURAL = "llmgateways"
+KIND = "LLMGateway"
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """A Go-style duration (``90s``, ``1m30s``, ``250ms``), as CEL's ``duration()`` accepts, in seconds."""
+    parts = _DURATION_PART.findall(text)
+    if not text or "".join(number + unit for number, unit in parts) != text:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 5m, 1h30m, 250ms)")
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+
+
+@functools.cache
+def crd() -> dict[str, Any]:
+    """The LLMGateway CustomResourceDefinition shipped with the operator (crds/ links to it)."""
+    text = resources.files("llmgw_operator").joinpath("data/crd.yaml").read_text()
+    loaded: dict[str, Any] = yaml.safe_load(text)
+    return loaded
+
+
+def _schema() -> dict[str, Any]:
+    version = next(v for v in crd()["spec"]["versions"] if v["name"] == VERSION)
+    spec_schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    return spec_schema
+
+
+def _default(value: Any, schema: dict[str, Any]) -> Any:
+    if isinstance(value, dict) and schema.get("type") == "object":
+        props = schema.get("properties", {})
+        for key, sub in props.items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+        for key, item in value.items():
+            if key in props:
+                value[key] = _default(item, props[key])
+            elif isinstance(schema.get("additionalProperties"), dict):
+                value[key] = _default(item, schema["additionalProperties"])
+    elif isinstance(value, list) and "items" in schema:
+        return [_default(item, schema["items"]) for item in value]
+    return value
+
+
+def with_defaults(spec: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``spec`` with the CRD's defaults filled in, as the API server would store it."""
+    defaulted: dict[str, Any] = _default(copy.deepcopy(dict(spec)), _schema())
+    return defaulted
+
+
+@dataclass(frozen=True)
+class SecretKeyRef:
+    """One key of one Secret the gateway needs, and the environment variable the proxy reads it from."""
+
+    secret: str
+    key: str
+    env: str
+    purpose: str  # for messages: "provider openai API key", "client API keys", ...
+
+
+def env_name(prefix: str, name: str) -> str:
+    return f"{prefix}_{re.sub(r'[^A-Za-z0-9]', '_', name).upper()}"
+
+
+def secret_key_refs(spec: dict[str, Any]) -> list[SecretKeyRef]:
+    """Every Secret key the proxies read through their environment, in a stable order."""
+    refs = [
+        SecretKeyRef(
+            secret=p["apiKeySecretRef"]["name"],
+            key=p["apiKeySecretRef"].get("key", "api-key"),
+            env=env_name("LLMGW_API_KEY", p["name"]),
+            purpose=f"API key of provider {p['name']}",
+        )
+        for p in spec.get("providers", [])
+        if p.get("apiKeySecretRef")
+    ]
+    auth = spec.get("proxy", {}).get("clientAuthSecretRef")
+    if auth:
+        refs.append(
+            SecretKeyRef(
+                auth["name"], auth.get("key", "api-keys"), "LLMGW_CLIENT_API_KEYS", "client API keys"
+            )
+        )
+    return refs
+
+
+def referenced_secrets(spec: dict[str, Any]) -> list[str]:
+    """Names of all Secrets the gateway depends on (env keys and the TLS Secret), sorted, unique."""
+    names = {ref.secret for ref in secret_key_refs(spec)}
+    tls = spec.get("proxy", {}).get("tlsSecretName")
+    if tls:
+        names.add(tls)
+    return sorted(names)

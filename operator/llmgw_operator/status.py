@@ -1,0 +1,136 @@
+"""Status of an ``LLMGateway``: Kubernetes-style conditions and a phase, computed as pure functions.
+
+Conditions follow the API conventions (``metav1.Condition``): one entry per ``type`` with ``status``
+True/False/Unknown, a CamelCase ``reason``, a ``message`` for people, the ``observedGeneration`` it was
+computed for, and ``lastTransitionTime``, which changes only when ``status`` does, so an unchanged
+gateway produces an identical status and the operator writes nothing.
+
+- ``ConfigValid``: the spec renders into a proxy configuration the proxy accepts.
+- ``SecretsResolved``: every referenced Secret and key exists (named in the message when not).
+- ``Ready``: the proxies run the current spec and all wanted replicas are ready.
+- ``Progressing``: a REST-to-gRPC migration is under way (set by the migration controller).
+- ``Degraded``: something needs a person: an invalid spec, a missing Secret, a rollback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+CONDITION_TYPES = ("Ready", "ConfigValid", "SecretsResolved", "Progressing", "Degraded")
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What one reconciliation saw, the input of :func:`build_status`."""
+
+    generation: int
+    replicas: int
+    grpc_weight: int
+    config_generation: int
+    selector: str
+    config_error: str | None = None
+    secret_problems: list[str] = field(default_factory=list)
+    deployment: dict[str, Any] | None = None  # the live Deployment, or None if it does not exist
+
+
+def set_condition(
+    conditions: list[dict[str, Any]],
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    generation: int,
+    now: str,
+) -> list[dict[str, Any]]:
+    """``conditions`` with ``type_`` set; ``lastTransitionTime`` kept unless ``status`` changed."""
+    previous = next((c for c in conditions if c.get("type") == type_), None)
+    transition = previous["lastTransitionTime"] if previous and previous.get("status") == status else now
+    updated = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+        "lastTransitionTime": transition,
+    }
+    return [c for c in conditions if c.get("type") != type_] + [updated]
+
+
+def get_condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions", []) if c.get("type") == type_), None)
+
+
+def _rollout(
+    deployment: dict[str, Any] | None, generation_wanted: int, replicas: int
+) -> tuple[bool, int, str]:
+    """(proxies ready?, ready replicas, message) from the live Deployment."""
+    if deployment is None:
+        return False, 0, "the proxy Deployment does not exist yet"
+    status = deployment.get("status", {})
+    ready = status.get("readyReplicas", 0)
+    if status.get("observedGeneration", 0) < generation_wanted:
+        return False, ready, "the Deployment controller has not seen the latest proxy spec yet"
+    updated = status.get("updatedReplicas", 0)
+    if updated < replicas:
+        return False, ready, f"rolling out: {updated}/{replicas} proxies updated"
+    if ready < replicas:
+        return False, ready, f"{ready}/{replicas} proxies ready"
+    return True, ready, f"{ready}/{replicas} proxies ready"
+
+
+def build_status(previous: dict[str, Any], seen: Observation, now: str) -> dict[str, Any]:
+    """The gateway's new status. Fields the migration controller owns (``migration``) are kept."""
+    conditions = [c for c in previous.get("conditions", []) if c.get("type") in CONDITION_TYPES]
+    gen = seen.generation
+
+    def cond(type_: str, status: str, reason: str, message: str) -> None:
+        nonlocal conditions
+        conditions = set_condition(conditions, type_, status, reason, message, gen, now)
+
+    if seen.config_error:
+        cond("ConfigValid", "False", "InvalidSpec", seen.config_error)
+    else:
+        cond("ConfigValid", "True", "Rendered", "the spec renders into a valid proxy configuration")
+    if seen.secret_problems:
+        cond("SecretsResolved", "False", "SecretNotFound", "; ".join(seen.secret_problems))
+    else:
+        cond("SecretsResolved", "True", "AllFound", "every referenced Secret key exists")
+
+    deployment_generation = (seen.deployment or {}).get("metadata", {}).get("generation", 0)
+    proxies_ready, ready_replicas, rollout_message = _rollout(
+        seen.deployment, deployment_generation, seen.replicas
+    )
+    if seen.config_error:
+        phase, ready_reason, ready_message = "Degraded", "InvalidSpec", "the spec is invalid: see ConfigValid"
+        cond("Degraded", "True", "InvalidSpec", seen.config_error)
+    elif seen.secret_problems:
+        phase, ready_reason, ready_message = (
+            "Degraded",
+            "SecretsUnresolved",
+            "waiting for Secrets: see SecretsResolved",
+        )
+        cond("Degraded", "True", "SecretsUnresolved", "; ".join(seen.secret_problems))
+    else:
+        phase = "Ready" if proxies_ready else "Pending"
+        ready_reason = "ProxiesReady" if proxies_ready else "ProxiesNotReady"
+        ready_message = rollout_message
+        cond("Degraded", "False", "AsExpected", "no problem found")
+    cond("Ready", "True" if phase == "Ready" else "False", ready_reason, ready_message)
+    if get_condition({"conditions": conditions}, "Progressing") is None:
+        cond("Progressing", "False", "NoMigration", "no migration is running")
+
+    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
+    status: dict[str, Any] = {
+        **{k: v for k, v in previous.items() if k == "migration"},
+        "observedGeneration": gen,
+        "phase": phase,
+        "grpcWeight": seen.grpc_weight,
+        "configGeneration": seen.config_generation,
+        "replicas": seen.replicas,
+        "readyReplicas": ready_replicas,
+        "readyReplicasText": f"{ready_replicas}/{seen.replicas}",
+        "selector": seen.selector,
+        "conditions": sorted(conditions, key=lambda c: order[c["type"]]),
+    }
+    return status

@@ -1,0 +1,233 @@
+"""The operator's pure parts: defaults, rendering, manifests, status. No API server needed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from llmgw import config as proxy_config
+from llmgw_operator import manifests
+from llmgw_operator.reconcile import (
+    condition_events,
+    grpc_weight,
+    is_subset,
+    next_config_generation,
+    stamped,
+    up_to_date,
+)
+from llmgw_operator.settings import Settings, SettingsError
+from llmgw_operator.spec import parse_duration, secret_key_refs, with_defaults
+from llmgw_operator.status import Observation, build_status
+
+META = {"name": "gw", "namespace": "team-a", "uid": "0b5c-uid"}
+
+
+def sample_spec(**overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "providers": [
+            {
+                "name": "openai",
+                "type": "openai",
+                "baseURL": "https://api.openai.com/v1",
+                "apiKeySecretRef": {"name": "llm-keys"},
+            },
+            {"name": "vllm", "type": "grpc", "target": "vllm.models:50051"},
+            {
+                "name": "claude",
+                "type": "anthropic",
+                "baseURL": "https://api.anthropic.com",
+                "apiKeySecretRef": {"name": "llm-keys", "key": "anthropic"},
+            },
+        ],
+        "routes": [
+            {"model": "gpt-4o-mini", "rest": "openai", "grpc": "vllm"},
+            {"model": "claude-*", "rest": "claude"},
+            {"model": "llama-*", "grpc": "vllm"},
+        ],
+    }
+    spec.update(overrides)
+    return with_defaults(spec)
+
+
+def test_defaults_come_from_the_crd() -> None:
+    spec = sample_spec()
+    assert spec["proxy"]["replicas"] == 2
+    assert spec["proxy"]["ports"] == {"grpc": 50051, "rest": 8080, "admin": 9090}
+    assert spec["providers"][0]["timeout"] == "120s"
+    assert spec["providers"][0]["apiKeySecretRef"] == {"name": "llm-keys", "key": "api-key"}
+    assert "migration" not in spec
+    migrating = sample_spec(migration={})
+    assert migrating["migration"]["steps"] == [10, 25, 50, 100]
+    assert migrating["migration"]["analysis"]["minRequests"] == 20
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("1m30s", 90), ("250ms", 0.25), ("2h", 7200), ("1.5s", 1.5)]
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "5", "5 m", "m5", "5d", "-1s"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(text)
+
+
+def test_rendered_config_is_accepted_by_the_proxy_and_names_no_secret_value() -> None:
+    config = manifests.build_proxy_config(
+        sample_spec(proxy={"clientAuthSecretRef": {"name": "clients"}}), 25, 7
+    )
+    parsed = proxy_config.parse(config)
+    assert parsed.generation == 7
+    weights = {route.model: route.grpc_weight for route in parsed.routes}
+    assert weights == {"gpt-4o-mini": 25, "claude-*": 0, "llama-*": 100}
+    assert config["providers"][0]["apiKey"] == {"env": "LLMGW_API_KEY_OPENAI"}
+    assert "apiKey" not in config["providers"][1]
+    assert config["auth"] == {"apiKeysEnv": "LLMGW_CLIENT_API_KEYS"}
+    assert parsed.providers["openai"].timeout_s == 120
+
+
+def test_deployment_reads_secrets_through_env_refs_only() -> None:
+    spec = sample_spec(proxy={"clientAuthSecretRef": {"name": "clients"}, "tlsSecretName": "gw-tls"})
+    deployment = manifests.build_deployment(META, spec, "img:1", "abc123")
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["LLMGW_API_KEY_OPENAI"]["valueFrom"] == {
+        "secretKeyRef": {"name": "llm-keys", "key": "api-key"}
+    }
+    assert env["LLMGW_API_KEY_CLAUDE"]["valueFrom"] == {
+        "secretKeyRef": {"name": "llm-keys", "key": "anthropic"}
+    }
+    assert env["LLMGW_CLIENT_API_KEYS"]["valueFrom"] == {
+        "secretKeyRef": {"name": "clients", "key": "api-keys"}
+    }
+    assert pod["metadata"]["annotations"][manifests.ANNOTATION_SECRETS_HASH] == "abc123"
+    assert {"name": "tls", "secret": {"secretName": "gw-tls"}} in pod["spec"]["volumes"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert deployment["metadata"]["ownerReferences"][0]["uid"] == META["uid"]
+    assert deployment["spec"]["selector"]["matchLabels"] == manifests.selector("gw")
+
+
+def test_secrets_hash_changes_with_any_version() -> None:
+    a = manifests.secrets_hash({"llm-keys": "10", "clients": "11"})
+    assert a == manifests.secrets_hash({"clients": "11", "llm-keys": "10"})
+    assert a != manifests.secrets_hash({"llm-keys": "12", "clients": "11"})
+
+
+def test_secret_refs_are_stable_and_named() -> None:
+    refs = secret_key_refs(sample_spec())
+    assert [(r.secret, r.key, r.env) for r in refs] == [
+        ("llm-keys", "api-key", "LLMGW_API_KEY_OPENAI"),
+        ("llm-keys", "anthropic", "LLMGW_API_KEY_CLAUDE"),
+    ]
+
+
+def test_service_ports_are_named_by_protocol() -> None:
+    service = manifests.build_service(META, sample_spec())
+    assert [(p["name"], p["port"], p["appProtocol"]) for p in service["spec"]["ports"]] == [
+        ("grpc", 50051, "grpc"),
+        ("http", 8080, "http"),
+        ("metrics", 9090, "http"),
+    ]
+
+
+def test_pdb_only_with_more_than_one_replica() -> None:
+    assert manifests.build_pod_disruption_budget(META, sample_spec(proxy={"replicas": 1})) is None
+    pdb = manifests.build_pod_disruption_budget(META, sample_spec(proxy={"replicas": 3}))
+    assert pdb is not None and pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_is_subset_compares_quantities_by_value_and_lists_by_length() -> None:
+    assert is_subset({"cpu": "0.5", "memory": "1Gi"}, {"cpu": "500m", "memory": "1024Mi", "extra": 1})
+    assert not is_subset({"cpu": "1"}, {"cpu": "500m"})
+    assert not is_subset([1, 2], [1, 2, 3])
+    assert not is_subset({"a": True}, {"a": 1})
+
+
+def test_up_to_date_sees_removed_fields_through_the_hash() -> None:
+    desired = stamped(
+        {"kind": "ConfigMap", "metadata": {"name": "x", "labels": {"a": "1"}}, "data": {"k": "v"}}
+    )
+    assert up_to_date(desired, desired)
+    trimmed = stamped({"kind": "ConfigMap", "metadata": {"name": "x"}, "data": {"k": "v"}})
+    assert not up_to_date(trimmed, desired)  # live still has label a, the new desired object does not
+    drifted = {**desired, "data": {"k": "edited"}}
+    assert not up_to_date(desired, drifted)
+
+
+def test_config_generation_moves_only_when_content_changes() -> None:
+    config = manifests.build_proxy_config(sample_spec(), 0, 3)
+    text = manifests.render_config(config)
+    assert next_config_generation(text, {**config, "generation": 0}, 3) == 3
+    changed = manifests.build_proxy_config(sample_spec(), 10, 0)
+    assert next_config_generation(text, changed, 3) == 4
+    assert next_config_generation(None, changed, 0) == 1
+
+
+def test_weight_comes_from_the_migration_or_the_fixed_split() -> None:
+    assert grpc_weight(sample_spec(grpcWeight=30), {}) == 30
+    assert grpc_weight(sample_spec(migration={}), {"migration": {"weight": 25}}) == 25
+    assert grpc_weight(sample_spec(migration={}), {}) == 0
+
+
+def _observation(**kw: Any) -> Observation:
+    base: dict[str, Any] = dict(generation=1, replicas=2, grpc_weight=0, config_generation=1, selector="a=b")
+    return Observation(**{**base, **kw})
+
+
+READY_DEPLOYMENT = {
+    "metadata": {"generation": 2},
+    "status": {"observedGeneration": 2, "updatedReplicas": 2, "readyReplicas": 2},
+}
+
+
+def test_status_pending_then_ready_keeps_transition_times() -> None:
+    pending = build_status({}, _observation(), "2026-01-01T00:00:00Z")
+    assert pending["phase"] == "Pending"
+    assert pending["readyReplicasText"] == "0/2"
+    ready = build_status(pending, _observation(deployment=READY_DEPLOYMENT), "2026-01-01T00:01:00Z")
+    assert ready["phase"] == "Ready"
+    conditions = {c["type"]: c for c in ready["conditions"]}
+    assert conditions["Ready"]["lastTransitionTime"] == "2026-01-01T00:01:00Z"
+    assert conditions["ConfigValid"]["lastTransitionTime"] == "2026-01-01T00:00:00Z"
+    again = build_status(ready, _observation(deployment=READY_DEPLOYMENT), "2026-01-01T00:02:00Z")
+    assert again == ready  # nothing changed: nothing to write
+    events = condition_events(pending, ready)
+    assert events == [("Normal", "ProxiesReady", "Ready=True: 2/2 proxies ready")]
+
+
+def test_status_degraded_names_the_missing_secret() -> None:
+    problem = "Secret 'llm-keys' (API key of provider openai) not found in namespace team-a"
+    status = build_status({}, _observation(secret_problems=[problem]), "2026-01-01T00:00:00Z")
+    assert status["phase"] == "Degraded"
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["SecretsResolved"]["status"] == "False"
+    assert conditions["SecretsResolved"]["message"] == problem
+    assert conditions["Degraded"]["reason"] == "SecretsUnresolved"
+    reasons = {reason for _, reason, _ in condition_events({}, status)}
+    assert {"SecretNotFound", "SecretsUnresolved"} <= reasons
+
+
+def test_status_keeps_the_migration_state() -> None:
+    status = build_status({"migration": {"weight": 25}}, _observation(grpc_weight=25), "t")
+    assert status["migration"] == {"weight": 25}
+
+
+def test_settings_from_env() -> None:
+    settings = Settings.from_env({"LLMGW_NAMESPACES": "a, b", "LLMGW_RESYNC_SECONDS": "30"})
+    assert settings.namespaces == ("a", "b") and not settings.clusterwide
+    assert settings.resync_seconds == 30
+    with pytest.raises(SettingsError, match="LLMGW_LOG_LEVEL"):
+        Settings.from_env({"LLMGW_LOG_LEVEL": "loud"})
+
+
+def test_crd_file_in_crds_is_the_packaged_one() -> None:
+    from pathlib import Path
+
+    from llmgw_operator.spec import crd
+
+    assert yaml.safe_load(Path("crds/llmgateways.llmgateway.io.yaml").read_text()) == crd()
