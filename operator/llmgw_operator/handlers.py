@@ -7,7 +7,7 @@ kopf watches the resources and calls these; each only decides *which* gateway to
   the gateways it watches), so a created or rotated Secret is acted on at once;
 - any event of an object the operator manages (label ``app.kubernetes.io/managed-by=llmgw-operator``),
   for its owner: a deleted Deployment is recreated, a Deployment's readiness reaches the status;
-- a timer per gateway, the drift check that catches what no watch reports.
+- the drift check (:func:`drift_loop`), which catches what no watch reports.
 
 kopf's own bookkeeping (the last handled spec) goes to annotations under ``llmgateway.io/``, because
 the CRD's structural schema has no room for kopf's default ``status.kopf``.
@@ -15,6 +15,7 @@ the CRD's structural schema has no room for kopf's default ``status.kopf``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -77,18 +78,7 @@ def build_registry(settings: Settings, reconciler: Reconciler) -> kopf.OperatorR
     async def gateway_changed(namespace: str | None, name: str, **_: Any) -> None:
         await sync(namespace or "", name)
 
-    @kopf.timer(
-        GROUP,
-        VERSION,
-        PLURAL,
-        interval=settings.resync_seconds,
-        initial_delay=settings.resync_seconds,
-        registry=registry,
-    )
-    async def drift_check(namespace: str | None, name: str, **_: Any) -> None:
-        await sync(namespace or "", name)
-
-    @kopf.index(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.index(GROUP, VERSION, PLURAL, id="gateways_by_secret", registry=registry)
     def gateways_by_secret(
         namespace: str | None, name: str, spec: kopf.Spec, **_: Any
     ) -> dict[tuple[str | None, str], str]:
@@ -112,3 +102,27 @@ def build_registry(settings: Settings, reconciler: Reconciler) -> kopf.OperatorR
                 await sync(namespace, owner)
 
     return registry
+
+
+async def drift_loop(settings: Settings, reconciler: Reconciler) -> None:
+    """Every ``resync_seconds``, reconcile every gateway in scope (one LIST, then reads; writes only on drift).
+
+    A loop of its own rather than a kopf timer: kopf puts a finalizer on objects with timers, and a
+    finalizer would leave gateways undeletable while the operator is down."""
+    while True:
+        await asyncio.sleep(settings.resync_seconds)
+        scopes: list[str | None] = list(settings.namespaces) or [None]
+        for namespace in scopes:
+            try:
+                gateways = await reconciler.kube.list_gateways(namespace)
+            except ApiError as exc:
+                log.warning("drift check: cannot list gateways: %s", exc.status.message)
+                continue
+            for gateway in gateways:
+                meta = gateway["metadata"]
+                try:
+                    await reconciler.sync(meta["namespace"], meta["name"])
+                except ApiError as exc:
+                    log.warning(
+                        "drift check of %s/%s failed: %s", meta["namespace"], meta["name"], exc.status.message
+                    )

@@ -7,7 +7,7 @@ import logging
 
 import kopf
 
-from .handlers import build_registry
+from .handlers import build_registry, drift_loop
 from .kube import Kube
 from .reconcile import Reconciler
 from .settings import Settings
@@ -16,10 +16,15 @@ log = logging.getLogger(__name__)
 
 
 async def serve(settings: Settings) -> None:
+    # Request-level HTTP logs say nothing a user needs, even at debug.
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     kube = Kube()
-    registry = build_registry(settings, Reconciler(kube, settings))
+    reconciler = Reconciler(kube, settings)
+    registry = build_registry(settings, reconciler)
     scope = "all namespaces" if settings.clusterwide else f"namespaces {', '.join(settings.namespaces)}"
     log.info("llm-gateway operator watching %s (proxy image %s)", scope, settings.proxy_image)
+    drift = asyncio.create_task(drift_loop(settings, reconciler))
     try:
         await kopf.operator(
             registry=registry,
@@ -29,6 +34,7 @@ async def serve(settings: Settings) -> None:
             liveness_endpoint=f"http://{settings.health_listen}/healthz" if settings.health_listen else None,
         )
     finally:
+        drift.cancel()
         await kube.close()
 
 

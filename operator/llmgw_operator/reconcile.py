@@ -263,6 +263,7 @@ class Reconciler:
                 config_error=config_error,
                 secret_problems=secret_problems,
                 deployment=deployment,
+                migrating="migration" in spec,
             ),
             _now(),
         )

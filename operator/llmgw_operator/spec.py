@@ -22,8 +22,9 @@ VERSION = "v1alpha1"
 PLURAL = "llmgateways"
 KIND = "LLMGateway"
 
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+# The CRD's duration fields match ^([0-9]+(\.[0-9]+)?(ns|us|ms|s|m|h))+$ (a subset of Go's syntax).
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|ms|s|m|h)")
 
 
 def parse_duration(text: str) -> float:
@@ -51,6 +52,12 @@ def _schema() -> dict[str, Any]:
 def _default(value: Any, schema: dict[str, Any]) -> Any:
     if isinstance(value, dict) and schema.get("type") == "object":
         props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        # The API server drops a null for a field that is not nullable, then defaults it.
+        for key in [k for k, v in value.items() if v is None]:
+            sub = props.get(key, extra if isinstance(extra, dict) else None)
+            if sub is not None and not sub.get("nullable"):
+                del value[key]
         for key, sub in props.items():
             if key not in value and "default" in sub:
                 value[key] = copy.deepcopy(sub["default"])

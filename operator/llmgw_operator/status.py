@@ -32,6 +32,7 @@ class Observation:
     config_error: str | None = None
     secret_problems: list[str] = field(default_factory=list)
     deployment: dict[str, Any] | None = None  # the live Deployment, or None if it does not exist
+    migrating: bool = False  # spec.migration is set: the migration controller owns Progressing
 
 
 def set_condition(
@@ -55,10 +56,6 @@ def set_condition(
         "lastTransitionTime": transition,
     }
     return [c for c in conditions if c.get("type") != type_] + [updated]
-
-
-def get_condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    return next((c for c in status.get("conditions", []) if c.get("type") == type_), None)
 
 
 def _rollout(
@@ -117,8 +114,8 @@ def build_status(previous: dict[str, Any], seen: Observation, now: str) -> dict[
         ready_message = rollout_message
         cond("Degraded", "False", "AsExpected", "no problem found")
     cond("Ready", "True" if phase == "Ready" else "False", ready_reason, ready_message)
-    if get_condition({"conditions": conditions}, "Progressing") is None:
-        cond("Progressing", "False", "NoMigration", "no migration is running")
+    if not seen.migrating:
+        cond("Progressing", "False", "NoMigration", "spec.migration is not set")
 
     order = {t: i for i, t in enumerate(CONDITION_TYPES)}
     status: dict[str, Any] = {

@@ -4,6 +4,8 @@ Subcommands:
   proxy          run the gRPC+REST LLM proxy from a configuration file
   fake-provider  run a fake LLM provider (openai, anthropic or grpc) for tests, demos and benchmarks
   demo           run a local demo: fake providers, the proxy and a bounded load, then a summary
+  cluster        run a local Kubernetes control plane in the background (up, down, status)
+  operator       run the Kubernetes operator that turns LLMGateway resources into proxies
 """
 
 from __future__ import annotations
@@ -48,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="proxy configuration (default: the embedded examples/proxy/local.yaml)",
     )
     demo.add_argument("--requests", type=int, default=200, help="requests to send per front (default 200)")
+
+    sub.add_parser(
+        "operator",
+        help="run the operator (kubeconfig from $KUBECONFIG or the pod's service account)",
+        description="Run the operator. Settings come from LLMGW_* environment variables: "
+        "LLMGW_NAMESPACES, LLMGW_PROXY_IMAGE, LLMGW_RESYNC_SECONDS, LLMGW_HEALTH_LISTEN, LLMGW_PROMETHEUS_URL "
+        "(see the README).",
+    )
+
+    cluster = sub.add_parser("cluster", help="run a local Kubernetes control plane (state in ./.llmgw)")
+    actions = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("up", help="start etcd, kube-apiserver and kube-controller-manager in the background")
+    actions.add_parser("down", help="stop them and delete their data")
+    actions.add_parser("status", help="say whether the control plane runs (non-zero exit if not)")
     return parser
 
 
@@ -58,6 +74,21 @@ def main(argv: list[str] | None = None) -> int:
         return server.run(args.config)
     if args.command == "fake-provider":
         return fake_provider.run(args)
+    if args.command == "operator":
+        from llmgw_operator import main as operator_main
+        from llmgw_operator.settings import Settings, SettingsError
+
+        try:
+            settings = Settings.from_env()
+        except SettingsError as exc:
+            print(f"llmgw operator: {exc}", file=sys.stderr)
+            return 2
+        return operator_main.run(settings)
+    if args.command == "cluster":
+        # The operator package is not installed in the proxy image: import it only for this command.
+        from llmgw_operator import cluster
+
+        return cluster.run(args.action)
     return demo.run(args.config, args.requests)
 
 
