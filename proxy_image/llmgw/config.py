@@ -431,7 +431,11 @@ def _read_client_keys(auth: Auth) -> tuple[str, ...]:
         keys += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if auth.api_keys_env is not None:
         # Commas or newlines: a Secret key injected as env usually holds one key per line.
-        keys += [k.strip() for k in os.environ.get(auth.api_keys_env, "").replace("\n", ",").split(",") if k.strip()]
+        keys += [
+            k.strip()
+            for k in os.environ.get(auth.api_keys_env, "").replace("\n", ",").split(",")
+            if k.strip()
+        ]
     if not keys:
         raise ConfigError("auth: no client API keys found (every request would be refused)")
     return tuple(keys)
