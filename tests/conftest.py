@@ -18,6 +18,8 @@ import yaml
 from llmgw.fake_provider import FakeProvider
 from llmgw.server import ProxyServer
 
+pytest_plugins = ["k8s"]
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LLMGW = str(pathlib.Path(sys.executable).parent / "llmgw")
 
