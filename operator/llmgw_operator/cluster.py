@@ -50,6 +50,13 @@ import yaml
 from . import k8s_build
 
 LOOPBACK = "127.0.0.1"
+# Metadata of every request (user, verb, resource, response code), never bodies: Secrets stay out of it.
+_AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+"""
 DEFAULT_DIR = Path(".llmgw")
 STATE_FILE = "cluster.json"
 CONTEXT = "llmgw-local"
@@ -228,6 +235,35 @@ class ControlPlane:
     def log_path(self, process: str) -> Path:
         return self.state_dir / f"{process}.log"
 
+    def token_kubeconfig(self, path: Path, token: str, user: str = "token-user") -> Path:
+        """A kubeconfig that authenticates with a bearer token (e.g. a ServiceAccount's, from
+        ``kubectl create token``): how to run a client with exactly that account's permissions."""
+        ca = base64.b64encode((self.pki / "ca.crt").read_bytes()).decode()
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {"name": CONTEXT, "cluster": {"server": self.server, "certificate-authority-data": ca}}
+            ],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [{"name": CONTEXT, "context": {"cluster": CONTEXT, "user": user}}],
+            "current-context": CONTEXT,
+        }
+        path.touch(mode=0o600)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    @property
+    def audit_log(self) -> Path:
+        """The API server's audit log: one JSON line per request (who, verb, resource), no bodies."""
+        return self.state_dir / "audit.log"
+
+    def audit_events(self) -> list[dict[str, Any]]:
+        """The audit log's entries so far (for tests and benchmarks that count API calls)."""
+        if not self.audit_log.exists():
+            return []
+        return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line.strip()]
+
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     def start(self, timeout: float = 60.0) -> None:
@@ -280,6 +316,8 @@ class ControlPlane:
 
     def _start_apiserver(self, apiserver: Path, deadline: float) -> None:
         pki = self.pki
+        policy = self.state_dir / "audit-policy.yaml"
+        policy.write_text(_AUDIT_POLICY)
         self._spawn(
             "kube-apiserver",
             [
@@ -297,6 +335,12 @@ class ControlPlane:
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--allow-privileged=true",
+                f"--audit-policy-file={policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-maxsize=200",
+                "--audit-log-mode=batch",
+                "--audit-log-batch-max-wait=1s",
                 *self._admission_flags(),
             ],
         )
