@@ -5,8 +5,10 @@ kopf watches the resources and calls these; each only decides *which* gateway to
 - a gateway created, changed, or found when the operator starts (``on.resume``);
 - a Secret event, for every gateway that references that Secret (an in-memory index kopf keeps from
   the gateways it watches), so a created or rotated Secret is acted on at once;
-- any event of an object the operator manages (label ``app.kubernetes.io/managed-by=llmgw-operator``),
-  for its owner: a deleted Deployment is recreated, a Deployment's readiness reaches the status;
+- events of the objects the operator manages (label ``app.kubernetes.io/managed-by=llmgw-operator``),
+  for their owner: a deleted child is recreated at once, a Deployment's rollout progress and readiness
+  reach the status, a Deployment changed by someone else is put back; other edits of children are
+  undone by the drift check;
 - the drift check (:func:`drift_loop`), which catches what no watch reports.
 
 kopf's own bookkeeping (the last handled spec) goes to annotations under ``llmgateway.io/``, because
@@ -29,6 +31,7 @@ from .spec import GROUP, KIND, PLURAL, VERSION, referenced_secrets
 
 log = logging.getLogger(__name__)
 
+MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 CHILD_KINDS = (
     ("", "v1", "configmaps"),
     ("", "v1", "services"),
@@ -91,14 +94,38 @@ def build_registry(settings: Settings, reconciler: Reconciler) -> kopf.OperatorR
             log.info("Secret %s/%s changed: reconciling gateway %s", namespace, name, gateway)
             await sync(namespace or "", gateway)
 
-    for group, version, plural in CHILD_KINDS:
+    # What a Deployment event may change in the gateway's status; other events of it are not worth a pass.
+    rollout_seen: dict[tuple[str, str], tuple[Any, ...]] = {}
 
-        @kopf.on.event(
-            group, version, plural, labels={"app.kubernetes.io/managed-by": MANAGED_BY}, registry=registry
+    @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
+    async def deployment_event(
+        type: str | None, namespace: str | None, name: str, body: kopf.Body, **_: Any
+    ) -> None:
+        owner = _owner(body)
+        if owner is None or not namespace:
+            return
+        status = body.get("status", {})
+        rollout = tuple(
+            status.get(key) for key in ("observedGeneration", "replicas", "updatedReplicas", "readyReplicas")
         )
-        async def child_event(namespace: str | None, body: kopf.Body, **_: Any) -> None:
+        rollout += (body.get("metadata", {}).get("generation"),)  # someone else changed the spec: undo it now
+        if type == "DELETED":
+            rollout_seen.pop((namespace, name), None)
+        elif rollout_seen.get((namespace, name)) == rollout:
+            return
+        else:
+            rollout_seen[(namespace, name)] = rollout
+        await sync(namespace, owner)
+
+    for group, version, plural in CHILD_KINDS:
+        if plural == "deployments":
+            continue
+
+        @kopf.on.event(group, version, plural, labels=MANAGED, registry=registry)
+        async def child_deleted(type: str | None, namespace: str | None, body: kopf.Body, **_: Any) -> None:
+            # Deletions are repaired at once; edits of these objects wait for the drift check.
             owner = _owner(body)
-            if owner is not None and namespace:
+            if type == "DELETED" and owner is not None and namespace:
                 await sync(namespace, owner)
 
     return registry

@@ -202,7 +202,9 @@ class Reconciler:
 
     async def _check_secrets(self, namespace: str, spec: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
         """(problems naming each missing Secret or key, resourceVersion of each Secret found)."""
-        secrets = {name: await self.kube.get("Secret", namespace, name) for name in referenced_secrets(spec)}
+        names = referenced_secrets(spec)
+        found = await asyncio.gather(*(self.kube.get("Secret", namespace, name) for name in names))
+        secrets = dict(zip(names, found, strict=True))
         problems: list[str] = []
         for ref in secret_key_refs(spec):
             secret = secrets[ref.secret]
@@ -228,24 +230,28 @@ class Reconciler:
         spec = with_defaults(gateway.get("spec") or {})
         weight = grpc_weight(spec, previous)
         rendered, config_error = check_spec(spec, weight)
-        secret_problems, versions = await self._check_secrets(namespace, spec)
-
-        live_config = await self.kube.get("ConfigMap", namespace, manifests.config_map_name(name))
-        deployment = await self.kube.get("Deployment", namespace, manifests.proxy_name(name))
+        (secret_problems, versions), live_config, deployment = await asyncio.gather(
+            self._check_secrets(namespace, spec),
+            self.kube.get("ConfigMap", namespace, manifests.config_map_name(name)),
+            self.kube.get("Deployment", namespace, manifests.proxy_name(name)),
+        )
         config_generation = int(previous.get("configGeneration", 0))
         if rendered is not None:
             live_text = (live_config or {}).get("data", {}).get("config.yaml")
             config_generation = next_config_generation(live_text, rendered, config_generation)
             rendered["generation"] = config_generation
             config_text = manifests.render_config(rendered)
-            await self._ensure(gateway, manifests.build_config_map(meta, config_text), live_config)
-            await self._ensure(gateway, manifests.build_service_account(meta))
-            await self._ensure(gateway, manifests.build_service(meta, spec))
             pdb = manifests.build_pod_disruption_budget(meta, spec)
-            if pdb is not None:
-                await self._ensure(gateway, pdb)
-            elif previous.get("replicas", 0) > 1:
-                await self.kube.delete("PodDisruptionBudget", namespace, manifests.proxy_name(name))
+            await asyncio.gather(
+                self._ensure(gateway, manifests.build_config_map(meta, config_text), live_config),
+                self._ensure(gateway, manifests.build_service_account(meta)),
+                self._ensure(gateway, manifests.build_service(meta, spec)),
+                self._ensure(gateway, pdb)
+                if pdb is not None
+                else self.kube.delete("PodDisruptionBudget", namespace, manifests.proxy_name(name))
+                if previous.get("replicas", 0) > 1
+                else asyncio.sleep(0),
+            )
             if not secret_problems:
                 # With a Secret missing, the running proxies are left as they are rather than broken.
                 image = spec["proxy"].get("image") or self.settings.proxy_image
