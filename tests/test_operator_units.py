@@ -214,13 +214,22 @@ def test_status_degraded_names_the_missing_secret() -> None:
 
 def test_status_keeps_the_migration_state() -> None:
     status = build_status({"migration": {"weight": 25}}, _observation(grpc_weight=25), "t")
-    assert status["migration"] == {"weight": 25}
+    assert status["migration"] == {"weight": 25}  # kept while spec.migration is gone (it may come back)
+    state = {"phase": "RolledBack", "weight": 0, "message": "gRPC error rate 0.30 > 0.01: rolled back"}
+    rolled_back = build_status({}, _observation(deployment=READY_DEPLOYMENT, migration=state), "t")
+    assert rolled_back["phase"] == "RolledBack"
+    conditions = {c["type"]: c for c in rolled_back["conditions"]}
+    assert (conditions["Degraded"]["status"], conditions["Degraded"]["reason"]) == ("True", "RolledBack")
+    assert conditions["Degraded"]["message"] == state["message"]
+    assert conditions["Progressing"]["status"] == "False"
 
 
 def test_settings_from_env() -> None:
     settings = Settings.from_env({"LLMGW_NAMESPACES": "a, b", "LLMGW_RESYNC_SECONDS": "30"})
     assert settings.namespaces == ("a", "b") and not settings.clusterwide
     assert settings.resync_seconds == 30
+    with pytest.raises(SettingsError, match="LLMGW_RESYNC_SECONDS: must be positive"):
+        Settings.from_env({"LLMGW_RESYNC_SECONDS": "0"})
     with pytest.raises(SettingsError, match="LLMGW_LOG_LEVEL"):
         Settings.from_env({"LLMGW_LOG_LEVEL": "loud"})
 

@@ -37,7 +37,7 @@ cumulative series between its start and its end, summed over the gateway's proxi
     than it was asked for. Of the fitting readings, the oldest one at most 1.05 windows old is used (so a
     window starts at its start, or just after it), else the newest. :meth:`ScrapeSource.proxies` adds a
     reading too (under ``targets.key``), so a migration that reads the proxies every tick has one from the
-    moment the weight went live; readings are thinned to about 32 per window and kept for two windows.
+    moment the weight went live; readings are thinned to at most 64 per window and kept for two windows.
     Counter resets are handled like Prometheus does, per proxy: when any of a proxy's counters went down
     (a restarted proxy) all its current values count as the increase; a proxy not seen in the baseline (a
     new pod) counts from zero, a series not seen in it (a code first answered) too. What a proxy that has
@@ -89,7 +89,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
@@ -116,9 +116,10 @@ GENERATION = "llmgw_config_generation"
 _WINDOW_SERIES = frozenset({REQUESTS, DURATION_BUCKETS, TTFT_BUCKETS})
 
 # ScrapeSource: a window's base reading is between _MIN_COVER and _MAX_COVER windows old, preferably at most
-# _NEAR windows (a slightly short window rather than one reaching back before its start). Readings are kept
-# about 1/_READINGS_PER_WINDOW window apart, for _MAX_COVER windows; the window is the last one asked for,
-# or _DEFAULT_WINDOW (the CRD's default interval) before any.
+# _NEAR windows (a slightly short window rather than one reaching back before its start). A reading is kept
+# when at least 1/_READINGS_PER_WINDOW window after the one before the last kept one (so at most twice that
+# many per window), for _MAX_COVER windows; the window is the last one asked for, or _DEFAULT_WINDOW (the
+# CRD's default interval) before any.
 _MIN_COVER = 0.9
 _NEAR = 1.05
 _MAX_COVER = 2.0
@@ -402,7 +403,7 @@ class _Proxies:
 
 @dataclass(frozen=True)
 class _Reading:
-    at: float  # time.monotonic()
+    at: float  # ScrapeSource's clock
     counters: dict[str, dict[Series, float]]  # by endpoint
 
 
@@ -423,15 +424,17 @@ def _base(readings: Sequence[_Reading], now: float, window: float) -> _Reading |
 
 class ScrapeSource:
     """A :class:`MetricsSource` without Prometheus: reads the proxies' ``/metrics`` and keeps, per ``key``,
-    the readings a window needs (see the module docstring). ``timeout_seconds`` bounds each read.
+    the readings a window needs (see the module docstring). ``timeout_seconds`` bounds each read; ``clock``
+    (monotonic seconds) times the readings.
 
     :meth:`measure` keeps its readings under its ``key``; :meth:`proxies` keeps its own, when it could read
     every proxy, under ``targets.key``. Measure with ``key=targets.key`` and call :meth:`proxies` regularly
     (as the migration does every tick) so that a window starts at the reading that found its weight live,
     rather than at the previous :meth:`measure`."""
 
-    def __init__(self, timeout_seconds: float = 2.0) -> None:
+    def __init__(self, timeout_seconds: float = 2.0, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._proxies = _Proxies(timeout_seconds)
+        self._clock = clock
         self._histories: dict[Hashable, _History] = {}
 
     async def __aenter__(self) -> ScrapeSource:
@@ -466,14 +469,14 @@ class ScrapeSource:
     async def proxies(self, targets: Targets) -> Proxies:
         live, counters = await self._proxies.live(targets)
         if counters is not None:
-            self._remember(targets.key, _Reading(time.monotonic(), counters))
+            self._remember(targets.key, _Reading(self._clock(), counters))
         return live
 
     async def measure(self, key: Hashable, targets: Targets, window_seconds: float) -> Measurements | None:
         _check_window(window_seconds)
         readings = await self._proxies.read_every(targets.endpoints)
         now = _Reading(
-            time.monotonic(),
+            self._clock(),
             {e: counters for e, (counters, _) in zip(targets.endpoints, readings, strict=True)},
         )
         history = self._histories.get(key)

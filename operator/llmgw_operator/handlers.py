@@ -9,7 +9,7 @@ kopf watches the resources and calls these; each only decides *which* gateway to
   for their owner: a deleted child is recreated at once, a Deployment's rollout progress and readiness
   reach the status, a Deployment changed by someone else is put back; other edits of children are
   undone by the drift check;
-- the drift check (:func:`drift_loop`), which catches what no watch reports.
+- a clock (:func:`periodic_loop`): migration ticks, and the drift check that catches what no watch reports.
 
 kopf's own bookkeeping (the last handled spec) goes to annotations under ``llmgateway.io/``, because
 the CRD's structural schema has no room for kopf's default ``status.kopf``.
@@ -25,6 +25,7 @@ import kopf
 from lightkube import ApiError
 
 from .manifests import MANAGED_BY
+from .migration import FINAL_PHASES
 from .reconcile import Reconciler
 from .settings import Settings
 from .spec import GROUP, KIND, PLURAL, VERSION, referenced_secrets
@@ -131,25 +132,45 @@ def build_registry(settings: Settings, reconciler: Reconciler) -> kopf.OperatorR
     return registry
 
 
-async def drift_loop(settings: Settings, reconciler: Reconciler) -> None:
-    """Every ``resync_seconds``, reconcile every gateway in scope (one LIST, then reads; writes only on drift).
+def _migrating(gateway: dict[str, Any]) -> bool:
+    """A migration that still moves (or waits to): it needs ticks between the watch events."""
+    if "migration" not in (gateway.get("spec") or {}):
+        return False
+    phase = ((gateway.get("status") or {}).get("migration") or {}).get("phase")
+    return phase not in FINAL_PHASES
 
-    A loop of its own rather than a kopf timer: kopf puts a finalizer on objects with timers, and a
+
+async def periodic_loop(settings: Settings, reconciler: Reconciler) -> None:
+    """Every ``migration_tick_seconds``, reconcile the gateways whose migration is under way (it waits for
+    proxies and checks metrics on a clock, not on watch events); every ``resync_seconds``, all gateways
+    (the drift check). One LIST per tick and scope; writes only when something changed.
+
+    A loop of its own rather than kopf timers: kopf puts a finalizer on objects with timers, and a
     finalizer would leave gateways undeletable while the operator is down."""
+    loop = asyncio.get_running_loop()
+    next_resync = loop.time() + settings.resync_seconds
     while True:
-        await asyncio.sleep(settings.resync_seconds)
+        await asyncio.sleep(settings.migration_tick_seconds)
+        resync = loop.time() >= next_resync
+        if resync:
+            next_resync = loop.time() + settings.resync_seconds
         scopes: list[str | None] = list(settings.namespaces) or [None]
         for namespace in scopes:
             try:
                 gateways = await reconciler.kube.list_gateways(namespace)
             except ApiError as exc:
-                log.warning("drift check: cannot list gateways: %s", exc.status.message)
+                log.warning("periodic pass: cannot list gateways: %s", exc.status.message)
                 continue
             for gateway in gateways:
+                if not (resync or _migrating(gateway)):
+                    continue
                 meta = gateway["metadata"]
                 try:
                     await reconciler.sync(meta["namespace"], meta["name"])
                 except ApiError as exc:
                     log.warning(
-                        "drift check of %s/%s failed: %s", meta["namespace"], meta["name"], exc.status.message
+                        "periodic pass of %s/%s failed: %s",
+                        meta["namespace"],
+                        meta["name"],
+                        exc.status.message,
                     )

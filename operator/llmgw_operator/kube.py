@@ -18,7 +18,7 @@ from lightkube.core.resource import NamespacedResource
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.apps_v1 import Deployment
-from lightkube.resources.core_v1 import ConfigMap, Secret, Service, ServiceAccount
+from lightkube.resources.core_v1 import ConfigMap, Pod, Secret, Service, ServiceAccount
 from lightkube.resources.policy_v1 import PodDisruptionBudget
 from lightkube.types import PatchType
 
@@ -67,6 +67,12 @@ class Kube:
     async def list_gateways(self, namespace: str | None = None) -> list[dict[str, Any]]:
         self.calls["list"] += 1
         return [_to_dict(obj) async for obj in self.client.list(LLMGateway, namespace=namespace or "*")]
+
+    async def list_pods(self, namespace: str, labels: dict[str, Any]) -> list[dict[str, Any]]:
+        self.calls["list"] += 1
+        return [
+            _to_dict(obj) async for obj in self.client.list(Pod, namespace=namespace, labels=dict(labels))
+        ]
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply ``manifest`` as the operator's field manager (forcing: the operator owns these)."""

@@ -100,6 +100,7 @@ from types import TracebackType
 from typing import Any, cast
 
 import aiohttp
+import msgspec
 from lightkube import ApiError, AsyncClient, KubeConfig, codecs
 from lightkube.core.resource import NamespacedResource
 from lightkube.models.core_v1 import ObjectReference
@@ -512,31 +513,50 @@ class _PodRunner:
             self.kubelet.ips.release(self.uid)
 
     async def _bind(self) -> bool:
+        """Bind the pod to this node (``pods/binding``, as a scheduler does); False when it is not ours."""
         client = self.kubelet.client
         binding = Pod.Binding(
             metadata=ObjectMeta(name=self.name, namespace=self.namespace, uid=self.uid),
             target=ObjectReference(apiVersion="v1", kind="Node", name=self.kubelet.node_name),
         )
         delay = PREPARE_BACKOFF_S[0]
-        while not self.deleting.is_set():
+        while True:
             try:
                 await client.create(binding, self.name, namespace=self.namespace)
-                log.info("pod %s/%s bound to node %s", self.namespace, self.name, self.kubelet.node_name)
-                return True
+                bound = True
+            except msgspec.ValidationError:
+                # The API server answers a binding with a Status, which lightkube cannot decode as a
+                # Binding; it checked the HTTP status first, so the binding was made.
+                bound = True
             except ApiError as exc:
                 if exc.status.code == 404:
                     return False
-                if exc.status.code == 409:  # bound meanwhile: ours only if to this node
-                    with contextlib.suppress(Exception):
-                        current = await client.get(Pod, self.name, namespace=self.namespace)
-                        return current.spec is not None and current.spec.nodeName == self.kubelet.node_name
-                    return False
-                log.warning("pod %s/%s: binding failed: %s", self.namespace, self.name, exc)
+                bound = False
+                if exc.status.code != 409:  # 409: bound meanwhile; the read below tells to which node
+                    log.warning("pod %s/%s: binding failed: %s", self.namespace, self.name, exc)
             except Exception as exc:
+                bound = False
                 log.warning("pod %s/%s: binding failed: %s", self.namespace, self.name, exc)
+            if bound:
+                log.info("pod %s/%s bound to node %s", self.namespace, self.name, self.kubelet.node_name)
+                return True
+            try:  # after a failure, the pod itself tells whether it is bound, and where
+                current = await client.get(Pod, self.name, namespace=self.namespace)
+            except ApiError as exc:
+                if exc.status.code == 404:
+                    return False
+            except Exception as exc:
+                log.warning("pod %s/%s: reading it failed: %s", self.namespace, self.name, exc)
+            else:
+                if current.metadata is None or current.metadata.uid != self.uid:
+                    return False
+                node = current.spec.nodeName if current.spec is not None else None
+                if node:
+                    return bool(node == self.kubelet.node_name)
+            if self.deleting.is_set():
+                return False
             await self._sleep_unless_deleting(delay)
             delay = min(delay * 2, PREPARE_BACKOFF_S[1])
-        return False
 
     async def _run_container(self) -> None:
         kubelet = self.kubelet

@@ -7,7 +7,7 @@ import logging
 
 import kopf
 
-from .handlers import build_registry, drift_loop
+from .handlers import build_registry, periodic_loop
 from .kube import Kube
 from .reconcile import Reconciler
 from .settings import Settings
@@ -24,7 +24,7 @@ async def serve(settings: Settings) -> None:
     registry = build_registry(settings, reconciler)
     scope = "all namespaces" if settings.clusterwide else f"namespaces {', '.join(settings.namespaces)}"
     log.info("llm-gateway operator watching %s (proxy image %s)", scope, settings.proxy_image)
-    drift = asyncio.create_task(drift_loop(settings, reconciler))
+    periodic = asyncio.create_task(periodic_loop(settings, reconciler))
     try:
         await kopf.operator(
             registry=registry,
@@ -34,7 +34,8 @@ async def serve(settings: Settings) -> None:
             liveness_endpoint=f"http://{settings.health_listen}/healthz" if settings.health_listen else None,
         )
     finally:
-        drift.cancel()
+        periodic.cancel()
+        await reconciler.close()
         await kube.close()
 
 

@@ -14,6 +14,7 @@ field removed from the spec is removed from the object). Fields others set are l
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import hashlib
 import json
@@ -25,10 +26,11 @@ import yaml
 
 from llmgw import config as proxy_config
 
-from . import manifests
+from . import manifests, migration
+from .analysis import MetricsSource, MetricsUnavailable, PrometheusSource, ScrapeSource, Targets, split_routes
 from .kube import Kube
 from .settings import Settings
-from .spec import GROUP, KIND, referenced_secrets, secret_key_refs, with_defaults
+from .spec import GROUP, KIND, parse_duration, referenced_secrets, secret_key_refs, with_defaults
 from .status import Observation, build_status
 
 log = logging.getLogger(__name__)
@@ -163,6 +165,66 @@ class Reconciler:
         self.kube = kube
         self.settings = settings
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._scrape = ScrapeSource()
+        self._prometheus: dict[tuple[str, str | None], PrometheusSource] = {}
+
+    async def close(self) -> None:
+        await self._scrape.close()
+        for source in self._prometheus.values():
+            await source.close()
+
+    async def _metrics_source(self, namespace: str, plan: dict[str, Any]) -> MetricsSource:
+        """The gateway's Prometheus, else the operator's, else scraping the proxies directly."""
+        prometheus = plan.get("prometheus") or {}
+        url = prometheus.get("url") or self.settings.prometheus_url
+        if not url:
+            return self._scrape
+        token = None
+        ref = prometheus.get("bearerTokenSecretRef")
+        if ref:
+            secret = await self.kube.get("Secret", namespace, ref["name"])
+            encoded = ((secret or {}).get("data") or {}).get(ref.get("key", "token"))
+            if encoded is None:
+                raise MetricsUnavailable(
+                    f"Secret {ref['name']!r} key {ref.get('key', 'token')!r} (Prometheus token) not found"
+                )
+            token = base64.b64decode(encoded).decode().strip()
+        key = (url, token)
+        if key not in self._prometheus:
+            self._prometheus[key] = PrometheusSource(url, token)
+        return self._prometheus[key]
+
+    async def _advance_migration(
+        self, gateway: dict[str, Any], spec: dict[str, Any], state: dict[str, Any], config_generation: int
+    ) -> tuple[dict[str, Any], list[migration.Action]]:
+        """One tick of the migration: read the live proxies (and the metrics when a check is due), advance."""
+        meta = gateway["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        plan = spec["migration"]
+        now = datetime.datetime.now(datetime.UTC)
+        pods = await self.kube.list_pods(namespace, manifests.selector(name))
+        admin_port = spec["proxy"]["ports"]["admin"]
+        endpoints = tuple(
+            f"{pod['status']['podIP']}:{admin_port}"
+            for pod in pods
+            if not pod["metadata"].get("deletionTimestamp")
+            and pod.get("status", {}).get("podIP")
+            and any(
+                c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions", [])
+            )
+        )
+        targets = Targets(namespace, name, endpoints, split_routes(spec))
+        measurements = None
+        try:
+            source = await self._metrics_source(namespace, plan)
+            proxies = await source.proxies(targets)
+            if migration.check_due(plan, state, now):
+                measurements = await source.measure(targets.key, targets, parse_duration(plan["interval"]))
+        except MetricsUnavailable as exc:
+            log.warning("gateway %s/%s: metrics unavailable: %s", namespace, name, exc)
+            proxies = migration.Proxies(ready=len(endpoints), live_weights=(), live_generations=())
+        commands = {k: v for k, v in (meta.get("annotations") or {}).items() if k in migration.COMMANDS}
+        return migration.advance(plan, state, proxies, measurements, config_generation, now, commands)
 
     async def sync(self, namespace: str, name: str) -> dict[str, Any] | None:
         """Reconcile gateway ``namespace/name``; its new status, or None if it is gone."""
@@ -235,9 +297,20 @@ class Reconciler:
             self.kube.get("ConfigMap", namespace, manifests.config_map_name(name)),
             self.kube.get("Deployment", namespace, manifests.proxy_name(name)),
         )
+        live_text = (live_config or {}).get("data", {}).get("config.yaml")
         config_generation = int(previous.get("configGeneration", 0))
+        migration_state = previous.get("migration") or {}
+        actions: list[migration.Action] = []
+        if rendered is not None and "migration" in spec and not secret_problems:
+            # The migration judges the weight rendered so far; a new weight is rendered right after.
+            live_generation = next_config_generation(live_text, rendered, config_generation)
+            migration_state, actions = await self._advance_migration(
+                gateway, spec, migration_state, live_generation
+            )
+            if migration_state["weight"] != weight:
+                weight = migration_state["weight"]
+                rendered, config_error = check_spec(spec, weight)
         if rendered is not None:
-            live_text = (live_config or {}).get("data", {}).get("config.yaml")
             config_generation = next_config_generation(live_text, rendered, config_generation)
             rendered["generation"] = config_generation
             config_text = manifests.render_config(rendered)
@@ -269,7 +342,7 @@ class Reconciler:
                 config_error=config_error,
                 secret_problems=secret_problems,
                 deployment=deployment,
-                migrating="migration" in spec,
+                migration=migration_state if "migration" in spec else None,
             ),
             _now(),
         )
@@ -277,4 +350,6 @@ class Reconciler:
             await self.kube.patch_status(namespace, name, status)
             for type_, reason, message in condition_events(previous, status):
                 await self.kube.event(gateway, type_, reason, message)
+        for action in actions:
+            await self.kube.event(gateway, action.type, action.reason, action.message)
         return status

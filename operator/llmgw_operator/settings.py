@@ -8,6 +8,9 @@
 ``LLMGW_RESYNC_SECONDS``   Period of the drift check of every gateway (default 300). Changes to a
                            gateway, its Secrets or its children are acted on at once, by watches;
                            this only catches what no watch reports.
+``LLMGW_MIGRATION_TICK_SECONDS``  How often a running migration is looked at (default 5): waiting for
+                           proxies to report a new weight, and due checks. Checks themselves
+                           come each ``spec.migration.interval``.
 ``LLMGW_HEALTH_LISTEN``    HOST:PORT of kopf's liveness endpoint (``/healthz``); empty: off.
 ``LLMGW_PROMETHEUS_URL``   Default Prometheus API for migration analysis (see ``spec.migration``).
 =========================  =====================================================================
@@ -26,12 +29,23 @@ class SettingsError(ValueError):
     """An ``LLMGW_*`` variable has a value the operator cannot use; the message names it."""
 
 
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    try:
+        value = float(env.get(name, str(default)))
+    except ValueError:
+        raise SettingsError(f"{name}: must be a number of seconds, got {env[name]!r}") from None
+    if value <= 0:
+        raise SettingsError(f"{name}: must be positive, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     namespaces: tuple[str, ...] = ()
     proxy_image: str = DEFAULT_PROXY_IMAGE
     log_level: str = "info"
     resync_seconds: float = 300.0
+    migration_tick_seconds: float = 5.0
     health_listen: str = ""
     prometheus_url: str = ""
 
@@ -45,19 +59,14 @@ class Settings:
         log_level = env.get("LLMGW_LOG_LEVEL", "info").lower()
         if log_level not in ("debug", "info", "warning", "error"):
             raise SettingsError(f"LLMGW_LOG_LEVEL: must be debug, info, warning or error, got {log_level!r}")
-        try:
-            resync = float(env.get("LLMGW_RESYNC_SECONDS", "300"))
-        except ValueError:
-            raise SettingsError(
-                f"LLMGW_RESYNC_SECONDS: must be a number, got {env['LLMGW_RESYNC_SECONDS']!r}"
-            ) from None
-        if resync <= 0:
-            raise SettingsError("LLMGW_RESYNC_SECONDS: must be positive")
+        resync = _positive(env, "LLMGW_RESYNC_SECONDS", 300.0)
+        tick = _positive(env, "LLMGW_MIGRATION_TICK_SECONDS", 5.0)
         return cls(
             namespaces=namespaces,
             proxy_image=env.get("LLMGW_PROXY_IMAGE", DEFAULT_PROXY_IMAGE) or DEFAULT_PROXY_IMAGE,
             log_level=log_level,
             resync_seconds=resync,
+            migration_tick_seconds=tick,
             health_listen=env.get("LLMGW_HEALTH_LISTEN", ""),
             prometheus_url=env.get("LLMGW_PROMETHEUS_URL", ""),
         )

@@ -32,7 +32,7 @@ class Observation:
     config_error: str | None = None
     secret_problems: list[str] = field(default_factory=list)
     deployment: dict[str, Any] | None = None  # the live Deployment, or None if it does not exist
-    migrating: bool = False  # spec.migration is set: the migration controller owns Progressing
+    migration: dict[str, Any] | None = None  # status.migration when spec.migration is set
 
 
 def set_condition(
@@ -56,6 +56,30 @@ def set_condition(
         "lastTransitionTime": transition,
     }
     return [c for c in conditions if c.get("type") != type_] + [updated]
+
+
+_MIGRATION_PROGRESSING = {
+    # migration phase: (Progressing status, reason)
+    "Pending": ("True", "WaitingForProxies"),
+    "Progressing": ("True", "Progressing"),
+    "Paused": ("False", "Paused"),
+    "Succeeded": ("False", "Succeeded"),
+    "RolledBack": ("False", "RolledBack"),
+    "Failed": ("False", "ProgressDeadlineExceeded"),
+}
+
+
+def _migration_conditions(state: dict[str, Any], phase: str, cond: Any) -> str:
+    """Set Progressing (and Degraded after a rollback or failure) from the migration; the gateway's phase."""
+    mphase = state.get("phase", "Pending")
+    status, reason = _MIGRATION_PROGRESSING.get(mphase, ("Unknown", mphase))
+    message = state.get("message") or f"migration {mphase}"
+    cond("Progressing", status, reason, message)
+    if phase == "Degraded":
+        return phase  # an invalid spec or a missing Secret says more than the migration
+    if mphase in ("RolledBack", "Failed"):
+        cond("Degraded", "True", reason, message)
+    return mphase if mphase != "Pending" else phase
 
 
 def _rollout(
@@ -114,12 +138,16 @@ def build_status(previous: dict[str, Any], seen: Observation, now: str) -> dict[
         ready_message = rollout_message
         cond("Degraded", "False", "AsExpected", "no problem found")
     cond("Ready", "True" if phase == "Ready" else "False", ready_reason, ready_message)
-    if not seen.migrating:
+    if seen.migration is None:
         cond("Progressing", "False", "NoMigration", "spec.migration is not set")
+    else:
+        phase = _migration_conditions(seen.migration, phase, cond)
 
     order = {t: i for i, t in enumerate(CONDITION_TYPES)}
+    kept = {} if seen.migration is None else {"migration": seen.migration}
     status: dict[str, Any] = {
         **{k: v for k, v in previous.items() if k == "migration"},
+        **kept,
         "observedGeneration": gen,
         "phase": phase,
         "grpcWeight": seen.grpc_weight,

@@ -6,6 +6,7 @@ Subcommands:
   demo           run a local demo: fake providers, the proxy and a bounded load, then a summary
   cluster        run a local Kubernetes control plane in the background (up, down, status)
   operator       run the Kubernetes operator that turns LLMGateway resources into proxies
+  status         show one LLMGateway's rollout (phase, step, weight, analysis, events), optionally live
 """
 
 from __future__ import annotations
@@ -59,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(see the README).",
     )
 
+    status = sub.add_parser("status", help="show an LLMGateway's rollout; --watch keeps it live")
+    status.add_argument("name", help="the LLMGateway's name")
+    status.add_argument("-n", "--namespace", default=None, help="its namespace (default: the kubeconfig's)")
+    status.add_argument("-w", "--watch", action="store_true", help="redraw as it changes, until Ctrl-C")
+    status.add_argument(
+        "--until-done", action="store_true", help="with --watch: stop when the migration ends"
+    )
+
     cluster = sub.add_parser("cluster", help="run a local Kubernetes control plane (state in ./.llmgw)")
     actions = cluster.add_subparsers(dest="action", required=True, metavar="ACTION")
     actions.add_parser("up", help="start etcd, kube-apiserver and kube-controller-manager in the background")
@@ -84,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"llmgw operator: {exc}", file=sys.stderr)
             return 2
         return operator_main.run(settings)
+    if args.command == "status":
+        from llmgw_operator import status_view
+
+        return status_view.run(args.name, args.namespace, args.watch, until_done=args.until_done)
     if args.command == "cluster":
         # The operator package is not installed in the proxy image: import it only for this command.
         from llmgw_operator import cluster
