@@ -18,7 +18,7 @@ import yaml
 from llmgw.fake_provider import FakeProvider
 from llmgw.server import ProxyServer
 
-pytest_plugins = ["k8s"]
+pytest_plugins = ["k8s", "prometheus"]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LLMGW = str(pathlib.Path(sys.executable).parent / "llmgw")

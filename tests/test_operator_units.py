@@ -240,3 +240,12 @@ def test_crd_file_in_crds_is_the_packaged_one() -> None:
     from llmgw_operator.spec import crd
 
     assert yaml.safe_load(Path("crds/llmgateways.llmgateway.io.yaml").read_text()) == crd()
+
+
+def test_status_reports_objects_the_api_server_refused() -> None:
+    refused = 'Internal error occurred: failed to allocate a serviceIP for Service "gw": range is full'
+    status = build_status({}, _observation(apply_errors=[f"InternalError: {refused}"]), "t")
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert status["phase"] == "Degraded"
+    assert conditions["Degraded"]["reason"] == "ApplyFailed"
+    assert "range is full" in conditions["Ready"]["message"]

@@ -515,7 +515,7 @@ class PrometheusSource:
     ``bearer_token`` is sent as ``Authorization: Bearer``; ``user:password@`` in the URL as basic auth.
     ``namespace_label`` and ``gateway_label`` are the names of the labels Prometheus puts on the proxies'
     series (see the module docstring). ``timeout_seconds`` bounds each query, ``scrape_timeout_seconds``
-    each read of a proxy."""
+    each read of a proxy. ``clock`` (Unix seconds) gives the instant a measurement's window ends at."""
 
     def __init__(
         self,
@@ -526,8 +526,10 @@ class PrometheusSource:
         gateway_label: str = "llmgateway_io_gateway",
         timeout_seconds: float = 10.0,
         scrape_timeout_seconds: float = 2.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url.rstrip("/")
+        self._clock = clock
         parsed = URL(self.url)
         if parsed.user is not None and bearer_token:
             raise ValueError(
@@ -593,7 +595,7 @@ class PrometheusSource:
     async def measure(self, key: Hashable, targets: Targets, window_seconds: float) -> Measurements | None:
         _check_window(window_seconds)
         queries = self.queries(targets, window_seconds)
-        at = time.time()
+        at = self._clock()
         values = await asyncio.gather(*(self.query(q, at) for q in queries.values()))
         result = dict(zip(queries, values, strict=True))
         if result["targets"] is None:

@@ -333,7 +333,7 @@ class ControlPlane:
                 f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
-                "--service-cluster-ip-range=10.0.0.0/24",
+                "--service-cluster-ip-range=10.96.0.0/16",  # room for thousands of Services (benchmarks)
                 "--allow-privileged=true",
                 f"--audit-policy-file={policy}",
                 f"--audit-log-path={self.audit_log}",

@@ -26,7 +26,7 @@ from lightkube import ApiError
 
 from .manifests import MANAGED_BY
 from .migration import FINAL_PHASES
-from .reconcile import Reconciler
+from .reconcile import ApplyFailed, Reconciler
 from .settings import Settings
 from .spec import GROUP, KIND, PLURAL, VERSION, referenced_secrets
 
@@ -61,6 +61,8 @@ def build_registry(settings: Settings, reconciler: Reconciler) -> kopf.OperatorR
             raise kopf.TemporaryError(
                 f"API error while reconciling {namespace}/{name}: {exc.status.message}", delay=5
             ) from exc
+        except ApplyFailed as exc:
+            raise kopf.TemporaryError(str(exc), delay=10) from exc
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -167,10 +169,10 @@ async def periodic_loop(settings: Settings, reconciler: Reconciler) -> None:
                 meta = gateway["metadata"]
                 try:
                     await reconciler.sync(meta["namespace"], meta["name"])
-                except ApiError as exc:
+                except (ApiError, ApplyFailed) as exc:
                     log.warning(
                         "periodic pass of %s/%s failed: %s",
                         meta["namespace"],
                         meta["name"],
-                        exc.status.message,
+                        exc.status.message if isinstance(exc, ApiError) else exc,
                     )

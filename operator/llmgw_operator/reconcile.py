@@ -23,6 +23,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import yaml
+from lightkube import ApiError
 
 from llmgw import config as proxy_config
 
@@ -133,6 +134,10 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class ApplyFailed(RuntimeError):
+    """Some of a gateway's objects could not be written (already reported in its status); retry later."""
+
+
 _WARNING = {("ConfigValid", "False"), ("SecretsResolved", "False"), ("Degraded", "True")}
 
 
@@ -224,7 +229,12 @@ class Reconciler:
             log.warning("gateway %s/%s: metrics unavailable: %s", namespace, name, exc)
             proxies = migration.Proxies(ready=len(endpoints), live_weights=(), live_generations=())
         commands = {k: v for k, v in (meta.get("annotations") or {}).items() if k in migration.COMMANDS}
-        return migration.advance(plan, state, proxies, measurements, config_generation, now, commands)
+        new_state, actions = migration.advance(
+            plan, state, proxies, measurements, config_generation, now, commands
+        )
+        if new_state.get("phase") in migration.FINAL_PHASES:
+            self._scrape.forget(targets.key)  # readings are for checks, and none will come
+        return new_state, actions
 
     async def sync(self, namespace: str, name: str) -> dict[str, Any] | None:
         """Reconcile gateway ``namespace/name``; its new status, or None if it is gone."""
@@ -233,6 +243,7 @@ class Reconciler:
             gateway = await self.kube.get(KIND, namespace, name)
             if gateway is None:
                 self._locks.pop((namespace, name), None)
+                self._scrape.forget((namespace, name))
                 return None
             if gateway["metadata"].get("deletionTimestamp"):
                 return None  # owner references let the garbage collector remove the children
@@ -301,6 +312,7 @@ class Reconciler:
         config_generation = int(previous.get("configGeneration", 0))
         migration_state = previous.get("migration") or {}
         actions: list[migration.Action] = []
+        apply_errors: list[str] = []
         if rendered is not None and "migration" in spec and not secret_problems:
             # The migration judges the weight rendered so far; a new weight is rendered right after.
             live_generation = next_config_generation(live_text, rendered, config_generation)
@@ -315,7 +327,7 @@ class Reconciler:
             rendered["generation"] = config_generation
             config_text = manifests.render_config(rendered)
             pdb = manifests.build_pod_disruption_budget(meta, spec)
-            await asyncio.gather(
+            results = await asyncio.gather(
                 self._ensure(gateway, manifests.build_config_map(meta, config_text), live_config),
                 self._ensure(gateway, manifests.build_service_account(meta)),
                 self._ensure(gateway, manifests.build_service(meta, spec)),
@@ -324,12 +336,23 @@ class Reconciler:
                 else self.kube.delete("PodDisruptionBudget", namespace, manifests.proxy_name(name))
                 if previous.get("replicas", 0) > 1
                 else asyncio.sleep(0),
+                return_exceptions=True,
             )
             if not secret_problems:
                 # With a Secret missing, the running proxies are left as they are rather than broken.
                 image = spec["proxy"].get("image") or self.settings.proxy_image
                 desired = manifests.build_deployment(meta, spec, image, manifests.secrets_hash(versions))
-                deployment = await self._ensure(gateway, desired, deployment)
+                try:
+                    deployment = await self._ensure(gateway, desired, deployment)
+                except ApiError as exc:
+                    results.append(exc)
+            # One object refused (a quota, a full Service IP range, an admission webhook) must not stop the
+            # others; it is reported in the status, and the pass is retried.
+            for result in results:
+                if isinstance(result, ApiError):
+                    apply_errors.append(f"{result.status.reason or 'Error'}: {result.status.message}")
+                elif isinstance(result, BaseException):
+                    raise result
 
         status = build_status(
             previous,
@@ -341,6 +364,7 @@ class Reconciler:
                 selector=manifests.selector_string(name),
                 config_error=config_error,
                 secret_problems=secret_problems,
+                apply_errors=apply_errors,
                 deployment=deployment,
                 migration=migration_state if "migration" in spec else None,
             ),
@@ -352,4 +376,6 @@ class Reconciler:
                 await self.kube.event(gateway, type_, reason, message)
         for action in actions:
             await self.kube.event(gateway, action.type, action.reason, action.message)
+        if apply_errors:
+            raise ApplyFailed(f"{namespace}/{name}: " + "; ".join(apply_errors))
         return status

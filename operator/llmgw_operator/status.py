@@ -31,6 +31,7 @@ class Observation:
     selector: str
     config_error: str | None = None
     secret_problems: list[str] = field(default_factory=list)
+    apply_errors: list[str] = field(default_factory=list)  # objects the API server refused to write
     deployment: dict[str, Any] | None = None  # the live Deployment, or None if it does not exist
     migration: dict[str, Any] | None = None  # status.migration when spec.migration is set
 
@@ -132,6 +133,9 @@ def build_status(previous: dict[str, Any], seen: Observation, now: str) -> dict[
             "waiting for Secrets: see SecretsResolved",
         )
         cond("Degraded", "True", "SecretsUnresolved", "; ".join(seen.secret_problems))
+    elif seen.apply_errors:
+        phase, ready_reason, ready_message = "Degraded", "ApplyFailed", "; ".join(seen.apply_errors)
+        cond("Degraded", "True", "ApplyFailed", "; ".join(seen.apply_errors))
     else:
         phase = "Ready" if proxies_ready else "Pending"
         ready_reason = "ProxiesReady" if proxies_ready else "ProxiesNotReady"
