@@ -220,14 +220,16 @@ class Reconciler:
         )
         targets = Targets(namespace, name, endpoints, split_routes(spec))
         measurements = None
+        source: MetricsSource = self._scrape  # the live state is read from the pods in any case
         try:
             source = await self._metrics_source(namespace, plan)
             proxies = await source.proxies(targets)
             if migration.check_due(plan, state, now):
                 measurements = await source.measure(targets.key, targets, parse_duration(plan["interval"]))
         except MetricsUnavailable as exc:
+            # No numbers is an inconclusive check, never a passed one; the message says where to look.
             log.warning("gateway %s/%s: metrics unavailable: %s", namespace, name, exc)
-            proxies = migration.Proxies(ready=len(endpoints), live_weights=(), live_generations=())
+            proxies = await source.proxies(targets)
         commands = {k: v for k, v in (meta.get("annotations") or {}).items() if k in migration.COMMANDS}
         new_state, actions = migration.advance(
             plan, state, proxies, measurements, config_generation, now, commands
@@ -250,9 +252,14 @@ class Reconciler:
             return await self._sync(gateway)
 
     async def _ensure(
-        self, gateway: dict[str, Any], manifest: dict[str, Any], live: dict[str, Any] | bool | None = False
+        self,
+        gateway: dict[str, Any],
+        manifest: dict[str, Any],
+        live: dict[str, Any] | bool | None = False,
+        created: list[str] | None = None,
     ) -> dict[str, Any]:
-        """Apply ``manifest`` unless the live object already matches; ``live`` False means "not read yet"."""
+        """Apply ``manifest`` unless the live object already matches; ``live`` False means "not read yet".
+        A created object is added to ``created`` (one event tells them all)."""
         desired = stamped(manifest)
         meta = desired["metadata"]
         if live is False:
@@ -263,7 +270,8 @@ class Reconciler:
             return live
         applied = await self.kube.apply(desired)
         if live is None:
-            await self.kube.event(gateway, "Normal", "Created", f"created {desired['kind']} {meta['name']}")
+            if created is not None:
+                created.append(f"{desired['kind']} {meta['name']}")
         elif desired["kind"] == "ConfigMap":
             generation = yaml.safe_load(desired["data"]["config.yaml"]).get("generation")
             await self.kube.event(
@@ -313,6 +321,7 @@ class Reconciler:
         migration_state = previous.get("migration") or {}
         actions: list[migration.Action] = []
         apply_errors: list[str] = []
+        created: list[str] = []
         if rendered is not None and "migration" in spec and not secret_problems:
             # The migration judges the weight rendered so far; a new weight is rendered right after.
             live_generation = next_config_generation(live_text, rendered, config_generation)
@@ -328,10 +337,10 @@ class Reconciler:
             config_text = manifests.render_config(rendered)
             pdb = manifests.build_pod_disruption_budget(meta, spec)
             results = await asyncio.gather(
-                self._ensure(gateway, manifests.build_config_map(meta, config_text), live_config),
-                self._ensure(gateway, manifests.build_service_account(meta)),
-                self._ensure(gateway, manifests.build_service(meta, spec)),
-                self._ensure(gateway, pdb)
+                self._ensure(gateway, manifests.build_config_map(meta, config_text), live_config, created),
+                self._ensure(gateway, manifests.build_service_account(meta), created=created),
+                self._ensure(gateway, manifests.build_service(meta, spec), created=created),
+                self._ensure(gateway, pdb, created=created)
                 if pdb is not None
                 else self.kube.delete("PodDisruptionBudget", namespace, manifests.proxy_name(name))
                 if previous.get("replicas", 0) > 1
@@ -343,7 +352,7 @@ class Reconciler:
                 image = spec["proxy"].get("image") or self.settings.proxy_image
                 desired = manifests.build_deployment(meta, spec, image, manifests.secrets_hash(versions))
                 try:
-                    deployment = await self._ensure(gateway, desired, deployment)
+                    deployment = await self._ensure(gateway, desired, deployment, created)
                 except ApiError as exc:
                     results.append(exc)
             # One object refused (a quota, a full Service IP range, an admission webhook) must not stop the
@@ -374,6 +383,8 @@ class Reconciler:
             await self.kube.patch_status(namespace, name, status)
             for type_, reason, message in condition_events(previous, status):
                 await self.kube.event(gateway, type_, reason, message)
+        if created:
+            await self.kube.event(gateway, "Normal", "Created", "created " + ", ".join(sorted(created)))
         for action in actions:
             await self.kube.event(gateway, action.type, action.reason, action.message)
         if apply_errors:
