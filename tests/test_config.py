@@ -164,3 +164,23 @@ def test_not_yaml(tmp_path: pathlib.Path) -> None:
     path.write_text("routes: [unclosed\n")
     with pytest.raises(config.ConfigError, match="not valid YAML"):
         config.load(path)
+
+
+def test_listen_host_env_replaces_the_host_and_keeps_the_ports(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = base()
+    data["listen"] = {"grpc": "0.0.0.0:50051", "rest": "0.0.0.0:8080", "admin": "[::]:9090"}
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("LLMGW_LISTEN_HOST", "127.0.1.7")
+    cfg = config.load(path)
+    assert cfg.listen == config.Listen(grpc="127.0.1.7:50051", rest="127.0.1.7:8080", admin="127.0.1.7:9090")
+    monkeypatch.setenv("LLMGW_LISTEN_HOST", "::1")
+    assert config.load(path).listen.rest == "[::1]:8080"
+    monkeypatch.setenv("LLMGW_LISTEN_HOST", " ")
+    with pytest.raises(config.ConfigError, match="LLMGW_LISTEN_HOST: must be a host name or IP address"):
+        config.load(path)
+    monkeypatch.delenv("LLMGW_LISTEN_HOST")
+    assert config.load(path).listen.admin == "[::]:9090"
+    assert config.parse(data).listen.rest == "0.0.0.0:8080"  # parse alone never reads the environment

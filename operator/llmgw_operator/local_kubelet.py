@@ -108,12 +108,13 @@ from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import ConfigMap, NodeStatus, Pod, PodStatus, Secret
 from lightkube.types import PatchType
 
+from llmgw.config import LISTEN_HOST_ENV
+
 log = logging.getLogger("llmgw.local_kubelet")
 
 DEFAULT_SCHEDULER = "default-scheduler"
 FIELD_MANAGER = "llmgw-local-kubelet"
 HOST_IP = "127.0.0.1"
-LISTEN_HOST_ENV = "LLMGW_LISTEN_HOST"  # honoured by llmgw.config.load
 ENTRYPOINT = "llmgw"  # the proxy image's ENTRYPOINT
 MIN_KILL_GRACE_S = 2.0  # as the kubelet: even a force-deleted pod gets a moment to exit
 API_TIMEOUT_S = 10.0
@@ -181,10 +182,6 @@ class Probe:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _ref_key(kind: str, name: str) -> tuple[str, str]:
-    return kind, name
 
 
 # ------------------------------------------------------------------------------------------ pod spec checks
@@ -475,9 +472,9 @@ class _PodRunner:
         refs = set()
         for volume in self.spec.get("volumes", []):
             if "configMap" in volume:
-                refs.add(_ref_key("ConfigMap", volume["configMap"]["name"]))
+                refs.add(("ConfigMap", volume["configMap"]["name"]))
             elif "secret" in volume:
-                refs.add(_ref_key("Secret", volume["secret"]["secretName"]))
+                refs.add(("Secret", volume["secret"]["secretName"]))
         return refs
 
     def snapshot(self) -> LocalPod:
@@ -500,17 +497,23 @@ class _PodRunner:
             if self.spec.get("nodeName") != self.kubelet.node_name and not await self._bind():
                 return
             await self._run_container()
+            # As a kubelet: the pod's resources are reclaimed before its deletion is finalized.
+            self._clean_up()
             if not self.stopping:
                 await self._finalize()
         except Exception:
             log.exception("pod %s/%s: unexpected error; its process is stopped", self.namespace, self.name)
         finally:
-            self._kill_now()
-            for task in (self._volume_task, self._status_retry):
-                if task is not None:
-                    task.cancel()
-            _remove_pod_dir(self.dir, self.kubelet.workdir / "logs" / f"{self.name}_{self.uid}.log")
-            self.kubelet.ips.release(self.uid)
+            self._clean_up()
+
+    def _clean_up(self) -> None:
+        """Kill what still runs, stop the side tasks, remove the pod's files, free its IP (idempotent)."""
+        self._kill_now()
+        for task in (self._volume_task, self._status_retry):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        _remove_pod_dir(self.dir, self.kubelet.workdir / "logs" / f"{self.name}_{self.uid}.log")
+        self.kubelet.ips.release(self.uid)
 
     async def _bind(self) -> bool:
         """Bind the pod to this node (``pods/binding``, as a scheduler does); False when it is not ours."""
@@ -1117,8 +1120,9 @@ class LocalKubelet:
 
     @property
     def pods(self) -> list[LocalPod]:
-        """The pods this kubelet runs now, by name."""
-        return sorted((r.snapshot() for r in self._runners.values()), key=lambda p: p.name)
+        """The pods this kubelet runs now, by name (a copy: safe to read from another thread)."""
+        runners = list(self._runners.values())
+        return sorted((r.snapshot() for r in runners), key=lambda p: p.name)
 
     async def start(self) -> None:
         """Register the node and start watching pods, ConfigMaps and Secrets of the namespace."""
@@ -1420,7 +1424,7 @@ class LocalKubelet:
                 runner.schedule_volume_sync()
 
     def _on_source_event(self, kind: str, obj: Mapping[str, Any]) -> None:
-        key = _ref_key(kind, obj["metadata"]["name"])
+        key = (kind, obj["metadata"]["name"])
         for runner in self._runners.values():
             if key in runner.volume_sources():
                 runner.schedule_volume_sync()

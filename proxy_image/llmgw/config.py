@@ -8,6 +8,12 @@ into the proxy pods as a ConfigMap; people running the proxy by hand write it th
 
 Secrets are never part of this file: provider API keys and client API keys are named here (an environment
 variable or a file path) and read when the configuration is loaded.
+
+``LLMGW_LISTEN_HOST``, when set in the proxy's environment, replaces the host part of all three ``listen``
+addresses at load time (and at every reload), keeping their ports: ``0.0.0.0:8080`` becomes
+``10.1.2.3:8080``. In Kubernetes it binds the pod IP (``valueFrom.fieldRef: status.podIP``) instead of
+every interface; the local kubelet (:mod:`llmgw_operator.local_kubelet`) uses it to give each proxy process
+its own loopback address.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any, TypeVar
 import yaml
 
 PROVIDER_TYPES = ("openai", "anthropic", "grpc")
+LISTEN_HOST_ENV = "LLMGW_LISTEN_HOST"
 REST_TYPES = ("openai", "anthropic")
 
 T = TypeVar("T")
@@ -441,6 +448,22 @@ def _read_client_keys(auth: Auth) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def _override_listen_host(listen: Listen, host: str) -> Listen:
+    """``listen`` with every address's host replaced by ``host`` (from ``LLMGW_LISTEN_HOST``), ports kept."""
+    host = host.strip().strip("[]")
+    if not host:
+        raise ConfigError(
+            f"{LISTEN_HOST_ENV}: must be a host name or IP address when set, got an empty value"
+        )
+    bracketed = f"[{host}]" if ":" in host else host
+    addresses = {}
+    for key in ("grpc", "rest", "admin"):
+        _, port = check_listen_address(getattr(listen, key), f"listen.{key}")
+        addresses[key] = f"{bracketed}:{port}"
+        check_listen_address(addresses[key], LISTEN_HOST_ENV)
+    return Listen(**addresses)
+
+
 def load(path: str | os.PathLike[str]) -> ProxyConfig:
     """Read, check and resolve the configuration file at ``path`` (including the secrets it names)."""
     try:
@@ -452,6 +475,9 @@ def load(path: str | os.PathLike[str]) -> ProxyConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     config = parse(data)
+    listen_host = os.environ.get(LISTEN_HOST_ENV)
+    if listen_host is not None:
+        config = dataclasses.replace(config, listen=_override_listen_host(config.listen, listen_host))
     provider_keys = {
         name: p.api_key.read(f"providers[{i}].apiKey")
         for i, (name, p) in enumerate(config.providers.items())
