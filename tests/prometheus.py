@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import os
 import pathlib
 import shutil
@@ -130,6 +131,8 @@ class PrometheusServer:
                     "static_configs": [
                         {"targets": [t.address], "labels": dict(t.labels)} for t in self.targets
                     ],
+                    # Targets known only later (pods): set_targets() writes them here, read within ~1 s.
+                    "file_sd_configs": [{"files": [str(workdir / "targets.json")], "refresh_interval": "1s"}],
                 }
             ],
         }
@@ -152,6 +155,17 @@ class PrometheusServer:
             start_new_session=True,
         )
         self.startup_seconds = 0.0
+
+    def set_targets(self, targets: Sequence[Target]) -> None:
+        """Scrape these too (file-based discovery; the file is replaced atomically)."""
+        for target in targets:
+            _check_loopback(target.address)
+        groups = [{"targets": [t.address], "labels": dict(t.labels)} for t in targets]
+        path = self.config_path.parent / "targets.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(groups))
+        os.replace(tmp, path)
+        self.targets = [*self.targets, *targets]
 
     def output(self) -> str:
         return self.log_path.read_text()
