@@ -260,14 +260,51 @@ def events(world: World) -> list[dict[str, Any]]:
     return sorted(items, key=lambda e: e.get("lastTimestamp") or "")
 
 
+class WeightLag:
+    """How long after the operator writes a new weight every ready proxy serves it (polled every 50 ms)."""
+
+    def __init__(self, world: World) -> None:
+        self.world, self.lags = world, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _live(self, weight: int) -> bool:
+        for ip in self.world.pod_ips():
+            with urllib.request.urlopen(f"http://{ip}:9090/metrics", timeout=5) as response:
+                text = response.read().decode()
+            if f'llmgw_route_grpc_weight{{route="demo-model"}} {float(weight)}' not in text:
+                return False
+        return True
+
+    def _run(self) -> None:
+        written = 0
+        deadline = time.monotonic() + 240
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            weight = int(self.world.gateway().get("status", {}).get("grpcWeight", 0))
+            if weight != written:
+                since, written = time.monotonic(), weight
+                while not self._live(weight) and time.monotonic() - since < 30:
+                    time.sleep(0.05)
+                self.lags.append(time.monotonic() - since)
+            time.sleep(0.05)
+
+    def finish(self) -> list[float]:
+        self.stop.set()
+        self.thread.join(40)
+        return self.lags
+
+
 def test_healthy_migration_reaches_100_percent(world: World) -> None:
     world.create()
     load = Load(world.pod_ips)
     load.start()
+    lag = WeightLag(world)
     started = time.monotonic()
     world.wait("phase Succeeded", lambda: migration(world).get("phase") == "Succeeded", timeout=150)
     took = time.monotonic() - started
     codes = load.finish()
+    lags = lag.finish()
 
     status = world.gateway()["status"]
     assert status["phase"] == "Succeeded" and status["grpcWeight"] == 100
@@ -283,7 +320,10 @@ def test_healthy_migration_reaches_100_percent(world: World) -> None:
     reasons = [e["reason"] for e in events(world)]
     for reason in ("MigrationStarted", "WeightLive", "CheckPassed", "StepAdvanced", "Succeeded"):
         assert reason in reasons, reason
-    print(f"\nhealthy run: 0 -> 100% in {took:.1f}s, {sum(codes.values())} requests, all answered")
+    print(
+        f"\nhealthy run: 0 -> 100% in {took:.1f}s, {sum(codes.values())} requests, all answered; weight written "
+        f"-> served by every proxy: {', '.join(f'{x:.2f}s' for x in lags)} (status read to /metrics, 50 ms polls)"
+    )
 
 
 def test_failing_grpc_provider_rolls_back_within_two_intervals(world: World) -> None:
@@ -315,3 +355,23 @@ def test_failing_grpc_provider_rolls_back_within_two_intervals(world: World) -> 
     print(
         f"\nfailing run: rolled back {took:.1f}s after the gRPC provider began failing; {sum(codes.values())} requests, all answered"
     )
+
+
+def test_abort_then_retry_by_annotation(world: World) -> None:
+    world.create()
+    load = Load(world.pod_ips)
+    load.start()
+    world.wait("the 10% step to be live", lambda: migration(world).get("weightLiveAt"), timeout=60)
+    world.kubectl("annotate", "-n", world.namespace, "llmgw", "gw", "llmgateway.io/abort=1")
+    world.wait("the abort", lambda: migration(world).get("phase") == "RolledBack", timeout=15)
+    state = migration(world)
+    assert state["weight"] == 0 and state["observedCommands"]["llmgateway.io/abort"] == "1"
+    world.kubectl("annotate", "-n", world.namespace, "llmgw", "gw", "llmgateway.io/retry=1")
+    world.wait("the retry to start over", lambda: migration(world).get("phase") == "Progressing", timeout=15)
+    world.kubectl("annotate", "-n", world.namespace, "llmgw", "gw", "llmgateway.io/promote=1")
+    world.wait("the promotion", lambda: migration(world).get("phase") == "Succeeded", timeout=15)
+    codes = load.finish()
+    assert world.gateway()["status"]["grpcWeight"] == 100
+    reasons = {e["reason"] for e in events(world)}
+    assert {"Aborted", "Retried", "Promoted"} <= reasons
+    assert set(codes) == {200}, f"requests that got no answer: {codes}"

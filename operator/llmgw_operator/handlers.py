@@ -11,7 +11,7 @@ kopf watches the resources and calls these; each only decides *which* gateway to
   undone by the drift check;
 - a clock (:func:`periodic_loop`): migration ticks, and the drift check that catches what no watch reports.
 
-kopf's own bookkeeping (the last handled spec) goes to annotations under ``llmgateway.io/``, because
+kopf's own bookkeeping (the last handled spec) goes to annotations under ``kopf.llmgateway.io/``, because
 the CRD's structural schema has no room for kopf's default ``status.kopf``.
 """
 
@@ -25,13 +25,16 @@ import kopf
 from lightkube import ApiError
 
 from .manifests import MANAGED_BY
-from .migration import FINAL_PHASES
+from .migration import COMMANDS, FINAL_PHASES
 from .reconcile import ApplyFailed, Reconciler
 from .settings import Settings
 from .spec import GROUP, KIND, PLURAL, VERSION, referenced_secrets
 
 log = logging.getLogger(__name__)
 
+# Not GROUP itself: kopf leaves annotations under its own prefix out of the diffs that trigger handlers,
+# and the migration's commands (llmgateway.io/promote, ...) must trigger them.
+KOPF_PREFIX = f"kopf.{GROUP}"
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 CHILD_KINDS = (
     ("", "v1", "configmaps"),
@@ -70,9 +73,9 @@ def build_registry(settings: Settings, reconciler: Reconciler) -> kopf.OperatorR
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=GROUP, key="last-handled-configuration"
+            prefix=KOPF_PREFIX, key="last-handled-configuration"
         )
         settings.posting.enabled = False  # the reconciler records its own events, with distinct reasons
         settings.watching.server_timeout = 300
@@ -135,11 +138,15 @@ def build_registry(settings: Settings, reconciler: Reconciler) -> kopf.OperatorR
 
 
 def _migrating(gateway: dict[str, Any]) -> bool:
-    """A migration that still moves (or waits to): it needs ticks between the watch events."""
+    """A migration that still moves (or waits to), or has a command not acted on yet: it needs ticks
+    between the watch events."""
     if "migration" not in (gateway.get("spec") or {}):
         return False
-    phase = ((gateway.get("status") or {}).get("migration") or {}).get("phase")
-    return phase not in FINAL_PHASES
+    state = (gateway.get("status") or {}).get("migration") or {}
+    annotations = gateway.get("metadata", {}).get("annotations") or {}
+    observed = state.get("observedCommands") or {}
+    pending = any(annotations[key] != observed.get(key) for key in COMMANDS if key in annotations)
+    return pending or state.get("phase") not in FINAL_PHASES
 
 
 async def periodic_loop(settings: Settings, reconciler: Reconciler) -> None:
