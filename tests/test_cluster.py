@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from k8s import Kubectl
+from k8s import KUBECTL, Kubectl
 from lightkube import Client
 from lightkube.resources.core_v1 import Namespace
 
@@ -171,7 +171,7 @@ def test_cli_up_status_down(k8s_binaries: k8s_build.Binaries, tmp_path: Path) ->
         assert json.loads((tmp_path / ".llmgw" / "cluster" / "cluster.json").read_text())["pids"] == pids
 
         namespaces = subprocess.run(
-            ["kubectl", "get", "namespaces", "-o", "name"],
+            [KUBECTL, "get", "namespaces", "-o", "name"],
             env={**os.environ, "KUBECONFIG": str(env_kubeconfig)},
             capture_output=True,
             text=True,
