@@ -32,6 +32,7 @@ demo: venv
 bench: venv
 	$(BIN)/python bench/proxy_latency.py
 	$(BIN)/python bench/payload.py
+	$(BIN)/python bench/operator_reconcile.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,25 @@ def control_plane(
 @pytest.fixture(scope="session")
 def kubeconfig(control_plane: ControlPlane) -> Path:
     return control_plane.kubeconfig
+
+
+def poll(
+    what: str,
+    probe: Callable[[], Any],
+    timeout: float = 30.0,
+    interval: float = 0.2,
+    diagnose: Callable[[], str] = lambda: "",
+) -> Any:
+    """Call ``probe`` until it returns something truthy and return that; on timeout fail naming ``what``,
+    with ``diagnose()`` (a log tail, the objects' states) in the message."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{diagnose()}", pytrace=False)
+        time.sleep(interval)
 
 
 class Kubectl:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import openai
 import pytest
-from k8s import Kubectl
+from k8s import Kubectl, poll
 from lightkube import Client
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import Pod
@@ -230,19 +230,15 @@ class Env:
         return "\n".join(out)
 
     def wait(self, what: str, probe: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = probe()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                pods = "\n".join(
-                    f"{p['metadata']['name']}: {p.get('status', {}).get('phase')} "
-                    f"{p.get('status', {}).get('containerStatuses')}"
-                    for p in self.pods()
-                )
-                pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{pods}\n{self.log_tail()}")
-            time.sleep(interval)
+        def diagnose() -> str:
+            pods = "\n".join(
+                f"{p['metadata']['name']}: {p.get('status', {}).get('phase')} "
+                f"{p.get('status', {}).get('containerStatuses')}"
+                for p in self.pods()
+            )
+            return f"{pods}\n{self.log_tail()}"
+
+        return poll(what, probe, timeout, interval, diagnose)
 
 
 def is_ready(pod: dict[str, Any]) -> bool:

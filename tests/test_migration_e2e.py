@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k8s import Kubectl
+from k8s import Kubectl, poll
 from lightkube import Client
 from lightkube.resources.core_v1 import Pod
 from prometheus import PrometheusServer, Target
@@ -115,19 +115,12 @@ class World:
         ]
 
     def wait(self, what: str, probe: Callable[[], Any], timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = probe()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                gateways = [g.to_dict() for g in self.client.list(LLMGateway, namespace=self.namespace)]
-                status = json.dumps([g.get("status", {}) for g in gateways], indent=1)[-4000:]
-                log = (self.tmp / "operator.log").read_text()[-3000:]
-                pytest.fail(
-                    f"timed out after {timeout:.0f}s waiting for {what}\nstatus: {status}\noperator log:\n{log}"
-                )
-            time.sleep(0.2)
+        def diagnose() -> str:
+            gateways = [g.to_dict() for g in self.client.list(LLMGateway, namespace=self.namespace)]
+            status = json.dumps([g.get("status", {}) for g in gateways], indent=1)[-4000:]
+            return f"status: {status}\noperator log:\n{(self.tmp / 'operator.log').read_text()[-3000:]}"
+
+        return poll(what, probe, timeout, diagnose=diagnose)
 
     def start(self, kubeconfig: Path) -> None:
         self.prometheus = PrometheusServer(prometheus_binary(), self.tmp / "prometheus", [], "1s")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k8s import Kubectl
+from k8s import Kubectl, poll
 
 from conftest import LLMGW
 from llmgw_operator.cluster import ControlPlane
@@ -86,16 +86,13 @@ def operator(
 def wait_for(
     what: str, probe: Callable[[], Any], timeout: float = 30.0, operator: Operator | None = None
 ) -> Any:
-    """Poll ``probe`` until it returns something truthy; fail naming ``what`` (and the operator's log tail)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tail = operator.log()[-3000:] if operator else ""
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n--- operator log ---\n{tail}")
-        time.sleep(0.2)
+    """``poll`` with the operator's log tail in the failure message."""
+    return poll(
+        what,
+        probe,
+        timeout,
+        diagnose=lambda: f"--- operator log ---\n{operator.log()[-3000:] if operator else ''}",
+    )
 
 
 def get(kubectl: Kubectl, namespace: str, kind: str, name: str) -> dict[str, Any] | None:

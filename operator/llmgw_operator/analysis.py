@@ -92,7 +92,7 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -323,6 +323,21 @@ def _check_window(window_seconds: float) -> None:
 # ------------------------------------------------------------------------------------ reading proxies
 
 
+class _Closing:
+    """``async with source:`` closes its HTTP sessions on the way out."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
 class _Proxies:
     """Reads proxies' ``/metrics``; both sources use it for the live state."""
 
@@ -422,7 +437,7 @@ def _base(readings: Sequence[_Reading], now: float, window: float) -> _Reading |
     return max(fitting, key=lambda r: r.at) if fitting else None
 
 
-class ScrapeSource:
+class ScrapeSource(_Closing):
     """A :class:`MetricsSource` without Prometheus: reads the proxies' ``/metrics`` and keeps, per ``key``,
     the readings a window needs (see the module docstring). ``timeout_seconds`` bounds each read; ``clock``
     (monotonic seconds) times the readings.
@@ -436,14 +451,6 @@ class ScrapeSource:
         self._proxies = _Proxies(timeout_seconds)
         self._clock = clock
         self._histories: dict[Hashable, _History] = {}
-
-    async def __aenter__(self) -> ScrapeSource:
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         await self._proxies.close()
@@ -508,7 +515,7 @@ def promql_duration(seconds: float) -> str:
     return f"{millis // 1000}s" if millis % 1000 == 0 else f"{millis}ms"
 
 
-class PrometheusSource:
+class PrometheusSource(_Closing):
     """A :class:`MetricsSource` that asks Prometheus's HTTP API at ``url`` (e.g.
     ``http://prometheus.monitoring:9090``) for windows; the live state comes from the proxies directly.
 
@@ -543,14 +550,6 @@ class PrometheusSource:
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
         self._proxies = _Proxies(scrape_timeout_seconds)
-
-    async def __aenter__(self) -> PrometheusSource:
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         if self._session is not None:

@@ -124,29 +124,19 @@ def _build_with_progress(
     log(f"  {step}: done in {time.monotonic() - started:.0f}s ({packages} packages)")
 
 
-def _staging_modules(go: str, work: Path, env: dict[str, str]) -> list[str]:
-    info = json.loads(
-        _run(
-            "download k8s.io/kubernetes",
-            [go, "mod", "download", "-json", f"k8s.io/kubernetes@{KUBERNETES_VERSION}"],
-            work,
-            env,
-        )
-    )
-    text = Path(info["GoMod"]).read_text()
-    return sorted(set(re.findall(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/", text, re.MULTILINE)))
+def _kubernetes_go_mod(go: str, work: Path, env: dict[str, str]) -> str:
+    """The go.mod of k8s.io/kubernetes at the pinned release (downloading the module)."""
+    argv = [go, "mod", "download", "-json", f"k8s.io/kubernetes@{KUBERNETES_VERSION}"]
+    info = json.loads(_run("download k8s.io/kubernetes", argv, work, env))
+    return Path(info["GoMod"]).read_text()
 
 
-def _go_directive(go: str, work: Path, env: dict[str, str]) -> str:
-    info = json.loads(
-        _run(
-            "download k8s.io/kubernetes",
-            [go, "mod", "download", "-json", f"k8s.io/kubernetes@{KUBERNETES_VERSION}"],
-            work,
-            env,
-        )
-    )
-    match = re.search(r"^go (\S+)$", Path(info["GoMod"]).read_text(), re.MULTILINE)
+def _staging_modules(go_mod: str) -> list[str]:
+    return sorted(set(re.findall(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/", go_mod, re.MULTILINE)))
+
+
+def _go_directive(go_mod: str) -> str:
+    match = re.search(r"^go (\S+)$", go_mod, re.MULTILINE)
     return match.group(1) if match else "1.26.0"
 
 
@@ -189,8 +179,9 @@ def build(log: Callable[[str], None] = print) -> Path:
     apiserver_mod = work / "kube-apiserver"
     apiserver_mod.mkdir(exist_ok=True)
     staging_minor = "v0." + KUBERNETES_VERSION.split(".", 1)[1]
-    go_version = _go_directive(go, apiserver_mod, env)
-    staging = _staging_modules(go, apiserver_mod, env)
+    go_mod = _kubernetes_go_mod(go, apiserver_mod, env)
+    go_version = _go_directive(go_mod)
+    staging = _staging_modules(go_mod)
     replaces = "\n".join(f"\t{module} => {module} {staging_minor}" for module in staging)
     (apiserver_mod / "go.mod").write_text(
         f"module llmgw.local/kube-apiserver\n\ngo {go_version}\n\ngodebug default=go{'.'.join(go_version.split('.')[:2])}\n\n"
