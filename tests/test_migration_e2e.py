@@ -29,7 +29,7 @@ from k8s import Kubectl, poll
 from lightkube import Client
 from lightkube.resources.core_v1 import Pod
 from prometheus import PrometheusServer, Target
-from test_local_kubelet import LoopThread, is_ready
+from test_local_kubelet import LoopThread
 
 from conftest import LLMGW
 from llmgw.fake_provider import FakeProvider
@@ -109,10 +109,10 @@ class World:
         return gateway
 
     def pod_ips(self) -> list[str]:
-        pods = [p.to_dict() for p in self.client.list(Pod, namespace=self.namespace)]
-        return [
-            p["status"]["podIP"] for p in pods if is_ready(p) and not p["metadata"].get("deletionTimestamp")
-        ]
+        # The kubelet's own snapshot, not the API: the load threads call this, and lightkube's decoders
+        # must not be first used from two threads at once (msgspec builds them lazily, not thread-safely).
+        assert self.kubelet is not None
+        return [pod.ip for pod in self.kubelet.pods if pod.ready and pod.ip]
 
     def wait(self, what: str, probe: Callable[[], Any], timeout: float) -> Any:
         def diagnose() -> str:

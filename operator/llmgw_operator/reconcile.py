@@ -138,6 +138,7 @@ class ApplyFailed(RuntimeError):
     """Some of a gateway's objects could not be written (already reported in its status); retry later."""
 
 
+_MIGRATION_REASONS = {"RolledBack", "ProgressDeadlineExceeded"}
 _WARNING = {("ConfigValid", "False"), ("SecretsResolved", "False"), ("Degraded", "True")}
 
 
@@ -147,6 +148,8 @@ def condition_events(previous: dict[str, Any], current: dict[str, Any]) -> list[
     before = {c["type"]: c for c in previous.get("conditions", [])}
     events = []
     for cond in current.get("conditions", []):
+        if cond["type"] == "Progressing" or cond.get("reason") in _MIGRATION_REASONS:
+            continue  # the migration records its own events for these, with more to say
         old = before.get(cond["type"])
         warning = (cond["type"], cond["status"]) in _WARNING
         if old is None and not (warning or (cond["type"] == "Ready" and cond["status"] == "True")):

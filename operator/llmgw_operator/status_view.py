@@ -134,6 +134,30 @@ def _read(client: Client, namespace: str, name: str) -> tuple[dict[str, Any], li
     return gateway, events
 
 
+class Screen:
+    """Shows successive renderings: redrawn in place on a terminal, else a new block per change."""
+
+    def __init__(self, in_place: bool) -> None:
+        self.in_place = in_place and sys.stdout.isatty()
+        self.shown = ""
+
+    def show(self, text: str) -> None:
+        if text == self.shown:
+            return
+        if self.in_place:
+            sys.stdout.write("\x1b[H\x1b[J")
+        elif self.shown:
+            print("-" * 80)
+        print(text, flush=True)
+        self.shown = text
+
+
+def read(client: Client, namespace: str, name: str) -> str:
+    """The gateway's current rendering, read from the API server."""
+    gateway, events = _read(client, namespace, name)
+    return render(gateway, events, datetime.datetime.now(datetime.UTC))
+
+
 def run(
     name: str, namespace: str | None, watch: bool, interval: float = 1.0, until_done: bool = False
 ) -> int:
@@ -141,8 +165,7 @@ def run(
     ``until_done``, until its migration has finished (Succeeded, RolledBack or Failed)."""
     client = Client()
     namespace = namespace or client.namespace
-    terminal = sys.stdout.isatty()
-    shown = ""
+    screen = Screen(in_place=watch)
     try:
         while True:
             try:
@@ -150,14 +173,7 @@ def run(
             except ApiError as exc:
                 print(f"llmgw status: {namespace}/{name}: {exc.status.message}", file=sys.stderr)
                 return 1
-            text = render(gateway, events, datetime.datetime.now(datetime.UTC))
-            if text != shown:
-                if terminal and watch:
-                    sys.stdout.write("\x1b[H\x1b[J")  # redraw in place
-                elif shown:
-                    print("-" * 80)
-                print(text, flush=True)
-                shown = text
+            screen.show(render(gateway, events, datetime.datetime.now(datetime.UTC)))
             phase = ((gateway.get("status") or {}).get("migration") or {}).get("phase")
             if not watch or (until_done and phase in FINAL_PHASES):
                 return 0

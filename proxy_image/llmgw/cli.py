@@ -3,7 +3,7 @@
 Subcommands:
   proxy          run the gRPC+REST LLM proxy from a configuration file
   fake-provider  run a fake LLM provider (openai, anthropic or grpc) for tests, demos and benchmarks
-  demo           run a local demo: fake providers, the proxy and a bounded load, then a summary
+  demo           the local demo: control plane, operator, proxies and a live REST-to-gRPC rollout
   cluster        run a local Kubernetes control plane in the background (up, down, status)
   operator       run the Kubernetes operator that turns LLMGateway resources into proxies
   status         show one LLMGateway's rollout (phase, step, weight, analysis, events), optionally live
@@ -43,14 +43,31 @@ def build_parser() -> argparse.ArgumentParser:
     fake = sub.add_parser("fake-provider", help="run a fake LLM provider on a loopback address")
     fake_provider.configure_parser(fake)
 
-    demo = sub.add_parser("demo", help="run the local demo (fake providers + proxy + bounded load)")
+    demo = sub.add_parser(
+        "demo",
+        help="the local demo: a control plane, the operator, proxies, fake providers, a live REST-to-gRPC rollout",
+    )
+    demo.add_argument(
+        "--fail-grpc-at",
+        type=int,
+        default=None,
+        metavar="WEIGHT",
+        help="make the gRPC provider fail once the rollout reaches this weight (10, 25, 50 or 100): a rollback",
+    )
+    demo.add_argument(
+        "--proxy-only",
+        action="store_true",
+        help="only the proxy and fake providers (no Kubernetes): REST and gRPC fronts, a stream, a load",
+    )
     demo.add_argument(
         "--config",
         default=None,
         metavar="FILE",
-        help="proxy configuration (default: the embedded examples/proxy/local.yaml)",
+        help="--proxy-only: proxy configuration (default: the embedded examples/proxy/local.yaml)",
     )
-    demo.add_argument("--requests", type=int, default=200, help="requests to send per front (default 200)")
+    demo.add_argument(
+        "--requests", type=int, default=200, help="--proxy-only: requests per front (default 200)"
+    )
 
     sub.add_parser(
         "operator",
@@ -102,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         from llmgw_operator import cluster
 
         return cluster.run(args.action)
-    return demo.run(args.config, args.requests)
+    if args.proxy_only:
+        return demo.run(args.config, args.requests)
+    from llmgw_operator import kube_demo
+
+    return kube_demo.run(args.fail_grpc_at)
 
 
 if __name__ == "__main__":
