@@ -198,24 +198,30 @@ class World:
         self.prometheus.set_targets([Target(f"{ip}:9090", {**labels, "pod": pods[ip]}) for ip in ips])
 
     def close(self) -> None:
-        if self.operator is not None:
-            self.operator.terminate()
-            self.operator.wait(30)
-        self.kubectl(
-            "delete", "llmgw,deployments,pods", "--all", "-n", self.namespace, "--wait=false", check=False
-        )
-        if self.kubelet is not None:
-            self.wait(
-                "the pods to be gone",
-                lambda: not list(self.client.list(Pod, namespace=self.namespace)),
-                timeout=90,
+        """Stop everything, each step even when an earlier one failed (a leaked Prometheus eats a core)."""
+        try:
+            if self.operator is not None:
+                self.operator.terminate()
+                self.operator.wait(30)
+            self.kubectl(
+                "delete", "llmgw,deployments,pods", "--all", "-n", self.namespace, "--wait=false", check=False
             )
-            self.loop.run(self.kubelet.stop(), timeout=90)
-        if self.prometheus is not None:
-            self.prometheus.stop()
-        for fake in self.fakes.values():
-            self.loop.run(fake.stop())
-        self.loop.close()
+            if self.kubelet is not None:
+                self.wait(
+                    "the pods to be gone",
+                    lambda: not list(self.client.list(Pod, namespace=self.namespace)),
+                    timeout=90,
+                )
+        finally:
+            try:
+                if self.kubelet is not None:
+                    self.loop.run(self.kubelet.stop(), timeout=90)
+            finally:
+                if self.prometheus is not None:
+                    self.prometheus.stop()
+                for fake in self.fakes.values():
+                    self.loop.run(fake.stop())
+                self.loop.close()
 
 
 _PROMETHEUS: list[str] = []
