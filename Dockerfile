@@ -1,23 +1,81 @@
 # syntax=docker/dockerfile:1
-# Multi-stage build of the llm-gateway image. Target `proxy` is the data plane the operator deploys.
-ARG PYTHON_VERSION=3.11
+# Two images from one build of the wheels:
+#   docker build --target proxy    -t llmgw-proxy .     the data plane the operator deploys (the default target)
+#   docker build --target operator -t llmgw-operator .  the Kubernetes operator (the package's [operator] extra)
+# Both run as uid/gid 10001 with `llmgw` as the entry point; no compiler and no wheel files are left in
+# either image. tests/test_dockerfile.py lints this file and runs its RUN steps outside Docker.
 
-FROM python:${PYTHON_VERSION}-slim AS builder
+# The base image, pinned by its full tag: Python's patch release and Debian's release. To pin its digest as well,
+# append what `docker buildx imagetools inspect <it>` prints as Digest: `...-slim-trixie@sha256:<digest>`.
+ARG BASE_IMAGE=docker.io/library/python:3.11.14-slim-trixie
+# The project's version (pyproject.toml): the wheel the final stages install, and a label.
+ARG VERSION=0.1.0
+
+FROM ${BASE_IMAGE} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_ROOT_USER_ACTION=ignore
+
+# Wheels of the project and of every dependency, the operator's extra included, in /wheels.
+FROM base AS builder
 WORKDIR /src
-RUN pip install --no-cache-dir --upgrade pip==25.3 build==1.3.0 grpcio-tools==1.85.1
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --upgrade pip==26.3 grpcio-tools==1.85.1
 COPY pyproject.toml README.md ./
 COPY proto ./proto
 COPY hack ./hack
 COPY proxy_image ./proxy_image
 COPY operator ./operator
-# Generate the protobuf code in the build, so the image never depends on what was committed.
-RUN python hack/gen_proto.py proxy_image && pip wheel --no-cache-dir --wheel-dir /wheels .
+# The protobuf code is generated here (.dockerignore keeps the committed copy out of the context), so the
+# image never depends on what was committed.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    python hack/gen_proto.py proxy_image \
+    && pip wheel --wheel-dir /wheels ".[operator]"
 
-FROM python:${PYTHON_VERSION}-slim AS proxy
-RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin llmgw
-COPY --from=builder /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
-USER 10001
+# What both images share: the labels and the unprivileged user (uid/gid 10001, no home, no shell).
+FROM base AS runtime
+ARG BASE_IMAGE
+ARG VERSION
+LABEL org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
+RUN groupadd --gid 10001 llmgw \
+    && useradd --uid 10001 --gid 10001 --no-log-init --no-create-home --home-dir /nonexistent \
+       --shell /usr/sbin/nologin llmgw
+
+# The operator: llm-gateway with kopf and lightkube. kopf's liveness endpoint listens on :8080 (/healthz).
+FROM runtime AS operator
+ARG VERSION
+LABEL org.opencontainers.image.title="llmgw-operator" \
+      org.opencontainers.image.description="Kubernetes operator for gRPC+Protobuf LLM gateways"
+# The wheels are mounted from the builder, never copied into a layer; the venv is made without pip, and the
+# base image's pip installs into it from /wheels alone.
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    python -m venv --without-pip /opt/llmgw \
+    && python -m pip --python /opt/llmgw/bin/python install --no-cache-dir --no-index \
+       --find-links /wheels "llm-gateway[operator]==${VERSION}"
+ENV VIRTUAL_ENV=/opt/llmgw \
+    PATH=/opt/llmgw/bin:$PATH \
+    LLMGW_HEALTH_LISTEN=0.0.0.0:8080
+USER 10001:10001
+EXPOSE 8080
+ENTRYPOINT ["llmgw"]
+CMD ["operator"]
+
+# The proxy: llm-gateway without the operator's extra. Listens for gRPC on 50051, REST on 8080 and the
+# admin endpoints (/metrics, /healthz, /readyz) on 9090 unless its configuration says otherwise.
+FROM runtime AS proxy
+ARG VERSION
+LABEL org.opencontainers.image.title="llmgw-proxy" \
+      org.opencontainers.image.description="gRPC+Protobuf and OpenAI-compatible REST proxy for LLM providers"
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    python -m venv --without-pip /opt/llmgw \
+    && python -m pip --python /opt/llmgw/bin/python install --no-cache-dir --no-index \
+       --find-links /wheels "llm-gateway==${VERSION}"
+ENV VIRTUAL_ENV=/opt/llmgw \
+    PATH=/opt/llmgw/bin:$PATH
+USER 10001:10001
 EXPOSE 50051 8080 9090
-ENTRYPOINT ["llmgw", "proxy"]
-CMD ["--config", "/etc/llmgw/config.yaml"]
+ENTRYPOINT ["llmgw"]
+CMD ["proxy", "--config", "/etc/llmgw/config.yaml"]
