@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from k8s import Kubectl, poll
 
 from conftest import LLMGW
@@ -397,3 +398,28 @@ def test_no_api_writes_while_idle(
         if e["user"]["username"].endswith(f":{OPERATOR_ACCOUNT}") and e["verb"] == "list" and e["stageTimestamp"] >= started
     ]  # fmt: skip
     assert len(reads) >= 5, "the drift check did not run during the idle minute"
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples" / "gateways").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_is_accepted_and_reconciled(
+    path: Path, operator: Operator, kubectl: Kubectl, namespace: str
+) -> None:
+    kubectl("apply", "-n", namespace, "-f", str(path))
+    name = next(
+        d["metadata"]["name"] for d in yaml.safe_load_all(path.read_text()) if d["kind"] == "LLMGateway"
+    )
+    status = wait_for(
+        f"{name}'s status",
+        lambda: (
+            (s := (get(kubectl, namespace, "llmgw", name) or {}).get("status", {})).get("observedGeneration")
+            == 1
+            and s
+        ),
+        operator=operator,
+    )
+    assert condition(status, "ConfigValid")["status"] == "True", condition(status, "ConfigValid")
+    assert condition(status, "SecretsResolved")["status"] == "True", condition(status, "SecretsResolved")
+    assert get(kubectl, namespace, "deployment", f"{name}-proxy") is not None
