@@ -60,6 +60,8 @@ def build_registry(settings: Settings, reconciler: Reconciler) -> kopf.OperatorR
         try:
             await reconciler.sync(namespace, name)
         except ApiError as exc:
+            if exc.status.code == 404:
+                return  # the gateway was deleted during the pass: nothing left to reconcile
             # kopf retries change handlers after the delay; event handlers wait for the next trigger.
             raise kopf.TemporaryError(
                 f"API error while reconciling {namespace}/{name}: {exc.status.message}", delay=5
