@@ -139,6 +139,15 @@ FAILED = "Failed"
 FINAL_PHASES = frozenset({SUCCEEDED, ROLLED_BACK, FAILED})
 
 HISTORY_LIMIT = 20
+# What a step starts with: no live weight yet, no check, not paused, nothing counted.
+_FRESH_STEP_CLOCKS: dict[str, Any] = {
+    "weightLiveAt": "",
+    "lastCheckAt": "",
+    "pausedAt": "",
+    "pausedSeconds": 0.0,
+    "failures": 0,
+    "inconclusiveChecks": 0,
+}
 
 
 @dataclass(frozen=True)
@@ -462,12 +471,7 @@ class _Tick:
             stepIndex=bisect.bisect_right(self.state["steps"], weight) - 1,
             weight=weight,
             stepStartedAt=format_time(self.now),
-            weightLiveAt="",
-            lastCheckAt="",
-            pausedAt="",
-            pausedSeconds=0.0,
-            failures=0,
-            inconclusiveChecks=0,
+            **_FRESH_STEP_CLOCKS,
             # The generation the caller passes this tick may be the one of the previous weight; the
             # weight comparison covers that, and the next tick's generation raises this.
             requiredGeneration=self.config_generation,
@@ -572,12 +576,7 @@ class _Tick:
             stepIndex=-1,
             weight=0,
             stepStartedAt="",
-            weightLiveAt="",
-            lastCheckAt="",
-            pausedAt="",
-            pausedSeconds=0.0,
-            failures=0,
-            inconclusiveChecks=0,
+            **_FRESH_STEP_CLOCKS,
         )
         self.emit(
             "Retried", f"{RETRY}={token}: the migration starts again from its first step (it was {phase})"
