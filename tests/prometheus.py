@@ -16,7 +16,6 @@ Only the binary runs, with our own config: no rule files, no alerting, no remote
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import os
 import pathlib
@@ -32,6 +31,8 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+
+from llmgw.config import is_loopback
 
 PROMETHEUS = "/usr/bin/prometheus"
 _STATE = pytest.StashKey["str"]()  # the binary's path, or why there is none
@@ -103,7 +104,7 @@ class Target:
 
 def _check_loopback(address: str) -> None:
     host = address.rsplit(":", 1)[0].strip("[]")
-    if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+    if not is_loopback(host):
         raise ValueError(f"scrape target {address} is not on loopback; tests only scrape loopback")
 
 

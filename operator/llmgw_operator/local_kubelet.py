@@ -85,7 +85,6 @@ import collections
 import contextlib
 import dataclasses
 import datetime
-import ipaddress
 import logging
 import os
 import platform
@@ -108,7 +107,7 @@ from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import ConfigMap, NodeStatus, Pod, PodStatus, Secret
 from lightkube.types import PatchType
 
-from llmgw.config import LISTEN_HOST_ENV
+from llmgw.config import LISTEN_HOST_ENV, is_loopback
 
 log = logging.getLogger("llmgw.local_kubelet")
 
@@ -254,7 +253,7 @@ def parse_probe(
     }
     action = raw.get("httpGet") or raw.get("tcpSocket") or {}
     host = action.get("host") or pod_ip
-    if not _is_loopback(host):
+    if not is_loopback(host):
         raise PodError("CreateContainerConfigError", f"probe host {host!r} is not a loopback address")
     port = container_port(container, action.get("port", 0))
     if "httpGet" in raw:
@@ -277,13 +276,6 @@ def rewrite_arg(arg: str, mounts: Mapping[str, str]) -> str:
         if value == base or value.startswith(base.rstrip("/") + "/"):
             return prefix + mounts[mount_path] + value[len(base.rstrip("/")) :]
     return arg
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 # ----------------------------------------------------------------------------------------- volume writer
@@ -360,7 +352,7 @@ class LoopbackIPs:
 
     def __init__(self, base: str) -> None:
         first = f"{base}1"
-        if not base.endswith(".") or not _is_loopback(first) or base.count(".") != 3:
+        if not base.endswith(".") or not is_loopback(first) or base.count(".") != 3:
             raise ValueError(f"pod_ip_base: must be like '127.0.1.' (a loopback /24), got {base!r}")
         self.base = base
         self.owners: dict[str, str] = {}  # ip -> pod uid

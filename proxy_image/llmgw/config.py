@@ -506,6 +506,8 @@ def fingerprint(paths: tuple[str, ...]) -> str:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name, an address, or a bracketed IPv6 address) is this machine's loopback."""
+    host = host.strip("[]")
     if host == "localhost":
         return True
     try:

@@ -44,7 +44,6 @@ import argparse
 import asyncio
 import dataclasses
 import hmac
-import ipaddress
 import math
 import os
 import random
@@ -65,6 +64,7 @@ from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc
 
 from .chat import validate_request
+from .config import is_loopback
 from .errors import GatewayError
 
 KINDS: Final = ("openai", "anthropic", "grpc")
@@ -206,16 +206,6 @@ class _BadRequest(Exception):
         self.status = status
         self.param = param
         self.code = code
-
-
-def _is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _hostport(host: str, port: int) -> str:
@@ -627,7 +617,7 @@ class FakeProvider:
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind: {kind!r} is not one of {', '.join(KINDS)}")
-        if not _is_loopback(host):
+        if not is_loopback(host):
             raise ValueError(
                 f"host: {host!r} is not a loopback address; the fake provider only binds loopback"
             )
@@ -1330,7 +1320,7 @@ def _listen(value: str) -> tuple[str, int]:
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT (for example {DEFAULT_LISTEN})")
     host = host.strip("[]")
-    if not _is_loopback(host):
+    if not is_loopback(host):
         raise argparse.ArgumentTypeError(
             f"{host!r} is not a loopback address; the fake provider only listens on 127.0.0.1, ::1 or "
             "localhost"
