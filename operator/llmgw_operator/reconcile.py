@@ -223,16 +223,15 @@ class Reconciler:
         )
         targets = Targets(namespace, name, endpoints, split_routes(spec))
         measurements = None
-        source: MetricsSource = self._scrape  # the live state is read from the pods in any case
+        source: MetricsSource = self._scrape  # the live state is read from the pods whichever source counts
         try:
             source = await self._metrics_source(namespace, plan)
-            proxies = await source.proxies(targets)
             if migration.check_due(plan, state, now):
                 measurements = await source.measure(targets.key, targets, parse_duration(plan["interval"]))
         except MetricsUnavailable as exc:
             # No numbers is an inconclusive check, never a passed one; the message says where to look.
             log.warning("gateway %s/%s: metrics unavailable: %s", namespace, name, exc)
-            proxies = await source.proxies(targets)
+        proxies = await source.proxies(targets)
         commands = {k: v for k, v in (meta.get("annotations") or {}).items() if k in migration.COMMANDS}
         new_state, actions = migration.advance(
             plan, state, proxies, measurements, config_generation, now, commands
