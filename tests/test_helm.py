@@ -638,7 +638,8 @@ def notes_gateway(notes: str) -> dict[str, Any]:
 
 RBAC_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
 # How the API server words an RBAC denial, and kopf a missing permission it works around.
-DENIED = re.compile(r"\b403\b|forbidden|not enough permissions", re.IGNORECASE)
+# "403" as a status code, not the milliseconds of a log timestamp ("17:56:38,403").
+DENIED = re.compile(r"(?<![,.])\b403\b|forbidden|not enough permissions", re.IGNORECASE)
 # A namespace being deleted refuses new objects with a 403 too; with rbac.scope cluster the operator serves
 # the leftovers of other tests' namespaces while the namespace controller empties them. That is no RBAC.
 TERMINATING = re.compile(r"because it is being terminated|NamespaceTerminating")
