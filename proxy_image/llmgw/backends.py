@@ -2,8 +2,8 @@
 
 A backend turns a ``ChatRequest`` into the provider's own protocol and back:
 
-- ``openai``: any OpenAI-compatible Chat Completions API (OpenAI, vLLM, LiteLLM, ...), over one pooled
-  aiohttp session (HTTP/1.1 keep-alive; see README for why not HTTP/2).
+- ``openai``: any OpenAI-compatible Chat Completions API (OpenAI, vLLM, LiteLLM, ...), over a pool of
+  HTTP/1.1 keep-alive connections (:mod:`llmgw.http1`; see README for why not aiohttp or HTTP/2).
 - ``anthropic``: Anthropic's Messages API, converted both ways, including its streaming events.
 - ``grpc``: an upstream ``llmgateway.v1.LLMService`` over one grpc.aio channel (HTTP/2, multiplexed).
 
@@ -15,21 +15,19 @@ first token, which is what "nothing was sent to the client yet" means for fallba
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import email.utils
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, Protocol
 
-import aiohttp
 import grpc
 import orjson
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
 
-from . import openai_format
+from . import http1, openai_format
 from .config import Provider
 from .errors import GatewayError, Kind, from_upstream_grpc, from_upstream_http
 
@@ -94,6 +92,13 @@ def _upstream_message(data: bytes) -> str:
     return data[:200].decode("utf-8", "replace").strip() or "(empty body)"
 
 
+# What a REST exchange can fail with: a timeout, the connection (refused, reset, closed early), or a
+# response that is not HTTP.
+_TRANSPORT_ERRORS = (TimeoutError, OSError, http1.ProtocolError)
+_MAX_ERROR_BODY = 64 * 1024  # an error body is read for its message only
+_MAX_RESPONSE_BODY = 64 * 1024 * 1024
+
+
 def _bad_body(provider: Provider, exc: Exception) -> GatewayError:
     return GatewayError(
         Kind.BAD_GATEWAY,
@@ -104,7 +109,7 @@ def _bad_body(provider: Provider, exc: Exception) -> GatewayError:
 
 
 class _RestBackend:
-    """Shared plumbing of the two REST provider types: the pooled session and error mapping."""
+    """Shared plumbing of the two REST provider types: the pooled client and error mapping."""
 
     path_suffix = ""
 
@@ -116,29 +121,15 @@ class _RestBackend:
             **dict(provider.headers),
             **self.auth_headers(api_key),
         }
-        self._session: aiohttp.ClientSession | None = None
+        self.client = http1.HTTPClient(
+            self.url,
+            self.headers,
+            max_connections=provider.max_connections,
+            connect_timeout=provider.connect_timeout_s,
+        )
 
     def auth_headers(self, api_key: str | None) -> dict[str, str]:
         return {"authorization": f"Bearer {api_key}"} if api_key else {}
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        # Created on first use so that it belongs to the running event loop.
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self.provider.max_connections, ttl_dns_cache=300, keepalive_timeout=60
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                json_serialize=lambda o: orjson.dumps(o).decode(),
-                skip_auto_headers=("User-Agent",),
-            )
-        return self._session
-
-    def timeout(self, timeout: float) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(
-            total=timeout, sock_connect=min(timeout, self.provider.connect_timeout_s)
-        )
 
     def error(self, status: int, data: bytes, headers: Mapping[str, str]) -> GatewayError:
         name = self.provider.name
@@ -152,13 +143,15 @@ class _RestBackend:
         return from_upstream_http(status, message, parse_retry_after(headers))
 
     def unreachable(self, exc: BaseException) -> GatewayError:
-        if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        if isinstance(exc, TimeoutError):
             return GatewayError(
                 Kind.DEADLINE_EXCEEDED,
                 f"provider {self.provider.name!r} did not answer in time",
                 retryable=True,
                 upstream_status=504,
             )
+        if isinstance(exc, http1.ProtocolError):
+            return _bad_body(self.provider, exc)
         return GatewayError(
             Kind.UNAVAILABLE,
             f"provider {self.provider.name!r} at {self.provider.base_url} is unreachable: {exc}",
@@ -166,61 +159,58 @@ class _RestBackend:
             upstream_status=503,
         )
 
-    async def post(self, body: dict[str, Any], timeout: float, stats: CallStats) -> aiohttp.ClientResponse:
+    async def post(self, body: dict[str, Any], timeout: float, stats: CallStats) -> http1.Response:
         """Send the request; returns a response with status 200, else raises GatewayError."""
         data = orjson.dumps(body)
         stats.sent += len(data)
         try:
-            resp = await self.session.post(
-                self.url, data=data, headers=self.headers, timeout=self.timeout(timeout)
-            )
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            resp = await self.client.post(data, timeout)
+        except _TRANSPORT_ERRORS as exc:
             raise self.unreachable(exc) from None
         if resp.status != 200:
             try:
-                payload = await resp.read()
-            except (TimeoutError, aiohttp.ClientError):
+                payload = await resp.read(_MAX_ERROR_BODY)
+            except _TRANSPORT_ERRORS:
                 payload = b""
             finally:
-                resp.release()
+                resp.close()
             stats.received += len(payload)
             raise self.error(resp.status, payload, resp.headers)
         return resp
 
-    async def read_json(self, resp: aiohttp.ClientResponse, stats: CallStats) -> Any:
+    async def read_json(self, resp: http1.Response, stats: CallStats) -> Any:
         try:
-            async with resp:
-                data = await resp.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            data = await resp.read(_MAX_RESPONSE_BODY)
+        except _TRANSPORT_ERRORS as exc:
             raise self.unreachable(exc) from None
+        finally:
+            resp.close()
         stats.received += len(data)
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError as exc:
             raise _bad_body(self.provider, exc) from None
 
-    async def sse_events(
-        self, resp: aiohttp.ClientResponse, stats: CallStats
-    ) -> AsyncIterator[tuple[str, bytes]]:
+    async def sse_events(self, resp: http1.Response, stats: CallStats) -> AsyncIterator[tuple[str, bytes]]:
         """(event name, data) pairs of a Server-Sent Events body."""
         event = ""
         try:
-            async with resp:
-                async for line in resp.content:
-                    stats.received += len(line)
-                    line = line.rstrip(b"\r\n")
-                    if not line:
-                        event = ""
-                    elif line.startswith(b"data:"):
-                        yield event, line[5:].lstrip()
-                    elif line.startswith(b"event:"):
-                        event = line[6:].strip().decode()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            async for line in resp.lines():
+                stats.received += len(line)
+                line = line.rstrip(b"\r\n")
+                if not line:
+                    event = ""
+                elif line.startswith(b"data:"):
+                    yield event, line[5:].lstrip()
+                elif line.startswith(b"event:"):
+                    event = line[6:].strip().decode()
+        except _TRANSPORT_ERRORS as exc:
             raise self.unreachable(exc) from None
+        finally:
+            resp.close()  # a stream left early (client gone, error event) must not reuse the connection
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.client.close()
 
 
 class OpenAIBackend(_RestBackend):

@@ -1,0 +1,425 @@
+"""A lean HTTP/1.1 client for the REST providers: pooled keep-alive connections, parsed by llhttp.
+
+The REST backends send one kind of request, a JSON ``POST`` to one URL, and read either a JSON body or a
+stream of Server-Sent Events. aiohttp's general-purpose client spends about four times the CPU of this one
+on that exchange (``bench/proxy_latency.py``, library table), and the proxy's REST path is bound by the
+CPU of its one event loop, so the backends use this instead. What it does:
+
+- keeps up to ``max_connections`` connections to the URL's origin, reusing idle ones (newest first) and
+  dropping those idle longer than ``idle_timeout`` or closed by the server;
+- bounds the whole exchange, from taking a connection to the last body byte, by one deadline, and the
+  connect by its own timeout; a timeout, a cancelled caller or a response left unread closes its connection
+  rather than reusing it mid-message;
+- retries once, on a new connection, a request whose reused connection was closed before any byte of the
+  response arrived (the server's keep-alive timer and our reuse raced; uvicorn's default is 5 seconds);
+- applies back-pressure: it stops reading from the socket while a stream's unread body exceeds 1 MiB.
+
+What it leaves out, because an LLM API call needs none of it: HTTP/2, redirects, cookies, compression
+(no ``Accept-Encoding`` is sent), ``Expect: 100-continue`` and proxies from the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ssl
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+_PAUSE_ABOVE = 1 << 20  # unread body bytes of one response before the socket stops being read
+
+
+class ProtocolError(Exception):
+    """The upstream sent something that is not a valid HTTP/1.1 response."""
+
+
+class ConnectionLost(ConnectionError):
+    """The connection closed before the response was complete."""
+
+
+class Response:
+    """One response: status and headers at once, the body as it arrives."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self._conn: _Connection | None = conn
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._received_any = False
+        self._done = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._headers_seen = False
+
+    # -- fed by the connection -------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _data(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > _PAUSE_ABOVE and self._conn is not None:
+            self._conn.pause()
+        self._wake()
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._error = error
+        self._conn = None
+        self._wake()
+
+    # -- read by the caller ------------------------------------------------------------------------
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def _wait_headers(self) -> None:
+        while not self._headers_seen and not self._done:
+            await self._wait()
+        if not self._headers_seen:
+            assert self._error is not None
+            raise self._error
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive; raises what ended the connection early."""
+        while True:
+            while self._chunks:
+                data = self._chunks.popleft()
+                self._buffered -= len(data)
+                if self._conn is not None and self._buffered <= _PAUSE_ABOVE:
+                    self._conn.resume()
+                yield data
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                return
+            await self._wait()
+
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body; ProtocolError when it exceeds ``limit`` bytes."""
+        while not self._done:
+            if limit is not None and self._buffered > limit:
+                self.close()
+                raise ProtocolError(f"response body exceeds {limit} bytes")
+            await self._wait()
+        if self._error is not None:
+            raise self._error
+        body = b"".join(self._chunks)
+        self._chunks.clear()
+        if limit is not None and len(body) > limit:
+            raise ProtocolError(f"response body exceeds {limit} bytes")
+        return body
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        """The body split after each ``\\n`` (the line ending kept); a last line without one too."""
+        pending = b""
+        async for data in self.chunks():
+            if pending:
+                data = pending + data
+            start = 0
+            while (end := data.find(b"\n", start)) >= 0:
+                yield data[start : end + 1]
+                start = end + 1
+            pending = data[start:]
+        if pending:
+            yield pending
+
+    def close(self) -> None:
+        """Abandon the response: unless it was read to its end, its connection is closed, never reused."""
+        conn = self._conn
+        if conn is not None:
+            conn.abort(ConnectionLost("response abandoned by the caller"))
+        self._chunks.clear()
+        self._buffered = 0
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP (or TLS) connection; serves one request at a time."""
+
+    def __init__(self, pool: HTTPClient) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.response: Response | None = None
+        self.closed = False
+        self.reused = False
+        self.idle_since = 0.0
+        self._paused = False
+        self._headers: list[tuple[str, str]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol --------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+
+    def data_received(self, data: bytes) -> None:
+        response = self.response
+        if response is None:  # nothing was asked: a server that talks out of turn is not reused
+            self.abort(ProtocolError("data received while no request was in flight"))
+            return
+        response._received_any = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.abort(ProtocolError(f"malformed HTTP response: {exc}"))
+        except httptools.HttpParserUpgrade:
+            self.abort(ProtocolError("the upstream switched protocols"))
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        response = self.response
+        self.response = None
+        if response is not None:
+            if response._headers_seen and self._ends_at_eof(response):
+                response._finish()  # a body delimited by the connection's end (no length, not chunked)
+            else:
+                detail = f": {exc}" if exc else ""
+                response._finish(ConnectionLost(f"the upstream closed the connection{detail}"))
+            self.pool._release(self, reusable=False)
+        else:
+            self.pool._forget(self)
+
+    def pause_writing(self) -> None:  # requests are small; the transport buffers them
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- httptools callbacks -----------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        assert response is not None
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:  # an interim response (103 Early Hints): the real one follows
+            self._headers = []
+            return
+        response.status = status
+        headers: dict[str, str] = {}
+        for name, value in self._headers:
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        self._headers = []
+        response.headers = headers
+        response._headers_seen = True
+        response._wake()
+
+    def on_body(self, body: bytes) -> None:
+        assert self.response is not None
+        self.response._data(body)
+
+    def on_message_complete(self) -> None:
+        response = self.response
+        assert response is not None
+        if not response._headers_seen:  # the end of an interim response
+            return
+        self.response = None
+        self._cancel_timer()
+        reusable = self.parser.should_keep_alive() and not self.closed
+        response._finish()
+        self.pool._release(self, reusable=reusable)
+
+    # -- used by the client --------------------------------------------------------------------------
+
+    @staticmethod
+    def _ends_at_eof(response: Response) -> bool:
+        headers = response.headers
+        return "content-length" not in headers and "chunked" not in headers.get("transfer-encoding", "")
+
+    def send(self, data: bytes, response: Response, deadline: float) -> None:
+        assert self.transport is not None
+        self.response = response
+        self.parser = httptools.HttpResponseParser(self)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_at(deadline, self.abort, TimeoutError("the upstream did not answer in time"))
+        self.transport.write(data)
+
+    def abort(self, error: BaseException) -> None:
+        """Close the connection and fail its response (if any) with ``error``."""
+        self._cancel_timer()
+        response = self.response
+        self.response = None
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.abort()
+        if response is not None:
+            response._finish(error)
+            self.pool._release(self, reusable=False)
+
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None and not self.closed:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class HTTPClient:
+    """POSTs to one URL over a pool of keep-alive connections.
+
+    ``headers`` are sent with every request (besides Host and Content-Length); ``ssl_context`` is used
+    for ``https`` URLs (default: the system's trust store).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        max_connections: int,
+        connect_timeout: float,
+        idle_timeout: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.ssl: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self.ssl = ssl_context or ssl.create_default_context()
+        host_header = f"[{self.host}]" if ":" in self.host else self.host
+        if parts.port is not None:
+            host_header += f":{parts.port}"
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        lines = [f"POST {target} HTTP/1.1", f"Host: {host_header}"]
+        for name, value in headers.items():
+            if any(c in name or c in value for c in "\r\n\0") or not name.strip():
+                raise ValueError(f"header {name!r}: names and values cannot contain line breaks")
+            lines.append(f"{name}: {value}")
+        self._head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self._slots = asyncio.Semaphore(max_connections)
+        self._idle: collections.deque[_Connection] = collections.deque()
+        self._busy: set[_Connection] = set()
+        self._closed = False
+
+    async def post(self, body: bytes, timeout: float) -> Response:
+        """Send ``body``; returns once the response's status and headers are in. The caller reads the body
+        (``read``, ``chunks``, ``lines``) or calls ``close``; either way within ``timeout`` of this call."""
+        if self._closed:
+            raise ConnectionLost("the client is closed")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        data = self._head + b"%d\r\n\r\n" % len(body) + body
+        for attempt in (1, 2):
+            await self._acquire(deadline)
+            try:
+                conn = self._take_idle() or await self._connect(deadline)
+            except BaseException:
+                self._slots.release()
+                raise
+            response = Response(conn)
+            self._busy.add(conn)
+            conn.send(data, response, deadline)
+            try:
+                await response._wait_headers()
+            except ConnectionLost:
+                if attempt == 1 and conn.reused and not response._received_any:
+                    continue  # the server closed the idle connection as we reused it
+                raise
+            except BaseException:  # cancelled, timed out, malformed: the connection is not reusable
+                conn.abort(ConnectionLost("request abandoned"))
+                raise
+            return response
+        raise AssertionError("unreachable")
+
+    async def _acquire(self, deadline: float) -> None:
+        """A slot under ``max_connections``, waiting for one until ``deadline`` at most."""
+        if not self._slots.locked():
+            await self._slots.acquire()  # returns at once
+            return
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise TimeoutError("no connection to the upstream became free before the deadline") from None
+
+    def _take_idle(self) -> _Connection | None:
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.closed:
+                continue
+            if now - conn.idle_since > self.idle_timeout:
+                conn.abort(ConnectionLost("idle too long"))
+                continue
+            conn.reused = True
+            return conn
+        return None
+
+    async def _connect(self, deadline: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        timeout = min(self.connect_timeout, deadline - loop.time())
+        if timeout <= 0:
+            raise TimeoutError("the request's deadline passed before a connection was free")
+        async with asyncio.timeout(timeout):
+            _, conn = await loop.create_connection(
+                lambda: _Connection(self),
+                self.host,
+                self.port,
+                ssl=self.ssl,
+                server_hostname=self.host if self.ssl else None,
+            )
+        return conn
+
+    def _release(self, conn: _Connection, *, reusable: bool) -> None:
+        """The connection's exchange ended: back to the pool (or gone), and its slot freed."""
+        if conn not in self._busy:
+            return
+        self._busy.discard(conn)
+        self._slots.release()
+        if reusable and not self._closed:
+            conn.idle_since = time.monotonic()
+            self._idle.append(conn)
+        elif not conn.closed:
+            conn.abort(ConnectionLost("not reusable"))
+
+    def _forget(self, conn: _Connection) -> None:
+        """An idle connection closed (by the server, or by us)."""
+        with contextlib.suppress(ValueError):  # already taken out
+            self._idle.remove(conn)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._busy) + sum(1 for c in self._idle if not c.closed)
+
+    async def close(self) -> None:
+        """Close every connection; requests in flight fail with ConnectionLost."""
+        self._closed = True
+        for conn in [*self._idle, *self._busy]:
+            conn.abort(ConnectionLost("the client was closed"))
+        self._idle.clear()
