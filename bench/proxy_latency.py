@@ -58,16 +58,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-import aiohttp
-import grpc
-import orjson
-import uvloop
+from llmgw import grpc_env, http1
 
-from llmgateway.v1 import llm_service_pb2 as pb
-from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
+# The load generator's gRPC client runs as llmgw's own processes do (the proxy, the fakes): with both ends
+# on grpcio's faster path, the "direct" baseline is the hardest one to be compared with.
+grpc_env.apply()
+
+import aiohttp  # noqa: E402
+import grpc  # noqa: E402
+import orjson  # noqa: E402
+import uvloop  # noqa: E402
+
+from llmgateway.v1 import llm_service_pb2 as pb  # noqa: E402
+from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc  # noqa: E402
 
 PROMPT = "Hello from the proxy latency benchmark, please answer briefly"
 REST_MODEL = "bench-rest"
@@ -815,7 +821,7 @@ def machine_busy_seconds() -> float | None:
 
 def versions() -> dict[str, str]:
     out = {}
-    for dist in ("uvloop", "aiohttp", "grpcio", "orjson", "protobuf", "httpx", "httpx2"):
+    for dist in ("uvloop", "aiohttp", "httptools", "grpcio", "orjson", "protobuf", "httpx", "httpx2"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[dist] = importlib.metadata.version(dist)
     return out
@@ -885,48 +891,64 @@ def _import_httpx() -> tuple[Any, str] | None:
     return None
 
 
-async def _aiohttp_latency(url: str, n: int, warmup: int) -> list[float]:
-    async with aiohttp.ClientSession() as session:
-        fn = rest_unary(session, url)
-        await run_block(fn, 1, warmup, 30.0)
-        _, _, _, lat, _, _ = await run_block(fn, 1, n, 30.0)
-    return lat
+ClientFactory = Callable[[str], contextlib.AbstractAsyncContextManager[RequestFn]]
 
 
-async def _aiohttp_rate(url: str, c: int, seconds: float) -> float:
+@contextlib.asynccontextmanager
+async def _aiohttp_client(url: str) -> AsyncIterator[RequestFn]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
-        fn = rest_unary(session, url)
-        await run_block(fn, c, 4 * c, 30.0)
-        completed, _, elapsed, _, _, _ = await run_block(fn, c, 10**9, seconds)
-    return completed / elapsed
+        yield rest_unary(session, url)
 
 
-def _httpx_fn(client: Any, url: str) -> RequestFn:
+@contextlib.asynccontextmanager
+async def _http1_client(url: str) -> AsyncIterator[RequestFn]:
+    client = http1.HTTPClient(url, JSON_HEADERS, max_connections=256, connect_timeout=REQUEST_TIMEOUT_S)
     body = rest_body(stream=False)
 
     async def call() -> int:
-        resp = await client.post(url, content=body, headers=JSON_HEADERS)
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}")
-        if not orjson.loads(resp.content)["choices"][0]["message"]["content"]:
+        resp = await client.post(body, REQUEST_TIMEOUT_S)
+        data = await resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}")
+        if not orjson.loads(data)["choices"][0]["message"]["content"]:
             raise RuntimeError("empty reply")
         return 0
 
-    return call
+    try:
+        yield call
+    finally:
+        await client.close()
 
 
-async def _httpx_latency(httpx: Any, url: str, n: int, warmup: int) -> list[float]:
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S) as client:
-        fn = _httpx_fn(client, url)
+def _httpx_client(httpx: Any) -> ClientFactory:
+    @contextlib.asynccontextmanager
+    async def factory(url: str) -> AsyncIterator[RequestFn]:
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        body = rest_body(stream=False)
+        async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
+
+            async def call() -> int:
+                resp = await client.post(url, content=body, headers=JSON_HEADERS)
+                if resp.status_code != 200:
+                    raise RuntimeError(f"HTTP {resp.status_code}")
+                if not orjson.loads(resp.content)["choices"][0]["message"]["content"]:
+                    raise RuntimeError("empty reply")
+                return 0
+
+            yield call
+
+    return factory
+
+
+async def _client_latency(factory: ClientFactory, url: str, n: int, warmup: int) -> list[float]:
+    async with factory(url) as fn:
         await run_block(fn, 1, warmup, 30.0)
         _, _, _, lat, _, _ = await run_block(fn, 1, n, 30.0)
     return lat
 
 
-async def _httpx_rate(httpx: Any, url: str, c: int, seconds: float) -> float:
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
-        fn = _httpx_fn(client, url)
+async def _client_rate(factory: ClientFactory, url: str, c: int, seconds: float) -> float:
+    async with factory(url) as fn:
         await run_block(fn, c, 4 * c, 30.0)
         completed, _, elapsed, _, _, _ = await run_block(fn, c, 10**9, seconds)
     return completed / elapsed
@@ -942,49 +964,45 @@ def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow]
     vers = versions()
     conc = max((*settings.concurrency, 1)) // 2 or 1
 
-    # HTTP client (uvloop for both): latency at concurrency 1, then requests/s at a moderate concurrency.
+    # HTTP client (uvloop for all): latency at concurrency 1, then requests/s at a moderate concurrency.
     httpx_info = _import_httpx()
-    lat: dict[str, list[float]] = {"aiohttp": [], "httpx": []}
-    rates: dict[str, list[float]] = {"aiohttp": [], "httpx": []}
-    for _ in range(2):
-        lat["aiohttp"] += uvloop.run(_aiohttp_latency(url, n, warmup))
-        if httpx_info:
-            lat["httpx"] += uvloop.run(_httpx_latency(httpx_info[0], url, n, warmup))
-    for _ in range(2):
-        rates["aiohttp"].append(uvloop.run(_aiohttp_rate(url, conc, settings.micro_seconds / 2)))
-        if httpx_info:
-            rates["httpx"].append(
-                uvloop.run(_httpx_rate(httpx_info[0], url, conc, settings.micro_seconds / 2))
-            )
-    names = {
-        "aiohttp": f"aiohttp {vers.get('aiohttp', '?')}",
-        "httpx": httpx_info[1] if httpx_info else "httpx",
+    clients: dict[str, ClientFactory] = {
+        f"llmgw.http1 (httptools {vers.get('httptools', '?')}; the REST backends' client)": _http1_client,
+        f"aiohttp {vers.get('aiohttp', '?')}": _aiohttp_client,
     }
-    for lib in ("aiohttp", "httpx"):
-        if lat[lib]:
-            st = summary(lat[lib])
-            rows.append(
-                MicroRow(
-                    "HTTP client: POST to the openai fake, c=1 (uvloop)",
-                    names[lib],
-                    f"p50 {ms(st['p50'])}, p99 {ms(st['p99'])}",
-                    st["p50"],
-                )
+    if httpx_info:
+        clients[httpx_info[1]] = _httpx_client(httpx_info[0])
+    else:
+        notes.append("httpx (or httpx2) is not importable: the HTTP client comparison leaves it out.")
+    lat: dict[str, list[float]] = {name: [] for name in clients}
+    rates: dict[str, list[float]] = {name: [] for name in clients}
+    for _ in range(2):
+        for name, factory in clients.items():
+            lat[name] += uvloop.run(_client_latency(factory, url, n, warmup))
+    for _ in range(2):
+        for name, factory in clients.items():
+            rates[name].append(uvloop.run(_client_rate(factory, url, conc, settings.micro_seconds / 2)))
+    for name in clients:
+        st = summary(lat[name])
+        rows.append(
+            MicroRow(
+                "HTTP client: POST to the openai fake, c=1 (uvloop)",
+                name,
+                f"p50 {ms(st['p50'])}, p99 {ms(st['p99'])}",
+                st["p50"],
             )
-    for lib in ("aiohttp", "httpx"):
-        if rates[lib]:
-            rate = sum(rates[lib]) / len(rates[lib])
-            rows.append(
-                MicroRow(
-                    f"HTTP client: POST to the openai fake, c={conc} (uvloop)",
-                    names[lib],
-                    f"{rate:,.0f} req/s",
-                    rate,
-                    higher_is_better=True,
-                )
+        )
+    for name in clients:
+        rate = sum(rates[name]) / len(rates[name])
+        rows.append(
+            MicroRow(
+                f"HTTP client: POST to the openai fake, c={conc} (uvloop)",
+                name,
+                f"{rate:,.0f} req/s",
+                rate,
+                higher_is_better=True,
             )
-    if not httpx_info:
-        notes.append("httpx (or httpx2) is not importable: the HTTP client comparison shows aiohttp only.")
+        )
 
     # Event loop, with the aiohttp client: latency at concurrency 1, then requests/s at concurrency `conc`.
     runners: dict[str, Callable[[Any], Any]] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
@@ -992,10 +1010,10 @@ def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow]
     loop_rates: dict[str, list[float]] = {"asyncio": [], "uvloop": []}
     for _ in range(2):
         for name, run in runners.items():
-            loops[name] += run(_aiohttp_latency(url, n, warmup))
+            loops[name] += run(_client_latency(_aiohttp_client, url, n, warmup))
     for _ in range(2):
         for name, run in runners.items():
-            loop_rates[name].append(run(_aiohttp_rate(url, conc, settings.micro_seconds / 2)))
+            loop_rates[name].append(run(_client_rate(_aiohttp_client, url, conc, settings.micro_seconds / 2)))
     labels = {"asyncio": "asyncio (stdlib loop)", "uvloop": f"uvloop {vers.get('uvloop', '?')}"}
     for name in runners:
         st = summary(loops[name])

@@ -15,8 +15,12 @@ from typing import Any
 import pytest
 import yaml
 
-from llmgw.fake_provider import FakeProvider
-from llmgw.server import ProxyServer
+from llmgw import grpc_env
+
+grpc_env.apply()  # in-process servers and clients run gRPC as llmgw's processes do
+
+from llmgw.fake_provider import FakeProvider  # noqa: E402
+from llmgw.server import ProxyServer  # noqa: E402
 
 pytest_plugins = ["k8s", "prometheus"]
 

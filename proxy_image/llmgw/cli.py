@@ -16,7 +16,11 @@ import logging
 import os
 import sys
 
-from . import demo, fake_provider, server
+from . import grpc_env
+
+grpc_env.apply()  # before the modules below import grpc
+
+from . import demo, fake_provider, server  # noqa: E402
 
 
 def _setup_logging(level: str) -> None:

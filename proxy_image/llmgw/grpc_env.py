@@ -1,0 +1,18 @@
+"""gRPC core settings that llmgw applies to its own processes, before grpc is imported.
+
+grpcio reads ``GRPC_EXPERIMENTS`` once, when it is first imported. grpcio 1.8x runs its TCP client and
+listener on the new EventEngine by default; on this project's benchmark (``bench/proxy_latency.py``) that
+path costs about twice the latency per call of the older iomgr path, on both ends of a call, so ``llmgw``
+turns those two experiments off. A ``GRPC_EXPERIMENTS`` set in the environment wins.
+"""
+
+from __future__ import annotations
+
+import os
+
+EXPERIMENTS = "-event_engine_client,-event_engine_listener"
+
+
+def apply() -> None:
+    """Set the default; call before the first ``import grpc`` of the process (later it has no effect)."""
+    os.environ.setdefault("GRPC_EXPERIMENTS", EXPERIMENTS)
