@@ -954,6 +954,30 @@ async def _client_rate(factory: ClientFactory, url: str, c: int, seconds: float)
     return completed / elapsed
 
 
+def _latency_and_rate_rows(
+    comparison: str,
+    labels: dict[str, str],
+    latencies: dict[str, list[float]],
+    rates: dict[str, list[float]],
+    concurrency: int,
+) -> list[MicroRow]:
+    """Per candidate, a row of its latency at c=1 and one of its mean rate at ``concurrency``."""
+    rows = []
+    for key, label in labels.items():
+        st = summary(latencies[key])
+        rows.append(
+            MicroRow(comparison.format(c=1), label, f"p50 {ms(st['p50'])}, p99 {ms(st['p99'])}", st["p50"])
+        )
+    for key, label in labels.items():
+        rate = sum(rates[key]) / len(rates[key])
+        rows.append(
+            MicroRow(
+                comparison.format(c=concurrency), label, f"{rate:,.0f} req/s", rate, higher_is_better=True
+            )
+        )
+    return rows
+
+
 def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow], list[str]]:
     """aiohttp vs httpx, asyncio vs uvloop, orjson vs json; each candidate alternates in two halves."""
     n = max(1, settings.micro_requests // 2)
@@ -982,27 +1006,10 @@ def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow]
     for _ in range(2):
         for name, factory in clients.items():
             rates[name].append(uvloop.run(_client_rate(factory, url, conc, settings.micro_seconds / 2)))
-    for name in clients:
-        st = summary(lat[name])
-        rows.append(
-            MicroRow(
-                "HTTP client: POST to the openai fake, c=1 (uvloop)",
-                name,
-                f"p50 {ms(st['p50'])}, p99 {ms(st['p99'])}",
-                st["p50"],
-            )
-        )
-    for name in clients:
-        rate = sum(rates[name]) / len(rates[name])
-        rows.append(
-            MicroRow(
-                f"HTTP client: POST to the openai fake, c={conc} (uvloop)",
-                name,
-                f"{rate:,.0f} req/s",
-                rate,
-                higher_is_better=True,
-            )
-        )
+    labels = {name: name for name in clients}
+    rows += _latency_and_rate_rows(
+        "HTTP client: POST to the openai fake, c={c} (uvloop)", labels, lat, rates, conc
+    )
 
     # Event loop, with the aiohttp client: latency at concurrency 1, then requests/s at concurrency `conc`.
     runners: dict[str, Callable[[Any], Any]] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
@@ -1015,27 +1022,9 @@ def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow]
         for name, run in runners.items():
             loop_rates[name].append(run(_client_rate(_aiohttp_client, url, conc, settings.micro_seconds / 2)))
     labels = {"asyncio": "asyncio (stdlib loop)", "uvloop": f"uvloop {vers.get('uvloop', '?')}"}
-    for name in runners:
-        st = summary(loops[name])
-        rows.append(
-            MicroRow(
-                "event loop of the client: aiohttp POST, c=1",
-                labels[name],
-                f"p50 {ms(st['p50'])}, p99 {ms(st['p99'])}",
-                st["p50"],
-            )
-        )
-    for name in runners:
-        rate = sum(loop_rates[name]) / len(loop_rates[name])
-        rows.append(
-            MicroRow(
-                f"event loop of the client: aiohttp POST, c={conc}",
-                labels[name],
-                f"{rate:,.0f} req/s",
-                rate,
-                higher_is_better=True,
-            )
-        )
+    rows += _latency_and_rate_rows(
+        "event loop of the client: aiohttp POST, c={c}", labels, loops, loop_rates, conc
+    )
 
     # JSON: encode + decode of the fake's real chat.completion body.
     async def fetch() -> bytes:
