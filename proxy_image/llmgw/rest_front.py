@@ -1,5 +1,7 @@
 """The REST front (OpenAI-compatible, so existing clients and SDKs keep working) and the admin endpoints.
 
+The REST front runs on :mod:`llmgw.http_server` (lean, for the request path); the admin port on aiohttp.
+
 ``POST /v1/chat/completions`` answers with JSON, or with Server-Sent Events when ``"stream": true``:
 response headers go out only once the first token is there, so a failure before it is still a proper
 HTTP error (and the gateway may still fall back to the other path); a failure after it ends the stream
@@ -12,7 +14,7 @@ The admin port serves ``/metrics`` (Prometheus), ``/healthz`` (the process is al
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -23,10 +25,14 @@ from llmgateway.v1 import llm_service_pb2 as pb
 from . import openai_format
 from .errors import GatewayError, Kind
 from .gateway import Gateway
+from .http_server import HTTPServer, Request, Responder
+
+Route = Callable[[Request, Responder], Awaitable[None]]
 
 log = logging.getLogger("llmgw.rest")
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_JSON = {"Content-Type": "application/json"}
 
 
 def _error_json(exc: GatewayError) -> dict[str, object]:
@@ -34,16 +40,13 @@ def _error_json(exc: GatewayError) -> dict[str, object]:
     return openai_format.error_body(exc.message, exc.kind.error_type, code=exc.kind.name.lower())
 
 
-def error_response(exc: GatewayError) -> web.Response:
-    headers = {}
+def _send_error(respond: Responder, exc: GatewayError) -> None:
+    headers = dict(_JSON)
     if exc.retry_after is not None:
         headers["Retry-After"] = f"{max(1, round(exc.retry_after))}"
     elif exc.kind is Kind.RESOURCE_EXHAUSTED:
         headers["Retry-After"] = "1"
-    body = _error_json(exc)
-    return web.Response(
-        status=exc.kind.http_status, body=orjson.dumps(body), content_type="application/json", headers=headers
-    )
+    respond.send(exc.kind.http_status, orjson.dumps(_error_json(exc)), headers)
 
 
 def _sse(payload: object) -> bytes:
@@ -51,79 +54,87 @@ def _sse(payload: object) -> bytes:
 
 
 class RestFront:
+    """The OpenAI-compatible routes, served by :class:`~llmgw.http_server.HTTPServer`."""
+
     def __init__(self, gateway: Gateway, max_request_bytes: int) -> None:
         self.gateway = gateway
         self.max_request_bytes = max_request_bytes
-        self.app = web.Application(client_max_size=max_request_bytes, handler_args={"max_field_size": 16384})
-        self.app.router.add_post("/v1/chat/completions", self.chat_completions)
-        self.app.router.add_get("/v1/models", self.models)
+        self.server = HTTPServer(self.handle, max_body_bytes=max_request_bytes)
+        self._routes: dict[str, tuple[str, Route]] = {
+            "/v1/chat/completions": ("POST", self.chat_completions),
+            "/v1/models": ("GET", self.models),
+        }
 
-    async def _parse(self, request: web.Request) -> tuple[pb.ChatRequest, bool]:
+    async def handle(self, request: Request, respond: Responder) -> None:
+        route = self._routes.get(request.path)
+        if route is None:
+            known = ", ".join(f"{m} {p}" for p, (m, _) in self._routes.items())
+            message = f"no route for {request.method} {request.path} (this gateway serves {known})"
+            _send_error(respond, GatewayError(Kind.NOT_FOUND, message))
+        elif request.method != route[0]:
+            message = f"{request.path} accepts {route[0]}, not {request.method}"
+            body = orjson.dumps(
+                openai_format.error_body(message, "invalid_request_error", code="method_not_allowed")
+            )
+            respond.send(405, body, {**_JSON, "Allow": route[0]})
+        else:
+            await route[1](request, respond)
+
+    def _parse(self, request: Request) -> tuple[pb.ChatRequest, bool]:
         try:
-            return openai_format.request_from_json(await self._body(request))
+            return openai_format.request_from_json(self._body(request))
         except GatewayError as exc:
             reason = "too_large" if exc.kind is Kind.PAYLOAD_TOO_LARGE else "invalid"
             self.gateway.metrics.rejected.labels("rest", reason).inc()
             raise
 
-    async def _body(self, request: web.Request) -> object:
-        if request.content_length is not None and request.content_length > self.max_request_bytes:
-            raise GatewayError(
-                Kind.PAYLOAD_TOO_LARGE,
-                f"request body of {request.content_length} bytes exceeds the limit of {self.max_request_bytes}",
-            )
-        try:
-            data = await request.read()
-        except web.HTTPRequestEntityTooLarge:
+    def _body(self, request: Request) -> object:
+        if request.too_large:
             raise GatewayError(
                 Kind.PAYLOAD_TOO_LARGE, f"request body exceeds the limit of {self.max_request_bytes} bytes"
-            ) from None
+            )
         try:
-            return orjson.loads(data)
+            return orjson.loads(request.body)
         except orjson.JSONDecodeError as exc:
             raise GatewayError(Kind.INVALID_ARGUMENT, f"request body: not valid JSON ({exc})") from None
 
-    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+    async def chat_completions(self, request: Request, respond: Responder) -> None:
         try:
-            self.gateway.authenticate(request.headers.get("Authorization"), "rest")
-            req, stream = await self._parse(request)
+            self.gateway.authenticate(request.headers.get("authorization"), "rest")
+            req, stream = self._parse(request)
             if not stream:
                 response = await self.gateway.complete(req, front="rest")
-                return web.Response(
-                    body=orjson.dumps(openai_format.response_to_json(response)),
-                    content_type="application/json",
-                )
+                respond.send(200, orjson.dumps(openai_format.response_to_json(response)), _JSON)
+                return
             chunks = self.gateway.stream(req, front="rest")
             first = await anext(chunks)
         except GatewayError as exc:
-            return error_response(exc)
-        stream_response = web.StreamResponse(headers=_SSE_HEADERS)
-        await stream_response.prepare(request)
+            _send_error(respond, exc)
+            return
+        respond.start(200, _SSE_HEADERS)
         try:
-            await stream_response.write(_sse(openai_format.chunk_to_json(first, first=True)))
+            await respond.write(_sse(openai_format.chunk_to_json(first, first=True)))
             async for chunk in chunks:
-                await stream_response.write(_sse(openai_format.chunk_to_json(chunk, first=False)))
-            await stream_response.write(b"data: [DONE]\n\n")
+                await respond.write(_sse(openai_format.chunk_to_json(chunk, first=False)))
+            await respond.write(b"data: [DONE]\n\n")
         except GatewayError as exc:
             # Headers are gone; the OpenAI SDKs raise on an error object inside the stream.
-            await stream_response.write(_sse(_error_json(exc)))
+            await respond.write(_sse(_error_json(exc)))
         finally:
             await chunks.aclose()
-        await stream_response.write_eof()
-        return stream_response
+        await respond.end()
 
-    async def models(self, request: web.Request) -> web.Response:
+    async def models(self, request: Request, respond: Responder) -> None:
         try:
-            self.gateway.authenticate(request.headers.get("Authorization"), "rest")
+            self.gateway.authenticate(request.headers.get("authorization"), "rest")
         except GatewayError as exc:
-            return error_response(exc)
+            _send_error(respond, exc)
+            return
         data = [
             {"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by}
             for m in self.gateway.list_models()
         ]
-        return web.Response(
-            body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
-        )
+        respond.send(200, orjson.dumps({"object": "list", "data": data}), _JSON)
 
 
 def admin_app(gateway: Gateway, ready: Callable[[], bool]) -> web.Application:

@@ -45,7 +45,7 @@ class ProxyServer:
         self.draining = False
         self.grpc_port = self.rest_port = self.admin_port = 0
         self._runners: list[web.AppRunner] = []
-        self._rest_site: web.TCPSite | None = None
+        self._rest: RestFront | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.metrics.reloads.labels("success").inc()
         self.metrics.last_reload.set(time.time())
@@ -71,10 +71,11 @@ class ProxyServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
-        rest = RestFront(self.gateway, cfg.limits.max_request_bytes)
-        self._rest_site, self.rest_port = await self._serve(rest.app, cfg.listen.rest, self._ssl_context())
-        _, self.admin_port = await self._serve(
-            admin_app(self.gateway, lambda: not self.draining), cfg.listen.admin, None
+        self._rest = RestFront(self.gateway, cfg.limits.max_request_bytes)
+        host, port = config_mod.check_listen_address(cfg.listen.rest, "listen")
+        self.rest_port = await self._rest.server.start(host, port, self._ssl_context())
+        self.admin_port = await self._serve(
+            admin_app(self.gateway, lambda: not self.draining), cfg.listen.admin
         )
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
         log.info(
@@ -85,17 +86,14 @@ class ProxyServer:
             cfg.generation,
         )
 
-    async def _serve(
-        self, app: web.Application, address: str, context: ssl.SSLContext | None
-    ) -> tuple[web.TCPSite, int]:
+    async def _serve(self, app: web.Application, address: str) -> int:
         host, port = config_mod.check_listen_address(address, "listen")
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=context, backlog=1024)
-        await site.start()
+        await web.TCPSite(runner, host, port).start()
         self._runners.append(runner)
         bound = runner.addresses  # the real port when port 0 was asked for
-        return site, int(bound[-1][1]) if bound else port
+        return int(bound[-1][1]) if bound else port
 
     async def _watch(self) -> None:
         while True:
@@ -135,13 +133,15 @@ class ProxyServer:
         if self._watcher is not None:
             self._watcher.cancel()
         await self.health.enter_graceful_shutdown()
-        if self._rest_site is not None:
-            await self._rest_site.stop()  # closes the listener; open connections keep being served
+        if self._rest is not None:
+            await self._rest.server.stop_accepting()  # open requests and streams keep being served
         grpc_stopped = asyncio.get_running_loop().create_task(self.grpc_server.stop(grace))
         deadline = time.monotonic() + grace
         while self.gateway.admission.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await grpc_stopped
+        if self._rest is not None:
+            await self._rest.server.close()
         for runner in self._runners:
             await runner.cleanup()
         await self.gateway.close()

@@ -1,0 +1,389 @@
+"""A lean HTTP/1.1 server for the REST front: keep-alive connections, requests parsed by llhttp.
+
+The REST front answers two routes with small JSON bodies or a stream of Server-Sent Events. aiohttp's web
+server spent about 80 µs of CPU per request on that here, a plain llhttp server about 15 µs, and the proxy's
+REST path is bound by the CPU of its one event loop (``bench/proxy_latency.py``). So the REST front runs on
+this server and the admin port (metrics, probes) stays on aiohttp. What it does:
+
+- HTTP/1.1 keep-alive (and HTTP/1.0 with ``Connection: keep-alive``); pipelined requests are answered in
+  order, one at a time (a client more than 8 requests ahead is not read until the server catches up);
+- limits: the request head (``max_head_bytes``, else 431), the body (``max_body_bytes``: the handler gets
+  the request marked ``too_large`` and answers 413; the connection closes after), a request's arrival
+  (``request_timeout``: a client that trickles a request is disconnected) and idle keep-alive connections
+  (``keepalive_timeout``);
+- ``Expect: 100-continue`` (curl sends it for bodies over 1 KiB) is answered before the body is read;
+- a client that disconnects cancels its handler, so an upstream call in flight is cancelled too;
+- streamed responses use chunked transfer encoding and wait while the client reads slower than they write;
+- draining: ``stop_accepting`` closes the listener and idle connections; a connection busy with a request
+  closes after its response, which carries ``Connection: close``.
+
+Malformed requests get 400 and a closed connection; upgrades (``h2c``, WebSocket) are refused with 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import email.utils
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+
+import httptools
+
+log = logging.getLogger("llmgw.rest")
+
+_STATUS_TEXT = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Payload Too Large",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    499: "Client Closed Request",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+_MAX_PIPELINED = 8  # requests parsed ahead of the one being answered before the socket stops being read
+_date: tuple[int, bytes] = (0, b"")
+
+
+def _status_line(status: int) -> bytes:
+    """The status line and the Date header (formatted once per second)."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, f"Date: {email.utils.formatdate(now, usegmt=True)}\r\n".encode())
+    return f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Unknown')}\r\n".encode() + _date[1]
+
+
+class Request:
+    """One request: method, path (without the query), lower-case headers, the body."""
+
+    __slots__ = ("body", "headers", "keep_alive", "method", "path", "too_large")
+
+    def __init__(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, keep_alive: bool
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+        self.too_large = False  # the body exceeded max_body_bytes and was not kept
+
+
+class Responder:
+    """How a handler answers: one ``send``, or ``start`` + ``write``... + ``end`` for a stream."""
+
+    def __init__(self, conn: _ServerConnection, request: Request) -> None:
+        self._conn = conn
+        self._close = not request.keep_alive or request.too_large
+        self.started = False
+
+    def _head(self, status: int, headers: dict[str, str], extra: str) -> bytes:
+        if self._conn.server.draining:
+            self._close = True
+        lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
+        if self._close:
+            lines.append("Connection: close\r\n")
+        return _status_line(status) + "".join(lines).encode("latin-1") + extra.encode() + b"\r\n"
+
+    def send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
+        """The whole response at once."""
+        assert not self.started
+        self.started = True
+        self._conn.write(self._head(status, headers, f"Content-Length: {len(body)}\r\n") + body)
+
+    def start(self, status: int, headers: dict[str, str]) -> None:
+        """The head of a streamed (chunked) response."""
+        assert not self.started
+        self.started = True
+        self._conn.write(self._head(status, headers, "Transfer-Encoding: chunked\r\n"))
+
+    async def write(self, data: bytes) -> None:
+        """One chunk of a streamed response; waits while the client is slow to read."""
+        if data:
+            self._conn.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await self._conn.drain()
+
+    async def end(self) -> None:
+        self._conn.write(b"0\r\n\r\n")
+        await self._conn.drain()
+
+    @property
+    def closes(self) -> bool:
+        return self._close
+
+
+Handler = Callable[[Request, Responder], Awaitable[None]]
+
+
+class _ServerConnection(asyncio.Protocol):
+    def __init__(self, server: HTTPServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.closed = False
+        self.busy = False
+        self._queue: collections.deque[Request] = collections.deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._writable: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading_paused = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._head_bytes = 0
+        self._body: list[bytes] = []
+        self._body_bytes = 0
+        self._too_large = False
+        self._answered_early = False  # a 413 queued from the head alone: the rest of the message is ignored
+
+    # -- asyncio.Protocol --------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio's
+        self.server._connections.add(self)
+        self._arm(self.server.keepalive_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            refused = exc.__context__ or exc.__cause__  # an exception of our callbacks, wrapped by httptools
+            if isinstance(refused, _Refused):
+                self._fail(refused.status, refused.message)
+            elif not self.closed:
+                self._fail(400, f"malformed request: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._disarm()
+        self.server._connections.discard(self)
+        if self._worker is not None and not self._worker.done():
+            self._worker.cancel()  # the client is gone: stop its handler and the upstream call
+        waiter = self._writable
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionResetError("the client closed the connection"))
+
+    def pause_writing(self) -> None:
+        if self._writable is None or self._writable.done():
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    # -- httptools callbacks -----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset()
+        if not self.busy:
+            self._arm(self.server.request_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
+
+    def on_headers_complete(self) -> None:
+        length = self._headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.server.max_body_bytes:
+            self._too_large = True  # answered without reading the body, then the connection closes
+            self._answered_early = True
+            self._dispatch(keep_alive=False)
+        elif self._headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        if self._too_large:
+            return
+        self._body_bytes += len(body)
+        if self._body_bytes > self.server.max_body_bytes:
+            self._too_large = True
+            self._body = []
+        else:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if not self._answered_early:
+            self._dispatch(keep_alive=self.parser.should_keep_alive())
+
+    def _dispatch(self, keep_alive: bool) -> None:
+        url = self._url
+        query = url.find(b"?")
+        request = Request(
+            self.parser.get_method().decode("latin-1"),
+            (url[:query] if query >= 0 else url).decode("latin-1"),
+            self._headers,
+            b"".join(self._body),
+            keep_alive,
+        )
+        request.too_large = self._too_large
+        self._queue.append(request)
+        self._disarm()
+        # The socket keeps being read while a request is served, or a client that leaves would go unnoticed;
+        # only a client that pipelines many requests ahead is made to wait.
+        if len(self._queue) > _MAX_PIPELINED and self.transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._serve())
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        try:
+            while self._queue and not self.closed:
+                request = self._queue.popleft()
+                responder = Responder(self, request)
+                self.busy = True
+                try:
+                    await self.server.handler(request, responder)
+                except asyncio.CancelledError:
+                    self._close()
+                    raise
+                except ConnectionError:  # the client left mid-response
+                    self._close()
+                    return
+                except Exception:  # the handler answers its own errors; this is a bug, not a request
+                    log.exception("unexpected error answering %s %s", request.method, request.path)
+                    if not responder.started:
+                        responder._close = True
+                        responder.send(500, b"internal error in the gateway; its logs have the details\n", {})
+                    self._close()
+                    return
+                finally:
+                    self.busy = False
+                if not responder.started:
+                    responder.send(500, b"no response\n", {})
+                if responder.closes or request.too_large:
+                    self._close()
+                    return
+                if self._reading_paused and len(self._queue) <= _MAX_PIPELINED and self.transport is not None:
+                    self._reading_paused = False
+                    self.transport.resume_reading()
+                if not self._queue:
+                    self._arm(self.server.keepalive_timeout)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._worker = None
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ConnectionResetError("the client closed the connection")
+        if self._writable is not None and not self._writable.done():
+            await self._writable
+
+    def _count(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > self.server.max_head_bytes:
+            raise _Refused(431, f"request head exceeds {self.server.max_head_bytes} bytes")
+
+    def _fail(self, status: int, message: str) -> None:
+        """Refuse a request the parser cannot take, and close."""
+        if self.transport is not None and not self.closed:
+            body = message.encode() + b"\n"
+            self.transport.write(
+                _status_line(status)
+                + b"Content-Type: text/plain\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+                + body
+            )
+        self._close()
+
+    def _close(self) -> None:
+        self._disarm()
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def close_if_idle(self) -> None:
+        if not self.busy and not self._queue:
+            self._close()
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._timer = asyncio.get_running_loop().call_later(seconds, self.close_if_idle)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class HTTPServer:
+    """Serves ``handler`` on one listening socket."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        max_body_bytes: int,
+        max_head_bytes: int = 16384,
+        request_timeout: float = 60.0,
+        keepalive_timeout: float = 75.0,
+    ) -> None:
+        self.handler = handler
+        self.max_body_bytes = max_body_bytes
+        self.max_head_bytes = max_head_bytes
+        self.request_timeout = request_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.draining = False
+        self._connections: set[_ServerConnection] = set()
+        self._listener: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen; returns the bound port (the real one when ``port`` is 0)."""
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            lambda: _ServerConnection(self), host, port, ssl=ssl_context, backlog=1024
+        )
+        return int(self._listener.sockets[0].getsockname()[1])
+
+    async def stop_accepting(self) -> None:
+        """Drain: no new connections; idle ones close now, busy ones after their response."""
+        self.draining = True
+        if self._listener is not None:
+            self._listener.close()
+        for conn in list(self._connections):
+            conn.close_if_idle()
+
+    async def close(self) -> None:
+        """Close every connection, busy or not (their handlers are cancelled)."""
+        await self.stop_accepting()
+        for conn in list(self._connections):
+            conn._close()
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._listener.wait_closed(), 1.0)
