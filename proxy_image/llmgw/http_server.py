@@ -5,7 +5,7 @@ server spent about 80 µs of CPU per request on that here, a plain llhttp server
 REST path is bound by the CPU of its one event loop (``bench/proxy_latency.py``). So the REST front runs on
 this server and the admin port (metrics, probes) stays on aiohttp. What it does:
 
-- HTTP/1.1 keep-alive (and HTTP/1.0 with ``Connection: keep-alive``); pipelined requests are answered in
+- HTTP/1.1 keep-alive (HTTP/1.0 gets one request per connection); pipelined requests are answered in
   order, one at a time (a client more than 8 requests ahead is not read until the server catches up);
 - limits: the request head (``max_head_bytes``, else 431), the body (``max_body_bytes``: the handler gets
   the request marked ``too_large`` and answers 413; the connection closes after), a request's arrival
@@ -226,7 +226,9 @@ class _ServerConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if not self._answered_early:
-            self._dispatch(keep_alive=self.parser.should_keep_alive())
+            # HTTP/1.0 clients get one request per connection, which spares them a keep-alive dialect.
+            keep_alive = self.parser.should_keep_alive() and self.parser.get_http_version() != "1.0"
+            self._dispatch(keep_alive=keep_alive)
 
     def _dispatch(self, keep_alive: bool) -> None:
         url = self._url
@@ -276,7 +278,7 @@ class _ServerConnection(asyncio.Protocol):
                     self.busy = False
                 if not responder.started:
                     responder.send(500, b"no response\n", {})
-                if responder.closes or request.too_large:
+                if responder.closes or request.too_large or self.server.draining:
                     self._close()
                     return
                 if self._reading_paused and len(self._queue) <= _MAX_PIPELINED and self.transport is not None:
