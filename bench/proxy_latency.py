@@ -954,6 +954,18 @@ async def _client_rate(factory: ClientFactory, url: str, c: int, seconds: float)
     return completed / elapsed
 
 
+async def _server_cpu_per_request(url: str, pid: int, c: int, seconds: float) -> float | None:
+    """CPU time (µs) the process ``pid`` spends per request while ``c`` workers POST to ``url``."""
+    async with _http1_client(url) as fn:
+        await run_block(fn, c, 4 * c, 30.0)
+        before = _proc_cpu_seconds(pid)
+        completed, _, _, _, _, _ = await run_block(fn, c, 10**9, seconds)
+        after = _proc_cpu_seconds(pid)
+    if before is None or after is None or not completed:
+        return None
+    return (after - before) / completed * 1e6
+
+
 def _latency_and_rate_rows(
     comparison: str,
     labels: dict[str, str],
@@ -1010,6 +1022,42 @@ def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow]
     rows += _latency_and_rate_rows(
         "HTTP client: POST to the openai fake, c={c} (uvloop)", labels, lat, rates, conc
     )
+
+    # HTTP server, each alone in a child process answering a fixed reply: its CPU per request at `conc`.
+    servers = {
+        "llmgw": "llmgw.http_server (httptools; the REST front's server)",
+        "aiohttp": f"aiohttp {vers.get('aiohttp', '?')} web server",
+    }
+    children = {
+        kind: Child(
+            f"static {kind} server",
+            [sys.executable, str(pathlib.Path(__file__).with_name("static_server.py")), kind],
+            pathlib.Path(tempfile.gettempdir()) / f"llmgw-bench-static-{kind}-{os.getpid()}.log",
+        )
+        for kind in servers
+    }
+    try:
+        ports = {
+            kind: int(child.wait_for(r"listening on port (\d+)").group(1)) for kind, child in children.items()
+        }
+        cpu: dict[str, list[float]] = {kind: [] for kind in servers}
+        for _ in range(2):
+            for kind, child in children.items():
+                static_url = f"http://127.0.0.1:{ports[kind]}/v1/chat/completions"
+                per = uvloop.run(
+                    _server_cpu_per_request(static_url, child.pid, conc, settings.micro_seconds / 2)
+                )
+                if per is not None:
+                    cpu[kind].append(per)
+    finally:
+        for child in children.values():
+            child.stop()
+    for kind, label in servers.items():
+        if cpu[kind]:
+            per = sum(cpu[kind]) / len(cpu[kind])
+            rows.append(
+                MicroRow(f"HTTP server: CPU per POST answered, c={conc}", label, f"{per:.0f} µs", per)
+            )
 
     # Event loop, with the aiohttp client: latency at concurrency 1, then requests/s at concurrency `conc`.
     runners: dict[str, Callable[[Any], Any]] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
