@@ -54,6 +54,7 @@ import platform
 import re
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -1057,6 +1058,40 @@ def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow]
             per = sum(cpu[kind]) / len(cpu[kind])
             rows.append(
                 MicroRow(f"HTTP server: CPU per POST answered, c={conc}", label, f"{per:.0f} µs", per)
+            )
+
+    # gRPC client settings, each in its own process (grpcio reads GRPC_EXPERIMENTS on import), alternately.
+    settings_env = {
+        f"grpcio {vers.get('grpcio', '?')} defaults": "",
+        f"llmgw's ({grpc_env.EXPERIMENTS})": None,
+    }
+    grpc_runs: dict[str, list[dict[str, float]]] = {name: [] for name in settings_env}
+    for _ in range(2):
+        for name, value in settings_env.items():
+            env = {**os.environ, "GRPC_EXPERIMENTS": grpc_env.EXPERIMENTS if value is None else value}
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    str(pathlib.Path(__file__).with_name("grpc_client.py")),
+                    str(stack.grpc_port),
+                    str(n),
+                    str(settings.micro_seconds / 2),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            )
+            grpc_runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for field, what, unit in (("p50_us", "c=1, p50", "ms"), ("cpu_us", "c=64, client CPU per call", "µs")):
+        for name, runs in grpc_runs.items():
+            value = statistics.median(r[field] for r in runs)
+            result = f"{ms(value)}" if unit == "ms" else f"{value:.0f} µs"
+            rows.append(
+                MicroRow(
+                    f"gRPC client (grpc.aio ChatCompletion to the grpc fake): {what}", name, result, value
+                )
             )
 
     # Event loop, with the aiohttp client: latency at concurrency 1, then requests/s at concurrency `conc`.
