@@ -350,6 +350,9 @@ async def test_back_pressure_pauses_reading_a_large_stream() -> None:
         async for data in resp.chunks():
             received += len(data)
         assert received == total
+        resp = await c.post(b"{}", 20)
+        await asyncio.sleep(0.3)  # paused past 1 MiB before read() was called: read() must resume it
+        assert len(await resp.read()) == total
         with pytest.raises(http1.ProtocolError, match="exceeds"):
             await (await c.post(b"{}", 20)).read(limit=1024 * 1024)
         await c.close()

@@ -56,6 +56,7 @@ class Response:
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._headers_seen = False
+        self._reading_all = False  # read() buffers the whole body by design: no back-pressure then
 
     # -- fed by the connection -------------------------------------------------------------------
 
@@ -67,7 +68,7 @@ class Response:
     def _data(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered > _PAUSE_ABOVE and self._conn is not None:
+        if self._buffered > _PAUSE_ABOVE and self._conn is not None and not self._reading_all:
             self._conn.pause()
         self._wake()
 
@@ -112,6 +113,9 @@ class Response:
 
     async def read(self, limit: int | None = None) -> bytes:
         """The whole body; ProtocolError when it exceeds ``limit`` bytes."""
+        self._reading_all = True
+        if self._conn is not None:
+            self._conn.resume()
         while not self._done:
             if limit is not None and self._buffered > limit:
                 self.close()
