@@ -135,6 +135,15 @@ def test_error_classification(code: str, server_side: bool) -> None:
     assert is_server_error(code) is server_side
 
 
+def test_the_proxy_precreates_the_error_series_the_analysis_counts() -> None:
+    """Every code the proxy creates at 0 besides success is one the analysis counts as an error, and the
+    errors the gateway itself reports (unreachable, bad gateway, timeout) are among them."""
+    from llmgw.metrics import PRECREATED_CODES
+
+    assert [c for c in PRECREATED_CODES if not is_server_error(c)] == ["200"]
+    assert {"502", "503", "504"} <= set(PRECREATED_CODES)
+
+
 def test_promql_text() -> None:
     assert promql_duration(300) == "300s"
     assert promql_duration(1.5) == "1500ms"

@@ -481,6 +481,12 @@ async def test_metrics_and_probes(fakes: Fakes, start_proxy: Any) -> None:
         assert (await session.get(f"{base}/readyz")).status == 200
     assert "llmgw_config_generation 7.0" in text
     assert 'llmgw_route_grpc_weight{route="demo-model"} 50.0' in text
+    # Error series exist at 0 before any error, so Prometheus' increase() sees a path's first failures.
+    for code in ("503", "504", "500"):
+        assert (
+            f'llmgw_upstream_requests_total{{code="{code}",path="grpc",provider="grpc-fake",route="demo-model"}} 0.0'
+            in text
+        )
     labels = {"route": "demo-claude", "path": "rest", "provider": "anthropic-fake"}
     assert metric(server, "llmgw_upstream_requests_total", code="200", **labels) == 2
     assert metric(server, "gen_ai_server_request_duration_seconds_count", **labels) == 2

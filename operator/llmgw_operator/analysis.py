@@ -24,9 +24,9 @@ cumulative series between its start and its end, summed over the gateway's proxi
     window's edges, so counts are approximate (high by up to two scrape intervals' share of the window) and
     are rounded; ratios such as the error rate are hardly affected, as all series of one proxy are scraped
     together. Prometheus (before its created-timestamp support) cannot count what a series held when it
-    was first scraped: the first errors with a code a proxy had never answered before are lost, only what
-    that series gains after its first scrape counts. (The proxy creates a ``code`` series on first use;
-    creating the usual error codes at 0 up front would close that gap.) Checked against Prometheus 2.42.
+    was first scraped, so the proxy creates the success and usual error ``code`` series of every path at 0
+    when it loads a configuration (``llmgw.metrics.PRECREATED_CODES``); only the first errors with a rarer
+    code (501, 529, ...) are lost. Checked against Prometheus 2.42.
 
 :class:`ScrapeSource`
     No Prometheus: reads every ready proxy's ``/metrics`` itself and keeps its readings in memory, per

@@ -31,7 +31,7 @@ from .backends import Backend, CallStats, build_backend
 from .chat import is_deterministic, validate_request
 from .config import ProxyConfig, Retries, Route
 from .errors import GatewayError, Kind
-from .metrics import Metrics, PathMetrics
+from .metrics import PRECREATED_CODES, Metrics, PathMetrics
 from .retry import backoff_delay
 
 log = logging.getLogger("llmgw.gateway")
@@ -207,6 +207,11 @@ class Gateway:
         self.metrics.grpc_weight.clear()
         for route in config.routes:
             self.metrics.grpc_weight.labels(route.model).set(route.grpc_weight)
+            for path, provider in (("rest", route.rest), ("grpc", route.grpc)):
+                if provider is not None:
+                    path_metrics = self.metrics.path(route.model, path, provider)
+                    for code in PRECREATED_CODES:
+                        path_metrics.outcome(code)
         self.metrics.generation.set(config.generation)
 
     def _retire(self, backend: Backend) -> None:

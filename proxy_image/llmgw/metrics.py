@@ -19,6 +19,13 @@ _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
 _PATH = ("route", "path", "provider")
 
+# ``code`` series of ``llmgw_upstream_requests_total`` created at 0 for every configured path: Prometheus
+# cannot count what a series held when it was first scraped, so the first errors on a path that had never
+# failed would be invisible to ``increase()`` (and to the operator's migration analysis). These are success
+# and the server-side errors the gateway itself reports (the analysis counts 5xx, 401, 403 and 408); rarer
+# codes still appear on first use.
+PRECREATED_CODES = ("200", "401", "403", "408", "500", "502", "503", "504")
+
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
