@@ -54,7 +54,6 @@ import platform
 import re
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -1061,14 +1060,13 @@ def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow]
             )
 
     # gRPC client settings, each in its own process (grpcio reads GRPC_EXPERIMENTS on import), alternately.
-    settings_env = {
+    experiments = {  # an empty GRPC_EXPERIMENTS keeps grpcio's defaults
         f"grpcio {vers.get('grpcio', '?')} defaults": "",
-        f"llmgw's ({grpc_env.EXPERIMENTS})": None,
+        f"llmgw's ({grpc_env.EXPERIMENTS})": grpc_env.EXPERIMENTS,
     }
-    grpc_runs: dict[str, list[dict[str, float]]] = {name: [] for name in settings_env}
+    grpc_runs: dict[str, list[dict[str, float]]] = {name: [] for name in experiments}
     for _ in range(2):
-        for name, value in settings_env.items():
-            env = {**os.environ, "GRPC_EXPERIMENTS": grpc_env.EXPERIMENTS if value is None else value}
+        for name, value in experiments.items():
             out = subprocess.run(
                 [
                     sys.executable,
@@ -1077,7 +1075,7 @@ def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow]
                     str(n),
                     str(settings.micro_seconds / 2),
                 ],
-                env=env,
+                env={**os.environ, "GRPC_EXPERIMENTS": value},
                 capture_output=True,
                 text=True,
                 timeout=120,
@@ -1086,7 +1084,7 @@ def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow]
             grpc_runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     for field, what, unit in (("p50_us", "c=1, p50", "ms"), ("cpu_us", "c=64, client CPU per call", "µs")):
         for name, runs in grpc_runs.items():
-            value = statistics.median(r[field] for r in runs)
+            value = sum(r[field] for r in runs) / len(runs)
             result = f"{ms(value)}" if unit == "ms" else f"{value:.0f} µs"
             rows.append(
                 MicroRow(

@@ -116,17 +116,17 @@ class Response:
         self._reading_all = True
         if self._conn is not None:
             self._conn.resume()
-        while not self._done:
+        while True:
             if limit is not None and self._buffered > limit:
                 self.close()
                 raise ProtocolError(f"response body exceeds {limit} bytes")
+            if self._done:
+                break
             await self._wait()
         if self._error is not None:
             raise self._error
         body = b"".join(self._chunks)
         self._chunks.clear()
-        if limit is not None and len(body) > limit:
-            raise ProtocolError(f"response body exceeds {limit} bytes")
         return body
 
     async def lines(self) -> AsyncIterator[bytes]:
@@ -202,12 +202,6 @@ class _Connection(asyncio.Protocol):
             self.pool._release(self, reusable=False)
         else:
             self.pool._forget(self)
-
-    def pause_writing(self) -> None:  # requests are small; the transport buffers them
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     # -- httptools callbacks -----------------------------------------------------------------------
 
@@ -292,8 +286,8 @@ class _Connection(asyncio.Protocol):
 class HTTPClient:
     """POSTs to one URL over a pool of keep-alive connections.
 
-    ``headers`` are sent with every request (besides Host and Content-Length); ``ssl_context`` is used
-    for ``https`` URLs (default: the system's trust store).
+    ``headers`` are sent with every request (besides Host and Content-Length); ``https`` URLs are
+    verified against the system's trust store.
     """
 
     def __init__(
@@ -304,16 +298,13 @@ class HTTPClient:
         max_connections: int,
         connect_timeout: float,
         idle_timeout: float = 30.0,
-        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.ssl: ssl.SSLContext | None = None
-        if parts.scheme == "https":
-            self.ssl = ssl_context or ssl.create_default_context()
+        self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
         host_header = f"[{self.host}]" if ":" in self.host else self.host
         if parts.port is not None:
             host_header += f":{parts.port}"

@@ -57,13 +57,18 @@ _MAX_PIPELINED = 8  # requests parsed ahead of the one being answered before the
 _date: tuple[int, bytes] = (0, b"")
 
 
-def _status_line(status: int) -> bytes:
-    """The status line and the Date header (formatted once per second)."""
+def _head(status: int, headers: dict[str, str], framing: str, close: bool) -> bytes:
+    """A response head: status line, Date (formatted once per second), ``headers``, the ``framing`` header
+    line (Content-Length or Transfer-Encoding) and, when ``close``, ``Connection: close``."""
     global _date
     now = int(time.time())
     if _date[0] != now:
         _date = (now, f"Date: {email.utils.formatdate(now, usegmt=True)}\r\n".encode())
-    return f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Unknown')}\r\n".encode() + _date[1]
+    lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
+    if close:
+        lines.append("Connection: close\r\n")
+    status_line = f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Unknown')}\r\n"
+    return status_line.encode() + _date[1] + "".join(lines).encode("latin-1") + framing.encode() + b"\r\n"
 
 
 class Request:
@@ -72,14 +77,14 @@ class Request:
     __slots__ = ("body", "headers", "keep_alive", "method", "path", "too_large")
 
     def __init__(
-        self, method: str, path: str, headers: dict[str, str], body: bytes, keep_alive: bool
+        self, method: str, path: str, headers: dict[str, str], body: bytes, keep_alive: bool, too_large: bool
     ) -> None:
         self.method = method
         self.path = path
         self.headers = headers
         self.body = body
         self.keep_alive = keep_alive
-        self.too_large = False  # the body exceeded max_body_bytes and was not kept
+        self.too_large = too_large  # the body exceeded max_body_bytes and was not kept
 
 
 class Responder:
@@ -90,13 +95,10 @@ class Responder:
         self._close = not request.keep_alive or request.too_large
         self.started = False
 
-    def _head(self, status: int, headers: dict[str, str], extra: str) -> bytes:
+    def _head(self, status: int, headers: dict[str, str], framing: str) -> bytes:
         if self._conn.server.draining:
             self._close = True
-        lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
-        if self._close:
-            lines.append("Connection: close\r\n")
-        return _status_line(status) + "".join(lines).encode("latin-1") + extra.encode() + b"\r\n"
+        return _head(status, headers, framing, self._close)
 
     def send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
         """The whole response at once."""
@@ -239,8 +241,8 @@ class _ServerConnection(asyncio.Protocol):
             self._headers,
             b"".join(self._body),
             keep_alive,
+            self._too_large,
         )
-        request.too_large = self._too_large
         self._queue.append(request)
         self._disarm()
         # The socket keeps being read while a request is served, or a client that leaves would go unnoticed;
@@ -261,10 +263,7 @@ class _ServerConnection(asyncio.Protocol):
                 self.busy = True
                 try:
                     await self.server.handler(request, responder)
-                except asyncio.CancelledError:
-                    self._close()
-                    raise
-                except ConnectionError:  # the client left mid-response
+                except (asyncio.CancelledError, ConnectionError):  # the client left (connection_lost)
                     self._close()
                     return
                 except Exception:  # the handler answers its own errors; this is a bug, not a request
@@ -278,7 +277,7 @@ class _ServerConnection(asyncio.Protocol):
                     self.busy = False
                 if not responder.started:
                     responder.send(500, b"no response\n", {})
-                if responder.closes or request.too_large or self.server.draining:
+                if responder.closes or self.server.draining:  # closes: too large, or not keep-alive
                     self._close()
                     return
                 if self._reading_paused and len(self._queue) <= _MAX_PIPELINED and self.transport is not None:
@@ -286,8 +285,6 @@ class _ServerConnection(asyncio.Protocol):
                     self.transport.resume_reading()
                 if not self._queue:
                     self._arm(self.server.keepalive_timeout)
-        except asyncio.CancelledError:
-            pass
         finally:
             self._worker = None
 
@@ -310,10 +307,9 @@ class _ServerConnection(asyncio.Protocol):
         """Refuse a request the parser cannot take, and close."""
         if self.transport is not None and not self.closed:
             body = message.encode() + b"\n"
+            headers = {"Content-Type": "text/plain"}
             self.transport.write(
-                _status_line(status)
-                + b"Content-Type: text/plain\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
-                + body
+                _head(status, headers, f"Content-Length: {len(body)}\r\n", close=True) + body
             )
         self._close()
 
