@@ -1,145 +1,143 @@
-"""The gRPC front: ``llmgateway.v1.LLMService`` on grpc.aio, with health and reflection.
+"""The gRPC front: ``llmgateway.v1.LLMService``, ``grpc.health.v1.Health`` and server reflection.
 
-One interceptor maps every exception of the LLMService handlers to a gRPC status, so the handlers stay
-plain: :class:`~llmgw.errors.GatewayError` becomes its status code and message (plus a ``retry-after``
-trailer when known); anything unexpected becomes INTERNAL with a message that points at the logs. Health
-(``grpc.health.v1``) and reflection need no API key; the LLM service does when client auth is on.
+It runs on llmgw's own gRPC server (:mod:`llmgw.grpc_server`). One wrapper maps every exception of the
+LLMService handlers to a gRPC status, so the handlers stay plain: :class:`~llmgw.errors.GatewayError`
+becomes its status code and message (plus a ``retry-after`` trailer when known); anything unexpected
+becomes INTERNAL with a message that points at the logs. Health and reflection need no API key; the LLM
+service does when client auth is on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from llmgateway.v1 import llm_service_pb2 as pb
-from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
 
 from .errors import GatewayError
 from .gateway import Gateway
+from .grpc_server import BIDI, SERVER_STREAM, UNARY, Method, Server, ServerCall
+from .grpc_wire import RpcError
 
 log = logging.getLogger("llmgw.grpc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LLMService"].full_name
-_METHOD_PREFIX = f"/{SERVICE_NAME}/"
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+def _status(exc: Exception) -> RpcError:
     if isinstance(exc, GatewayError):
-        if exc.retry_after is not None:
-            context.set_trailing_metadata((("retry-after", f"{exc.retry_after:g}"),))
-        await context.abort(exc.kind.grpc_code, exc.message)
+        trailers = () if exc.retry_after is None else (("retry-after", f"{exc.retry_after:g}"),)
+        return RpcError(exc.kind.grpc_code, exc.message, trailers)
     log.exception("unexpected error in %s", type(exc).__name__, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error in the gateway; its logs have the details")
+    return RpcError(grpc.StatusCode.INTERNAL, "internal error in the gateway; its logs have the details")
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self) -> None:
-        self._wrapped: dict[str, Any] = {}  # method name -> wrapped handler, built once per method
+def _mapped_unary(handler: Callable[[Any, ServerCall], Any]) -> Callable[[Any, ServerCall], Any]:
+    async def unary(request: Any, call: ServerCall) -> Any:
+        try:
+            return await handler(request, call)
+        except Exception as exc:
+            raise _status(exc) from None
 
-    async def intercept_service(
-        self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
-    ) -> Any:
-        method = handler_call_details.method
-        wrapped = self._wrapped.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(handler_call_details)
-        if handler is None or not method.startswith(_METHOD_PREFIX):
-            return handler
-        wrapped = self._wrapped[method] = self._wrap(handler)
-        return wrapped
-
-    @staticmethod
-    def _wrap(handler: Any) -> Any:
-        if handler.unary_unary is not None:
-            behavior = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                try:
-                    return await behavior(request, context)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await _abort(context, exc)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            stream_behavior = handler.unary_stream
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                try:
-                    async for item in stream_behavior(request, context):
-                        yield item
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:
-                    await _abort(context, exc)
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+    return unary
 
 
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
-            return str(value)
-    return None
+def _mapped_stream(
+    handler: Callable[[Any, ServerCall], AsyncIterator[Any]],
+) -> Callable[[Any, ServerCall], AsyncIterator[Any]]:
+    async def stream(request: Any, call: ServerCall) -> AsyncIterator[Any]:
+        try:
+            async for item in handler(request, call):
+                yield item
+        except Exception as exc:
+            raise _status(exc) from None
+
+    return stream
 
 
-class LLMServicer(pb_grpc.LLMServiceServicer):
+def _authorization(call: ServerCall) -> str | None:
+    value = call.value("authorization")
+    return value if isinstance(value, str) else None
+
+
+class LLMServicer:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
 
-    async def ChatCompletion(
-        self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ChatResponse:
-        self.gateway.authenticate(_authorization(context), "grpc")
-        return await self.gateway.complete(request, front="grpc", timeout=context.time_remaining())
+    async def chat_completion(self, request: pb.ChatRequest, call: ServerCall) -> pb.ChatResponse:
+        self.gateway.authenticate(_authorization(call), "grpc")
+        return await self.gateway.complete(request, front="grpc", timeout=call.time_remaining())
 
-    async def StreamingChat(
-        self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ChatChunk]:
-        self.gateway.authenticate(_authorization(context), "grpc")
-        async for chunk in self.gateway.stream(request, front="grpc", timeout=context.time_remaining()):
+    async def streaming_chat(self, request: pb.ChatRequest, call: ServerCall) -> AsyncIterator[pb.ChatChunk]:
+        self.gateway.authenticate(_authorization(call), "grpc")
+        async for chunk in self.gateway.stream(request, front="grpc", timeout=call.time_remaining()):
             yield chunk
 
-    async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListModelsResponse:
-        self.gateway.authenticate(_authorization(context), "grpc")
+    async def list_models(self, request: pb.ListModelsRequest, call: ServerCall) -> pb.ListModelsResponse:
+        self.gateway.authenticate(_authorization(call), "grpc")
         return pb.ListModelsResponse(models=self.gateway.list_models())
 
 
-def build_server(
-    gateway: Gateway, max_message_bytes: int
-) -> tuple[grpc.aio.Server, health_aio.HealthServicer]:
-    """The gRPC server with the LLM service, health and reflection; ports are added by the caller."""
-    server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
-    pb_grpc.add_LLMServiceServicer_to_server(LLMServicer(gateway), server)
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
-    return server, health
+class HealthService:
+    """``grpc.health.v1.Health``: the serving status per service name ("" is the whole server)."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, int] = {}
+        self._shutting_down = False
+        self._changed = asyncio.Event()
+
+    def set(self, service: str, status: int) -> None:
+        if self._shutting_down:
+            return  # a draining server stays NOT_SERVING
+        self._status[service] = status
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def enter_graceful_shutdown(self) -> None:
+        for service in self._status:
+            self.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._shutting_down = True
+
+    async def check(self, request: health_pb2.HealthCheckRequest, call: ServerCall) -> Any:
+        status = self._status.get(request.service)
+        if status is None:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def watch(self, request: health_pb2.HealthCheckRequest, call: ServerCall) -> AsyncIterator[Any]:
+        last = None
+        while True:
+            changed = self._changed
+            status = self._status.get(request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await changed.wait()
+
+
+def build_server(gateway: Gateway, max_message_bytes: int) -> tuple[Server, HealthService]:
+    """The gRPC server with the LLM service, health and reflection; the caller starts it on an address."""
+    llm = LLMServicer(gateway)
+    health = HealthService()
+    names = (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
+    reflector = reflection.aio.ReflectionServicer(names)
+    methods = {
+        f"/{SERVICE_NAME}/ChatCompletion": Method(UNARY, pb.ChatRequest, _mapped_unary(llm.chat_completion)),
+        f"/{SERVICE_NAME}/StreamingChat": Method(
+            SERVER_STREAM, pb.ChatRequest, _mapped_stream(llm.streaming_chat)
+        ),
+        f"/{SERVICE_NAME}/ListModels": Method(UNARY, pb.ListModelsRequest, _mapped_unary(llm.list_models)),
+        f"/{HEALTH_SERVICE_NAME}/Check": Method(UNARY, health_pb2.HealthCheckRequest, health.check),
+        f"/{HEALTH_SERVICE_NAME}/Watch": Method(SERVER_STREAM, health_pb2.HealthCheckRequest, health.watch),
+        f"/{reflection.SERVICE_NAME}/ServerReflectionInfo": Method(
+            BIDI, reflection_pb2.ServerReflectionRequest, reflector.ServerReflectionInfo
+        ),
+    }
+    return Server(methods, max_message_bytes), health

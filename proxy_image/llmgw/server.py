@@ -21,7 +21,6 @@ import signal
 import ssl
 import time
 
-import grpc
 from aiohttp import web
 from grpc_health.v1 import health_pb2
 
@@ -60,16 +59,10 @@ class ProxyServer:
     async def start(self) -> None:
         cfg = self.config
         self.grpc_server, self.health = build_server(self.gateway, cfg.limits.max_request_bytes)
-        grpc_address = cfg.listen.grpc
-        if cfg.tls is not None:
-            with open(cfg.tls.key_file, "rb") as key, open(cfg.tls.cert_file, "rb") as cert:
-                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
-            self.grpc_port = self.grpc_server.add_secure_port(grpc_address, credentials)
-        else:
-            self.grpc_port = self.grpc_server.add_insecure_port(grpc_address)
-        await self.grpc_server.start()
+        host, port = config_mod.check_listen_address(cfg.listen.grpc, "listen")
+        self.grpc_port = await self.grpc_server.start(host, port, self._ssl_context())
         for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
         self._rest = RestFront(self.gateway, cfg.limits.max_request_bytes)
         host, port = config_mod.check_listen_address(cfg.listen.rest, "listen")
@@ -132,7 +125,7 @@ class ProxyServer:
         log.info("draining: %d request(s) in flight, up to %.0fs", self.gateway.admission.inflight, grace)
         if self._watcher is not None:
             self._watcher.cancel()
-        await self.health.enter_graceful_shutdown()
+        self.health.enter_graceful_shutdown()
         if self._rest is not None:
             await self._rest.server.stop_accepting()  # open requests and streams keep being served
         grpc_stopped = asyncio.get_running_loop().create_task(self.grpc_server.stop(grace))

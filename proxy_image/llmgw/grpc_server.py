@@ -1,0 +1,440 @@
+"""A gRPC server on asyncio, for the proxy's gRPC front: unary, server-streaming and bidirectional methods.
+
+Each call runs as one asyncio task. A handler receives the decoded request and a :class:`ServerCall`
+(the caller's metadata and deadline) and returns the response, or, for a streaming method, is an async
+generator of responses. It reports a failure by raising :class:`~llmgw.grpc_wire.RpcError`; any other
+exception becomes INTERNAL and is logged. The caller's deadline (``grpc-timeout``) and its cancellation
+(RST_STREAM, or the connection closing) cancel the handler's task, and with it whatever it awaits, such
+as an upstream call.
+
+:meth:`Server.stop` drains like grpcio's ``stop(grace)``: it stops accepting connections, tells every
+client with GOAWAY which calls will still be served (those already started), lets them finish within the
+grace period, and then ends the rest with UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+
+from .grpc_wire import (
+    CONTINUATION,
+    END_HEADERS,
+    END_STREAM,
+    HEADERS,
+    MAX_STREAM_ID,
+    Connection,
+    ErrorCode,
+    ProtocolError,
+    RpcError,
+    Stream,
+    encode_headers,
+    frame,
+    goaway,
+    message,
+    metadata_value,
+    parse_timeout,
+    percent_encode,
+    rst_stream,
+)
+
+log = logging.getLogger("llmgw.grpc")
+
+UNARY, SERVER_STREAM, BIDI = "unary", "server_stream", "bidi"
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A method's shape, its request type (anything with ``FromString``) and its handler."""
+
+    kind: str
+    request_type: Any
+    handler: Callable[..., Any]
+
+
+class ServerCall:
+    """What a handler knows of its call: the caller's metadata, deadline and address."""
+
+    __slots__ = (
+        "_task",
+        "deadline",
+        "deadline_exceeded",
+        "headers_sent",
+        "metadata",
+        "method",
+        "peer",
+        "stream",
+        "timer",
+    )
+
+    def __init__(
+        self, stream: Stream, method: Method, metadata: tuple[tuple[str, str | bytes], ...], peer: str
+    ) -> None:
+        self.stream = stream
+        self.method = method
+        self.metadata = metadata
+        self.peer = peer
+        self.deadline: float | None = None  # loop time
+        self.deadline_exceeded = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.headers_sent = False
+        self._task: asyncio.Task[None] | None = None
+
+    def value(self, key: str) -> str | bytes | None:
+        """The first metadata value under ``key`` (lower case), if any."""
+        for name, value in self.metadata:
+            if name == key:
+                return value
+        return None
+
+    def time_remaining(self) -> float | None:
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - asyncio.get_running_loop().time())
+
+
+def _header_frames(stream_id: int, block: bytes, end_stream: bool, max_frame: int) -> bytes:
+    flags = END_STREAM if end_stream else 0
+    if len(block) <= max_frame:
+        return frame(HEADERS, flags | END_HEADERS, stream_id, block)
+    chunks = [block[i : i + max_frame] for i in range(0, len(block), max_frame)]
+    out = [frame(HEADERS, flags, stream_id, chunks[0])]
+    out += [frame(CONTINUATION, 0, stream_id, c) for c in chunks[1:-1]]
+    out.append(frame(CONTINUATION, END_HEADERS, stream_id, chunks[-1]))
+    return b"".join(out)
+
+
+_RESPONSE_HEADERS = encode_headers([(":status", "200"), ("content-type", "application/grpc")])
+_OK_TRAILERS = encode_headers([("grpc-status", "0")])
+_RESERVED_METADATA = frozenset({"content-type", "te", "user-agent", "grpc-timeout", "grpc-encoding"})
+
+
+def _trailers(
+    code: grpc.StatusCode, details: str, extra: tuple[tuple[str, str], ...]
+) -> list[tuple[str, str]]:
+    out = [("grpc-status", str(code.value[0]))]
+    if details:
+        out.append(("grpc-message", percent_encode(details)))
+    return out + list(extra)
+
+
+class _ServerConnection(Connection):
+    def __init__(self, server: Server) -> None:
+        super().__init__(server.max_message_bytes)
+        self.server = server
+        self.calls: dict[int, ServerCall] = {}
+        self.last_stream = 0
+        self.accepting_until = MAX_STREAM_ID  # after GOAWAY: the last stream this connection serves
+        self.peer = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peername = transport.get_extra_info("peername")
+        self.peer = f"{peername[0]}:{peername[1]}" if peername else ""
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        for call in list(self.calls.values()):
+            if call._task is not None:
+                call._task.cancel()
+        self.calls.clear()
+        self.server.connections.discard(self)
+        self.server.changed()
+
+    def last_peer_stream(self) -> int:
+        return self.last_stream
+
+    def headers_received(self, stream_id: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:  # a client's trailers: gRPC clients send none, but may end their side so
+            if end_stream:
+                stream.ended = True
+                self.stream_changed(stream)
+                stream.wake()
+            return
+        if stream_id % 2 == 0 or stream_id <= self.last_stream:
+            raise ProtocolError(f"stream id {stream_id} is not a new client stream", ErrorCode.STREAM_CLOSED)
+        if stream_id > self.accepting_until:
+            self.write(rst_stream(stream_id, ErrorCode.REFUSED_STREAM))
+            return
+        self.last_stream = stream_id
+        stream = Stream(stream_id, self.peer_initial_window)
+        stream.ended = end_stream
+        pseudo: dict[str, str] = {}
+        metadata: list[tuple[str, str | bytes]] = []
+        timeout: float | None = None
+        content_type = ""
+        for key, value in headers:
+            if key.startswith(":"):
+                pseudo[key] = value
+            elif key == "content-type":
+                content_type = value
+            elif key == "grpc-timeout":
+                try:
+                    timeout = parse_timeout(value)
+                except (ValueError, KeyError):
+                    timeout = None
+            elif key == "grpc-encoding":
+                stream.encoding = value
+            elif key not in _RESERVED_METADATA:
+                metadata.append((key, metadata_value(key, value)))
+        self.streams[stream_id] = stream
+        if pseudo.get(":method") != "POST" or not content_type.startswith("application/grpc"):
+            # Not a gRPC call (a browser, curl without the right headers): answer in plain HTTP.
+            status = "405" if pseudo.get(":method") != "POST" else "415"
+            self.write(
+                _header_frames(stream_id, encode_headers([(":status", status)]), True, self.peer_max_frame)
+            )
+            self._forget(stream)
+            return
+        method = self.server.methods.get(pseudo.get(":path", ""))
+        call = ServerCall(stream, method or Method(UNARY, None, _unimplemented), tuple(metadata), self.peer)
+        self.calls[stream_id] = call
+        if method is None:
+            self.finish(call, grpc.StatusCode.UNIMPLEMENTED, f"unknown method {pseudo.get(':path', '')}")
+            return
+        if timeout is not None:
+            loop = asyncio.get_running_loop()
+            call.deadline = loop.time() + timeout
+            call.timer = loop.call_at(call.deadline, self._deadline, call)
+        if method.kind == BIDI or end_stream:
+            self._start(call)
+
+    def stream_changed(self, stream: Stream) -> None:
+        call = self.calls.get(stream.id)
+        if call is None:
+            return
+        if stream.reset is not None:  # the client cancelled, or the connection is gone
+            self.calls.pop(stream.id, None)
+            if call._task is not None:
+                call._task.cancel()
+            self.server.changed()
+        elif stream.ended and call._task is None:
+            self._start(call)
+
+    def message_too_large(self, stream: Stream, length: int) -> None:
+        call = self.calls.get(stream.id)
+        self._release(stream)
+        stream.ended = True
+        if call is None:
+            return
+        if call._task is not None:
+            call._task.cancel()
+        self.finish(
+            call,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"request message of {length} bytes is over the server's limit of {self.max_message_bytes} bytes",
+        )
+
+    def _deadline(self, call: ServerCall) -> None:
+        if self.calls.get(call.stream.id) is not call:
+            return
+        call.deadline_exceeded = True
+        if call._task is not None:
+            call._task.cancel()
+        else:
+            self.finish(call, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+    def _start(self, call: ServerCall) -> None:
+        call._task = asyncio.get_running_loop().create_task(self._run(call))
+
+    async def _requests(self, call: ServerCall) -> AsyncIterator[Any]:
+        stream = call.stream
+        while True:
+            if stream.messages:
+                yield self._decode(call, self.take_message(stream))
+            elif stream.ended or stream.reset is not None:
+                return
+            else:
+                stream.waiter = asyncio.get_running_loop().create_future()
+                await stream.waiter
+
+    @staticmethod
+    def _decode(call: ServerCall, body: bytes) -> Any:
+        try:
+            return call.method.request_type.FromString(body)
+        except DecodeError:
+            raise RpcError(grpc.StatusCode.INTERNAL, "could not parse the request message") from None
+
+    async def _run(self, call: ServerCall) -> None:
+        method, stream = call.method, call.stream
+        try:
+            if method.kind == BIDI:
+                async for response in method.handler(self._requests(call), call):
+                    await self._send(call, response.SerializeToString())
+            else:
+                if len(stream.messages) != 1:
+                    raise RpcError(
+                        grpc.StatusCode.INTERNAL,
+                        f"expected one request message, got {len(stream.messages)}",
+                    )
+                request = self._decode(call, self.take_message(stream))
+                if method.kind == UNARY:
+                    response = await method.handler(request, call)
+                    self._respond(call, response.SerializeToString())
+                    return
+                async for response in method.handler(request, call):
+                    await self._send(call, response.SerializeToString())
+            self.finish(call, grpc.StatusCode.OK)
+        except RpcError as exc:
+            self.finish(call, exc.code, exc.details, exc.trailers)
+        except asyncio.CancelledError:
+            if call.deadline_exceeded:
+                self.finish(call, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            elif self.server.stopping:
+                self.finish(call, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        except ConnectionError:
+            pass  # the stream or connection closed while we were sending
+        except Exception:
+            log.exception("unexpected error in %s", method.handler.__qualname__)
+            self.finish(
+                call, grpc.StatusCode.INTERNAL, "internal error in the server; its logs have the details"
+            )
+
+    def _respond(self, call: ServerCall, body: bytes) -> None:
+        """A unary response: headers, message and trailers in one write when flow control allows."""
+        stream = call.stream
+        if stream.reset is not None or self.closed:
+            return
+        prefix = b"" if call.headers_sent else frame(HEADERS, END_HEADERS, stream.id, _RESPONSE_HEADERS)
+        call.headers_sent = True
+        suffix = frame(HEADERS, END_HEADERS | END_STREAM, stream.id, _OK_TRAILERS)
+        if self.try_send(stream, message(body), prefix, suffix):
+            self._close_stream(call)
+            return
+        self.write(prefix)
+        task = asyncio.get_running_loop().create_task(self._send_then_finish(call, body))
+        call._task = task
+
+    async def _send_then_finish(self, call: ServerCall, body: bytes) -> None:
+        with contextlib.suppress(ConnectionError):
+            await self.send_data(call.stream, message(body))
+            self.finish(call, grpc.StatusCode.OK)
+
+    async def _send(self, call: ServerCall, body: bytes) -> None:
+        stream = call.stream
+        if stream.reset is not None or self.closed:
+            raise ConnectionError("stream closed")
+        prefix = b""
+        if not call.headers_sent:
+            call.headers_sent = True
+            prefix = frame(HEADERS, END_HEADERS, stream.id, _RESPONSE_HEADERS)
+        if self.try_send(stream, message(body), prefix):
+            await self.drain()
+        else:
+            self.write(prefix)
+            await self.send_data(stream, message(body))
+
+    def finish(
+        self,
+        call: ServerCall,
+        code: grpc.StatusCode,
+        details: str = "",
+        trailers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        """End the call with a status: trailers after a response, or one trailers-only HEADERS frame."""
+        stream = call.stream
+        if stream.reset is not None or self.closed or self.calls.get(stream.id) is not call:
+            return
+        fields = _trailers(code, details, trailers)
+        if not call.headers_sent:
+            fields = [(":status", "200"), ("content-type", "application/grpc"), *fields]
+        self.write(_header_frames(stream.id, encode_headers(fields), True, self.peer_max_frame))
+        self._close_stream(call)
+
+    def _close_stream(self, call: ServerCall) -> None:
+        if call.timer is not None:
+            call.timer.cancel()
+        self.calls.pop(call.stream.id, None)
+        self._forget(call.stream)
+        self.server.changed()
+
+    def _forget(self, stream: Stream) -> None:
+        self.streams.pop(stream.id, None)
+        if not stream.ended:  # the client may still be sending: tell it to stop
+            self.write(rst_stream(stream.id, ErrorCode.NO_ERROR))
+            stream.ended = True
+        self._release(stream)
+        if self.accepting_until != MAX_STREAM_ID and not self.calls and self.transport is not None:
+            self.transport.close()
+
+    async def begin_drain(self) -> None:
+        """GOAWAY twice, as RFC 9113 suggests: first "no new streams soon", then, a round trip later, the
+        last stream id this connection will serve, so no call the client sent meanwhile is lost."""
+        self.write(goaway(MAX_STREAM_ID, ErrorCode.NO_ERROR))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.ping(), 1.0)
+        self.accepting_until = self.last_stream
+        self.write(goaway(self.last_stream, ErrorCode.NO_ERROR))
+        if not self.calls and self.transport is not None:
+            self.transport.close()
+
+
+async def _unimplemented(request: Any, call: ServerCall) -> Any:
+    raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "unknown method")
+
+
+class Server:
+    """Serves ``methods`` ({"/package.Service/Method": Method}) on one listening address."""
+
+    def __init__(self, methods: dict[str, Method], max_message_bytes: int) -> None:
+        self.methods = methods
+        self.max_message_bytes = max_message_bytes
+        self.connections: set[_ServerConnection] = set()
+        self.stopping = False
+        self._server: asyncio.Server | None = None
+        self._changed: asyncio.Event | None = None
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen on ``host:port`` (port 0 picks a free one); returns the bound port."""
+        if ssl_context is not None:
+            ssl_context.set_alpn_protocols(["h2"])
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _ServerConnection(self), host, port, ssl=ssl_context, reuse_address=True
+        )
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def changed(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    def active_calls(self) -> int:
+        return sum(len(c.calls) for c in self.connections)
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting; let started calls finish for up to ``grace`` seconds; end the rest."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        await asyncio.gather(*(c.begin_drain() for c in list(self.connections)))
+        self._changed = asyncio.Event()
+        deadline = time.monotonic() + grace
+        while self.active_calls() and time.monotonic() < deadline:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - time.monotonic()))
+        tasks = [c._task for conn in self.connections for c in conn.calls.values() if c._task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -1,0 +1,631 @@
+"""gRPC over HTTP/2, the part llmgw's gRPC server (the front) and gRPC channel (the upstream client) share.
+
+gRPC runs on HTTP/2 (RFC 9113). One TCP connection carries many *streams*, one per call, each made of
+frames: a HEADERS frame opens it (the method as ``:path``, then the call's metadata), DATA frames carry the
+messages, each prefixed by a compressed flag and a 4-byte length, and the server ends the call with a
+second HEADERS frame, the *trailers*, whose ``grpc-status`` and ``grpc-message`` are the outcome.
+
+Both ends obey *flow control*: a sender may send only as many DATA bytes as the receiver's window allows,
+per stream and for the whole connection, and the receiver reopens its windows with WINDOW_UPDATE as its
+application consumes what arrived; so a slow reader slows its sender instead of filling memory. Header
+lists are compressed with HPACK (RFC 7541). This module decodes with the ``hpack`` package and encodes
+without HPACK's dynamic table, which keeps the encoder stateless and lets constant header blocks be
+built once.
+
+grpcio's own stack costs a proxy a second full set of per-call machinery (bench/proxy_latency.py); this
+one is written for llmgw's calls: small messages, many concurrent streams, one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import enum
+import logging
+import struct
+import zlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import grpc
+import hpack
+from hpack.table import HeaderTable
+
+log = logging.getLogger("llmgw.grpc_wire")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+# Frame types (RFC 9113 section 6)
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
+    range(10)
+)
+END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+
+# Settings identifiers
+HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE = 1, 2, 3, 4, 5
+MAX_HEADER_LIST_SIZE = 6
+
+
+class ErrorCode(enum.IntEnum):
+    NO_ERROR = 0x0
+    PROTOCOL_ERROR = 0x1
+    INTERNAL_ERROR = 0x2
+    FLOW_CONTROL_ERROR = 0x3
+    STREAM_CLOSED = 0x5
+    FRAME_SIZE_ERROR = 0x6
+    REFUSED_STREAM = 0x7
+    CANCEL = 0x8
+    COMPRESSION_ERROR = 0x9
+    ENHANCE_YOUR_CALM = 0xB
+
+
+DEFAULT_WINDOW = 65_535
+DEFAULT_FRAME_SIZE = 16_384
+MAX_WINDOW = 2**31 - 1
+MAX_STREAM_ID = 2**31 - 1
+# What this end lets a peer have in flight: per stream, and for the whole connection.
+LOCAL_STREAM_WINDOW = 4 * 1024 * 1024
+LOCAL_CONNECTION_WINDOW = 16 * 1024 * 1024
+MAX_HEADER_BLOCK = 64 * 1024  # a header block (all its CONTINUATIONs) larger than this ends the connection
+
+STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class ProtocolError(Exception):
+    """The peer broke HTTP/2: the connection ends with GOAWAY carrying ``code``."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RpcError(Exception):
+    """A call's outcome other than OK: a status code, a message for people, and trailing metadata."""
+
+    def __init__(
+        self, code: grpc.StatusCode, details: str = "", trailers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        super().__init__(f"{code.name}: {details}" if details else code.name)
+        self.code = code
+        self.details = details
+        self.trailers = tuple(trailers)
+
+
+def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">I", len(payload))[1:] + struct.pack(">BBI", kind, flags, stream_id) + payload
+
+
+def settings_frame(settings: dict[int, int]) -> bytes:
+    return frame(SETTINGS, 0, 0, b"".join(struct.pack(">HI", k, v) for k, v in settings.items()))
+
+
+def window_update(stream_id: int, increment: int) -> bytes:
+    return frame(WINDOW_UPDATE, 0, stream_id, struct.pack(">I", increment))
+
+
+def rst_stream(stream_id: int, code: ErrorCode) -> bytes:
+    return frame(RST_STREAM, 0, stream_id, struct.pack(">I", code))
+
+
+def goaway(last_stream_id: int, code: ErrorCode, debug: bytes = b"") -> bytes:
+    return frame(GOAWAY, 0, 0, struct.pack(">II", last_stream_id, code) + debug)
+
+
+def message(payload: bytes) -> bytes:
+    """One gRPC length-prefixed message, uncompressed."""
+    return b"\x00" + struct.pack(">I", len(payload)) + payload
+
+
+# --- HPACK encoding without the dynamic table --------------------------------------------------------
+
+_STATIC_FULL = {entry: i for i, entry in reversed(list(enumerate(HeaderTable.STATIC_TABLE, 1)))}
+_STATIC_NAME = {name: i for i, (name, _) in reversed(list(enumerate(HeaderTable.STATIC_TABLE, 1)))}
+
+
+def _integer(value: int, prefix_bits: int, first: int) -> bytes:
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _string(data: bytes) -> bytes:
+    return _integer(len(data), 7, 0) + data
+
+
+def encode_headers(headers: Iterable[tuple[str, str]]) -> bytes:
+    """An HPACK block that uses only the static table: fully indexed, or a literal never added to a table."""
+    out = []
+    for name, value in headers:
+        key = (name.encode("ascii"), value.encode("latin-1"))
+        index = _STATIC_FULL.get(key)
+        if index is not None:
+            out.append(_integer(index, 7, 0x80))
+            continue
+        name_index = _STATIC_NAME.get(key[0])
+        if name_index is not None:
+            out.append(_integer(name_index, 4, 0x00) + _string(key[1]))
+        else:
+            out.append(b"\x00" + _string(key[0]) + _string(key[1]))
+    return b"".join(out)
+
+
+# --- gRPC metadata ---------------------------------------------------------------------------------
+
+_UNRESERVED = frozenset(range(0x20, 0x7F)) - {ord("%")}
+
+
+def percent_encode(text: str) -> str:
+    """grpc-message's encoding: printable ASCII except '%' as is, everything else as %XX of its UTF-8."""
+    data = text.encode("utf-8")
+    if all(b in _UNRESERVED for b in data):
+        return text
+    return "".join(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in data)
+
+
+def percent_decode(text: str) -> str:
+    if "%" not in text:
+        return text
+    out = bytearray()
+    i = 0
+    raw = text.encode("latin-1", "replace")
+    while i < len(raw):
+        if raw[i] == 0x25 and _is_hex(raw[i + 1 : i + 3]):
+            out.append(int(raw[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(raw[i])
+            i += 1
+    return out.decode("utf-8", "replace")
+
+
+def _is_hex(pair: bytes) -> bool:
+    return len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair)
+
+
+def metadata_value(key: str, value: str) -> str | bytes:
+    """A custom metadata value as gRPC defines it: keys ending in ``-bin`` carry base64 of binary data."""
+    if key.endswith("-bin"):
+        return base64.b64decode(value + "=" * (-len(value) % 4))
+    return value
+
+
+def parse_timeout(value: str) -> float:
+    """grpc-timeout: up to 8 digits and a unit (H, M, S, m, u, n); raises ValueError otherwise."""
+    if not 2 <= len(value) <= 9 or not value[:-1].isdigit():
+        raise ValueError(value)
+    unit = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}[value[-1]]
+    return int(value[:-1]) * unit
+
+
+def format_timeout(seconds: float) -> str:
+    millis = max(1, int(seconds * 1000 + 0.999))
+    return f"{millis}m" if millis < 100_000_000 else f"{min(int(seconds + 1), 99_999_999)}S"
+
+
+# --- streams and connections --------------------------------------------------------------------------
+
+
+class Stream:
+    """One call's stream as this end sees it: what arrived (headers, messages, trailers) and the send window."""
+
+    __slots__ = (
+        "encoding",
+        "ended",
+        "headers",
+        "id",
+        "messages",
+        "partial",
+        "reset",
+        "send_window",
+        "trailers",
+        "unacked",
+        "waiter",
+    )
+
+    def __init__(self, stream_id: int, send_window: int) -> None:
+        self.id = stream_id
+        self.headers: list[tuple[str, str]] | None = None
+        self.trailers: list[tuple[str, str]] | None = None
+        self.messages: collections.deque[bytes] = collections.deque()
+        self.partial = bytearray()
+        self.encoding = "identity"
+        self.ended = False  # the peer sent END_STREAM
+        self.reset: ErrorCode | None = None  # the stream ended abnormally (RST_STREAM or connection lost)
+        self.send_window = send_window
+        self.unacked = 0  # bytes received and consumed but not yet returned to the peer's window
+        self.waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Connection(asyncio.Protocol):
+    """An HTTP/2 connection: frames in and out, flow control, and the stream table.
+
+    Subclasses say what a new stream means (:meth:`headers_received`) and react to a stream's progress
+    (:meth:`stream_changed`); both are called from ``data_received``, so they must not block.
+    """
+
+    is_client = False
+
+    def __init__(self, max_message_bytes: int) -> None:
+        self.max_message_bytes = max_message_bytes
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, Stream] = {}
+        self._buffer = bytearray()
+        self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
+        self._need_preface = not self.is_client
+        self._continuation: tuple[int, int, bytearray] | None = None  # stream id, flags, block so far
+        self.peer_initial_window = DEFAULT_WINDOW
+        self.peer_max_frame = DEFAULT_FRAME_SIZE
+        self.peer_max_streams = 2**31
+        self.send_window = DEFAULT_WINDOW  # the connection's
+        self._connection_unacked = 0
+        self._window_waiters: list[Stream] = []  # streams waiting for the connection's window
+        self._writable: asyncio.Future[None] | None = None
+        self.closed = False
+        self.goaway_received: int | None = None  # the last stream id the peer will process
+        self._ping_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        local = settings_frame(
+            {
+                ENABLE_PUSH: 0,
+                INITIAL_WINDOW_SIZE: LOCAL_STREAM_WINDOW,
+                MAX_HEADER_LIST_SIZE: MAX_HEADER_BLOCK,
+            }
+        ) + window_update(0, LOCAL_CONNECTION_WINDOW - DEFAULT_WINDOW)
+        self.write((PREFACE if self.is_client else b"") + local)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        for stream in list(self.streams.values()):
+            if stream.reset is None and not (stream.ended and stream.trailers is not None):
+                stream.reset = ErrorCode.CANCEL
+            self.stream_changed(stream)
+            stream.wake()
+        self.streams.clear()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        while self._ping_waiters:
+            waiter = self._ping_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._writable is None or self._writable.done():
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is over its high-water mark (a slow peer)."""
+        if self._writable is not None and not self._writable.done():
+            await self._writable
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._frames(data)
+        except ProtocolError as exc:
+            self.fail(exc.code, str(exc))
+        except hpack.HPACKError as exc:
+            self.fail(ErrorCode.COMPRESSION_ERROR, f"bad header block: {exc}")
+
+    def fail(self, code: ErrorCode, reason: str) -> None:
+        """End the connection for a protocol violation, telling the peer why."""
+        log.warning("HTTP/2 connection error (%s): %s", code.name, reason)
+        if self.transport is not None and not self.closed:
+            self.transport.write(goaway(self.last_peer_stream(), code, reason.encode()[:200]))
+            self.transport.close()
+        self.closed = True
+
+    def last_peer_stream(self) -> int:
+        return 0
+
+    # frames in
+
+    def _frames(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        pos = 0
+        if self._need_preface:
+            if len(buffer) < len(PREFACE):
+                if not PREFACE.startswith(bytes(buffer)):
+                    raise ProtocolError("not an HTTP/2 connection preface (is the client speaking gRPC?)")
+                return
+            if buffer[: len(PREFACE)] != PREFACE:
+                raise ProtocolError("not an HTTP/2 connection preface (is the client speaking gRPC?)")
+            pos = len(PREFACE)
+            self._need_preface = False
+        size = len(buffer)
+        while size - pos >= 9 and not self.closed:
+            length = int.from_bytes(buffer[pos : pos + 3], "big")
+            if length > DEFAULT_FRAME_SIZE:  # we never raise our SETTINGS_MAX_FRAME_SIZE
+                raise ProtocolError(f"frame of {length} bytes", ErrorCode.FRAME_SIZE_ERROR)
+            if size - pos - 9 < length:
+                break
+            kind = buffer[pos + 3]
+            flags = buffer[pos + 4]
+            stream_id = int.from_bytes(buffer[pos + 5 : pos + 9], "big") & MAX_STREAM_ID
+            payload = bytes(buffer[pos + 9 : pos + 9 + length])
+            pos += 9 + length
+            self._frame(kind, flags, stream_id, payload)
+        del buffer[:pos]
+
+    def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if self._continuation is not None and kind != CONTINUATION:
+            raise ProtocolError("a header block was interrupted by another frame")
+        if kind == DATA:
+            self._data(flags, stream_id, payload)
+        elif kind == HEADERS:
+            if stream_id == 0:
+                raise ProtocolError("HEADERS on stream 0")
+            payload = _unpad(flags, payload)
+            if flags & PRIORITY_FLAG:
+                payload = payload[5:]
+            if flags & END_HEADERS:
+                self._header_block(stream_id, flags, payload)
+            else:
+                self._continuation = (stream_id, flags, bytearray(payload))
+        elif kind == CONTINUATION:
+            if self._continuation is None or self._continuation[0] != stream_id:
+                raise ProtocolError("unexpected CONTINUATION")
+            block = self._continuation[2]
+            block += payload
+            if len(block) > MAX_HEADER_BLOCK:
+                raise ProtocolError("header block too large", ErrorCode.ENHANCE_YOUR_CALM)
+            if flags & END_HEADERS:
+                first_flags = self._continuation[1]
+                self._continuation = None
+                self._header_block(stream_id, first_flags, bytes(block))
+        elif kind == SETTINGS:
+            if flags & ACK:
+                return
+            if len(payload) % 6 or stream_id:
+                raise ProtocolError("malformed SETTINGS", ErrorCode.FRAME_SIZE_ERROR)
+            for offset in range(0, len(payload), 6):
+                key, value = struct.unpack_from(">HI", payload, offset)
+                self._setting(key, value)
+            self.write(frame(SETTINGS, ACK, 0))
+            for stream in list(self.streams.values()):
+                stream.wake()
+        elif kind == WINDOW_UPDATE:
+            if len(payload) != 4:
+                raise ProtocolError("malformed WINDOW_UPDATE", ErrorCode.FRAME_SIZE_ERROR)
+            increment = int.from_bytes(payload, "big") & MAX_WINDOW
+            if stream_id == 0:
+                if increment == 0:
+                    raise ProtocolError("WINDOW_UPDATE of 0")
+                self.send_window += increment
+                if self.send_window > MAX_WINDOW:
+                    raise ProtocolError("connection window overflow", ErrorCode.FLOW_CONTROL_ERROR)
+                waiting, self._window_waiters = self._window_waiters, []
+                for stream in waiting:
+                    stream.wake()
+            else:
+                updated = self.streams.get(stream_id)
+                if updated is not None:
+                    updated.send_window += increment
+                    updated.wake()
+        elif kind == PING:
+            if len(payload) != 8 or stream_id:
+                raise ProtocolError("malformed PING", ErrorCode.FRAME_SIZE_ERROR)
+            if flags & ACK:
+                if self._ping_waiters:
+                    waiter = self._ping_waiters.popleft()
+                    if not waiter.done():
+                        waiter.set_result(None)
+            else:
+                self.write(frame(PING, ACK, 0, payload))
+        elif kind == RST_STREAM:
+            if len(payload) != 4:
+                raise ProtocolError("malformed RST_STREAM", ErrorCode.FRAME_SIZE_ERROR)
+            ended = self.streams.pop(stream_id, None)
+            if ended is not None:
+                code = int.from_bytes(payload, "big")
+                ended.reset = ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.CANCEL
+                self._release(ended)
+                self.stream_changed(ended)
+                ended.wake()
+        elif kind == GOAWAY:
+            last, code = struct.unpack_from(">II", payload)
+            self.goaway_received = last & MAX_STREAM_ID
+            if code != ErrorCode.NO_ERROR:
+                log.info("peer ended the HTTP/2 connection: %s %r", code, payload[8:200])
+            self.goaway(self.goaway_received)
+        elif kind == PUSH_PROMISE:
+            raise ProtocolError("PUSH_PROMISE although push is disabled")
+        # PRIORITY and unknown frame types are ignored, as RFC 9113 asks
+
+    def _setting(self, key: int, value: int) -> None:
+        if key == INITIAL_WINDOW_SIZE:
+            if value > MAX_WINDOW:
+                raise ProtocolError("initial window too large", ErrorCode.FLOW_CONTROL_ERROR)
+            delta = value - self.peer_initial_window
+            self.peer_initial_window = value
+            for stream in self.streams.values():
+                stream.send_window += delta
+        elif key == MAX_FRAME_SIZE:
+            if not DEFAULT_FRAME_SIZE <= value <= 2**24 - 1:
+                raise ProtocolError("bad SETTINGS_MAX_FRAME_SIZE")
+            self.peer_max_frame = value
+        elif key == MAX_CONCURRENT_STREAMS:
+            self.peer_max_streams = value
+
+    def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
+        size = len(payload)
+        payload = _unpad(flags, payload)
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.ended:
+            self.consumed(None, size)  # a stream we closed: its bytes still count against the connection
+            return
+        self.consumed(None, size - len(payload))  # padding is consumed on arrival
+        stream.partial += payload
+        partial = stream.partial
+        while len(partial) >= 5:
+            length = int.from_bytes(partial[1:5], "big")
+            if length > self.max_message_bytes:
+                self.message_too_large(stream, length)
+                return
+            if len(partial) < 5 + length:
+                break
+            compressed = partial[0]
+            body = bytes(partial[5 : 5 + length])
+            del partial[: 5 + length]
+            if compressed:
+                body = self._decompress(stream, body)
+            stream.messages.append(body)
+        if flags & END_STREAM:
+            stream.ended = True
+        self.stream_changed(stream)
+        stream.wake()
+
+    def _decompress(self, stream: Stream, body: bytes) -> bytes:
+        if stream.encoding == "gzip":
+            return zlib.decompress(body, wbits=31)
+        if stream.encoding == "deflate":
+            return zlib.decompress(body)
+        raise ProtocolError(f"a compressed message with grpc-encoding {stream.encoding!r}")
+
+    def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1")) for k, v in self._decoder.decode(block, raw=True)
+        ]
+        self.headers_received(stream_id, headers, bool(flags & END_STREAM))
+
+    # for subclasses
+
+    def headers_received(self, stream_id: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
+        raise NotImplementedError
+
+    def stream_changed(self, stream: Stream) -> None:
+        """Something arrived for ``stream`` (headers, messages, trailers, the end, or a reset)."""
+
+    def message_too_large(self, stream: Stream, length: int) -> None:
+        raise NotImplementedError
+
+    def goaway(self, last_stream_id: int) -> None:
+        """The peer will not process streams above ``last_stream_id``."""
+
+    # frames out
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def consumed(self, stream: Stream | None, size: int) -> None:
+        """Give ``size`` consumed bytes back to the peer's windows, in batches of a quarter window."""
+        if size <= 0:
+            return
+        out = b""
+        if stream is not None and not stream.ended:
+            stream.unacked += size
+            if stream.unacked >= LOCAL_STREAM_WINDOW // 4:
+                out = window_update(stream.id, stream.unacked)
+                stream.unacked = 0
+        self._connection_unacked += size
+        if self._connection_unacked >= LOCAL_CONNECTION_WINDOW // 4:
+            out += window_update(0, self._connection_unacked)
+            self._connection_unacked = 0
+        if out:
+            self.write(out)
+
+    def _release(self, stream: Stream) -> None:
+        """A stream that ends with bytes still queued: return them to the connection's window."""
+        queued = len(stream.partial) + sum(len(m) + 5 for m in stream.messages)
+        stream.messages.clear()
+        stream.partial.clear()
+        self.consumed(None, queued)
+
+    def take_message(self, stream: Stream) -> bytes:
+        body = stream.messages.popleft()
+        self.consumed(stream, len(body) + 5)
+        return body
+
+    def try_send(self, stream: Stream, payload: bytes, prefix: bytes = b"", suffix: bytes = b"") -> bool:
+        """Write ``prefix``, ``payload`` as one DATA frame and ``suffix`` at once, if the windows allow it."""
+        size = len(payload)
+        if size > self.peer_max_frame or size > self.send_window or size > stream.send_window:
+            return False
+        self.send_window -= size
+        stream.send_window -= size
+        self.write(prefix + frame(DATA, 0, stream.id, payload) + suffix)
+        return True
+
+    async def send_data(self, stream: Stream, payload: bytes) -> None:
+        """Send ``payload`` as DATA frames as the windows allow; raises ConnectionError if the stream ends."""
+        view = memoryview(payload)
+        while view:
+            if self.closed or stream.reset is not None:
+                raise ConnectionError("stream closed")
+            allowed = min(self.send_window, stream.send_window, self.peer_max_frame, len(view))
+            if allowed <= 0:
+                stream.waiter = asyncio.get_running_loop().create_future()
+                if self.send_window <= 0:
+                    self._window_waiters.append(stream)
+                await stream.waiter
+                continue
+            self.send_window -= allowed
+            stream.send_window -= allowed
+            self.write(frame(DATA, 0, stream.id, bytes(view[:allowed])))
+            view = view[allowed:]
+        await self.drain()
+
+    async def ping(self) -> None:
+        """Send a PING and wait for its ACK (or the connection's end)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._ping_waiters.append(waiter)
+        self.write(frame(PING, 0, 0, b"llmgwpng"))
+        await waiter
+
+
+def _unpad(flags: int, payload: bytes) -> bytes:
+    if not flags & PADDED:
+        return payload
+    if not payload or payload[0] >= len(payload):
+        raise ProtocolError("bad padding")
+    return payload[1 : len(payload) - payload[0]]
+
+
+def status_from_http(status: str) -> grpc.StatusCode:
+    """The gRPC status for a non-200 HTTP response, as gRPC's HTTP-to-gRPC status mapping defines it."""
+    return {
+        "400": grpc.StatusCode.INTERNAL,
+        "401": grpc.StatusCode.UNAUTHENTICATED,
+        "403": grpc.StatusCode.PERMISSION_DENIED,
+        "404": grpc.StatusCode.UNIMPLEMENTED,
+        "429": grpc.StatusCode.UNAVAILABLE,
+        "502": grpc.StatusCode.UNAVAILABLE,
+        "503": grpc.StatusCode.UNAVAILABLE,
+        "504": grpc.StatusCode.UNAVAILABLE,
+    }.get(status, grpc.StatusCode.UNKNOWN)
+
+
+def status_of(trailers: Sequence[tuple[str, str]]) -> tuple[grpc.StatusCode, str]:
+    code: Any = None
+    details = ""
+    for key, value in trailers:
+        if key == "grpc-status":
+            code = STATUS_BY_CODE.get(int(value)) if value.isdigit() else None
+            if code is None:
+                code = grpc.StatusCode.UNKNOWN
+        elif key == "grpc-message":
+            details = percent_decode(value)
+    if code is None:
+        return grpc.StatusCode.INTERNAL, "the server's trailers carry no grpc-status"
+    return code, details
