@@ -5,7 +5,8 @@ A backend turns a ``ChatRequest`` into the provider's own protocol and back:
 - ``openai``: any OpenAI-compatible Chat Completions API (OpenAI, vLLM, LiteLLM, ...), over a pool of
   HTTP/1.1 keep-alive connections (:mod:`llmgw.http1`; see README for why not aiohttp or HTTP/2).
 - ``anthropic``: Anthropic's Messages API, converted both ways, including its streaming events.
-- ``grpc``: an upstream ``llmgateway.v1.LLMService`` over one grpc.aio channel (HTTP/2, multiplexed).
+- ``grpc``: an upstream ``llmgateway.v1.LLMService`` over one HTTP/2 connection, multiplexed
+  (:mod:`llmgw.grpc_channel`).
 
 Every failure is raised as :class:`~llmgw.errors.GatewayError` with ``retryable`` set, so the gateway's
 retry and fallback logic never looks at provider-specific errors. Messages name the provider and never
@@ -23,13 +24,14 @@ from typing import Any, Protocol
 
 import grpc
 import orjson
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from llmgateway.v1 import llm_service_pb2 as pb
-from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
 
-from . import http1, openai_format
+from . import grpc_channel, http1, openai_format
 from .config import Provider
 from .errors import GatewayError, Kind, from_upstream_grpc, from_upstream_http
+from .grpc_wire import RpcError
 
 
 @dataclasses.dataclass
@@ -376,92 +378,76 @@ def _retry_after_from_trailers(metadata: Any) -> float | None:
     return None
 
 
+_SERVICE = pb.DESCRIPTOR.services_by_name["LLMService"].full_name
+
+
 class GrpcBackend:
     """An upstream LLMService: one channel, HTTP/2 multiplexing many calls over one connection."""
 
     def __init__(self, provider: Provider, api_key: str | None) -> None:
         self.provider = provider
-        self.metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {api_key}"),) if api_key else ()
-        ) + tuple((k.lower(), v) for k, v in provider.headers)
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: pb_grpc.LLMServiceStub | None = None
+        metadata = ((("authorization", f"Bearer {api_key}"),) if api_key else ()) + tuple(provider.headers)
+        self.channel = grpc_channel.Channel(provider.target, tls=provider.tls, metadata=metadata)
 
-    @property
-    def stub(self) -> pb_grpc.LLMServiceStub:
-        if self._stub is None:
-            options = [
-                ("grpc.enable_retries", 0),  # the gateway retries itself, with its own budget
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ]
-            if self.provider.tls:
-                self._channel = grpc.aio.secure_channel(
-                    self.provider.target, grpc.ssl_channel_credentials(), options=options
-                )
-            else:
-                self._channel = grpc.aio.insecure_channel(self.provider.target, options=options)
-            self._stub = pb_grpc.LLMServiceStub(self._channel)
-        return self._stub
-
-    def error(self, exc: grpc.aio.AioRpcError) -> GatewayError:
-        code = exc.code()
+    def error(self, exc: RpcError) -> GatewayError:
+        code = exc.code
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             message = f"provider {self.provider.name!r} rejected the gateway's credentials ({code.name})"
         else:
-            message = (
-                f"provider {self.provider.name!r} failed with {code.name}: {exc.details() or ''}".rstrip(": ")
-            )
-        return from_upstream_grpc(code, message, _retry_after_from_trailers(exc.trailing_metadata()))
+            message = f"provider {self.provider.name!r} failed with {code.name}: {exc.details}".rstrip(": ")
+        return from_upstream_grpc(code, message, _retry_after_from_trailers(exc.trailers))
 
     @staticmethod
-    def upstream_request(req: pb.ChatRequest, model: str) -> pb.ChatRequest:
+    def upstream_request(req: pb.ChatRequest, model: str) -> bytes:
         if model == req.model:
-            return req
+            return bytes(req.SerializeToString())
         renamed = pb.ChatRequest()
         renamed.CopyFrom(req)
         renamed.model = model
-        return renamed
+        return bytes(renamed.SerializeToString())
 
     async def complete(
         self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats
     ) -> pb.ChatResponse:
         upstream = self.upstream_request(req, model)
-        stats.sent += upstream.ByteSize()
+        stats.sent += len(upstream)
         try:
-            resp: pb.ChatResponse = await self.stub.ChatCompletion(
-                upstream, timeout=timeout, metadata=self.metadata
-            )
-        except grpc.aio.AioRpcError as exc:
+            body = await self.channel.unary(f"/{_SERVICE}/ChatCompletion", upstream, timeout)
+            resp = pb.ChatResponse.FromString(body)
+        except RpcError as exc:
             raise self.error(exc) from None
-        stats.received += resp.ByteSize()
+        except DecodeError as exc:
+            raise _bad_body(self.provider, exc) from None
+        stats.received += len(body)
         return resp
 
     async def stream(
         self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats
     ) -> AsyncGenerator[pb.ChatChunk, None]:
         upstream = self.upstream_request(req, model)
-        stats.sent += upstream.ByteSize()
-        call = self.stub.StreamingChat(upstream, timeout=timeout, metadata=self.metadata)
+        stats.sent += len(upstream)
+        chunks = self.channel.server_stream(f"/{_SERVICE}/StreamingChat", upstream, timeout)
         finished = False
         try:
-            async for chunk in call:
-                stats.received += chunk.ByteSize()
+            async for body in chunks:
+                stats.received += len(body)
+                chunk = pb.ChatChunk.FromString(body)
                 if chunk.finish_reason:
                     finished = True
                     yield chunk
                 elif chunk.delta:
                     yield chunk
-        except grpc.aio.AioRpcError as exc:
+        except RpcError as exc:
             raise self.error(exc) from None
+        except DecodeError as exc:
+            raise _bad_body(self.provider, exc) from None
         finally:
-            call.cancel()  # no-op when the call completed; stops the upstream when we were cancelled
+            await chunks.aclose()  # no-op when the call completed; stops the upstream when we were cancelled
         if not finished:
             raise _bad_body(self.provider, ValueError("stream ended without a finish_reason"))
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
+        await self.channel.close()
 
 
 def build_backend(provider: Provider, api_key: str | None) -> Backend:

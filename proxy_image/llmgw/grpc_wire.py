@@ -219,6 +219,7 @@ class Stream:
     __slots__ = (
         "encoding",
         "ended",
+        "error",
         "headers",
         "id",
         "messages",
@@ -239,6 +240,7 @@ class Stream:
         self.encoding = "identity"
         self.ended = False  # the peer sent END_STREAM
         self.reset: ErrorCode | None = None  # the stream ended abnormally (RST_STREAM or connection lost)
+        self.error: RpcError | None = None  # why this end gave up on the stream (a client's deadline, say)
         self.send_window = send_window
         self.unacked = 0  # bytes received and consumed but not yet returned to the peer's window
         self.waiter: asyncio.Future[None] | None = None
@@ -571,7 +573,7 @@ class Connection(asyncio.Protocol):
         """Send ``payload`` as DATA frames as the windows allow; raises ConnectionError if the stream ends."""
         view = memoryview(payload)
         while view:
-            if self.closed or stream.reset is not None:
+            if self.closed or stream.reset is not None or stream.trailers is not None:
                 raise ConnectionError("stream closed")
             allowed = min(self.send_window, stream.send_window, self.peer_max_frame, len(view))
             if allowed <= 0:

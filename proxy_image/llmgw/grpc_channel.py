@@ -1,0 +1,324 @@
+"""A gRPC client channel on asyncio: the proxy's connection to a ``grpc`` provider.
+
+A channel keeps one HTTP/2 connection to its target and multiplexes every call over it, as grpc.aio's
+channel does. It connects on first use and again after the connection closes or the server sends GOAWAY;
+calls in flight on a connection that goes away fail with UNAVAILABLE, which the gateway retries.
+
+Calls take and return serialized messages (``bytes``); failures raise
+:class:`~llmgw.grpc_wire.RpcError` with the server's status, message and trailing metadata. A call's
+timeout is sent as ``grpc-timeout`` and enforced here too; cancelling the awaiting task, or closing a
+stream's iterator early, resets the stream (RST_STREAM), so the server stops working on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import AsyncGenerator, Sequence
+
+import grpc
+
+from . import __version__
+from .grpc_wire import (
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    HEADERS,
+    MAX_STREAM_ID,
+    Connection,
+    ErrorCode,
+    RpcError,
+    Stream,
+    encode_headers,
+    format_timeout,
+    frame,
+    goaway,
+    message,
+    rst_stream,
+    status_from_http,
+    status_of,
+)
+
+_USER_AGENT = f"llmgw/{__version__}"
+
+
+class _ClientConnection(Connection):
+    is_client = True
+
+    def __init__(self, channel: Channel) -> None:
+        super().__init__(channel.max_message_bytes)
+        self.channel = channel
+        self.next_id = 1
+        self._slot_freed: asyncio.Event | None = None  # set when a stream ends, for calls over the limit
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # notice a vanished server
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"connection to {self.channel.target} lost" + (f": {exc}" if exc else "")
+        for stream in self.streams.values():
+            if stream.error is None and stream.trailers is None:
+                stream.error = RpcError(grpc.StatusCode.UNAVAILABLE, reason)
+        super().connection_lost(exc)
+        self._freed()
+
+    def usable(self) -> bool:
+        return not self.closed and self.goaway_received is None and self.next_id < MAX_STREAM_ID - 2
+
+    async def open(self, headers: bytes, body: bytes, deadline: float | None) -> Stream:
+        """Start a call: its HEADERS and its one request message."""
+        while len(self.streams) >= self.peer_max_streams and self.usable():
+            self._slot_freed = self._slot_freed or asyncio.Event()
+            timeout = None if deadline is None else deadline - asyncio.get_running_loop().time()
+            try:
+                await asyncio.wait_for(self._slot_freed.wait(), timeout)
+            except TimeoutError:
+                raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+        if not self.usable():
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.channel.target} closed")
+        stream = Stream(self.next_id, self.peer_initial_window)
+        self.next_id += 2
+        self.streams[stream.id] = stream
+        prefix = frame(HEADERS, END_HEADERS, stream.id, headers)
+        if not self.try_send(stream, body, prefix, frame(DATA, END_STREAM, stream.id)):
+            self.write(prefix)
+            try:
+                await self.send_data(stream, body)
+            except ConnectionError:
+                return stream  # the call is over already; its outcome tells why
+            self.write(frame(DATA, END_STREAM, stream.id))
+        return stream
+
+    def headers_received(self, stream_id: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return  # a stream we already gave up on
+        if stream.headers is None:
+            stream.headers = headers
+        if end_stream:  # trailers, or a trailers-only response
+            stream.trailers = headers
+            stream.ended = True
+            self._end(stream)
+        stream.wake()
+
+    def message_too_large(self, stream: Stream, length: int) -> None:
+        stream.error = RpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"response message of {length} bytes is over the limit of {self.max_message_bytes} bytes",
+        )
+        self.cancel(stream)
+
+    def goaway(self, last_stream_id: int) -> None:
+        for stream in [s for s in self.streams.values() if s.id > last_stream_id]:
+            stream.error = RpcError(grpc.StatusCode.UNAVAILABLE, f"{self.channel.target} is shutting down")
+            self.cancel(stream, code=None)
+        if not self.streams and self.transport is not None:
+            self.transport.close()
+
+    def cancel(self, stream: Stream, code: ErrorCode | None = ErrorCode.CANCEL) -> None:
+        """Give up on a stream: tell the server (RST_STREAM) and wake whoever waits on it."""
+        if self.streams.get(stream.id) is stream:
+            if code is not None:
+                self.write(rst_stream(stream.id, code))
+            self._release(stream)
+            self._end(stream)
+        if stream.reset is None:
+            stream.reset = ErrorCode.CANCEL
+        stream.wake()
+
+    def _end(self, stream: Stream) -> None:
+        self.streams.pop(stream.id, None)
+        self._freed()
+        if self.goaway_received is not None and not self.streams and self.transport is not None:
+            self.transport.close()
+
+    def _freed(self) -> None:
+        if self._slot_freed is not None:
+            self._slot_freed.set()
+            self._slot_freed = None
+
+
+def _outcome(stream: Stream) -> RpcError | None:
+    """None for OK; otherwise the error the call ends with."""
+    if stream.error is not None:
+        return stream.error
+    if stream.trailers is not None:
+        http_status = next((v for k, v in stream.headers or () if k == ":status"), "200")
+        if http_status != "200":
+            return RpcError(status_from_http(http_status), f"HTTP status {http_status} from the server")
+        code, details = status_of(stream.trailers)
+        if code == grpc.StatusCode.OK:
+            return None
+        metadata = [
+            (k, v) for k, v in stream.trailers if not k.startswith((":", "grpc-")) and k != "content-type"
+        ]
+        return RpcError(code, details, metadata)
+    if stream.reset == ErrorCode.REFUSED_STREAM:
+        return RpcError(grpc.StatusCode.UNAVAILABLE, "the server refused the call (it may be shutting down)")
+    if stream.reset == ErrorCode.CANCEL:
+        return RpcError(grpc.StatusCode.CANCELLED, "the server cancelled the call")
+    return RpcError(grpc.StatusCode.INTERNAL, f"the server reset the call ({stream.reset!r})")
+
+
+class Channel:
+    """One upstream gRPC server, ``HOST:PORT``, over one multiplexed HTTP/2 connection (TLS optional)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: bool = False,
+        metadata: Sequence[tuple[str, str]] = (),
+        max_message_bytes: int = 64 * 1024 * 1024,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        host, _, port = target.rpartition(":")
+        self.target = target
+        self.host, self.port = host.strip("[]"), int(port)
+        self.max_message_bytes = max_message_bytes
+        self.connect_timeout = connect_timeout
+        self._ssl: ssl.SSLContext | None = None
+        if tls:
+            self._ssl = ssl.create_default_context()
+            self._ssl.set_alpn_protocols(["h2"])
+        self._common = [
+            (":method", "POST"),
+            (":scheme", "https" if tls else "http"),
+            (":authority", target),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("user-agent", _USER_AGENT),
+            *((k.lower(), v) for k, v in metadata),
+        ]
+        self._headers: dict[str, bytes] = {}  # path -> the constant part of its header block
+        self._conn: _ClientConnection | None = None
+        self._connecting: asyncio.Future[_ClientConnection] | None = None
+
+    def _header_block(self, path: str, timeout: float | None) -> bytes:
+        block = self._headers.get(path)
+        if block is None:
+            block = self._headers[path] = encode_headers([(":path", path), *self._common])
+        if timeout is None:
+            return block
+        return block + encode_headers([("grpc-timeout", format_timeout(timeout))])
+
+    async def _connection(self, deadline: float | None) -> _ClientConnection:
+        conn = self._conn
+        if conn is not None and conn.usable():
+            return conn
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+            self._connecting.add_done_callback(self._connected)
+        timeout = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._connecting), timeout)
+        except TimeoutError:
+            raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded while connecting") from None
+
+    def _connected(self, future: asyncio.Future[_ClientConnection]) -> None:
+        self._connecting = None
+        if not future.cancelled() and future.exception() is None:
+            self._conn = future.result()
+
+    async def _connect(self) -> _ClientConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                transport, conn = await loop.create_connection(
+                    lambda: _ClientConnection(self),
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl else None,
+                )
+        except TimeoutError:
+            raise RpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot connect to {self.target}: no answer within {self.connect_timeout:g}s",
+            ) from None
+        except OSError as exc:
+            raise RpcError(
+                grpc.StatusCode.UNAVAILABLE, f"cannot connect to {self.target}: {exc.strerror or exc}"
+            ) from None
+        protocol = transport.get_extra_info("ssl_object")
+        if protocol is not None and protocol.selected_alpn_protocol() not in (None, "h2"):
+            transport.close()
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"{self.target} does not offer HTTP/2 over TLS")
+        return conn
+
+    async def _start(
+        self, path: str, request: bytes, timeout: float | None
+    ) -> tuple[_ClientConnection, Stream]:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        conn = await self._connection(deadline)
+        remaining = None if deadline is None else max(0.001, deadline - loop.time())
+        stream = await conn.open(self._header_block(path, remaining), message(request), deadline)
+        return conn, stream
+
+    @staticmethod
+    def _expire(conn: _ClientConnection, stream: Stream) -> None:
+        if stream.error is None and stream.trailers is None:
+            stream.error = RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            conn.cancel(stream)
+
+    async def unary(self, path: str, request: bytes, timeout: float | None = None) -> bytes:
+        """One request, one response."""
+        conn, stream = await self._start(path, request, timeout)
+        loop = asyncio.get_running_loop()
+        timer = None if timeout is None else loop.call_later(timeout, self._expire, conn, stream)
+        try:
+            while stream.trailers is None and stream.reset is None and stream.error is None:
+                stream.waiter = loop.create_future()
+                await stream.waiter
+        except asyncio.CancelledError:
+            conn.cancel(stream)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        error = _outcome(stream)
+        if error is not None:
+            raise error
+        if len(stream.messages) != 1:
+            raise RpcError(
+                grpc.StatusCode.INTERNAL, f"expected one response message, got {len(stream.messages)}"
+            )
+        return conn.take_message(stream)
+
+    async def server_stream(
+        self, path: str, request: bytes, timeout: float | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """One request, a stream of responses; closing the iterator early cancels the call."""
+        conn, stream = await self._start(path, request, timeout)
+        loop = asyncio.get_running_loop()
+        timer = None if timeout is None else loop.call_later(timeout, self._expire, conn, stream)
+        try:
+            while True:
+                if stream.messages:
+                    yield conn.take_message(stream)
+                elif stream.trailers is not None or stream.reset is not None or stream.error is not None:
+                    break
+                else:
+                    stream.waiter = loop.create_future()
+                    await stream.waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if stream.trailers is None:
+                conn.cancel(stream)  # we were cancelled, or stopped reading: the server should stop too
+        error = _outcome(stream)
+        if error is not None:
+            raise error
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and conn.transport is not None and not conn.closed:
+            conn.write(goaway(0, ErrorCode.NO_ERROR))
+            conn.transport.close()
