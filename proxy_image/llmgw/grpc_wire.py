@@ -157,6 +157,72 @@ def encode_headers(headers: Iterable[tuple[str, str]]) -> bytes:
     return b"".join(out)
 
 
+# --- HPACK decoding -----------------------------------------------------------------------------------
+
+
+def _skip_integer(block: bytes, i: int, prefix_bits: int) -> tuple[int, int]:
+    """The integer at ``block[i]`` with an N-bit prefix, and the index after it."""
+    mask = (1 << prefix_bits) - 1
+    value = block[i] & mask
+    i += 1
+    if value == mask:
+        shift = 0
+        while True:
+            byte = block[i]
+            i += 1
+            value += (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+    return value, i
+
+
+def _kind_of_block(block: bytes) -> tuple[bool, bool]:
+    """(only indexed fields, changes the dynamic table) of an HPACK block, from its representations."""
+    i, size, only_indexed = 0, len(block), True
+    while i < size:
+        first = block[i]
+        if first & 0x80:  # indexed field
+            _, i = _skip_integer(block, i, 7)
+            continue
+        if first & 0x40 or first & 0x20:  # literal with incremental indexing, or a table size update
+            return False, True
+        only_indexed = False
+        name_index, i = _skip_integer(block, i, 4)  # literal without indexing / never indexed
+        for _ in range(1 if name_index else 2):
+            length, i = _skip_integer(block, i, 7)
+            i += length
+    return only_indexed, False
+
+
+class HeaderDecoder:
+    """HPACK decoding with a cache for blocks made only of indexed fields.
+
+    A peer that sends the same headers again (grpcio does, call after call) sends them as a few bytes of
+    table indices. Such a block does not change the dynamic table, so its meaning stays the same until
+    some block does; the cache is emptied then.
+    """
+
+    def __init__(self) -> None:
+        self._hpack = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
+        self._cache: dict[bytes, list[tuple[str, str]]] = {}
+
+    def decode(self, block: bytes) -> list[tuple[str, str]]:
+        """The header list (shared with later identical blocks: do not modify it)."""
+        cached = self._cache.get(block)
+        if cached is not None:
+            return cached
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self._hpack.decode(block, raw=True)]
+        only_indexed, changes_table = _kind_of_block(block)
+        if changes_table:
+            self._cache.clear()
+        elif only_indexed:
+            if len(self._cache) >= 64:
+                self._cache.clear()
+            self._cache[block] = headers
+        return headers
+
+
 # --- gRPC metadata ---------------------------------------------------------------------------------
 
 _UNRESERVED = frozenset(range(0x20, 0x7F)) - {ord("%")}
@@ -265,7 +331,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
         self._buffer = bytearray()
-        self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
+        self._decoder = HeaderDecoder()
         self._need_preface = not self.is_client
         self._continuation: tuple[int, int, bytearray] | None = None  # stream id, flags, block so far
         self.peer_initial_window = DEFAULT_WINDOW
@@ -505,10 +571,7 @@ class Connection(asyncio.Protocol):
         raise ProtocolError(f"a compressed message with grpc-encoding {stream.encoding!r}")
 
     def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in self._decoder.decode(block, raw=True)
-        ]
-        self.headers_received(stream_id, headers, bool(flags & END_STREAM))
+        self.headers_received(stream_id, self._decoder.decode(block), bool(flags & END_STREAM))
 
     # for subclasses
 
