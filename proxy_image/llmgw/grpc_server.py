@@ -373,12 +373,12 @@ class _ServerConnection(Connection):
         if self.accepting_until != MAX_STREAM_ID and not self.calls and self.transport is not None:
             self.transport.close()
 
-    async def begin_drain(self) -> None:
+    async def begin_drain(self, ping_timeout: float) -> None:
         """GOAWAY twice, as RFC 9113 suggests: first "no new streams soon", then, a round trip later, the
         last stream id this connection will serve, so no call the client sent meanwhile is lost."""
         self.write(goaway(MAX_STREAM_ID, ErrorCode.NO_ERROR))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.ping(), 1.0)
+            await asyncio.wait_for(self.ping(), ping_timeout)
         self.accepting_until = self.last_stream
         self.write(goaway(self.last_stream, ErrorCode.NO_ERROR))
         if not self.calls and self.transport is not None:
@@ -422,7 +422,7 @@ class Server:
         self.stopping = True
         if self._server is not None:
             self._server.close()
-        await asyncio.gather(*(c.begin_drain() for c in list(self.connections)))
+        await asyncio.gather(*(c.begin_drain(min(1.0, grace)) for c in list(self.connections)))
         self._changed = asyncio.Event()
         deadline = time.monotonic() + grace
         while self.active_calls() and time.monotonic() < deadline:
