@@ -58,10 +58,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from llmgw import grpc_env, http1
+from llmgw.grpc_channel import Channel
 
 # The load generator's gRPC client runs as llmgw's own processes do (the proxy, the fakes): with both ends
 # on grpcio's faster path, the "direct" baseline is the hardest one to be compared with.
@@ -954,9 +955,56 @@ async def _client_rate(factory: ClientFactory, url: str, c: int, seconds: float)
     return completed / elapsed
 
 
-async def _server_cpu_per_request(url: str, pid: int, c: int, seconds: float) -> float | None:
-    """CPU time (µs) the process ``pid`` spends per request while ``c`` workers POST to ``url``."""
-    async with _http1_client(url) as fn:
+@contextlib.asynccontextmanager
+async def _grpc_channel_client(port: int) -> AsyncIterator[RequestFn]:
+    channel = Channel(f"127.0.0.1:{port}")
+    body = GRPC_REQUEST.SerializeToString()
+    path = "/llmgateway.v1.LLMService/ChatCompletion"
+
+    async def call() -> int:
+        if not pb.ChatResponse.FromString(await channel.unary(path, body, REQUEST_TIMEOUT_S)).content:
+            raise RuntimeError("empty reply")
+        return 0
+
+    try:
+        yield call
+    finally:
+        await channel.close()
+
+
+def _static_servers_cpu(
+    servers: dict[str, str], measure: Callable[[int, int], Coroutine[Any, Any, float | None]]
+) -> dict[str, float]:
+    """Start each kind of ``bench/static_server.py``; ``measure(port, pid)`` each twice, alternately: the mean."""
+    children = {
+        kind: Child(
+            f"static {kind} server",
+            [sys.executable, str(pathlib.Path(__file__).with_name("static_server.py")), kind],
+            pathlib.Path(tempfile.gettempdir()) / f"llmgw-bench-static-{kind}-{os.getpid()}.log",
+        )
+        for kind in servers
+    }
+    cpu: dict[str, list[float]] = {kind: [] for kind in servers}
+    try:
+        ports = {
+            kind: int(child.wait_for(r"listening on port (\d+)").group(1)) for kind, child in children.items()
+        }
+        for _ in range(2):
+            for kind, child in children.items():
+                per = uvloop.run(measure(ports[kind], child.pid))
+                if per is not None:
+                    cpu[kind].append(per)
+    finally:
+        for child in children.values():
+            child.stop()
+    return {kind: sum(values) / len(values) for kind, values in cpu.items() if values}
+
+
+async def _server_cpu_per_request(
+    client: contextlib.AbstractAsyncContextManager[RequestFn], pid: int, c: int, seconds: float
+) -> float | None:
+    """CPU time (µs) the process ``pid`` spends per request while ``c`` workers call it through ``client``."""
+    async with client as fn:
         await run_block(fn, c, 4 * c, 30.0)
         before = _proc_cpu_seconds(pid)
         completed, _, _, _, _, _ = await run_block(fn, c, 10**9, seconds)
@@ -1023,59 +1071,63 @@ def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow]
         "HTTP client: POST to the openai fake, c={c} (uvloop)", labels, lat, rates, conc
     )
 
-    # HTTP server, each alone in a child process answering a fixed reply: its CPU per request at `conc`.
-    servers = {
+    # HTTP servers, then gRPC servers, each alone in a child process answering a fixed reply: CPU per call.
+    http_servers = {
         "llmgw": "llmgw.http_server (httptools; the REST front's server)",
         "aiohttp": f"aiohttp {vers.get('aiohttp', '?')} web server",
     }
-    children = {
-        kind: Child(
-            f"static {kind} server",
-            [sys.executable, str(pathlib.Path(__file__).with_name("static_server.py")), kind],
-            pathlib.Path(tempfile.gettempdir()) / f"llmgw-bench-static-{kind}-{os.getpid()}.log",
-        )
-        for kind in servers
-    }
-    try:
-        ports = {
-            kind: int(child.wait_for(r"listening on port (\d+)").group(1)) for kind, child in children.items()
-        }
-        cpu: dict[str, list[float]] = {kind: [] for kind in servers}
-        for _ in range(2):
-            for kind, child in children.items():
-                static_url = f"http://127.0.0.1:{ports[kind]}/v1/chat/completions"
-                per = uvloop.run(
-                    _server_cpu_per_request(static_url, child.pid, conc, settings.micro_seconds / 2)
-                )
-                if per is not None:
-                    cpu[kind].append(per)
-    finally:
-        for child in children.values():
-            child.stop()
-    for kind, label in servers.items():
-        if cpu[kind]:
-            per = sum(cpu[kind]) / len(cpu[kind])
-            rows.append(
-                MicroRow(f"HTTP server: CPU per POST answered, c={conc}", label, f"{per:.0f} µs", per)
+    for kind, per in _static_servers_cpu(
+        http_servers,
+        lambda port, pid: _server_cpu_per_request(
+            _http1_client(f"http://127.0.0.1:{port}/v1/chat/completions"),
+            pid,
+            conc,
+            settings.micro_seconds / 2,
+        ),
+    ).items():
+        rows.append(
+            MicroRow(
+                f"HTTP server: CPU per POST answered, c={conc}", http_servers[kind], f"{per:.0f} µs", per
             )
-
-    # gRPC client settings, each in its own process (grpcio reads GRPC_EXPERIMENTS on import), alternately.
-    experiments = {  # an empty GRPC_EXPERIMENTS keeps grpcio's defaults
-        f"grpcio {vers.get('grpcio', '?')} defaults": "",
-        f"llmgw's ({grpc_env.EXPERIMENTS})": grpc_env.EXPERIMENTS,
+        )
+    grpc_servers = {
+        "grpc-llmgw": "llmgw.grpc_server (the gRPC front's server)",
+        "grpc-aio": f"grpc.aio {vers.get('grpcio', '?')} server ({grpc_env.EXPERIMENTS})",
     }
-    grpc_runs: dict[str, list[dict[str, float]]] = {name: [] for name in experiments}
+    for kind, per in _static_servers_cpu(
+        grpc_servers,
+        lambda port, pid: _server_cpu_per_request(
+            _grpc_channel_client(port), pid, conc, settings.micro_seconds / 2
+        ),
+    ).items():
+        rows.append(
+            MicroRow(
+                f"gRPC server: CPU per ChatCompletion answered, c={conc}",
+                grpc_servers[kind],
+                f"{per:.0f} µs",
+                per,
+            )
+        )
+
+    # gRPC clients, each in its own process (grpcio reads GRPC_EXPERIMENTS on import), alternately.
+    grpc_clients = {  # label: (client, GRPC_EXPERIMENTS); an empty value keeps grpcio's defaults
+        f"grpc.aio {vers.get('grpcio', '?')}, grpcio's defaults": ("grpcio", ""),
+        f"grpc.aio, llmgw's GRPC_EXPERIMENTS ({grpc_env.EXPERIMENTS})": ("grpcio", grpc_env.EXPERIMENTS),
+        "llmgw.grpc_channel (the grpc providers' client)": ("llmgw", grpc_env.EXPERIMENTS),
+    }
+    grpc_runs: dict[str, list[dict[str, float]]] = {name: [] for name in grpc_clients}
     for _ in range(2):
-        for name, value in experiments.items():
+        for name, (client, experiments) in grpc_clients.items():
             out = subprocess.run(
                 [
                     sys.executable,
                     str(pathlib.Path(__file__).with_name("grpc_client.py")),
+                    client,
                     str(stack.grpc_port),
                     str(n),
                     str(settings.micro_seconds / 2),
                 ],
-                env={**os.environ, "GRPC_EXPERIMENTS": value},
+                env={**os.environ, "GRPC_EXPERIMENTS": experiments},
                 capture_output=True,
                 text=True,
                 timeout=120,
@@ -1087,9 +1139,7 @@ def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow]
             value = sum(r[field] for r in runs) / len(runs)
             result = f"{ms(value)}" if unit == "ms" else f"{value:.0f} µs"
             rows.append(
-                MicroRow(
-                    f"gRPC client (grpc.aio ChatCompletion to the grpc fake): {what}", name, result, value
-                )
+                MicroRow(f"gRPC client (ChatCompletion to the grpc fake): {what}", name, result, value)
             )
 
     # Event loop, with the aiohttp client: latency at concurrency 1, then requests/s at concurrency `conc`.
