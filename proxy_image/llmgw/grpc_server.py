@@ -229,8 +229,6 @@ class _ServerConnection(Connection):
 
     def message_too_large(self, stream: Stream, length: int) -> None:
         call = self.calls.get(stream.id)
-        self._release(stream)
-        stream.ended = True
         if call is None:
             return
         if call._task is not None:
