@@ -393,9 +393,7 @@ class Connection(asyncio.Protocol):
             self.fail(exc.code, str(exc))
         except hpack.HPACKError as exc:
             self.fail(ErrorCode.COMPRESSION_ERROR, f"bad header block: {exc}")
-        except (
-            Exception
-        ) as exc:  # malformed input that slipped past the checks, or a bug: end this connection only
+        except Exception as exc:  # input that slipped past the checks, or a bug: end this connection only
             log.exception("unexpected error handling HTTP/2 input")
             self.fail(ErrorCode.INTERNAL_ERROR, f"internal error ({type(exc).__name__})")
 
