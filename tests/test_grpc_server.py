@@ -133,6 +133,10 @@ async def test_grpcio_client_unary_stream_bidi_and_metadata(served: tuple[Server
         replies = [r.service async for r in chat(iter([Request(service="a"), Request(service="b")]))]
         assert replies == ["re: a", "re: b"]
 
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", compression=grpc.Compression.Gzip) as channel:
+        echo, _, _ = _stubs(channel)
+        assert (await echo(Request(service="zipped " * 1000))).service == "ZIPPED " * 1000
+
 
 async def test_statuses_details_and_trailers(
     served: tuple[Server, Handlers, int], caplog: pytest.LogCaptureFixture
