@@ -1,8 +1,11 @@
 """A gRPC client channel on asyncio: the proxy's connection to a ``grpc`` provider.
 
 A channel keeps one HTTP/2 connection to its target and multiplexes every call over it, as grpc.aio's
-channel does. It connects on first use and again after the connection closes or the server sends GOAWAY;
-calls in flight on a connection that goes away fail with UNAVAILABLE, which the gateway retries.
+channel does. It connects on first use and again after the connection closes or the server sends GOAWAY,
+and starts calls once the server's SETTINGS have arrived, so that its limit on concurrent streams holds
+from the first call (calls over it wait for a slot). Calls in flight on a connection that goes away fail
+with UNAVAILABLE, which the gateway retries; a call the server refuses unprocessed (REFUSED_STREAM) is
+sent again here.
 
 Calls take and return serialized messages (``bytes``); failures raise
 :class:`~llmgw.grpc_wire.RpcError` with the server's status, message and trailing metadata. A call's
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 from collections.abc import AsyncGenerator, Sequence
@@ -42,6 +46,7 @@ from .grpc_wire import (
 )
 
 _USER_AGENT = f"llmgw/{__version__}"
+_ATTEMPTS_IF_REFUSED = 5  # sends of a call that the server refuses unprocessed (REFUSED_STREAM)
 
 
 class _ClientConnection(Connection):
@@ -52,6 +57,9 @@ class _ClientConnection(Connection):
         self.channel = channel
         self.next_id = 1
         self._slot_freed: asyncio.Event | None = None  # set when a stream ends, for calls over the limit
+        # The server's first SETTINGS arrived (or the connection ended first): until then its limits,
+        # SETTINGS_MAX_CONCURRENT_STREAMS above all, are unknown.
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -67,12 +75,18 @@ class _ClientConnection(Connection):
                 stream.error = RpcError(grpc.StatusCode.UNAVAILABLE, reason)
         super().connection_lost(exc)
         self._freed()
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def settings_received(self) -> None:
+        if not self.ready.done():
+            self.ready.set_result(None)
 
     def usable(self) -> bool:
         return not self.closed and self.goaway_received is None and self.next_id < MAX_STREAM_ID - 2
 
-    async def open(self, headers: bytes, body: bytes, deadline: float | None) -> Stream:
-        """Start a call: its HEADERS and its one request message."""
+    async def wait_for_slot(self, deadline: float | None) -> None:
+        """Wait while the server's SETTINGS_MAX_CONCURRENT_STREAMS calls are in flight."""
         while len(self.streams) >= self.peer_max_streams and self.usable():
             self._slot_freed = self._slot_freed or asyncio.Event()
             timeout = None if deadline is None else deadline - asyncio.get_running_loop().time()
@@ -80,20 +94,31 @@ class _ClientConnection(Connection):
                 await asyncio.wait_for(self._slot_freed.wait(), timeout)
             except TimeoutError:
                 raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+
+    def open(self, headers: bytes, body: bytes) -> tuple[Stream, bool]:
+        """Start a call: its HEADERS, and its one request message if the windows allow it now.
+
+        The second value says whether the request went out whole; if not, :meth:`send_request` sends it.
+        """
         if not self.usable():
             raise RpcError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.channel.target} closed")
         stream = Stream(self.next_id, self.peer_initial_window)
         self.next_id += 2
         self.streams[stream.id] = stream
         prefix = frame(HEADERS, END_HEADERS, stream.id, headers)
-        if not self.try_send(stream, body, prefix, frame(DATA, END_STREAM, stream.id)):
-            self.write(prefix)
-            try:
-                await self.send_data(stream, body)
-            except ConnectionError:
-                return stream  # the call is over already; its outcome tells why
+        if self.try_send(stream, body, prefix, frame(DATA, END_STREAM, stream.id)):
+            return stream, True
+        self.write(prefix)
+        return stream, False
+
+    async def send_request(self, stream: Stream, body: bytes) -> None:
+        """The request message as flow control allows, then END_STREAM; returns early if the call ends."""
+        try:
+            await self.send_data(stream, body)
+        except ConnectionError:
+            return  # the call is over already; its outcome tells why
+        if self.streams.get(stream.id) is stream:
             self.write(frame(DATA, END_STREAM, stream.id))
-        return stream
 
     def headers_received(self, stream_id: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
         stream = self.streams.get(stream_id)
@@ -106,6 +131,10 @@ class _ClientConnection(Connection):
             stream.ended = True
             self._end(stream)
         stream.wake()
+
+    def stream_changed(self, stream: Stream) -> None:
+        if stream.reset is not None:  # the server reset it (RST_STREAM), or the connection ended
+            self._end(stream)
 
     def message_too_large(self, stream: Stream, length: int) -> None:
         stream.error = RpcError(
@@ -144,6 +173,10 @@ class _ClientConnection(Connection):
             self._slot_freed = None
 
 
+def _finished(stream: Stream) -> bool:
+    return stream.trailers is not None or stream.reset is not None or stream.error is not None
+
+
 def _outcome(stream: Stream) -> RpcError | None:
     """None for OK; otherwise the error the call ends with."""
     if stream.error is not None:
@@ -163,11 +196,17 @@ def _outcome(stream: Stream) -> RpcError | None:
         return RpcError(grpc.StatusCode.UNAVAILABLE, "the server refused the call (it may be shutting down)")
     if stream.reset == ErrorCode.CANCEL:
         return RpcError(grpc.StatusCode.CANCELLED, "the server cancelled the call")
+    if stream.reset == ErrorCode.ENHANCE_YOUR_CALM:  # gRPC's mapping of HTTP/2 error codes
+        return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server reset the call (ENHANCE_YOUR_CALM)")
     return RpcError(grpc.StatusCode.INTERNAL, f"the server reset the call ({stream.reset!r})")
 
 
 class Channel:
-    """One upstream gRPC server, ``HOST:PORT``, over one multiplexed HTTP/2 connection (TLS optional)."""
+    """One upstream gRPC server, ``HOST:PORT``, over one multiplexed HTTP/2 connection (TLS optional).
+
+    With ``tls``, the server's certificate is checked against the system's CAs, or as ``ssl_context``
+    says if one is given.
+    """
 
     def __init__(
         self,
@@ -177,6 +216,7 @@ class Channel:
         metadata: Sequence[tuple[str, str]] = (),
         max_message_bytes: int = 64 * 1024 * 1024,
         connect_timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         host, _, port = target.rpartition(":")
         self.target = target
@@ -184,8 +224,8 @@ class Channel:
         self.max_message_bytes = max_message_bytes
         self.connect_timeout = connect_timeout
         self._ssl: ssl.SSLContext | None = None
-        if tls:
-            self._ssl = ssl.create_default_context()
+        if tls:  # the system's CAs, unless the caller brings a context (its ALPN is set to h2 here)
+            self._ssl = ssl_context or ssl.create_default_context()
             self._ssl.set_alpn_protocols(["h2"])
         self._common = [
             (":method", "POST"),
@@ -227,7 +267,9 @@ class Channel:
             self._conn = future.result()
 
     async def _connect(self) -> _ClientConnection:
+        """A connection whose server has sent its SETTINGS, so that its limits hold from the first call."""
         loop = asyncio.get_running_loop()
+        conn: _ClientConnection | None = None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 transport, conn = await loop.create_connection(
@@ -237,30 +279,77 @@ class Channel:
                     ssl=self._ssl,
                     server_hostname=self.host if self._ssl else None,
                 )
+                protocol = transport.get_extra_info("ssl_object")
+                if protocol is not None and protocol.selected_alpn_protocol() not in (None, "h2"):
+                    transport.close()
+                    raise RpcError(
+                        grpc.StatusCode.UNAVAILABLE, f"{self.target} does not offer HTTP/2 over TLS"
+                    )
+                await conn.ready
         except TimeoutError:
             raise RpcError(
                 grpc.StatusCode.UNAVAILABLE,
                 f"cannot connect to {self.target}: no answer within {self.connect_timeout:g}s",
             ) from None
-        except OSError as exc:
+        except ssl.SSLError as exc:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"cannot connect to {self.target}: {exc}") from None
+        except OSError as exc:  # "Connection refused" rather than asyncio's "Connect call failed (...)"
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise RpcError(
-                grpc.StatusCode.UNAVAILABLE, f"cannot connect to {self.target}: {exc.strerror or exc}"
+                grpc.StatusCode.UNAVAILABLE, f"cannot connect to {self.target}: {reason}"
             ) from None
-        protocol = transport.get_extra_info("ssl_object")
-        if protocol is not None and protocol.selected_alpn_protocol() not in (None, "h2"):
-            transport.close()
-            raise RpcError(grpc.StatusCode.UNAVAILABLE, f"{self.target} does not offer HTTP/2 over TLS")
+        finally:
+            if conn is not None and not conn.ready.done() and conn.transport is not None:
+                conn.transport.close()  # given up on before the server's SETTINGS arrived
+        if conn.closed:
+            raise RpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"cannot connect to {self.target}: closed before the server's HTTP/2 SETTINGS",
+            )
         return conn
 
-    async def _start(
+    async def _call(
         self, path: str, request: bytes, timeout: float | None
-    ) -> tuple[_ClientConnection, Stream]:
+    ) -> tuple[_ClientConnection, Stream, asyncio.TimerHandle | None]:
+        """Start a call and wait for its response to begin (headers) or the call to end.
+
+        The deadline covers every step: connecting, waiting for a stream slot, sending the request as flow
+        control allows, and (with the timer returned, which the caller cancels) the rest of the call. A
+        call the server refuses unprocessed (RST_STREAM REFUSED_STREAM, RFC 9113 section 8.7) is sent
+        again after a short pause: grpcio, for one, counts a call that just ended against
+        SETTINGS_MAX_CONCURRENT_STREAMS for a moment after its trailers went out.
+        """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        conn = await self._connection(deadline)
-        remaining = None if deadline is None else max(0.001, deadline - loop.time())
-        stream = await conn.open(self._header_block(path, remaining), message(request), deadline)
-        return conn, stream
+        body = message(request)
+        attempt = 1
+        while True:
+            conn = await self._connection(deadline)
+            await conn.wait_for_slot(deadline)
+            remaining = None if deadline is None else max(0.001, deadline - loop.time())
+            stream, sent = conn.open(self._header_block(path, remaining), body)
+            timer = None if deadline is None else loop.call_at(deadline, self._expire, conn, stream)
+            try:
+                if not sent:
+                    await conn.send_request(stream, body)
+                while stream.headers is None and not _finished(stream):
+                    stream.waiter = loop.create_future()
+                    await stream.waiter
+            except asyncio.CancelledError:
+                if timer is not None:
+                    timer.cancel()
+                conn.cancel(stream)
+                raise
+            refused = stream.reset == ErrorCode.REFUSED_STREAM and stream.headers is None
+            if not refused or stream.error is not None or attempt == _ATTEMPTS_IF_REFUSED:
+                return conn, stream, timer
+            if timer is not None:
+                timer.cancel()
+            pause = 0.005 * 2 ** (attempt - 1)
+            if deadline is not None and loop.time() + pause >= deadline:
+                raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            await asyncio.sleep(pause)
+            attempt += 1
 
     @staticmethod
     def _expire(conn: _ClientConnection, stream: Stream) -> None:
@@ -270,11 +359,10 @@ class Channel:
 
     async def unary(self, path: str, request: bytes, timeout: float | None = None) -> bytes:
         """One request, one response."""
-        conn, stream = await self._start(path, request, timeout)
+        conn, stream, timer = await self._call(path, request, timeout)
         loop = asyncio.get_running_loop()
-        timer = None if timeout is None else loop.call_later(timeout, self._expire, conn, stream)
         try:
-            while stream.trailers is None and stream.reset is None and stream.error is None:
+            while not _finished(stream):
                 stream.waiter = loop.create_future()
                 await stream.waiter
         except asyncio.CancelledError:
@@ -296,14 +384,13 @@ class Channel:
         self, path: str, request: bytes, timeout: float | None = None
     ) -> AsyncGenerator[bytes, None]:
         """One request, a stream of responses; closing the iterator early cancels the call."""
-        conn, stream = await self._start(path, request, timeout)
+        conn, stream, timer = await self._call(path, request, timeout)
         loop = asyncio.get_running_loop()
-        timer = None if timeout is None else loop.call_later(timeout, self._expire, conn, stream)
         try:
             while True:
                 if stream.messages:
                     yield conn.take_message(stream)
-                elif stream.trailers is not None or stream.reset is not None or stream.error is not None:
+                elif _finished(stream):
                     break
                 else:
                     stream.waiter = loop.create_future()

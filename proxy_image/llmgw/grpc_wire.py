@@ -475,6 +475,7 @@ class Connection(asyncio.Protocol):
             self.write(frame(SETTINGS, ACK, 0))
             for stream in list(self.streams.values()):
                 stream.wake()
+            self.settings_received()
         elif kind == WINDOW_UPDATE:
             if len(payload) != 4:
                 raise ProtocolError("malformed WINDOW_UPDATE", ErrorCode.FRAME_SIZE_ERROR)
@@ -586,6 +587,9 @@ class Connection(asyncio.Protocol):
 
     def message_too_large(self, stream: Stream, length: int) -> None:
         raise NotImplementedError
+
+    def settings_received(self) -> None:
+        """The peer's SETTINGS arrived and are in effect (the first of them completes its preface)."""
 
     def goaway(self, last_stream_id: int) -> None:
         """The peer will not process streams above ``last_stream_id``."""
