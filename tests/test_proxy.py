@@ -128,6 +128,28 @@ async def test_grpc_front_every_backend(fakes: Fakes, start_proxy: Any) -> None:
     assert fakes.anthropic.stats["completed"] == 2
 
 
+async def test_grpc_health_check_and_watch_follow_draining(fakes: Fakes, start_proxy: Any) -> None:
+    server = await start_proxy(proxy_config(fakes))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await health.Check(health_pb2.HealthCheckRequest(service="no.Such"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        unknown = health.Watch(health_pb2.HealthCheckRequest(service="no.Such"))
+        assert (await unknown.read()).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        unknown.cancel()
+        watch = health.Watch(health_pb2.HealthCheckRequest(service="llmgateway.v1.LLMService"))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        server.health.enter_graceful_shutdown()
+        assert (await asyncio.wait_for(watch.read(), 5)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        server.health.set("llmgateway.v1.LLMService", health_pb2.HealthCheckResponse.SERVING)
+        check = await health.Check(health_pb2.HealthCheckRequest(service="llmgateway.v1.LLMService"))
+        assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING, (
+            "a draining proxy stays NOT_SERVING"
+        )
+        watch.cancel()
+
+
 async def test_anthropic_conversion_both_ways(fakes: Fakes, start_proxy: Any) -> None:
     server = await start_proxy(proxy_config(fakes))
     reply = await sdk(server).chat.completions.create(
