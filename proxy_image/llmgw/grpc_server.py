@@ -150,8 +150,7 @@ class _ServerConnection(Connection):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         for call in list(self.calls.values()):
-            if call._task is not None:
-                call._task.cancel()
+            self._abandon(call)
         self.calls.clear()
         self.server.connections.discard(self)
         self.server.changed()
@@ -221,8 +220,7 @@ class _ServerConnection(Connection):
             return
         if stream.reset is not None:  # the client cancelled, or the connection is gone
             self.calls.pop(stream.id, None)
-            if call._task is not None:
-                call._task.cancel()
+            self._abandon(call)
             self.server.changed()
         elif stream.ended and call._task is None:
             self._start(call)
@@ -238,6 +236,14 @@ class _ServerConnection(Connection):
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"request message of {length} bytes is over the server's limit of {self.max_message_bytes} bytes",
         )
+
+    @staticmethod
+    def _abandon(call: ServerCall) -> None:
+        """Stop a call nobody waits for any more: its handler, and its deadline timer."""
+        if call.timer is not None:
+            call.timer.cancel()
+        if call._task is not None:
+            call._task.cancel()
 
     def _deadline(self, call: ServerCall) -> None:
         if self.calls.get(call.stream.id) is not call:

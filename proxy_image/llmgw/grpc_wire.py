@@ -259,7 +259,10 @@ def _is_hex(pair: bytes) -> bool:
 def metadata_value(key: str, value: str) -> str | bytes:
     """A custom metadata value as gRPC defines it: keys ending in ``-bin`` carry base64 of binary data."""
     if key.endswith("-bin"):
-        return base64.b64decode(value + "=" * (-len(value) % 4))
+        try:
+            return base64.b64decode(value + "=" * (-len(value) % 4))
+        except ValueError:  # not base64 after all: keep its bytes rather than fail the call
+            return value.encode("latin-1")
     return value
 
 
