@@ -27,6 +27,7 @@ import pytest
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
+from llmgw import grpc_channel
 from llmgw.grpc_channel import Channel
 from llmgw.grpc_wire import (
     DATA,
@@ -157,6 +158,20 @@ async def test_unary_ok_with_metadata_and_deadline(open_channel: Callable[..., C
     assert remaining is not None and 3.0 < remaining <= 5.0
     assert no_deadline is None
     assert short is not None and 0.0 < short <= 0.5
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux socket options")
+async def test_a_vanished_server_is_noticed_by_the_kernel(open_channel: Callable[..., Channel]) -> None:
+    async with serving({"M": unary(echo)}) as served:
+        channel = open_channel(served.target)
+        await channel.unary("/t.S/M", b"x", timeout=2.0)
+        assert channel._conn is not None and channel._conn.transport is not None
+        sock = channel._conn.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == grpc_channel.KEEPALIVE_IDLE_S
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == (
+            grpc_channel.UNACKED_DATA_TIMEOUT_MS
+        )
 
 
 async def test_project_protobuf_messages(open_channel: Callable[..., Channel]) -> None:

@@ -49,6 +49,26 @@ _USER_AGENT = f"llmgw/{__version__}"
 _ATTEMPTS_IF_REFUSED = 5  # sends of a call that the server refuses unprocessed (REFUSED_STREAM)
 
 
+# A server that vanishes without closing its connections (its node lost power, a network partition) must
+# not hold calls until the kernel's defaults notice (hours idle, ~15 minutes of retransmits). TCP keepalive
+# and TCP_USER_TIMEOUT do it in the kernel, without HTTP/2 PINGs, which grpcio servers punish when they
+# come more often than every 5 minutes while no data flows (GOAWAY "too_many_pings").
+KEEPALIVE_IDLE_S = 30  # probe a connection silent this long
+KEEPALIVE_INTERVAL_S = 10  # then every this often
+KEEPALIVE_PROBES = 3  # give up after this many unanswered probes
+UNACKED_DATA_TIMEOUT_MS = 30_000  # give up when data we sent stays unacknowledged this long
+
+
+def _detect_dead_peers(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; other systems keep their defaults
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, UNACKED_DATA_TIMEOUT_MS)
+
+
 class _ClientConnection(Connection):
     is_client = True
 
@@ -66,7 +86,7 @@ class _ClientConnection(Connection):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # notice a vanished server
+                _detect_dead_peers(sock)
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f"connection to {self.channel.target} lost" + (f": {exc}" if exc else "")
