@@ -167,8 +167,8 @@ class _ClientConnection(Connection):
         for stream in [s for s in self.streams.values() if s.id > last_stream_id]:
             stream.error = RpcError(grpc.StatusCode.UNAVAILABLE, f"{self.channel.target} is shutting down")
             self.cancel(stream, code=None)
-        if not self.streams and self.transport is not None:
-            self.transport.close()
+        if not self.streams:
+            self.close()
 
     def cancel(self, stream: Stream, code: ErrorCode | None = ErrorCode.CANCEL) -> None:
         """Give up on a stream: tell the server (RST_STREAM) and wake whoever waits on it."""
@@ -184,8 +184,8 @@ class _ClientConnection(Connection):
     def _end(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
         self._freed()
-        if self.goaway_received is not None and not self.streams and self.transport is not None:
-            self.transport.close()
+        if self.goaway_received is not None and not self.streams:
+            self.close()
 
     def _freed(self) -> None:
         if self._slot_freed is not None:
@@ -319,8 +319,8 @@ class Channel:
                 grpc.StatusCode.UNAVAILABLE, f"cannot connect to {self.target}: {reason}"
             ) from None
         finally:
-            if conn is not None and not conn.ready.done() and conn.transport is not None:
-                conn.transport.close()  # given up on before the server's SETTINGS arrived
+            if conn is not None and not conn.ready.done():
+                conn.close()  # given up on before the server's SETTINGS arrived
         if conn.closed:
             raise RpcError(
                 grpc.StatusCode.UNAVAILABLE,
@@ -428,4 +428,4 @@ class Channel:
         conn, self._conn = self._conn, None
         if conn is not None and conn.transport is not None and not conn.closed:
             conn.write(goaway(0, ErrorCode.NO_ERROR))
-            conn.transport.close()
+            conn.close()

@@ -374,8 +374,8 @@ class _ServerConnection(Connection):
             self.write(rst_stream(stream.id, ErrorCode.NO_ERROR))
             stream.ended = True
         self._release(stream)
-        if self.accepting_until != MAX_STREAM_ID and not self.calls and self.transport is not None:
-            self.transport.close()
+        if self.accepting_until != MAX_STREAM_ID and not self.calls:
+            self.close()
 
     async def begin_drain(self, ping_timeout: float) -> None:
         """GOAWAY twice, as RFC 9113 suggests: first "no new streams soon", then, a round trip later, the
@@ -385,8 +385,8 @@ class _ServerConnection(Connection):
             await asyncio.wait_for(self.ping(), ping_timeout)
         self.accepting_until = self.last_stream
         self.write(goaway(self.last_stream, ErrorCode.NO_ERROR))
-        if not self.calls and self.transport is not None:
-            self.transport.close()
+        if not self.calls:
+            self.close()
 
 
 async def _unimplemented(request: Any, call: ServerCall) -> Any:
@@ -438,7 +438,6 @@ class Server:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.close()
+            conn.close()
         if self._server is not None:
             await self._server.wait_closed()
