@@ -64,8 +64,8 @@ from typing import Any
 from llmgw import grpc_env, http1
 from llmgw.grpc_channel import Channel
 
-# The load generator's gRPC client runs as llmgw's own processes do (the proxy, the fakes): with both ends
-# on grpcio's faster path, the "direct" baseline is the hardest one to be compared with.
+# The load generator's gRPC client (grpc.aio) runs with the settings llmgw gives the grpcio processes it runs
+# (the fakes): the one that costs the least CPU per call in the library table.
 grpc_env.apply()
 
 import aiohttp  # noqa: E402
