@@ -40,7 +40,6 @@ from .grpc_wire import (
     frame,
     goaway,
     message,
-    rst_stream,
     status_from_http,
     status_of,
 )
@@ -123,6 +122,7 @@ class _ClientConnection(Connection):
         if not self.usable():
             raise RpcError(grpc.StatusCode.UNAVAILABLE, f"connection to {self.channel.target} closed")
         stream = Stream(self.next_id, self.peer_initial_window)
+        self.highest_stream = stream.id
         self.next_id += 2
         self.streams[stream.id] = stream
         prefix = frame(HEADERS, END_HEADERS, stream.id, headers)
@@ -174,7 +174,7 @@ class _ClientConnection(Connection):
         """Give up on a stream: tell the server (RST_STREAM) and wake whoever waits on it."""
         if self.streams.get(stream.id) is stream:
             if code is not None:
-                self.write(rst_stream(stream.id, code))
+                self.reset_stream(stream.id, code)
             self._release(stream)
             self._end(stream)
         if stream.reset is None:

@@ -29,6 +29,7 @@ from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from .grpc_wire import (
     CONTINUATION,
+    DATA,
     END_HEADERS,
     END_STREAM,
     HEADERS,
@@ -45,7 +46,6 @@ from .grpc_wire import (
     metadata_value,
     parse_timeout,
     percent_encode,
-    rst_stream,
 )
 
 log = logging.getLogger("llmgw.grpc")
@@ -117,6 +117,11 @@ def _header_frames(stream_id: int, block: bytes, end_stream: bool, max_frame: in
 _RESPONSE_HEADERS = encode_headers([(":status", "200"), ("content-type", "application/grpc")])
 _OK_TRAILERS = encode_headers([("grpc-status", "0")])
 _RESERVED_METADATA = frozenset({"content-type", "te", "user-agent", "grpc-timeout", "grpc-encoding"})
+_REQUEST_PSEUDO = frozenset({":method", ":scheme", ":path", ":authority"})
+_CONNECTION_SPECIFIC = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
+)
+_PLAIN_BODY = "This port serves gRPC (POST, content-type application/grpc), e.g. llmgateway.v1.LLMService.\n"
 
 
 def _trailers(
@@ -133,7 +138,7 @@ class _ServerConnection(Connection):
         super().__init__(server.max_message_bytes)
         self.server = server
         self.calls: dict[int, ServerCall] = {}
-        self.last_stream = 0
+        self._plain: dict[int, str] = {}  # non-gRPC requests waiting for their end: the status to answer
         self.accepting_until = MAX_STREAM_ID  # after GOAWAY: the last stream this connection serves
         self.peer = ""
 
@@ -156,30 +161,39 @@ class _ServerConnection(Connection):
         self.server.changed()
 
     def last_peer_stream(self) -> int:
-        return self.last_stream
+        return self.highest_stream
 
     def headers_received(self, stream_id: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
         stream = self.streams.get(stream_id)
         if stream is not None:  # a client's trailers: gRPC clients send none, but may end their side so
-            if end_stream:
-                stream.ended = True
-                self.stream_changed(stream)
-                stream.wake()
+            if stream.ended:
+                raise ProtocolError(f"HEADERS on half-closed stream {stream_id}", ErrorCode.STREAM_CLOSED)
+            if not end_stream or any(key.startswith(":") for key, _ in headers):
+                self.stream_error(stream, ErrorCode.PROTOCOL_ERROR)  # trailers end the stream, and are plain
+                return
+            stream.ended = True
+            self.stream_changed(stream)
+            stream.wake()
             return
-        if stream_id % 2 == 0 or stream_id <= self.last_stream:
+        if stream_id % 2 == 0 or stream_id <= self.highest_stream:
             raise ProtocolError(f"stream id {stream_id} is not a new client stream", ErrorCode.STREAM_CLOSED)
+        self.highest_stream = stream_id
         if stream_id > self.accepting_until:
-            self.write(rst_stream(stream_id, ErrorCode.REFUSED_STREAM))
+            self.reset_stream(stream_id, ErrorCode.REFUSED_STREAM)
             return
-        self.last_stream = stream_id
         stream = Stream(stream_id, self.peer_initial_window)
         stream.ended = end_stream
         pseudo: dict[str, str] = {}
         metadata: list[tuple[str, str | bytes]] = []
         timeout: float | None = None
         content_type = ""
+        malformed = False
         for key, value in headers:
             if key.startswith(":"):
+                # Pseudo-headers: known request ones, once each, before any other field (RFC 9113 8.3).
+                malformed |= (
+                    key not in _REQUEST_PSEUDO or key in pseudo or bool(metadata) or bool(content_type)
+                )
                 pseudo[key] = value
             elif key == "content-type":
                 content_type = value
@@ -190,16 +204,24 @@ class _ServerConnection(Connection):
                     timeout = None
             elif key == "grpc-encoding":
                 stream.encoding = value
+            elif key == "content-length":
+                stream.expected_length = int(value) if value.isdigit() else -1
+            elif key in _CONNECTION_SPECIFIC or (key == "te" and value != "trailers") or key != key.lower():
+                malformed = True
             elif key not in _RESERVED_METADATA:
                 metadata.append((key, metadata_value(key, value)))
         self.streams[stream_id] = stream
-        if pseudo.get(":method") != "POST" or not content_type.startswith("application/grpc"):
-            # Not a gRPC call (a browser, curl without the right headers): answer in plain HTTP.
-            status = "405" if pseudo.get(":method") != "POST" else "415"
-            self.write(
-                _header_frames(stream_id, encode_headers([(":status", status)]), True, self.peer_max_frame)
-            )
-            self._forget(stream)
+        if malformed or not all(pseudo.get(k) for k in (":method", ":scheme", ":path")):
+            self.stream_error(stream, ErrorCode.PROTOCOL_ERROR)
+            return
+        if end_stream and stream.expected_length not in (None, 0):
+            self.stream_error(stream, ErrorCode.PROTOCOL_ERROR)  # content-length says a body follows
+            return
+        if pseudo[":method"] != "POST" or not content_type.startswith("application/grpc"):
+            # Not a gRPC call (a browser, curl): answered in plain HTTP once its request is complete.
+            stream.plain = True
+            self._plain[stream_id] = "405" if pseudo[":method"] != "POST" else "415"
+            self.stream_changed(stream)
             return
         method = self.server.methods.get(pseudo.get(":path", ""))
         call = ServerCall(stream, method or Method(UNARY, None, _unimplemented), tuple(metadata), self.peer)
@@ -217,6 +239,11 @@ class _ServerConnection(Connection):
     def stream_changed(self, stream: Stream) -> None:
         call = self.calls.get(stream.id)
         if call is None:
+            status = self._plain.get(stream.id)
+            if status is not None and (stream.ended or stream.reset is not None):
+                del self._plain[stream.id]
+                if stream.reset is None:
+                    asyncio.get_running_loop().create_task(self._answer_plain(stream, status))
             return
         if stream.reset is not None:  # the client cancelled, or the connection is gone
             self.calls.pop(stream.id, None)
@@ -224,6 +251,16 @@ class _ServerConnection(Connection):
             self.server.changed()
         elif stream.ended and call._task is None:
             self._start(call)
+
+    async def _answer_plain(self, stream: Stream, status: str) -> None:
+        body = _PLAIN_BODY.encode()
+        headers = [(":status", status), ("content-type", "text/plain; charset=utf-8")]
+        headers.append(("content-length", str(len(body))))
+        self.write(_header_frames(stream.id, encode_headers(headers), False, self.peer_max_frame))
+        with contextlib.suppress(ConnectionError):
+            await self.send_data(stream, body)  # in as many frames as the client's window asks for
+            self.write(frame(DATA, END_STREAM, stream.id))
+        self._forget(stream)
 
     def message_too_large(self, stream: Stream, length: int) -> None:
         call = self.calls.get(stream.id)
@@ -371,7 +408,7 @@ class _ServerConnection(Connection):
     def _forget(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
         if not stream.ended:  # the client may still be sending: tell it to stop
-            self.write(rst_stream(stream.id, ErrorCode.NO_ERROR))
+            self.reset_stream(stream.id, ErrorCode.NO_ERROR)
             stream.ended = True
         self._release(stream)
         if self.accepting_until != MAX_STREAM_ID and not self.calls:
@@ -383,8 +420,8 @@ class _ServerConnection(Connection):
         self.write(goaway(MAX_STREAM_ID, ErrorCode.NO_ERROR))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.ping(), ping_timeout)
-        self.accepting_until = self.last_stream
-        self.write(goaway(self.last_stream, ErrorCode.NO_ERROR))
+        self.accepting_until = self.highest_stream
+        self.write(goaway(self.highest_stream, ErrorCode.NO_ERROR))
         if not self.calls:
             self.close()
 

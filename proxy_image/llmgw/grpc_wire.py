@@ -41,6 +41,7 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDO
     range(10)
 )
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
+_DEPENDS_ON_ITSELF = 0x100  # not a wire flag: marks a HEADERS frame whose priority names its own stream
 
 # Settings identifiers
 HEADER_TABLE_SIZE, ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_FRAME_SIZE = 1, 2, 3, 4, 5
@@ -289,10 +290,13 @@ class Stream:
         "encoding",
         "ended",
         "error",
+        "expected_length",
         "headers",
         "id",
         "messages",
         "partial",
+        "plain",
+        "received",
         "reset",
         "send_window",
         "trailers",
@@ -307,6 +311,9 @@ class Stream:
         self.messages: collections.deque[bytes] = collections.deque()
         self.partial = bytearray()
         self.encoding = "identity"
+        self.plain = False  # not a gRPC call: its body is counted, not parsed into messages
+        self.expected_length: int | None = None  # the request's content-length, when it has one
+        self.received = 0  # DATA payload bytes so far, padding excluded
         self.ended = False  # the peer sent END_STREAM
         self.reset: ErrorCode | None = None  # the stream ended abnormally (RST_STREAM or connection lost)
         self.error: RpcError | None = None  # why this end gave up on the stream (a client's deadline, say)
@@ -345,6 +352,8 @@ class Connection(asyncio.Protocol):
         self._window_waiters: list[Stream] = []  # streams waiting for the connection's window
         self._writable: asyncio.Future[None] | None = None
         self._out: list[bytes] | None = None  # written this turn of the event loop, not yet sent
+        self.highest_stream = 0  # streams above this one are idle: never opened
+        self._reset_by_us: dict[int, None] = {}  # recent streams this end reset (frames may still come)
         self.closed = False
         self.goaway_received: int | None = None  # the last stream id the peer will process
         self._ping_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
@@ -403,7 +412,7 @@ class Connection(asyncio.Protocol):
 
     def fail(self, code: ErrorCode, reason: str) -> None:
         """End the connection for a protocol violation, telling the peer why."""
-        log.warning("HTTP/2 connection error (%s): %s", code.name, reason)
+        log.info("HTTP/2 connection error (%s): %s", code.name, reason)  # the peer's mistake, not ours
         if not self.closed:
             self.write(goaway(self.last_peer_stream(), code, reason.encode()[:200]))
             self.close()
@@ -452,6 +461,8 @@ class Connection(asyncio.Protocol):
                 raise ProtocolError("HEADERS on stream 0")
             payload = _unpad(flags, payload)
             if flags & PRIORITY_FLAG:
+                if int.from_bytes(payload[:4], "big") & MAX_STREAM_ID == stream_id:
+                    flags |= _DEPENDS_ON_ITSELF
                 payload = payload[5:]
             if flags & END_HEADERS:
                 self._header_block(stream_id, flags, payload)
@@ -470,6 +481,8 @@ class Connection(asyncio.Protocol):
                 self._header_block(stream_id, first_flags, bytes(block))
         elif kind == SETTINGS:
             if flags & ACK:
+                if payload:
+                    raise ProtocolError("SETTINGS ACK with a payload", ErrorCode.FRAME_SIZE_ERROR)
                 return
             if len(payload) % 6 or stream_id:
                 raise ProtocolError("malformed SETTINGS", ErrorCode.FRAME_SIZE_ERROR)
@@ -484,6 +497,8 @@ class Connection(asyncio.Protocol):
             if len(payload) != 4:
                 raise ProtocolError("malformed WINDOW_UPDATE", ErrorCode.FRAME_SIZE_ERROR)
             increment = int.from_bytes(payload, "big") & MAX_WINDOW
+            if stream_id > self.highest_stream:
+                raise ProtocolError(f"WINDOW_UPDATE on idle stream {stream_id}")
             if stream_id == 0:
                 if increment == 0:
                     raise ProtocolError("WINDOW_UPDATE of 0")
@@ -497,7 +512,12 @@ class Connection(asyncio.Protocol):
                 updated = self.streams.get(stream_id)
                 if updated is not None:
                     updated.send_window += increment
-                    updated.wake()
+                    if increment == 0:
+                        self.stream_error(updated, ErrorCode.PROTOCOL_ERROR)
+                    elif updated.send_window > MAX_WINDOW:
+                        self.stream_error(updated, ErrorCode.FLOW_CONTROL_ERROR)
+                    else:
+                        updated.wake()
         elif kind == PING:
             if len(payload) != 8 or stream_id:
                 raise ProtocolError("malformed PING", ErrorCode.FRAME_SIZE_ERROR)
@@ -511,14 +531,17 @@ class Connection(asyncio.Protocol):
         elif kind == RST_STREAM:
             if len(payload) != 4:
                 raise ProtocolError("malformed RST_STREAM", ErrorCode.FRAME_SIZE_ERROR)
-            ended = self.streams.pop(stream_id, None)
+            if stream_id == 0 or stream_id > self.highest_stream:
+                raise ProtocolError(f"RST_STREAM on {'stream 0' if stream_id == 0 else 'an idle stream'}")
+            ended = self.streams.get(stream_id)
             if ended is not None:
                 code = int.from_bytes(payload, "big")
-                ended.reset = ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.CANCEL
-                self._release(ended)
-                self.stream_changed(ended)
-                ended.wake()
+                self._drop(
+                    ended, ErrorCode(code) if code in ErrorCode._value2member_map_ else ErrorCode.CANCEL
+                )
         elif kind == GOAWAY:
+            if stream_id:
+                raise ProtocolError("GOAWAY on a stream")
             last, code = struct.unpack_from(">II", payload)
             self.goaway_received = last & MAX_STREAM_ID
             if code != ErrorCode.NO_ERROR:
@@ -526,7 +549,14 @@ class Connection(asyncio.Protocol):
             self.goaway(self.goaway_received)
         elif kind == PUSH_PROMISE:
             raise ProtocolError("PUSH_PROMISE although push is disabled")
-        # PRIORITY and unknown frame types are ignored, as RFC 9113 asks
+        elif kind == PRIORITY:  # deprecated by RFC 9113 and ignored, once well-formed
+            if stream_id == 0:
+                raise ProtocolError("PRIORITY on stream 0")
+            if len(payload) != 5:
+                self.reset_stream(stream_id, ErrorCode.FRAME_SIZE_ERROR)
+            elif int.from_bytes(payload[:4], "big") & MAX_STREAM_ID == stream_id:
+                self.reset_stream(stream_id, ErrorCode.PROTOCOL_ERROR)
+        # unknown frame types are ignored, as RFC 9113 asks
 
     def _setting(self, key: int, value: int) -> None:
         if key == INITIAL_WINDOW_SIZE:
@@ -542,15 +572,39 @@ class Connection(asyncio.Protocol):
             self.peer_max_frame = value
         elif key == MAX_CONCURRENT_STREAMS:
             self.peer_max_streams = value
+        elif key == ENABLE_PUSH and value > 1:
+            raise ProtocolError("SETTINGS_ENABLE_PUSH other than 0 or 1")
 
     def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if stream_id == 0:
+            raise ProtocolError("DATA on stream 0")
         size = len(payload)
         payload = _unpad(flags, payload)
         stream = self.streams.get(stream_id)
         if stream is None or stream.ended:
-            self.consumed(None, size)  # a stream we closed: its bytes still count against the connection
-            return
+            self.consumed(None, size)  # bytes of a closed stream still count against the connection
+            if stream is None and stream_id in self._reset_by_us:
+                return  # sent before the peer saw our RST_STREAM
+            if stream_id > self.highest_stream:
+                raise ProtocolError(f"DATA on idle stream {stream_id}")
+            raise ProtocolError(f"DATA on closed stream {stream_id}", ErrorCode.STREAM_CLOSED)
         self.consumed(None, size - len(payload))  # padding is consumed on arrival
+        stream.received += len(payload)
+        if stream.plain:
+            self.consumed(stream, len(payload))
+        else:
+            self._messages(stream, payload)
+        if stream.reset is not None:
+            return
+        if flags & END_STREAM:
+            stream.ended = True
+            if stream.expected_length is not None and stream.expected_length != stream.received:
+                self.stream_error(stream, ErrorCode.PROTOCOL_ERROR)  # content-length said otherwise
+                return
+        self.stream_changed(stream)
+        stream.wake()
+
+    def _messages(self, stream: Stream, payload: bytes) -> None:
         stream.partial += payload
         partial = stream.partial
         while len(partial) >= 5:
@@ -566,10 +620,6 @@ class Connection(asyncio.Protocol):
             if compressed:
                 body = self._decompress(stream, body)
             stream.messages.append(body)
-        if flags & END_STREAM:
-            stream.ended = True
-        self.stream_changed(stream)
-        stream.wake()
 
     def _decompress(self, stream: Stream, body: bytes) -> bytes:
         if stream.encoding == "gzip":
@@ -579,7 +629,14 @@ class Connection(asyncio.Protocol):
         raise ProtocolError(f"a compressed message with grpc-encoding {stream.encoding!r}")
 
     def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
+        # Decoded even for a stream about to be refused: HPACK's table must follow every block.
         self.headers_received(stream_id, self._decoder.decode(block), bool(flags & END_STREAM))
+        if flags & _DEPENDS_ON_ITSELF:
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                self.stream_error(stream, ErrorCode.PROTOCOL_ERROR)
+            else:
+                self.reset_stream(stream_id, ErrorCode.PROTOCOL_ERROR)
 
     # for subclasses
 
@@ -644,6 +701,26 @@ class Connection(asyncio.Protocol):
             self._connection_unacked = 0
         if out:
             self.write(out)
+
+    def reset_stream(self, stream_id: int, code: ErrorCode) -> None:
+        """Send RST_STREAM, and remember it for a while: the peer may have frames for it in flight."""
+        self.write(rst_stream(stream_id, code))
+        self._reset_by_us[stream_id] = None
+        if len(self._reset_by_us) > 1024:
+            del self._reset_by_us[next(iter(self._reset_by_us))]
+
+    def stream_error(self, stream: Stream, code: ErrorCode) -> None:
+        """End one stream for the peer's mistake (RFC 9113 section 5.4.2); the connection goes on."""
+        self.reset_stream(stream.id, code)
+        self._drop(stream, code)
+
+    def _drop(self, stream: Stream, code: ErrorCode) -> None:
+        if self.streams.get(stream.id) is stream:
+            del self.streams[stream.id]
+            stream.reset = code
+            self._release(stream)
+            self.stream_changed(stream)
+            stream.wake()
 
     def _release(self, stream: Stream) -> None:
         """A stream that ends with bytes still queued: return them to the connection's window."""
