@@ -12,9 +12,9 @@ import asyncio
 import os
 import pathlib
 import shutil
+import ssl
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator
 
 import pytest
 from grpc_health.v1 import health_pb2
@@ -65,30 +65,55 @@ def h2spec() -> pathlib.Path:
     return binary
 
 
-@pytest.fixture
-async def server_port() -> AsyncIterator[int]:
+def _self_signed(directory: pathlib.Path) -> ssl.SSLContext:
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    subprocess.run(
+        [
+            *(
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=localhost",
+            ),
+            *("-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["cleartext", "tls"])
+async def test_h2spec_finds_no_violation(h2spec: pathlib.Path, tls: bool, tmp_path: pathlib.Path) -> None:
     async def echo(request: health_pb2.HealthCheckRequest, call: ServerCall) -> health_pb2.HealthCheckRequest:
         return request
 
     server = Server({"/t.S/Echo": Method(UNARY, health_pb2.HealthCheckRequest, echo)}, 1 << 20)
-    port = await server.start("127.0.0.1", 0)
-    yield port
-    await server.stop(0)
-
-
-async def test_h2spec_finds_no_violation(h2spec: pathlib.Path, server_port: int) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        str(h2spec),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(server_port),
-        "--timeout",
-        "2",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(proc.communicate(), 110)
+    port = await server.start("127.0.0.1", 0, _self_signed(tmp_path) if tls else None)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            str(h2spec),
+            *(["--tls", "--insecure"] if tls else []),  # TLS with ALPN "h2"; the certificate is self-signed
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--timeout",
+            "2",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await asyncio.wait_for(proc.communicate(), 110)
+    finally:
+        await server.stop(0)
     text = output.decode(errors="replace")
     summary = text.strip().splitlines()[-1]
     failures = [
