@@ -174,6 +174,21 @@ async def test_a_vanished_server_is_noticed_by_the_kernel(open_channel: Callable
         )
 
 
+async def test_an_http1_server_is_named_as_not_grpc(open_channel: Callable[..., Channel]) -> None:
+    async def http1(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(http1, "127.0.0.1", 0)
+    async with server:
+        channel = open_channel(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        error = await rpc_error(channel.unary("/t.S/M", b"", timeout=2.0))
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert "did not start with HTTP/2 SETTINGS (is the other end a gRPC endpoint" in error.details
+
+
 async def test_project_protobuf_messages(open_channel: Callable[..., Channel]) -> None:
     class Servicer(pb_grpc.LLMServiceServicer):
         async def ChatCompletion(self, request: pb.ChatRequest, context: Context) -> pb.ChatResponse:

@@ -2,8 +2,9 @@
 
 h2spec (github.com/summerwind/h2spec) sends 145 cases of well-formed and malformed HTTP/2: bad frame
 sizes, frames on idle or closed streams, flow-control edge cases, HPACK errors, malformed requests. Each
-case expects the error RFC 7540/9113 names, or a normal answer. The binary is built once with the Go
-toolchain (the one the local control plane is built with) and kept in ``~/.cache/llmgw/h2spec/VERSION/``.
+case expects the error RFC 7540/9113 names, or a normal answer; they run in cleartext and over TLS. The
+binary is built once with the Go toolchain (the one the local control plane is built with) and kept in
+``~/.cache/llmgw/h2spec/VERSION/``.
 """
 
 from __future__ import annotations

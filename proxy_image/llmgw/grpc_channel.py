@@ -324,7 +324,8 @@ class Channel:
         if conn.closed:
             raise RpcError(
                 grpc.StatusCode.UNAVAILABLE,
-                f"cannot connect to {self.target}: closed before the server's HTTP/2 SETTINGS",
+                f"cannot connect to {self.target}: "
+                + (conn.failure or "the connection closed before the server's HTTP/2 SETTINGS"),
             )
         return conn
 

@@ -35,6 +35,7 @@ from hpack.table import HeaderTable
 log = logging.getLogger("llmgw.grpc_wire")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_NOT_GRPC = "is the other end a gRPC endpoint, with TLS on or off as this end has it?"
 
 # Frame types (RFC 9113 section 6)
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = (
@@ -353,6 +354,9 @@ class Connection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._out: list[bytes] | None = None  # written this turn of the event loop, not yet sent
         self.highest_stream = 0  # streams above this one are idle: never opened
+        self.peer_settings_seen = False
+        self._peer = "server" if self.is_client else "client"
+        self.failure: str | None = None  # why this end ended the connection, for error messages
         self._reset_by_us: dict[int, None] = {}  # recent streams this end reset (frames may still come)
         self.closed = False
         self.goaway_received: int | None = None  # the last stream id the peer will process
@@ -413,6 +417,7 @@ class Connection(asyncio.Protocol):
     def fail(self, code: ErrorCode, reason: str) -> None:
         """End the connection for a protocol violation, telling the peer why."""
         log.info("HTTP/2 connection error (%s): %s", code.name, reason)  # the peer's mistake, not ours
+        self.failure = reason
         if not self.closed:
             self.write(goaway(self.last_peer_stream(), code, reason.encode()[:200]))
             self.close()
@@ -430,20 +435,24 @@ class Connection(asyncio.Protocol):
         if self._need_preface:
             if len(buffer) < len(PREFACE):
                 if not PREFACE.startswith(bytes(buffer)):
-                    raise ProtocolError("not an HTTP/2 connection preface (is the client speaking gRPC?)")
+                    raise ProtocolError(f"not an HTTP/2 connection preface ({_NOT_GRPC})")
                 return
             if buffer[: len(PREFACE)] != PREFACE:
-                raise ProtocolError("not an HTTP/2 connection preface (is the client speaking gRPC?)")
+                raise ProtocolError(f"not an HTTP/2 connection preface ({_NOT_GRPC})")
             pos = len(PREFACE)
             self._need_preface = False
         size = len(buffer)
         while size - pos >= 9 and not self.closed:
             length = int.from_bytes(buffer[pos : pos + 3], "big")
+            kind = buffer[pos + 3]
+            if not self.peer_settings_seen:
+                if kind != SETTINGS:  # every HTTP/2 peer starts with SETTINGS (RFC 9113 section 3.4)
+                    raise ProtocolError(f"the {self._peer} did not start with HTTP/2 SETTINGS ({_NOT_GRPC})")
+                self.peer_settings_seen = True
             if length > DEFAULT_FRAME_SIZE:  # we never raise our SETTINGS_MAX_FRAME_SIZE
                 raise ProtocolError(f"frame of {length} bytes", ErrorCode.FRAME_SIZE_ERROR)
             if size - pos - 9 < length:
                 break
-            kind = buffer[pos + 3]
             flags = buffer[pos + 4]
             stream_id = int.from_bytes(buffer[pos + 5 : pos + 9], "big") & MAX_STREAM_ID
             payload = bytes(buffer[pos + 9 : pos + 9 + length])
