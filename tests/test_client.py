@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import pathlib
 import random
-import shutil
 import ssl
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeAlias
@@ -464,19 +462,11 @@ async def test_connection_through_the_proxy_on_both_fronts(
 
 
 async def test_tls_on_both_fronts(
-    fakes: Any, start_proxy: Callable[[dict[str, Any]], Any], tmp_path: pathlib.Path
+    fakes: Any, start_proxy: Callable[[dict[str, Any]], Any], certificate: tuple[pathlib.Path, pathlib.Path]
 ) -> None:
     from conftest import proxy_config
 
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a certificate")
-    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
+    cert, key = certificate
     server = await start_proxy(proxy_config(fakes, tls={"certFile": str(cert), "keyFile": str(key)}))
     context = ssl.create_default_context(cafile=str(cert))
     async with LLMConnection(

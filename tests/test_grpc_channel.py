@@ -15,10 +15,8 @@ import asyncio
 import contextlib
 import pathlib
 import random
-import shutil
 import socket
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeAlias
 
@@ -752,19 +750,6 @@ async def test_refused_calls_are_sent_again(open_channel: Callable[..., Channel]
 
 
 # --- TLS ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def certificate(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command to make a certificate")
-    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
 
 
 async def test_tls(

@@ -66,39 +66,19 @@ def h2spec() -> pathlib.Path:
     return binary
 
 
-def _self_signed(directory: pathlib.Path) -> ssl.SSLContext:
-    cert, key = directory / "tls.crt", directory / "tls.key"
-    subprocess.run(
-        [
-            *(
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=localhost",
-            ),
-            *("-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    return context
-
-
 @pytest.mark.parametrize("tls", [False, True], ids=["cleartext", "tls"])
-async def test_h2spec_finds_no_violation(h2spec: pathlib.Path, tls: bool, tmp_path: pathlib.Path) -> None:
+async def test_h2spec_finds_no_violation(
+    h2spec: pathlib.Path, tls: bool, certificate: tuple[pathlib.Path, pathlib.Path]
+) -> None:
     async def echo(request: health_pb2.HealthCheckRequest, call: ServerCall) -> health_pb2.HealthCheckRequest:
         return request
 
     server = Server({"/t.S/Echo": Method(UNARY, health_pb2.HealthCheckRequest, echo)}, 1 << 20)
-    port = await server.start("127.0.0.1", 0, _self_signed(tmp_path) if tls else None)
+    context = None
+    if tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*certificate)
+    port = await server.start("127.0.0.1", 0, context)
     try:
         proc = await asyncio.create_subprocess_exec(
             str(h2spec),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import ssl
-import subprocess
 import time
 from typing import Any
 
@@ -555,30 +554,10 @@ async def test_hot_reload_under_load_loses_nothing(fakes: Fakes, start_proxy: An
     assert metric(server, "llmgw_requests_total", code="200") == len(outcomes)
 
 
-async def test_tls_on_both_fronts(fakes: Fakes, start_proxy: Any, tmp_path: pathlib.Path) -> None:
-    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
+async def test_tls_on_both_fronts(
+    fakes: Fakes, start_proxy: Any, certificate: tuple[pathlib.Path, pathlib.Path]
+) -> None:
+    cert, key = certificate
     server = await start_proxy(proxy_config(fakes, tls={"certFile": str(cert), "keyFile": str(key)}))
     async with openai.DefaultAsyncHttpxClient(
         verify=ssl.create_default_context(cafile=str(cert))
