@@ -400,11 +400,11 @@ class GrpcBackend:
     @staticmethod
     def upstream_request(req: pb.ChatRequest, model: str) -> bytes:
         if model == req.model:
-            return bytes(req.SerializeToString())
+            return req.SerializeToString()
         renamed = pb.ChatRequest()
         renamed.CopyFrom(req)
         renamed.model = model
-        return bytes(renamed.SerializeToString())
+        return renamed.SerializeToString()
 
     async def complete(
         self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats

@@ -223,12 +223,14 @@ class _ServerConnection(Connection):
             self._plain[stream_id] = "405" if pseudo[":method"] != "POST" else "415"
             self.stream_changed(stream)
             return
-        method = self.server.methods.get(pseudo.get(":path", ""))
-        call = ServerCall(stream, method or Method(UNARY, None, _unimplemented), tuple(metadata), self.peer)
-        self.calls[stream_id] = call
+        method = self.server.methods.get(pseudo[":path"])
         if method is None:
-            self.finish(call, grpc.StatusCode.UNIMPLEMENTED, f"unknown method {pseudo.get(':path', '')}")
+            unknown = f"unknown method {pseudo[':path']}"
+            self.write(self._status_frames(stream_id, grpc.StatusCode.UNIMPLEMENTED, unknown, (), False))
+            self._forget(stream)
             return
+        call = ServerCall(stream, method, tuple(metadata), self.peer)
+        self.calls[stream_id] = call
         if timeout is not None:
             loop = asyncio.get_running_loop()
             call.deadline = loop.time() + timeout
@@ -392,11 +394,21 @@ class _ServerConnection(Connection):
         stream = call.stream
         if stream.reset is not None or self.closed or self.calls.get(stream.id) is not call:
             return
-        fields = _trailers(code, details, trailers)
-        if not call.headers_sent:
-            fields = [(":status", "200"), ("content-type", "application/grpc"), *fields]
-        self.write(_header_frames(stream.id, encode_headers(fields), True, self.peer_max_frame))
+        self.write(self._status_frames(stream.id, code, details, trailers, call.headers_sent))
         self._close_stream(call)
+
+    def _status_frames(
+        self,
+        stream_id: int,
+        code: grpc.StatusCode,
+        details: str,
+        trailers: tuple[tuple[str, str], ...],
+        headers_sent: bool,
+    ) -> bytes:
+        fields = _trailers(code, details, trailers)
+        if not headers_sent:
+            fields = [(":status", "200"), ("content-type", "application/grpc"), *fields]
+        return _header_frames(stream_id, encode_headers(fields), True, self.peer_max_frame)
 
     def _close_stream(self, call: ServerCall) -> None:
         if call.timer is not None:
@@ -424,10 +436,6 @@ class _ServerConnection(Connection):
         self.write(goaway(self.highest_stream, ErrorCode.NO_ERROR))
         if not self.calls:
             self.close()
-
-
-async def _unimplemented(request: Any, call: ServerCall) -> Any:
-    raise RpcError(grpc.StatusCode.UNIMPLEMENTED, "unknown method")
 
 
 class Server:
