@@ -58,7 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from llmgw import grpc_env, http1
@@ -973,9 +973,13 @@ async def _grpc_channel_client(port: int) -> AsyncIterator[RequestFn]:
 
 
 def _static_servers_cpu(
-    servers: dict[str, str], measure: Callable[[int, int], Coroutine[Any, Any, float | None]]
+    servers: dict[str, str],
+    client_for: Callable[[int], contextlib.AbstractAsyncContextManager[RequestFn]],
+    c: int,
+    seconds: float,
 ) -> dict[str, float]:
-    """Start each kind of ``bench/static_server.py``; ``measure(port, pid)`` each twice, alternately: the mean."""
+    """Start each kind of ``bench/static_server.py`` and measure its CPU per request twice, alternately,
+    with ``c`` workers calling it through ``client_for(port)``: the mean per kind."""
     children = {
         kind: Child(
             f"static {kind} server",
@@ -991,7 +995,7 @@ def _static_servers_cpu(
         }
         for _ in range(2):
             for kind, child in children.items():
-                per = uvloop.run(measure(ports[kind], child.pid))
+                per = uvloop.run(_server_cpu_per_request(client_for(ports[kind]), child.pid, c, seconds))
                 if per is not None:
                     cpu[kind].append(per)
     finally:
@@ -1072,42 +1076,29 @@ def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow]
     )
 
     # HTTP servers, then gRPC servers, each alone in a child process answering a fixed reply: CPU per call.
-    http_servers = {
-        "llmgw": "llmgw.http_server (httptools; the REST front's server)",
-        "aiohttp": f"aiohttp {vers.get('aiohttp', '?')} web server",
-    }
-    for kind, per in _static_servers_cpu(
-        http_servers,
-        lambda port, pid: _server_cpu_per_request(
-            _http1_client(f"http://127.0.0.1:{port}/v1/chat/completions"),
-            pid,
-            conc,
-            settings.micro_seconds / 2,
+    server_comparisons: list[
+        tuple[str, dict[str, str], Callable[[int], contextlib.AbstractAsyncContextManager[RequestFn]]]
+    ] = [
+        (
+            f"HTTP server: CPU per POST answered, c={conc}",
+            {
+                "llmgw": "llmgw.http_server (httptools; the REST front's server)",
+                "aiohttp": f"aiohttp {vers.get('aiohttp', '?')} web server",
+            },
+            lambda port: _http1_client(f"http://127.0.0.1:{port}/v1/chat/completions"),
         ),
-    ).items():
-        rows.append(
-            MicroRow(
-                f"HTTP server: CPU per POST answered, c={conc}", http_servers[kind], f"{per:.0f} µs", per
-            )
-        )
-    grpc_servers = {
-        "grpc-llmgw": "llmgw.grpc_server (the gRPC front's server)",
-        "grpc-aio": f"grpc.aio {vers.get('grpcio', '?')} server ({grpc_env.EXPERIMENTS})",
-    }
-    for kind, per in _static_servers_cpu(
-        grpc_servers,
-        lambda port, pid: _server_cpu_per_request(
-            _grpc_channel_client(port), pid, conc, settings.micro_seconds / 2
+        (
+            f"gRPC server: CPU per ChatCompletion answered, c={conc}",
+            {
+                "grpc-llmgw": "llmgw.grpc_server (the gRPC front's server)",
+                "grpc-aio": f"grpc.aio {vers.get('grpcio', '?')} server ({grpc_env.EXPERIMENTS})",
+            },
+            _grpc_channel_client,
         ),
-    ).items():
-        rows.append(
-            MicroRow(
-                f"gRPC server: CPU per ChatCompletion answered, c={conc}",
-                grpc_servers[kind],
-                f"{per:.0f} µs",
-                per,
-            )
-        )
+    ]
+    for comparison, servers, client_for in server_comparisons:
+        for kind, per in _static_servers_cpu(servers, client_for, conc, settings.micro_seconds / 2).items():
+            rows.append(MicroRow(comparison, servers[kind], f"{per:.0f} µs", per))
 
     # gRPC clients, each in its own process (grpcio reads GRPC_EXPERIMENTS on import), alternately.
     grpc_clients = {  # label: (client, GRPC_EXPERIMENTS); an empty value keeps grpcio's defaults
