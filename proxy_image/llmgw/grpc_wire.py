@@ -26,7 +26,6 @@ import logging
 import struct
 import zlib
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import grpc
 import hpack
@@ -803,13 +802,15 @@ def status_from_http(status: str) -> grpc.StatusCode:
 
 
 def status_of(trailers: Sequence[tuple[str, str]]) -> tuple[grpc.StatusCode, str]:
-    code: Any = None
+    code: grpc.StatusCode | None = None
     details = ""
     for key, value in trailers:
         if key == "grpc-status":
-            code = STATUS_BY_CODE.get(int(value)) if value.isdigit() else None
-            if code is None:
-                code = grpc.StatusCode.UNKNOWN
+            code = (
+                STATUS_BY_CODE.get(int(value), grpc.StatusCode.UNKNOWN)
+                if value.isdigit()
+                else grpc.StatusCode.UNKNOWN
+            )
         elif key == "grpc-message":
             details = percent_decode(value)
     if code is None:
