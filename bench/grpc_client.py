@@ -2,7 +2,7 @@
 """One gRPC client run against an LLMService, for comparing gRPC clients in separate processes.
 
 ``python bench/grpc_client.py grpcio|llmgw PORT REQUESTS SECONDS`` calls ``ChatCompletion`` on
-127.0.0.1:PORT with grpc.aio or with ``llmgw.grpc_channel`` (the proxy's client to grpc providers):
+127.0.0.1:PORT with grpc.aio or with ``llmgw._net.grpc_channel`` (the proxy's client to grpc providers):
 REQUESTS calls one at a time, then 64 concurrent workers for SECONDS, and prints one JSON line
 ``{"p50_us": ..., "rate": ..., "cpu_us": ...}`` (the process's CPU per request in the concurrent part).
 grpcio reads ``GRPC_EXPERIMENTS`` on import, so each of its settings needs its own process:
@@ -24,7 +24,7 @@ import uvloop
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
-from llmgw.grpc_channel import Channel
+from llmgw._net.grpc_channel import Channel
 
 REQUEST = pb.ChatRequest(model="bench-grpc", messages=[pb.ChatMessage(role=pb.ROLE_USER, content="hello")])
 CONCURRENCY = 64

@@ -39,8 +39,8 @@ from typing import Any
 from lightkube import Client, KubeConfig, codecs
 from lightkube.resources.apps_v1 import Deployment
 
-from llmgw_operator import k8s_build
-from llmgw_operator.cluster import ControlPlane
+from llmgw_dev import k8s_build
+from llmgw_dev.cluster import ControlPlane
 from llmgw_operator.kube import LLMGateway
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@
 The corpus is fixed (built from a seeded generator, identical on every run): chat requests (short
 single-turn, multi-turn with a system prompt, ~8 KB long context), complete responses, and stream chunks
 (single-token deltas, final chunks with usage). Each message exists as a protobuf message and as the
-OpenAI JSON the REST path carries (``llmgw.openai_format``'s ``*_to_json``).
+OpenAI JSON the REST path carries (``llmgw.codecs.openai_chat``'s ``*_to_json``).
 
 Rows of each table:
 
@@ -48,7 +48,7 @@ from google.protobuf import __version__ as protobuf_version
 from google.protobuf.internal import api_implementation
 
 from llmgateway.v1 import llm_service_pb2 as pb
-from llmgw import openai_format
+from llmgw.codecs import openai_chat
 
 SEED = 20240501
 CREATED = 1_730_000_000
@@ -240,7 +240,7 @@ def _read_chunk(chunk: Any) -> None:
 
 
 def _request_from_json(body: Any) -> pb.ChatRequest:
-    return openai_format.request_from_json(body)[0]
+    return openai_chat.request_from_json(body)[0]
 
 
 @dataclass
@@ -266,8 +266,8 @@ def build_corpus() -> list[Category]:
             Category(
                 name,
                 reqs,
-                [openai_format.request_to_json(r) for r in reqs],
-                lambda m, _i: openai_format.request_to_json(m),
+                [openai_chat.request_to_json(r) for r in reqs],
+                lambda m, _i: openai_chat.request_to_json(m),
                 _request_from_json,
                 _read_request,
             )
@@ -281,9 +281,9 @@ def build_corpus() -> list[Category]:
         Category(
             "response: complete",
             resps,
-            [openai_format.response_to_json(r) for r in resps],
-            lambda m, _i: openai_format.response_to_json(m),
-            openai_format.response_from_json,
+            [openai_chat.response_to_json(r) for r in resps],
+            lambda m, _i: openai_chat.response_to_json(m),
+            openai_chat.response_from_json,
             _read_response,
         )
     )
@@ -292,9 +292,9 @@ def build_corpus() -> list[Category]:
         Category(
             "stream chunk: single-token delta",
             chunks,
-            [openai_format.chunk_to_json(c, first=f) for c, f in zip(chunks, first, strict=True)],
-            lambda m, i: openai_format.chunk_to_json(m, first=first[i]),
-            openai_format.chunk_from_json,
+            [openai_chat.chunk_to_json(c, first=f) for c, f in zip(chunks, first, strict=True)],
+            lambda m, i: openai_chat.chunk_to_json(m, first=first[i]),
+            openai_chat.chunk_from_json,
             _read_chunk,
         )
     )
@@ -303,9 +303,9 @@ def build_corpus() -> list[Category]:
         Category(
             "stream chunk: final with usage",
             finals,
-            [openai_format.chunk_to_json(c, first=False) for c in finals],
-            lambda m, _i: openai_format.chunk_to_json(m, first=False),
-            openai_format.chunk_from_json,
+            [openai_chat.chunk_to_json(c, first=False) for c in finals],
+            lambda m, _i: openai_chat.chunk_to_json(m, first=False),
+            openai_chat.chunk_from_json,
             _read_chunk,
         )
     )
@@ -488,7 +488,7 @@ def stream_wire_table(rng_seed: int = SEED + 1) -> str:
     chunks.append(final)
     first.append(False)
     sse_events = [
-        b"data: " + orjson.dumps(openai_format.chunk_to_json(c, first=f)) + b"\n\n"
+        b"data: " + orjson.dumps(openai_chat.chunk_to_json(c, first=f)) + b"\n\n"
         for c, f in zip(chunks, first, strict=True)
     ] + [b"data: [DONE]\n\n"]
     grpc_messages = [c.SerializeToString() for c in chunks]
@@ -537,8 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         "Speed-ups compare what the proxy really does on each path. Encode: `SerializeToString` vs "
-        "`openai_format.*_to_json` + `orjson.dumps`. Decode: `FromString` + reading every field vs "
-        "`orjson.loads` + building the protobuf message with `openai_format.*_from_json`. JSON sizes are "
+        "`openai_chat.*_to_json` + `orjson.dumps`. Decode: `FromString` + reading every field vs "
+        "`orjson.loads` + building the protobuf message with `openai_chat.*_from_json`. JSON sizes are "
         "orjson's compact output (stdlib json with compact separators and `ensure_ascii=False` gives the "
         "same bytes); gzip compresses each message on its own.\n"
     )

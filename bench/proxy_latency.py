@@ -61,8 +61,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-from llmgw import grpc_env, http1
-from llmgw.grpc_channel import Channel
+from llmgw import grpc_env
+from llmgw._net import http_client
+from llmgw._net.grpc_channel import Channel
 
 # The load generator's gRPC client (grpc.aio) runs with the settings llmgw gives the grpcio processes it runs
 # (the fakes): the one that costs the least CPU per call in the library table.
@@ -903,7 +904,7 @@ async def _aiohttp_client(url: str) -> AsyncIterator[RequestFn]:
 
 @contextlib.asynccontextmanager
 async def _http1_client(url: str) -> AsyncIterator[RequestFn]:
-    client = http1.HTTPClient(url, JSON_HEADERS, max_connections=256, connect_timeout=REQUEST_TIMEOUT_S)
+    client = http_client.HTTPClient(url, JSON_HEADERS, max_connections=256, connect_timeout=REQUEST_TIMEOUT_S)
     body = rest_body(stream=False)
 
     async def call() -> int:
@@ -1055,7 +1056,7 @@ def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow]
     # HTTP client (uvloop for all): latency at concurrency 1, then requests/s at a moderate concurrency.
     httpx_info = _import_httpx()
     clients: dict[str, ClientFactory] = {
-        f"llmgw.http1 (httptools {vers.get('httptools', '?')}; the REST backends' client)": _http1_client,
+        f"llmgw._net.http_client (httptools {vers.get('httptools', '?')}; the REST backends' client)": _http1_client,
         f"aiohttp {vers.get('aiohttp', '?')}": _aiohttp_client,
     }
     if httpx_info:
@@ -1082,7 +1083,7 @@ def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow]
         (
             f"HTTP server: CPU per POST answered, c={conc}",
             {
-                "llmgw": "llmgw.http_server (httptools; the REST front's server)",
+                "llmgw": "llmgw._net.http_server (httptools; the REST front's server)",
                 "aiohttp": f"aiohttp {vers.get('aiohttp', '?')} web server",
             },
             lambda port: _http1_client(f"http://127.0.0.1:{port}/v1/chat/completions"),
@@ -1090,7 +1091,7 @@ def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow]
         (
             f"gRPC server: CPU per ChatCompletion answered, c={conc}",
             {
-                "grpc-llmgw": "llmgw.grpc_server (the gRPC front's server)",
+                "grpc-llmgw": "llmgw._net.grpc_server (the gRPC front's server)",
                 "grpc-aio": f"grpc.aio {vers.get('grpcio', '?')} server ({grpc_env.EXPERIMENTS})",
             },
             _grpc_channel_client,
@@ -1104,7 +1105,7 @@ def library_comparison(settings: Settings, stack: Stack) -> tuple[list[MicroRow]
     grpc_clients = {  # label: (client, GRPC_EXPERIMENTS); an empty value keeps grpcio's defaults
         f"grpc.aio {vers.get('grpcio', '?')}, grpcio's defaults": ("grpcio", ""),
         f"grpc.aio, llmgw's GRPC_EXPERIMENTS ({grpc_env.EXPERIMENTS})": ("grpcio", grpc_env.EXPERIMENTS),
-        "llmgw.grpc_channel (the grpc providers' client)": ("llmgw", grpc_env.EXPERIMENTS),
+        "llmgw._net.grpc_channel (the grpc providers' client)": ("llmgw", grpc_env.EXPERIMENTS),
     }
     grpc_runs: dict[str, list[dict[str, float]]] = {name: [] for name in grpc_clients}
     for _ in range(2):

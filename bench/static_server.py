@@ -4,9 +4,9 @@
 ``python bench/static_server.py KIND`` listens on 127.0.0.1 (a free port, printed as "listening on port
 N") on uvloop until SIGTERM, as one of:
 
-- ``llmgw``: ``llmgw.http_server`` (the REST front's server), a fixed chat.completion body for every POST;
+- ``llmgw``: ``llmgw._net.http_server`` (the REST front's server), a fixed chat.completion body for every POST;
 - ``aiohttp``: aiohttp's web server (as the REST front ran before), the same;
-- ``grpc-llmgw``: ``llmgw.grpc_server`` (the gRPC front's server), a fixed ``ChatResponse`` to
+- ``grpc-llmgw``: ``llmgw._net.grpc_server`` (the gRPC front's server), a fixed ``ChatResponse`` to
   ``llmgateway.v1.LLMService/ChatCompletion``;
 - ``grpc-aio``: grpc.aio's server (as the gRPC front ran before), the same.
 
@@ -30,8 +30,8 @@ grpc_env.apply()
 
 import grpc  # noqa: E402  (after grpc_env, which grpcio reads on import)
 
-from llmgw.grpc_server import UNARY, Method, Server, ServerCall  # noqa: E402
-from llmgw.http_server import HTTPServer, Request, Responder  # noqa: E402
+from llmgw._net.grpc_server import UNARY, Method, Server, ServerCall  # noqa: E402
+from llmgw._net.http_server import HTTPServer, Request, Responder  # noqa: E402
 
 REPLY = (
     b'{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"bench-rest","choices":[{"index":0,'

@@ -20,8 +20,8 @@ from llmgw import grpc_env
 
 grpc_env.apply()  # in-process servers and clients run gRPC as llmgw's processes do
 
-from llmgw.fake_provider import FakeProvider  # noqa: E402
 from llmgw.server import ProxyServer  # noqa: E402
+from llmgw_dev.fakes import FakeProvider  # noqa: E402
 
 pytest_plugins = ["k8s", "prometheus"]
 

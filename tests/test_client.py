@@ -23,7 +23,7 @@ from llmgw.client import (
     backoff_delay,
 )
 from llmgw.errors import GatewayError, Kind
-from llmgw.fake_provider import FakeProvider
+from llmgw_dev.fakes import FakeProvider
 
 pytestmark = pytest.mark.timeout(30)
 

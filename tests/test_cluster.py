@@ -1,4 +1,4 @@
-"""The local control plane (llmgw_operator.cluster) is a real cluster: API, RBAC, tokens, controllers, CLI."""
+"""The local control plane (llmgw_dev.cluster) is a real cluster: API, RBAC, tokens, controllers, CLI."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from k8s import KUBECTL, Kubectl
 from lightkube import Client
 from lightkube.resources.core_v1 import Namespace
 
-from llmgw_operator import k8s_build
-from llmgw_operator.cluster import ControlPlane
+from llmgw_dev import k8s_build
+from llmgw_dev.cluster import ControlPlane
 
 LLMGW = str(Path(sys.executable).parent / "llmgw")
 

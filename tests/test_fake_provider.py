@@ -22,8 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc
-from llmgw import fake_provider as fp
-from llmgw.fake_provider import FakeProvider, Faults, make_reply
+from llmgw_dev import fakes as fp
+from llmgw_dev.fakes import FakeProvider, Faults, make_reply
 
 KEY = "sk-test-0123456789abcdef"
 PROMPT = "hello there general kenobi"
@@ -604,7 +604,7 @@ def free_port() -> int:
 async def test_cli_run_serves_until_sigterm(sdk: Clients) -> None:
     port = free_port()
     code = (
-        "import sys, argparse; from llmgw import fake_provider as f; p=argparse.ArgumentParser(); "
+        "import sys, argparse; from llmgw_dev import fakes as f; p=argparse.ArgumentParser(); "
         "f.configure_parser(p); sys.exit(f.run(p.parse_args(sys.argv[1:])))"
     )
     env = {**os.environ, "FAKE_KEY": KEY}

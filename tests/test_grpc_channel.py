@@ -1,4 +1,4 @@
-"""llmgw.grpc_channel against real grpcio servers (grpc.aio, in the test's event loop, on 127.0.0.1).
+"""llmgw._net.grpc_channel against real grpcio servers (grpc.aio, in the test's event loop, on 127.0.0.1).
 
 The servers mostly serve the raw-bytes service ``t.S`` through a generic handler, so each test says
 exactly what the server does: answer, abort with a status, sleep past the deadline, stream many or large
@@ -25,9 +25,9 @@ import pytest
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
-from llmgw import grpc_channel
-from llmgw.grpc_channel import Channel
-from llmgw.grpc_wire import (
+from llmgw._net import grpc_channel
+from llmgw._net.grpc_channel import Channel
+from llmgw._net.grpc_wire import (
     DATA,
     END_HEADERS,
     END_STREAM,

@@ -1,4 +1,4 @@
-"""llmgw's gRPC server (``llmgw.grpc_server``) against grpcio's client, and against raw HTTP/2 frames.
+"""llmgw's gRPC server (``llmgw._net.grpc_server``) against grpcio's client, and against raw HTTP/2 frames.
 
 grpcio is the independent implementation: if its client gets the right statuses, messages and metadata,
 the server speaks gRPC. The raw-frame tests cover what grpcio's client never sends: a header block split
@@ -19,8 +19,8 @@ import hpack
 import pytest
 from grpc_health.v1 import health_pb2
 
-from llmgw.grpc_server import BIDI, SERVER_STREAM, UNARY, Method, Server, ServerCall
-from llmgw.grpc_wire import (
+from llmgw._net.grpc_server import BIDI, SERVER_STREAM, UNARY, Method, Server, ServerCall
+from llmgw._net.grpc_wire import (
     CONTINUATION,
     DATA,
     END_HEADERS,

@@ -1,4 +1,4 @@
-"""h2spec, an independent HTTP/2 conformance suite, against llmgw's gRPC server (``llmgw.grpc_server``).
+"""h2spec, an independent HTTP/2 conformance suite, against llmgw's gRPC server (``llmgw._net.grpc_server``).
 
 h2spec (github.com/summerwind/h2spec) sends 145 cases of well-formed and malformed HTTP/2: bad frame
 sizes, frames on idle or closed streams, flow-control edge cases, HPACK errors, malformed requests. Each
@@ -20,7 +20,7 @@ import tempfile
 import pytest
 from grpc_health.v1 import health_pb2
 
-from llmgw.grpc_server import UNARY, Method, Server, ServerCall
+from llmgw._net.grpc_server import UNARY, Method, Server, ServerCall
 
 H2SPEC_MODULE = "github.com/summerwind/h2spec/cmd/h2spec"
 H2SPEC_VERSION = "v2.2.1+incompatible"

@@ -37,7 +37,7 @@ from k8s import Kubectl, poll
 from test_operator import condition, gateway, secret
 
 from conftest import LLMGW, ROOT
-from llmgw_operator.cluster import ControlPlane
+from llmgw_dev.cluster import ControlPlane
 
 sys.path.insert(0, str(ROOT / "hack"))
 import sync_chart_crd

@@ -1,4 +1,4 @@
-"""llmgw.http1 against raw asyncio servers on 127.0.0.1 that answer byte for byte what each case needs:
+"""llmgw._net.http_client against raw asyncio servers on 127.0.0.1 that answer byte for byte what each case needs:
 framing (length, chunked, until close), keep-alive reuse and its races, timeouts, cancellation, the
 connection cap, back-pressure and malformed responses."""
 
@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from llmgw import http1
+from llmgw._net import http_client
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -59,9 +59,9 @@ async def raw_server(make: Callable[[RawServer], Handler]) -> AsyncIterator[RawS
         await listener.wait_closed()
 
 
-def client(server: RawServer, **kwargs: float) -> http1.HTTPClient:
+def client(server: RawServer, **kwargs: float) -> http_client.HTTPClient:
     options: dict[str, float] = {"max_connections": 8, "connect_timeout": 2.0, **kwargs}
-    return http1.HTTPClient(
+    return http_client.HTTPClient(
         f"http://127.0.0.1:{server.port}/v1/chat/completions?x=1",
         {"content-type": "application/json", "authorization": "Bearer k"},
         max_connections=int(options["max_connections"]),
@@ -194,7 +194,7 @@ async def test_a_fresh_connection_lost_before_the_response_is_an_error() -> None
 
     async with raw_server(make) as server:
         c = client(server)
-        with pytest.raises(http1.ConnectionLost, match="closed the connection"):
+        with pytest.raises(http_client.ConnectionLost, match="closed the connection"):
             await c.post(b"{}", 5)
         assert server.connections == 1  # not retried: nothing says the server did not act on it
         await c.close()
@@ -203,7 +203,7 @@ async def test_a_fresh_connection_lost_before_the_response_is_an_error() -> None
 async def test_connection_refused_is_an_oserror() -> None:
     async with raw_server(answering(OK)) as server:
         port = server.port
-    c = http1.HTTPClient(f"http://127.0.0.1:{port}/", {}, max_connections=2, connect_timeout=2)
+    c = http_client.HTTPClient(f"http://127.0.0.1:{port}/", {}, max_connections=2, connect_timeout=2)
     with pytest.raises(OSError):
         await c.post(b"{}", 5)
     await c.close()
@@ -353,7 +353,7 @@ async def test_back_pressure_pauses_reading_a_large_stream() -> None:
         resp = await c.post(b"{}", 20)
         await asyncio.sleep(0.3)  # paused past 1 MiB before read() was called: read() must resume it
         assert len(await resp.read()) == total
-        with pytest.raises(http1.ProtocolError, match="exceeds"):
+        with pytest.raises(http_client.ProtocolError, match="exceeds"):
             await (await c.post(b"{}", 20)).read(limit=1024 * 1024)
         await c.close()
 
@@ -361,7 +361,7 @@ async def test_back_pressure_pauses_reading_a_large_stream() -> None:
 async def test_malformed_and_interim_responses() -> None:
     async with raw_server(answering(b"SMTP ready\r\n\r\n")) as server:
         c = client(server)
-        with pytest.raises(http1.ProtocolError, match="malformed"):
+        with pytest.raises(http_client.ProtocolError, match="malformed"):
             await c.post(b"{}", 5)
         await c.close()
     interim = b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + OK
@@ -375,6 +375,6 @@ async def test_malformed_and_interim_responses() -> None:
 
 def test_bad_urls_and_header_injection_are_refused() -> None:
     with pytest.raises(ValueError, match="not an http"):
-        http1.HTTPClient("ftp://x/", {}, max_connections=1, connect_timeout=1)
+        http_client.HTTPClient("ftp://x/", {}, max_connections=1, connect_timeout=1)
     with pytest.raises(ValueError, match="line breaks"):
-        http1.HTTPClient("http://x/", {"x-a": "1\r\nx-b: 2"}, max_connections=1, connect_timeout=1)
+        http_client.HTTPClient("http://x/", {"x-a": "1\r\nx-b: 2"}, max_connections=1, connect_timeout=1)

@@ -1,4 +1,4 @@
-"""llmgw.http_server with raw sockets on 127.0.0.1: framing, keep-alive and pipelining, limits, 100-continue,
+"""llmgw._net.http_server with raw sockets on 127.0.0.1: framing, keep-alive and pipelining, limits, 100-continue,
 client disconnects, streaming and draining, byte for byte."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from llmgw.http_server import HTTPServer, Request, Responder
+from llmgw._net.http_server import HTTPServer, Request, Responder
 
 
 class App:

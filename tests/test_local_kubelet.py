@@ -28,9 +28,8 @@ from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import Pod
 
 from conftest import LLMGW
-from llmgw.fake_provider import FakeProvider
-from llmgw_operator import manifests
-from llmgw_operator.local_kubelet import (
+from llmgw_dev.fakes import FakeProvider
+from llmgw_dev.local_kubelet import (
     LocalKubelet,
     LoopbackIPs,
     PodError,
@@ -39,6 +38,7 @@ from llmgw_operator.local_kubelet import (
     unsupported,
     write_volume,
 )
+from llmgw_operator import manifests
 from llmgw_operator.spec import with_defaults
 
 T = TypeVar("T")

@@ -32,9 +32,9 @@ from prometheus import PrometheusServer, Target
 from test_local_kubelet import LoopThread
 
 from conftest import LLMGW
-from llmgw.fake_provider import FakeProvider
+from llmgw_dev.fakes import FakeProvider
+from llmgw_dev.local_kubelet import LocalKubelet
 from llmgw_operator.kube import LLMGateway
-from llmgw_operator.local_kubelet import LocalKubelet
 
 INTERVAL_S = 4
 OPENAI_KEY, GRPC_KEY = "sk-e2e-openai", "sk-e2e-grpc"

@@ -20,7 +20,7 @@ import yaml
 from k8s import Kubectl, poll
 
 from conftest import LLMGW
-from llmgw_operator.cluster import ControlPlane
+from llmgw_dev.cluster import ControlPlane
 
 OPERATOR_ACCOUNT = "llmgw-operator"
 

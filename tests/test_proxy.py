@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import Fakes, proxy_config, set_weight, write_config
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
-from llmgw.fake_provider import FakeProvider
 from llmgw.server import ProxyServer
+from llmgw_dev.fakes import FakeProvider
 
 USER = [{"role": "user", "content": "hello there"}]
 

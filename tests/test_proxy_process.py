@@ -15,7 +15,7 @@ import pytest
 from conftest import LLMGW, Fakes, proxy_config, set_weight
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
-from llmgw.fake_provider import FakeProvider
+from llmgw_dev.fakes import FakeProvider
 
 USER = [{"role": "user", "content": "hello"}]
 

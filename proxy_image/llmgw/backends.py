@@ -3,10 +3,10 @@
 A backend turns a ``ChatRequest`` into the provider's own protocol and back:
 
 - ``openai``: any OpenAI-compatible Chat Completions API (OpenAI, vLLM, LiteLLM, ...), over a pool of
-  HTTP/1.1 keep-alive connections (:mod:`llmgw.http1`; see README for why not aiohttp or HTTP/2).
+  HTTP/1.1 keep-alive connections (:mod:`llmgw._net.http_client`; see README for why not aiohttp or HTTP/2).
 - ``anthropic``: Anthropic's Messages API, converted both ways, including its streaming events.
 - ``grpc``: an upstream ``llmgateway.v1.LLMService`` over one HTTP/2 connection, multiplexed
-  (:mod:`llmgw.grpc_channel`).
+  (:mod:`llmgw._net.grpc_channel`).
 
 Every failure is raised as :class:`~llmgw.errors.GatewayError` with ``retryable`` set, so the gateway's
 retry and fallback logic never looks at provider-specific errors. Messages name the provider and never
@@ -27,11 +27,11 @@ import orjson
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
 from llmgateway.v1 import llm_service_pb2 as pb
-
-from . import grpc_channel, http1, openai_format
-from .config import Provider
-from .errors import GatewayError, Kind, from_upstream_grpc, from_upstream_http
-from .grpc_wire import RpcError
+from llmgw._net import grpc_channel, http_client
+from llmgw._net.grpc_wire import RpcError
+from llmgw.codecs import openai_chat
+from llmgw.config import Provider
+from llmgw.errors import GatewayError, Kind, from_upstream_grpc, from_upstream_http
 
 
 @dataclasses.dataclass
@@ -96,7 +96,7 @@ def _upstream_message(data: bytes) -> str:
 
 # What a REST exchange can fail with: a timeout, the connection (refused, reset, closed early), or a
 # response that is not HTTP.
-_TRANSPORT_ERRORS = (TimeoutError, OSError, http1.ProtocolError)
+_TRANSPORT_ERRORS = (TimeoutError, OSError, http_client.ProtocolError)
 _MAX_ERROR_BODY = 64 * 1024  # an error body is read for its message only
 _MAX_RESPONSE_BODY = 64 * 1024 * 1024
 
@@ -123,7 +123,7 @@ class _RestBackend:
             **dict(provider.headers),
             **self.auth_headers(api_key),
         }
-        self.client = http1.HTTPClient(
+        self.client = http_client.HTTPClient(
             self.url,
             self.headers,
             max_connections=provider.max_connections,
@@ -152,7 +152,7 @@ class _RestBackend:
                 retryable=True,
                 upstream_status=504,
             )
-        if isinstance(exc, http1.ProtocolError):
+        if isinstance(exc, http_client.ProtocolError):
             return _bad_body(self.provider, exc)
         return GatewayError(
             Kind.UNAVAILABLE,
@@ -161,7 +161,7 @@ class _RestBackend:
             upstream_status=503,
         )
 
-    async def post(self, body: dict[str, Any], timeout: float, stats: CallStats) -> http1.Response:
+    async def post(self, body: dict[str, Any], timeout: float, stats: CallStats) -> http_client.Response:
         """Send the request; returns a response with status 200, else raises GatewayError."""
         data = orjson.dumps(body)
         stats.sent += len(data)
@@ -180,7 +180,7 @@ class _RestBackend:
             raise self.error(resp.status, payload, resp.headers)
         return resp
 
-    async def read_json(self, resp: http1.Response, stats: CallStats) -> Any:
+    async def read_json(self, resp: http_client.Response, stats: CallStats) -> Any:
         try:
             data = await resp.read(_MAX_RESPONSE_BODY)
         except _TRANSPORT_ERRORS as exc:
@@ -193,7 +193,9 @@ class _RestBackend:
         except orjson.JSONDecodeError as exc:
             raise _bad_body(self.provider, exc) from None
 
-    async def sse_events(self, resp: http1.Response, stats: CallStats) -> AsyncIterator[tuple[str, bytes]]:
+    async def sse_events(
+        self, resp: http_client.Response, stats: CallStats
+    ) -> AsyncIterator[tuple[str, bytes]]:
         """(event name, data) pairs of a Server-Sent Events body."""
         event = ""
         try:
@@ -221,20 +223,20 @@ class OpenAIBackend(_RestBackend):
     async def complete(
         self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats
     ) -> pb.ChatResponse:
-        resp = await self.post(openai_format.request_to_json(req, model=model), timeout, stats)
+        resp = await self.post(openai_chat.request_to_json(req, model=model), timeout, stats)
         body = await self.read_json(resp, stats)
         try:
-            return openai_format.response_from_json(body)
+            return openai_chat.response_from_json(body)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise _bad_body(self.provider, exc) from None
 
     async def stream(
         self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats
     ) -> AsyncGenerator[pb.ChatChunk, None]:
-        resp = await self.post(openai_format.request_to_json(req, model=model, stream=True), timeout, stats)
+        resp = await self.post(openai_chat.request_to_json(req, model=model, stream=True), timeout, stats)
         events = (data async for _, data in self.sse_events(resp, stats))
         try:
-            async for chunk in openai_format.read_stream(
+            async for chunk in openai_chat.read_stream(
                 events, lambda body: self.error(502, orjson.dumps(body), {})
             ):
                 yield chunk

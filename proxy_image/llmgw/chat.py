@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 
 from llmgateway.v1 import llm_service_pb2 as pb
-
-from .errors import GatewayError, Kind
+from llmgw.errors import GatewayError, Kind
 
 ROLE_BY_NAME: dict[str, pb.Role] = {
     "system": pb.ROLE_SYSTEM,

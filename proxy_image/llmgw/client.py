@@ -26,7 +26,7 @@ call once on the other.
 
 Requests are given either as a ``pb.ChatRequest`` or as OpenAI-style keyword arguments (``model``,
 ``messages``, ``temperature``, ``max_tokens``, ...), which are parsed by
-:func:`llmgw.openai_format.request_from_json`, so a malformed request is refused with the same message
+:func:`llmgw.codecs.openai_chat.request_from_json`, so a malformed request is refused with the same message
 the gateway's REST front would give.
 
 Errors: ``GatewayError.kind`` is the gateway's verdict (401 -> UNAUTHENTICATED, 429 -> RESOURCE_EXHAUSTED,
@@ -62,11 +62,10 @@ import orjson
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc
-
-from . import openai_format
-from .errors import GatewayError, Kind, from_upstream_grpc, from_upstream_http
-from .retry import backoff_delay
-from .sse import sse_events
+from llmgw.codecs import openai_chat
+from llmgw.codecs.sse import sse_events
+from llmgw.errors import GatewayError, Kind, from_upstream_grpc, from_upstream_http
+from llmgw.retry import backoff_delay
 
 __all__ = [
     "BACKOFF_BASE_S",
@@ -96,7 +95,7 @@ def build_request(request: pb.ChatRequest | None, kwargs: dict[str, Any]) -> pb.
     if kwargs.get("stream"):
         raise TypeError("stream: use streaming_chat() for a streamed reply")
     body = {k: v for k, v in kwargs.items() if k != "stream"}
-    req, _ = openai_format.request_from_json(body)
+    req, _ = openai_chat.request_from_json(body)
     return req
 
 
@@ -460,12 +459,12 @@ class LLMHttpClient(_LoopBound):
 
     async def chat_completion(self, request: pb.ChatRequest | None = None, **kwargs: Any) -> pb.ChatResponse:
         """The complete reply to a request (a ``pb.ChatRequest`` or OpenAI-style keyword arguments)."""
-        body = orjson.dumps(openai_format.request_to_json(build_request(request, kwargs)))
+        body = orjson.dumps(openai_chat.request_to_json(build_request(request, kwargs)))
 
         async def once(deadline: float) -> pb.ChatResponse:
             parsed = await self._request_json("POST", "/chat/completions", deadline, body)
             try:
-                return openai_format.response_from_json(parsed)
+                return openai_chat.response_from_json(parsed)
             except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
                 raise GatewayError(Kind.BAD_GATEWAY, f"malformed chat completion: {exc!r}") from None
 
@@ -475,7 +474,7 @@ class LLMHttpClient(_LoopBound):
         self, request: pb.ChatRequest | None = None, **kwargs: Any
     ) -> AsyncGenerator[pb.ChatChunk, None]:
         """The reply as it is generated, read from the server-sent events of ``stream: true``."""
-        body = orjson.dumps(openai_format.request_to_json(build_request(request, kwargs), stream=True))
+        body = orjson.dumps(openai_chat.request_to_json(build_request(request, kwargs), stream=True))
         url = f"{self.base_url}/chat/completions"
 
         async def once(deadline: float) -> AsyncGenerator[pb.ChatChunk, None]:
@@ -512,9 +511,9 @@ class LLMHttpClient(_LoopBound):
 
 
 async def _chunks_from_sse(content: aiohttp.StreamReader) -> AsyncIterator[pb.ChatChunk]:
-    """The chunks of an OpenAI SSE stream, shaped like the gRPC stream's (see ``openai_format.read_stream``)."""
+    """The chunks of an OpenAI SSE stream, shaped like the gRPC stream's (see ``openai_chat.read_stream``)."""
     try:
-        async for chunk in openai_format.read_stream(
+        async for chunk in openai_chat.read_stream(
             (data async for _, data in sse_events(content)), _stream_error
         ):
             yield chunk

@@ -12,7 +12,7 @@ variable or a file path) and read when the configuration is loaded.
 ``LLMGW_LISTEN_HOST``, when set in the proxy's environment, replaces the host part of all three ``listen``
 addresses at load time (and at every reload), keeping their ports: ``0.0.0.0:8080`` becomes
 ``10.1.2.3:8080``. In Kubernetes it binds the pod IP (``valueFrom.fieldRef: status.podIP``) instead of
-every interface; the local kubelet (:mod:`llmgw_operator.local_kubelet`) uses it to give each proxy process
+every interface; the local kubelet (:mod:`llmgw_dev.local_kubelet`) uses it to give each proxy process
 its own loopback address.
 """
 

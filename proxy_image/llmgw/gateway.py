@@ -26,13 +26,12 @@ from collections.abc import AsyncGenerator, Iterator
 from typing import NamedTuple
 
 from llmgateway.v1 import llm_service_pb2 as pb
-
-from .backends import Backend, CallStats, build_backend
-from .chat import is_deterministic, validate_request
-from .config import ProxyConfig, Retries, Route
-from .errors import GatewayError, Kind
-from .metrics import PRECREATED_CODES, Metrics, PathMetrics
-from .retry import backoff_delay
+from llmgw.backends import Backend, CallStats, build_backend
+from llmgw.chat import is_deterministic, validate_request
+from llmgw.config import ProxyConfig, Retries, Route
+from llmgw.errors import GatewayError, Kind
+from llmgw.metrics import PRECREATED_CODES, Metrics, PathMetrics
+from llmgw.retry import backoff_delay
 
 log = logging.getLogger("llmgw.gateway")
 

@@ -24,12 +24,12 @@ import time
 from aiohttp import web
 from grpc_health.v1 import health_pb2
 
-from . import config as config_mod
-from .config import ConfigError, ProxyConfig
-from .gateway import Gateway
-from .grpc_front import SERVICE_NAME, build_server
-from .metrics import Metrics
-from .rest_front import RestFront, admin_app
+from llmgw import config as config_mod
+from llmgw.config import ConfigError, ProxyConfig
+from llmgw.fronts.llmservice import SERVICE_NAME, build_server
+from llmgw.fronts.openai import RestFront, admin_app
+from llmgw.gateway import Gateway
+from llmgw.metrics import Metrics
 
 log = logging.getLogger("llmgw.proxy")
 

@@ -1,6 +1,6 @@
 """The gRPC front: ``llmgateway.v1.LLMService``, ``grpc.health.v1.Health`` and server reflection.
 
-It runs on llmgw's own gRPC server (:mod:`llmgw.grpc_server`). One wrapper maps every exception of the
+It runs on llmgw's own gRPC server (:mod:`llmgw._net.grpc_server`). One wrapper maps every exception of the
 LLMService handlers to a gRPC status, so the handlers stay plain: :class:`~llmgw.errors.GatewayError`
 becomes its status code and message (plus a ``retry-after`` trailer when known); anything unexpected
 becomes INTERNAL with a message that points at the logs. Health and reflection need no API key; the LLM
@@ -19,11 +19,10 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from llmgateway.v1 import llm_service_pb2 as pb
-
-from .errors import GatewayError
-from .gateway import Gateway
-from .grpc_server import BIDI, SERVER_STREAM, UNARY, Method, Server, ServerCall
-from .grpc_wire import RpcError
+from llmgw._net.grpc_server import BIDI, SERVER_STREAM, UNARY, Method, Server, ServerCall
+from llmgw._net.grpc_wire import RpcError
+from llmgw.errors import GatewayError
+from llmgw.gateway import Gateway
 
 log = logging.getLogger("llmgw.grpc")
 

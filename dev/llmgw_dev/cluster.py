@@ -21,7 +21,7 @@ and the admin ``kubeconfig``. :class:`ControlPlane` runs one from Python (``test
 test session); :func:`up`, :func:`down` and :func:`status` back ``llmgw cluster up|down|status``, which
 keep one running in the background under ``.llmgw/`` of the current directory.
 
-Binaries come from :mod:`llmgw_operator.k8s_build`: built from source on first use, or ``$LLMGW_K8S_BIN``.
+Binaries come from :mod:`llmgw_dev.k8s_build`: built from source on first use, or ``$LLMGW_K8S_BIN``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import Any
 
 import yaml
 
-from . import k8s_build
+from llmgw_dev import k8s_build
 
 LOOPBACK = "127.0.0.1"
 # Metadata of every request (user, verb, resource, response code), never bodies: Secrets stay out of it.

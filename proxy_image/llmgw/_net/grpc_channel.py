@@ -8,7 +8,7 @@ with UNAVAILABLE, which the gateway retries; a call the server refuses unprocess
 sent again here.
 
 Calls take and return serialized messages (``bytes``); failures raise
-:class:`~llmgw.grpc_wire.RpcError` with the server's status, message and trailing metadata. A call's
+:class:`~llmgw._net.grpc_wire.RpcError` with the server's status, message and trailing metadata. A call's
 timeout is sent as ``grpc-timeout`` and enforced here too; cancelling the awaiting task, or closing a
 stream's iterator early, resets the stream (RST_STREAM), so the server stops working on it.
 """
@@ -24,8 +24,8 @@ from collections.abc import AsyncGenerator, Sequence
 
 import grpc
 
-from . import __version__
-from .grpc_wire import (
+from llmgw import __version__
+from llmgw._net.grpc_wire import (
     DATA,
     END_HEADERS,
     END_STREAM,

@@ -1,6 +1,6 @@
 """The REST front (OpenAI-compatible, so existing clients and SDKs keep working) and the admin endpoints.
 
-The REST front runs on :mod:`llmgw.http_server` (lean, for the request path); the admin port on aiohttp.
+The REST front runs on :mod:`llmgw._net.http_server` (lean, for the request path); the admin port on aiohttp.
 
 ``POST /v1/chat/completions`` answers with JSON, or with Server-Sent Events when ``"stream": true``:
 response headers go out only once the first token is there, so a failure before it is still a proper
@@ -21,11 +21,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llmgateway.v1 import llm_service_pb2 as pb
-
-from . import openai_format
-from .errors import GatewayError, Kind
-from .gateway import Gateway
-from .http_server import HTTPServer, Request, Responder
+from llmgw._net.http_server import HTTPServer, Request, Responder
+from llmgw.codecs import openai_chat
+from llmgw.errors import GatewayError, Kind
+from llmgw.gateway import Gateway
 
 Route = Callable[[Request, Responder], Awaitable[None]]
 
@@ -37,7 +36,7 @@ _JSON = {"Content-Type": "application/json"}
 
 def _error_json(exc: GatewayError) -> dict[str, object]:
     """OpenAI's error envelope for ``exc``, for a plain response and for an error event inside a stream."""
-    return openai_format.error_body(exc.message, exc.kind.error_type, code=exc.kind.name.lower())
+    return openai_chat.error_body(exc.message, exc.kind.error_type, code=exc.kind.name.lower())
 
 
 def _send_error(respond: Responder, exc: GatewayError) -> None:
@@ -54,7 +53,7 @@ def _sse(payload: object) -> bytes:
 
 
 class RestFront:
-    """The OpenAI-compatible routes, served by :class:`~llmgw.http_server.HTTPServer`."""
+    """The OpenAI-compatible routes, served by :class:`~llmgw._net.http_server.HTTPServer`."""
 
     def __init__(self, gateway: Gateway, max_request_bytes: int) -> None:
         self.gateway = gateway
@@ -74,7 +73,7 @@ class RestFront:
         elif request.method != route[0]:
             message = f"{request.path} accepts {route[0]}, not {request.method}"
             body = orjson.dumps(
-                openai_format.error_body(message, "invalid_request_error", code="method_not_allowed")
+                openai_chat.error_body(message, "invalid_request_error", code="method_not_allowed")
             )
             respond.send(405, body, {**_JSON, "Allow": route[0]})
         else:
@@ -82,7 +81,7 @@ class RestFront:
 
     def _parse(self, request: Request) -> tuple[pb.ChatRequest, bool]:
         try:
-            return openai_format.request_from_json(self._body(request))
+            return openai_chat.request_from_json(self._body(request))
         except GatewayError as exc:
             reason = "too_large" if exc.kind is Kind.PAYLOAD_TOO_LARGE else "invalid"
             self.gateway.metrics.rejected.labels("rest", reason).inc()
@@ -104,7 +103,7 @@ class RestFront:
             req, stream = self._parse(request)
             if not stream:
                 response = await self.gateway.complete(req, front="rest")
-                respond.send(200, orjson.dumps(openai_format.response_to_json(response)), _JSON)
+                respond.send(200, orjson.dumps(openai_chat.response_to_json(response)), _JSON)
                 return
             chunks = self.gateway.stream(req, front="rest")
             first = await anext(chunks)
@@ -113,9 +112,9 @@ class RestFront:
             return
         respond.start(200, _SSE_HEADERS)
         try:
-            await respond.write(_sse(openai_format.chunk_to_json(first, first=True)))
+            await respond.write(_sse(openai_chat.chunk_to_json(first, first=True)))
             async for chunk in chunks:
-                await respond.write(_sse(openai_format.chunk_to_json(chunk, first=False)))
+                await respond.write(_sse(openai_chat.chunk_to_json(chunk, first=False)))
             await respond.write(b"data: [DONE]\n\n")
         except GatewayError as exc:
             # Headers are gone; the OpenAI SDKs raise on an error object inside the stream.

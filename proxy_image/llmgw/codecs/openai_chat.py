@@ -13,8 +13,7 @@ from typing import Any
 import orjson
 
 from llmgateway.v1 import llm_service_pb2 as pb
-
-from .chat import FINISH_BY_NAME, FINISH_NAME, MAX_STOP_SEQUENCES, ROLE_BY_NAME, ROLE_NAME, invalid
+from llmgw.chat import FINISH_BY_NAME, FINISH_NAME, MAX_STOP_SEQUENCES, ROLE_BY_NAME, ROLE_NAME, invalid
 
 # Fields OpenAI clients commonly send that do not change the answer's meaning, so we accept and drop them.
 _IGNORED_FIELDS = frozenset(

@@ -2,7 +2,7 @@
 
 Each call runs as one asyncio task. A handler receives the decoded request and a :class:`ServerCall`
 (the caller's metadata and deadline) and returns the response, or, for a streaming method, is an async
-generator of responses. It reports a failure by raising :class:`~llmgw.grpc_wire.RpcError`; any other
+generator of responses. It reports a failure by raising :class:`~llmgw._net.grpc_wire.RpcError`; any other
 exception becomes INTERNAL and is logged. The caller's deadline (``grpc-timeout``) and its cancellation
 (RST_STREAM, or the connection closing) cancel the handler's task, and with it whatever it awaits, such
 as an upstream call.
@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
 
-from .grpc_wire import (
+from llmgw._net.grpc_wire import (
     CONTINUATION,
     DATA,
     END_HEADERS,

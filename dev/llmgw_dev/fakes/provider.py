@@ -62,10 +62,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc
-
-from .chat import validate_request
-from .config import is_loopback
-from .errors import GatewayError
+from llmgw.chat import validate_request
+from llmgw.config import is_loopback
+from llmgw.errors import GatewayError
 
 KINDS: Final = ("openai", "anthropic", "grpc")
 DEFAULT_LISTEN: Final = "127.0.0.1:18001"

@@ -20,7 +20,7 @@ What this one emulates
 :class:`LocalKubelet` does the above for the pods of one namespace on this machine, enough for the pods of
 the operator's Deployment (:func:`llmgw_operator.manifests.build_deployment`), so that Deployments, rolling
 updates, readiness and ConfigMap hot reloads work end to end against a real control plane
-(:mod:`llmgw_operator.cluster`), which has no scheduler and no kubelets:
+(:mod:`llmgw_dev.cluster`), which has no scheduler and no kubelets:
 
 - registers Node ``node_name`` (Ready, InternalIP 127.0.0.1; no node-lifecycle controller runs, so no
   heartbeats), and on :meth:`LocalKubelet.stop` marks it NotReady;

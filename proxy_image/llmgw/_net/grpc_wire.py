@@ -31,7 +31,7 @@ import grpc
 import hpack
 from hpack.table import HeaderTable
 
-log = logging.getLogger("llmgw.grpc_wire")
+log = logging.getLogger("llmgw._net.grpc_wire")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _NOT_GRPC = "is the other end a gRPC endpoint, with TLS on or off as this end has it?"

@@ -36,14 +36,14 @@ from lightkube import Client, KubeConfig, codecs
 from lightkube.resources.core_v1 import Namespace
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmgw.fake_provider import FakeProvider
-
-from . import k8s_build, status_view
-from .analysis import quantile_from_buckets
-from .cluster import ControlPlane
-from .kube import LLMGateway
-from .local_kubelet import LocalKubelet
-from .migration import FINAL_PHASES, parse_time
+from llmgw_dev import k8s_build
+from llmgw_dev.cluster import ControlPlane
+from llmgw_dev.fakes import FakeProvider
+from llmgw_dev.local_kubelet import LocalKubelet
+from llmgw_operator import status_view
+from llmgw_operator.analysis import quantile_from_buckets
+from llmgw_operator.kube import LLMGateway
+from llmgw_operator.migration import FINAL_PHASES, parse_time
 
 NAMESPACE = "llmgw-demo"
 GATEWAY = "demo"

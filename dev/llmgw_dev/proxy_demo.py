@@ -22,8 +22,8 @@ from collections.abc import Iterator
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from . import config as config_mod
-from .client import LLMGrpcClient, LLMHttpClient
+from llmgw import config as config_mod
+from llmgw.client import LLMGrpcClient, LLMHttpClient
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / "data" / "local.yaml"  # examples/proxy/local.yaml
 _FAKES = (("openai", "openai-fake"), ("anthropic", "anthropic-fake"), ("grpc", "grpc-fake"))
