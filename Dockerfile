@@ -25,8 +25,10 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 COPY pyproject.toml README.md ./
 COPY proto ./proto
 COPY hack ./hack
+COPY common ./common
 COPY proxy_image ./proxy_image
 COPY operator ./operator
+COPY dev ./dev
 # The protobuf code is generated here (.dockerignore keeps the committed copy out of the context), so the
 # image never depends on what was committed.
 RUN --mount=type=cache,target=/root/.cache/pip \

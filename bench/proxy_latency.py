@@ -210,7 +210,7 @@ class Child:
 
 
 def _llmgw(*args: str) -> list[str]:
-    return [sys.executable, "-m", "llmgw.cli", *args]
+    return [sys.executable, "-m", "llmgw_common.cli", *args]
 
 
 def start_fake(kind: str, model: str, workdir: pathlib.Path, response_tokens: int) -> Child:

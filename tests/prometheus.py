@@ -32,7 +32,7 @@ import aiohttp
 import pytest
 import yaml
 
-from llmgw.config import is_loopback
+from llmgw_common.config import is_loopback
 
 PROMETHEUS = "/usr/bin/prometheus"
 _STATE = pytest.StashKey["str"]()  # the binary's path, or why there is none

@@ -55,4 +55,4 @@ def test_quick_run_prints_the_tables(tmp_path: pathlib.Path) -> None:
             cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue  # gone, as it should be (or no /proc on this platform)
-        assert b"llmgw.cli" not in cmdline, f"{name} (pid {pid}) is still running"
+        assert b"llmgw_common.cli" not in cmdline, f"{name} (pid {pid}) is still running"

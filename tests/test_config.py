@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from llmgw import config
+from llmgw_common import config
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import yaml
 
-from llmgw import config as proxy_config
+from llmgw_common import config as proxy_config
 from llmgw_operator import manifests
 from llmgw_operator.reconcile import (
     condition_events,

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+from llmgw import grpc_env
+
+grpc_env.apply()  # the fakes and the demos use grpcio: before anything imports grpc
+
 SubParsers = argparse._SubParsersAction
 
 

@@ -107,7 +107,7 @@ from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import ConfigMap, NodeStatus, Pod, PodStatus, Secret
 from lightkube.types import PatchType
 
-from llmgw.config import LISTEN_HOST_ENV, is_loopback
+from llmgw_common.config import LISTEN_HOST_ENV, is_loopback
 
 log = logging.getLogger("llmgw.local_kubelet")
 

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmgw import config as config_mod
 from llmgw.client import LLMGrpcClient, LLMHttpClient
+from llmgw_common import config as config_mod
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / "data" / "local.yaml"  # examples/proxy/local.yaml
 _FAKES = (("openai", "openai-fake"), ("anthropic", "anthropic-fake"), ("grpc", "grpc-fake"))
@@ -82,7 +82,7 @@ def _children() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 def _spawn(args: list[str], procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llmgw.cli", *args],
+        [sys.executable, "-m", "llmgw_common.cli", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -7,7 +7,7 @@ rule about what the operator creates is unit-tested without one.
 What one gateway ``NAME`` becomes (all in its namespace, all owned by it, so deleting the gateway
 deletes them through the garbage collector):
 
-- ConfigMap ``NAME-config``: the proxy's own YAML configuration (:mod:`llmgw.config`), rendered from
+- ConfigMap ``NAME-config``: the proxy's own YAML configuration (:mod:`llmgw_common.config`), rendered from
   the spec. It names Secrets by environment variable only; values never appear in it.
 - ServiceAccount ``NAME-proxy``: the proxies' identity; they need no API access, so no token is mounted.
 - Deployment ``NAME-proxy``: the proxies. Provider API keys arrive as ``valueFrom.secretKeyRef`` env;
@@ -127,7 +127,7 @@ def _route_config(route: dict[str, Any], grpc_weight: int) -> dict[str, Any]:
 
 
 def build_proxy_config(spec: dict[str, Any], grpc_weight: int, generation: int) -> dict[str, Any]:
-    """The proxy's configuration (the shape :func:`llmgw.config.parse` checks) for a defaulted spec."""
+    """The proxy's configuration (the shape :func:`llmgw_common.config.parse` checks) for a defaulted spec."""
     proxy = spec["proxy"]
     ports = proxy["ports"]
     config: dict[str, Any] = {

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from lightkube import ApiError
 
-from llmgw import config as proxy_config
+from llmgw_common import config as proxy_config
 
 from . import manifests, migration
 from .analysis import MetricsSource, MetricsUnavailable, PrometheusSource, ScrapeSource, Targets, split_routes

@@ -30,8 +30,8 @@ from llmgateway.v1 import llm_service_pb2 as pb
 from llmgw._net import grpc_channel, http_client
 from llmgw._net.grpc_wire import RpcError
 from llmgw.codecs import openai_chat
-from llmgw.config import Provider
 from llmgw.errors import GatewayError, Kind, from_upstream_grpc, from_upstream_http
+from llmgw_common.config import Provider
 
 
 @dataclasses.dataclass

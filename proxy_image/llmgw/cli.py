@@ -1,38 +1,10 @@
-"""``llmgw``: the project's one command.
-
-``llmgw proxy`` is built in. Every other subcommand comes from whichever of the project's packages are
-installed, found through the ``llmgw.commands`` entry-point group (as dask's CLI finds its plugins): the
-operator package adds ``operator`` and ``status``; the development package adds ``fake-provider``, ``demo``
-and ``cluster``. A package that is not installed (the proxy image has neither) is never imported.
-
-An entry point names a function ``register(subparsers)`` that adds its subcommand's parser and sets its
-``run`` default: a function of the parsed arguments returning the exit code. Registering must stay cheap;
-the subcommand imports what it needs when it runs.
-"""
+"""The proxy's subcommand of ``llmgw`` (an entry point of the ``llmgw.commands`` group)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import logging
-import os
-import sys
-from collections.abc import Callable
 
-from llmgw import grpc_env
-
-grpc_env.apply()  # before anything below imports grpc
-
-COMMANDS_GROUP = "llmgw.commands"
-Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+SubParsers = argparse._SubParsersAction
 
 
 def _run_proxy(args: argparse.Namespace) -> int:
@@ -41,39 +13,7 @@ def _run_proxy(args: argparse.Namespace) -> int:
     return server.run(args.config)
 
 
-def _register_proxy(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def register_proxy(sub: SubParsers) -> None:
     proxy = sub.add_parser("proxy", help="run the gRPC+REST LLM proxy from a configuration file")
     proxy.add_argument("--config", required=True, metavar="FILE", help="the proxy's YAML configuration")
     proxy.set_defaults(run=_run_proxy)
-
-
-def plugins() -> list[Register]:
-    """The installed packages' subcommands, in a stable order."""
-    entry_points = sorted(importlib.metadata.entry_points(group=COMMANDS_GROUP), key=lambda ep: ep.name)
-    return [ep.load() for ep in entry_points]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmgw", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("LLMGW_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-        help="log verbosity (env LLMGW_LOG_LEVEL)",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _register_proxy(sub)
-    for register in plugins():
-        register(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
-    code: int = args.run(args)
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -28,10 +28,10 @@ from typing import NamedTuple
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgw.backends import Backend, CallStats, build_backend
 from llmgw.chat import is_deterministic, validate_request
-from llmgw.config import ProxyConfig, Retries, Route
 from llmgw.errors import GatewayError, Kind
 from llmgw.metrics import PRECREATED_CODES, Metrics, PathMetrics
 from llmgw.retry import backoff_delay
+from llmgw_common.config import ProxyConfig, Retries, Route
 
 log = logging.getLogger("llmgw.gateway")
 

@@ -24,12 +24,12 @@ import time
 from aiohttp import web
 from grpc_health.v1 import health_pb2
 
-from llmgw import config as config_mod
-from llmgw.config import ConfigError, ProxyConfig
 from llmgw.fronts.llmservice import SERVICE_NAME, build_server
 from llmgw.fronts.openai import RestFront, admin_app
 from llmgw.gateway import Gateway
 from llmgw.metrics import Metrics
+from llmgw_common import config as config_mod
+from llmgw_common.config import ConfigError, ProxyConfig
 
 log = logging.getLogger("llmgw.proxy")
 

@@ -63,8 +63,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc
 from llmgw.chat import validate_request
-from llmgw.config import is_loopback
 from llmgw.errors import GatewayError
+from llmgw_common.config import is_loopback
 
 KINDS: Final = ("openai", "anthropic", "grpc")
 DEFAULT_LISTEN: Final = "127.0.0.1:18001"
