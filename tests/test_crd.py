@@ -161,9 +161,13 @@ def test_defaults(kubectl: Kubectl, ns: str) -> None:
     (provider,) = minimal["providers"]
     assert provider["timeout"] == "120s"
     assert provider["connectTimeout"] == "5s"
-    assert provider["maxConnections"] == 256
-    assert "retries" not in provider and "tls" not in provider
+    # Defaults inside the type's block; the other members stay unset.
+    assert provider["openai"] == {"baseURL": "https://api.openai.com/v1", "maxConnections": 256}
+    assert "retries" not in provider
+    assert "anthropic" not in provider and "llmgateway" not in provider
     assert "migration" not in minimal and "grpcWeight" not in minimal
+    # An llmgateway block gets no tls default (the proxy's is false); it has no maxConnections.
+    assert migration["providers"][1]["llmgateway"] == {"target": "llm-grpc:50051"}
 
     assert migration["migration"] == {
         "steps": [10, 25, 50, 100],
@@ -223,17 +227,30 @@ def test_scale_subresource(kubectl: Kubectl, ns: str) -> None:
     assert kubectl.json("get", "llmgw", "scale", "-n", ns)["spec"]["proxy"]["replicas"] == 5
 
 
-def test_explain(kubectl: Kubectl, llmgateway_crd: str) -> None:
+def explain(kubectl: Kubectl, field: str) -> str:
+    """``kubectl explain field``, its descriptions unwrapped."""
     # The OpenAPI document is published a moment after the CRD is Established.
     deadline = time.monotonic() + 20
     while True:
-        proc = kubectl("explain", "llmgateway.spec.providers", check=False)
+        proc = kubectl("explain", field, check=False)
         if proc.returncode == 0 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert proc.returncode == 0, proc.stderr
-    text = " ".join(proc.stdout.split())  # explain wraps descriptions
+    return " ".join(proc.stdout.split())  # explain wraps descriptions
+
+
+def test_explain(kubectl: Kubectl, llmgateway_crd: str) -> None:
+    text = explain(kubectl, "llmgateway.spec.providers")
     assert "The LLM providers the proxies call. Names are unique." in text
-    assert "baseURL <string>" in text
-    assert "REST providers: the API's base URL, e.g. https://api.openai.com/v1." in text
-    assert "apiKeySecretRef <Object>" in text
+    assert "exactly one of openai, anthropic or llmgateway" in text
+    for member in ("openai", "anthropic", "llmgateway", "apiKeySecretRef"):
+        assert f"{member} <Object>" in text
+    assert "baseURL <string>" not in text  # in the type's block now
+
+    text = explain(kubectl, "llmgateway.spec.providers.openai")
+    assert "baseURL <string> -required-" in text
+    assert "The API's base URL, e.g. https://api.openai.com/v1." in text
+    text = explain(kubectl, "llmgateway.spec.providers.llmgateway")
+    assert "target <string> -required-" in text
+    assert "tls <boolean>" in text
