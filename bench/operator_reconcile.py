@@ -63,11 +63,10 @@ def gateway(name: str) -> dict[str, Any]:
             "providers": [
                 {
                     "name": "openai",
-                    "type": "openai",
-                    "baseURL": "http://127.0.0.1:18001/v1",
+                    "openai": {"baseURL": "http://127.0.0.1:18001/v1"},
                     "apiKeySecretRef": {"name": "llm-keys"},
                 },
-                {"name": "vllm", "type": "grpc", "target": "127.0.0.1:18003"},
+                {"name": "vllm", "llmgateway": {"target": "127.0.0.1:18003"}},
             ],
             "routes": [{"model": "demo-model", "rest": "openai", "grpc": "vllm"}],
         },

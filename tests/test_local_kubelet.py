@@ -130,14 +130,12 @@ def gateway_spec(openai_url: str, grpc_target: str, replicas: int = 2) -> dict[s
         "providers": [
             {
                 "name": "openai",
-                "type": "openai",
-                "baseURL": openai_url,
+                "openai": {"baseURL": openai_url},
                 "apiKeySecretRef": {"name": "llm-keys"},
             },
             {
                 "name": "vllm",
-                "type": "grpc",
-                "target": grpc_target,
+                "llmgateway": {"target": grpc_target},
                 "apiKeySecretRef": {"name": "llm-keys", "key": "grpc-key"},
             },
         ],

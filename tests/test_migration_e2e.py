@@ -165,14 +165,12 @@ class World:
                 "providers": [
                     {
                         "name": "openai",
-                        "type": "openai",
-                        "baseURL": self.fakes["openai"].base_url,
+                        "openai": {"baseURL": self.fakes["openai"].base_url},
                         "apiKeySecretRef": {"name": "llm-keys", "key": "openai"},
                     },
                     {
                         "name": "vllm",
-                        "type": "grpc",
-                        "target": self.fakes["grpc"].target,
+                        "llmgateway": {"target": self.fakes["grpc"].target},
                         "apiKeySecretRef": {"name": "llm-keys", "key": "grpc"},
                     },
                 ],

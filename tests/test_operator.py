@@ -110,11 +110,10 @@ def gateway(name: str = "gw", replicas: int = 2, secret: str = "llm-keys", **spe
             "providers": [
                 {
                     "name": "openai",
-                    "type": "openai",
-                    "baseURL": "http://127.0.0.1:18001/v1",
+                    "openai": {"baseURL": "http://127.0.0.1:18001/v1"},
                     "apiKeySecretRef": {"name": secret},
                 },
-                {"name": "vllm", "type": "grpc", "target": "127.0.0.1:18003"},
+                {"name": "vllm", "llmgateway": {"target": "127.0.0.1:18003"}},
             ],
             "routes": [{"model": "demo-model", "rest": "openai", "grpc": "vllm"}],
             "proxy": {"replicas": replicas},

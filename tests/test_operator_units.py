@@ -29,15 +29,13 @@ def sample_spec(**overrides: Any) -> dict[str, Any]:
         "providers": [
             {
                 "name": "openai",
-                "type": "openai",
-                "baseURL": "https://api.openai.com/v1",
+                "openai": {"baseURL": "https://api.openai.com/v1"},
                 "apiKeySecretRef": {"name": "llm-keys"},
             },
-            {"name": "vllm", "type": "grpc", "target": "vllm.models:50051"},
+            {"name": "vllm", "llmgateway": {"target": "vllm.models:50051"}},
             {
                 "name": "claude",
-                "type": "anthropic",
-                "baseURL": "https://api.anthropic.com",
+                "anthropic": {"baseURL": "https://api.anthropic.com"},
                 "apiKeySecretRef": {"name": "llm-keys", "key": "anthropic"},
             },
         ],
@@ -88,6 +86,68 @@ def test_rendered_config_is_accepted_by_the_proxy_and_names_no_secret_value() ->
     assert "apiKey" not in config["providers"][1]
     assert config["auth"] == {"apiKeysEnv": "LLMGW_CLIENT_API_KEYS"}
     assert parsed.providers["openai"].timeout_s == 120
+
+
+def test_provider_blocks_reach_the_proxy_config() -> None:
+    spec = sample_spec()
+    spec["providers"][1]["llmgateway"]["tls"] = True
+    spec["providers"][2]["anthropic"].update(version="2024-10-22", defaultMaxTokens=1024)
+    spec["providers"][2]["headers"] = {"anthropic-beta": "prompt-caching-2024-07-31"}
+    openai, vllm, claude = manifests.build_proxy_config(spec, 0, 1)["providers"]
+    # The CRD's default (maxConnections) rendered; nothing of the other members, no flat fields.
+    assert openai == {
+        "name": "openai",
+        "openai": {"baseURL": "https://api.openai.com/v1", "maxConnections": 256},
+        "apiKey": {"env": "LLMGW_API_KEY_OPENAI"},
+        "timeoutSeconds": 120.0,
+        "connectTimeoutSeconds": 5.0,
+        "retries": {"maxAttempts": 3, "initialBackoffSeconds": 0.1, "maxBackoffSeconds": 5.0},
+    }
+    assert vllm["llmgateway"] == {"target": "vllm.models:50051", "tls": True}
+    assert claude["anthropic"] == {
+        "baseURL": "https://api.anthropic.com",
+        "version": "2024-10-22",
+        "defaultMaxTokens": 1024,
+        "maxConnections": 256,
+    }
+    assert claude["headers"] == {"anthropic-beta": "prompt-caching-2024-07-31"}
+    # Unset in the spec, unset in the config: the proxy defaults them as the CRD documents.
+    plain = manifests.build_proxy_config(sample_spec(), 0, 1)["providers"]
+    assert plain[1]["llmgateway"] == {"target": "vllm.models:50051"}
+    assert plain[2]["anthropic"] == {"baseURL": "https://api.anthropic.com", "maxConnections": 256}
+
+
+def test_provider_blocks_through_the_proxy_parser() -> None:
+    spec = sample_spec()
+    spec["providers"][1]["llmgateway"]["tls"] = True
+    spec["providers"][2]["anthropic"].update(version="2024-10-22", defaultMaxTokens=1024)
+    parsed = proxy_config.parse(manifests.build_proxy_config(spec, 0, 1)).providers
+    assert {name: p.type for name, p in parsed.items()} == {
+        "openai": "openai",
+        "vllm": "llmgateway",
+        "claude": "anthropic",
+    }
+    assert parsed["vllm"].settings.tls is True
+    assert parsed["claude"].settings.version == "2024-10-22"
+    assert parsed["claude"].settings.default_max_tokens == 1024
+
+
+def test_every_field_of_a_provider_block_is_rendered() -> None:
+    from llmgw_operator.spec import crd
+
+    version = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    item = version["properties"]["spec"]["properties"]["providers"]["items"]
+    shared = {"apiKeySecretRef", "retries", "headers"}  # the objects every type has
+    members = {
+        name: tuple(schema["properties"])
+        for name, schema in item["properties"].items()
+        if schema.get("type") == "object" and name not in shared
+    }
+    assert members == manifests.PROVIDER_TYPES
+    # The union rule names every member, so a new type's block is covered by it.
+    (rule,) = item["x-kubernetes-validations"]
+    for name in manifests.PROVIDER_TYPES:
+        assert f"has(self.{name})" in rule["rule"] and name in rule["message"]
 
 
 def test_deployment_reads_secrets_through_env_refs_only() -> None:

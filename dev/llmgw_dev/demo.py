@@ -124,14 +124,12 @@ def _gateway(openai: FakeProvider, grpc: FakeProvider) -> dict[str, Any]:
             "providers": [
                 {
                     "name": "openai",
-                    "type": "openai",
-                    "baseURL": openai.base_url,
+                    "openai": {"baseURL": openai.base_url},
                     "apiKeySecretRef": {"name": "llm-keys", "key": "openai"},
                 },
                 {
                     "name": "vllm",
-                    "type": "grpc",
-                    "target": grpc.target,
+                    "llmgateway": {"target": grpc.target},
                     "apiKeySecretRef": {"name": "llm-keys", "key": "grpc"},
                 },
             ],

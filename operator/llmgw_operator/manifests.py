@@ -88,15 +88,24 @@ def proxy_name(gateway: str) -> str:
     return f"{gateway}-proxy"
 
 
+# A provider's type is the one member block it sets (the Kubernetes union style, as in VolumeSource), with
+# the same name and keys in the LLMGateway and in the proxy's configuration. The keys of each block the
+# operator renders; the proxy defaults any it leaves out exactly as the CRD does.
+PROVIDER_TYPES: dict[str, tuple[str, ...]] = {
+    "openai": ("baseURL", "maxConnections"),
+    "anthropic": ("baseURL", "version", "defaultMaxTokens", "maxConnections"),
+    "llmgateway": ("target", "tls"),
+}
+
+
 def _provider_config(provider: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": provider["name"], "type": provider["type"]}
-    if provider["type"] == "grpc":
-        out["target"] = provider["target"]
-        if "tls" in provider:
-            out["tls"] = provider["tls"]
-    else:
-        out["baseURL"] = provider["baseURL"]
-        out["maxConnections"] = provider["maxConnections"]
+    out: dict[str, Any] = {"name": provider["name"]}
+    # Every member the spec sets is rendered: with none or two (the CRD refuses both) the proxy's own check
+    # names the problem.
+    for member, keys in PROVIDER_TYPES.items():
+        if member in provider:
+            block = provider[member] or {}
+            out[member] = {key: block[key] for key in keys if key in block}
     refs = {ref.env for ref in secret_key_refs({"providers": [provider]})}
     if refs:
         out["apiKey"] = {"env": refs.pop()}
@@ -108,9 +117,8 @@ def _provider_config(provider: dict[str, Any]) -> dict[str, Any]:
         "initialBackoffSeconds": parse_duration(retries.get("initialBackoff", "100ms")),
         "maxBackoffSeconds": parse_duration(retries.get("maxBackoff", "5s")),
     }
-    for key in ("anthropicVersion", "defaultMaxTokens", "headers"):
-        if key in provider:
-            out[key] = provider[key]
+    if "headers" in provider:
+        out["headers"] = provider["headers"]
     return out
 
 
