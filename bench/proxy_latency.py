@@ -253,12 +253,12 @@ shutdown:
 reloadIntervalSeconds: 30
 providers:
   - name: bench-openai
-    type: openai
-    baseURL: http://127.0.0.1:{openai_port}/v1
-    maxConnections: 256
+    openai:
+      baseURL: http://127.0.0.1:{openai_port}/v1
+      maxConnections: 256
   - name: bench-grpc-upstream
-    type: grpc
-    target: 127.0.0.1:{grpc_port}
+    llmgateway:
+      target: 127.0.0.1:{grpc_port}
 routes:
   - model: {REST_MODEL}
     rest: bench-openai

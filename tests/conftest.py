@@ -54,15 +54,13 @@ def proxy_config(fakes: Fakes, **overrides: Any) -> dict[str, Any]:
         "providers": [
             {
                 "name": "openai-fake",
-                "type": "openai",
-                "baseURL": fakes.openai.base_url,
+                "openai": {"baseURL": fakes.openai.base_url},
                 "retries": {"maxAttempts": 3, "initialBackoffSeconds": 0.01, "maxBackoffSeconds": 0.05},
             },
-            {"name": "anthropic-fake", "type": "anthropic", "baseURL": fakes.anthropic.base_url},
+            {"name": "anthropic-fake", "anthropic": {"baseURL": fakes.anthropic.base_url}},
             {
                 "name": "grpc-fake",
-                "type": "grpc",
-                "target": fakes.grpc.target,
+                "llmgateway": {"target": fakes.grpc.target},
                 "retries": {"maxAttempts": 3, "initialBackoffSeconds": 0.01, "maxBackoffSeconds": 0.05},
             },
         ],

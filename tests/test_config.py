@@ -16,9 +16,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def base() -> dict[str, Any]:
     return {
         "providers": [
-            {"name": "rest", "type": "openai", "baseURL": "http://127.0.0.1:1/v1"},
-            {"name": "claude", "type": "anthropic", "baseURL": "http://127.0.0.1:2"},
-            {"name": "g", "type": "grpc", "target": "127.0.0.1:3"},
+            {"name": "rest", "openai": {"baseURL": "http://127.0.0.1:1/v1"}},
+            {"name": "claude", "anthropic": {"baseURL": "http://127.0.0.1:2"}},
+            {"name": "g", "llmgateway": {"target": "127.0.0.1:3"}},
         ],
         "routes": [{"model": "m", "rest": "rest", "grpc": "g", "grpcWeight": 25}],
     }
@@ -33,7 +33,7 @@ def test_example_config_loads() -> None:
     assert route is not None and route.grpc_weight == 50
     assert route.rest == "openai-fake" and route.grpc == "grpc-fake"
     assert cfg.auth is None
-    assert cfg.providers["grpc-fake"].target == "127.0.0.1:18003"
+    assert cfg.providers["grpc-fake"].settings.target == "127.0.0.1:18003"
 
 
 def test_defaults() -> None:
@@ -82,15 +82,20 @@ BAD = [
     ("routes.0.grpcWeight", True, "routes[0].grpcWeight: must be an integer, got a boolean"),
     ("routes.0.grpc", "nope", "routes[0].grpc: no provider named 'nope'"),
     ("routes.0.grpc", "rest", "routes[0].grpc: provider 'rest' has type openai"),
-    ("routes.0.rest", "g", "routes[0].rest: provider 'g' has type grpc"),
+    ("routes.0.rest", "g", "routes[0].rest: provider 'g' has type llmgateway"),
     ("routes.0.model", _DELETE, "routes[0].model: required"),
     ("routes.0.model", "a*b", "routes[0].model: '*' is only allowed at the end"),
     ("routes.0.colour", "red", "routes[0].colour: unknown key"),
-    ("providers.0.type", "cohere", "providers[0].type: must be one of openai, anthropic, grpc"),
-    ("providers.0.baseURL", _DELETE, "providers[0].baseURL: required for type openai"),
-    ("providers.0.baseURL", "127.0.0.1:1", "providers[0].baseURL: must start with http:// or https://"),
-    ("providers.2.target", _DELETE, "providers[2].target: required for type grpc"),
-    ("providers.2.target", "nohost", "providers[2].target: must be HOST:PORT"),
+    ("providers.0.openai", _DELETE, "providers[0]: set exactly one of openai, anthropic, llmgateway"),
+    ("providers.0.cohere", {}, "providers[0].cohere: unknown key"),
+    ("providers.0.llmgateway", {"target": "h:1"}, "providers[0]: set exactly one of openai, anthropic"),
+    ("providers.0.openai.baseURL", _DELETE, "providers[0].openai.baseURL: required"),
+    ("providers.0.openai.baseURL", "127.0.0.1:1", "providers[0].openai.baseURL: must start with http://"),
+    ("providers.0.openai.target", "h:1", "providers[0].openai.target: unknown key"),
+    ("providers.2.llmgateway.target", _DELETE, "providers[2].llmgateway.target: required"),
+    ("providers.2.llmgateway.target", "nohost", "providers[2].llmgateway.target: must be HOST:PORT"),
+    ("providers.2.llmgateway.baseURL", "http://x", "providers[2].llmgateway.baseURL: unknown key"),
+    ("providers.1.anthropic.defaultMaxTokens", 0, "providers[1].anthropic.defaultMaxTokens: must be an"),
     ("providers.1.name", "rest", "providers[1].name: duplicate provider name 'rest'"),
     (
         "providers.0.retries",
@@ -99,7 +104,7 @@ BAD = [
     ),
     ("providers.0.apiKey", {"env": "A", "file": "/b"}, "providers[0].apiKey: set exactly one of env or file"),
     ("providers.0.headers", {"Authorization": "x"}, "credentials belong in apiKey"),
-    ("providers.0.tls", True, "providers[0].tls: only used by type grpc"),
+    ("providers.0.openai.tls", True, "providers[0].openai.tls: unknown key"),
     ("listen", {"grpc": "50051"}, "listen.grpc: must be HOST:PORT"),
     ("limits", {"maxConcurrentRequests": -1}, "limits.maxConcurrentRequests: must be an integer from 1"),
     ("cache", {"ttlSeconds": 0}, "cache.ttlSeconds: must be > 0"),

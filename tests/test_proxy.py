@@ -462,7 +462,7 @@ async def test_upstream_credentials_rejected_without_leaking(
     monkeypatch.setenv("FAKE_OPENAI_KEY", "sk-wrong-secret-value")
     async with FakeProvider("openai", api_key="sk-the-right-one") as guarded:
         config = proxy_config(fakes)
-        config["providers"][0].update(apiKey={"env": "FAKE_OPENAI_KEY"}, baseURL=guarded.base_url)
+        config["providers"][0].update(apiKey={"env": "FAKE_OPENAI_KEY"}, openai={"baseURL": guarded.base_url})
         server = await start_proxy(config)
         with pytest.raises(openai.APIStatusError) as info:
             await sdk(server).chat.completions.create(model="rest-only", messages=USER)  # type: ignore[arg-type]

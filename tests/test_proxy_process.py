@@ -23,7 +23,7 @@ USER = [{"role": "user", "content": "hello"}]
 def test_bad_config_exits_2_naming_the_key(tmp_path: Any) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(
-        "providers: [{name: a, type: openai, baseURL: 'http://127.0.0.1:1'}]\n"
+        "providers: [{name: a, openai: {baseURL: 'http://127.0.0.1:1'}}]\n"
         "routes: [{model: m, rest: a, grpcWeight: 150}]\n"
     )
     result = subprocess.run(
@@ -97,7 +97,7 @@ async def test_provider_key_never_logged(fakes: Fakes, proxy_process: Any) -> No
     secret = "sk-test-do-not-log-4f1d2c"
     async with FakeProvider("openai", api_key="sk-something-else") as guarded:
         config = proxy_config(fakes)
-        config["providers"][0].update(apiKey={"env": "PROVIDER_KEY"}, baseURL=guarded.base_url)
+        config["providers"][0].update(apiKey={"env": "PROVIDER_KEY"}, openai={"baseURL": guarded.base_url})
         proxy = proxy_process(config, env={"PROVIDER_KEY": secret, "LLMGW_LOG_LEVEL": "debug"})
         await asyncio.to_thread(proxy.wait_ready)
         async with aiohttp.ClientSession() as session:

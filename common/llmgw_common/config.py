@@ -23,20 +23,24 @@ import hashlib
 import ipaddress
 import os
 import pathlib
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
-PROVIDER_TYPES = ("openai", "anthropic", "grpc")
+from llmgw_common.providers import TYPES
+from llmgw_common.reader import ConfigError, Reader, check_listen_address
+
 LISTEN_HOST_ENV = "LLMGW_LISTEN_HOST"
-REST_TYPES = ("openai", "anthropic")
 
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key."""
+__all__ = [
+    "ConfigError",
+    "ProxyConfig",
+    "check_listen_address",
+    "fingerprint",
+    "is_loopback",
+    "load",
+    "parse",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,24 +75,21 @@ class Retries:
 
 @dataclasses.dataclass(frozen=True)
 class Provider:
+    """One provider: its type's settings (see :mod:`llmgw_common.providers`) and what every type shares."""
+
     name: str
-    type: str
-    base_url: str = ""  # openai, anthropic
-    target: str = ""  # grpc
+    type: str  # the member set in the entry: a key of llmgw_common.providers.TYPES
+    settings: Any  # that type's settings dataclass
     api_key: SecretRef | None = None
     timeout_s: float = 120.0
     connect_timeout_s: float = 5.0
-    max_connections: int = 256
     retries: Retries = Retries()
-    tls: bool = False  # grpc: use TLS to the target
-    anthropic_version: str = "2023-06-01"
-    default_max_tokens: int = 4096  # anthropic requires max_tokens; used when the client gives none
     headers: tuple[tuple[str, str], ...] = ()
 
     @property
     def path(self) -> str:
         """Which side of the REST/gRPC split this provider serves."""
-        return "grpc" if self.type == "grpc" else "rest"
+        return TYPES[self.type].path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,89 +168,7 @@ class ProxyConfig:
         return sorted(r.model for r in self.routes if not r.model.endswith("*"))
 
 
-class _Reader:
-    """Reads one YAML mapping, checking types and refusing unknown keys, with the key's path in errors."""
-
-    def __init__(self, data: Any, where: str) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where or 'config'}: must be a mapping, got {type(data).__name__}")
-        self.data = data
-        self.where = where
-        self.used: set[str] = set()
-
-    def path(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
-
-    def get(
-        self, key: str, kind: type | tuple[type, ...], default: Any = None, *, required: bool = False
-    ) -> Any:
-        self.used.add(key)
-        if key not in self.data or self.data[key] is None:
-            if required:
-                raise ConfigError(f"{self.path(key)}: required")
-            return default
-        value = self.data[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if isinstance(value, bool) and bool not in kinds:
-            raise ConfigError(f"{self.path(key)}: must be {_kind_name(kinds)}, got a boolean")
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kinds):
-            raise ConfigError(f"{self.path(key)}: must be {_kind_name(kinds)}, got {type(value).__name__}")
-        return value
-
-    def number(self, key: str, default: float, *, minimum: float = 0.0, exclusive: bool = True) -> float:
-        value = self.get(key, float, default)
-        if value < minimum or (exclusive and value == minimum):
-            op = ">" if exclusive else ">="
-            raise ConfigError(f"{self.path(key)}: must be {op} {minimum:g}, got {value:g}")
-        return float(value)
-
-    def integer(self, key: str, default: int, *, minimum: int = 1, maximum: int | None = None) -> int:
-        value = self.get(key, int, default)
-        if value < minimum or (maximum is not None and value > maximum):
-            upper = f" to {maximum}" if maximum is not None else " or more"
-            raise ConfigError(f"{self.path(key)}: must be an integer from {minimum}{upper}, got {value}")
-        return int(value)
-
-    def section(self, key: str, build: Callable[[_Reader], T], default: T) -> T:
-        raw = self.get(key, dict)
-        if raw is None:
-            return default
-        reader = _Reader(raw, self.path(key))
-        result = build(reader)
-        reader.done()
-        return result
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(
-                f"{self.path(unknown[0])}: unknown key (allowed: {', '.join(sorted(self.used))})"
-            )
-
-
-def _kind_name(kinds: tuple[type, ...]) -> str:
-    names = {
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        bool: "true or false",
-        dict: "a mapping",
-        list: "a list",
-    }
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def check_listen_address(value: str, where: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{where}: must be HOST:PORT, got {value!r}")
-    return host, int(port)
-
-
-def _secret_ref(r: _Reader) -> SecretRef:
+def _secret_ref(r: Reader) -> SecretRef:
     env = r.get("env", str)
     file = r.get("file", str)
     if (env is None) == (file is None):
@@ -257,7 +176,7 @@ def _secret_ref(r: _Reader) -> SecretRef:
     return SecretRef(env=env, file=file)
 
 
-def _retries(r: _Reader) -> Retries:
+def _retries(r: Reader) -> Retries:
     return Retries(
         max_attempts=r.integer("maxAttempts", 3, minimum=1, maximum=10),
         initial_backoff_s=r.number("initialBackoffSeconds", 0.1),
@@ -265,53 +184,34 @@ def _retries(r: _Reader) -> Retries:
     )
 
 
-def _provider(r: _Reader) -> Provider:
+def _provider(r: Reader) -> Provider:
     name = r.get("name", str, required=True)
-    ptype = r.get("type", str, required=True)
-    if ptype not in PROVIDER_TYPES:
-        raise ConfigError(f"{r.path('type')}: must be one of {', '.join(PROVIDER_TYPES)}, got {ptype!r}")
-    base_url = r.get("baseURL", str, "")
-    target = r.get("target", str, "")
-    if ptype == "grpc":
-        if not target:
-            raise ConfigError(f"{r.path('target')}: required for type grpc (HOST:PORT of the upstream)")
-        if base_url:
-            raise ConfigError(f"{r.path('baseURL')}: not used by type grpc; set target instead")
-        check_listen_address(target, r.path("target"))
-    else:
-        if not base_url:
-            raise ConfigError(f"{r.path('baseURL')}: required for type {ptype}")
-        if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"{r.path('baseURL')}: must start with http:// or https://, got {base_url!r}")
-        if target:
-            raise ConfigError(f"{r.path('target')}: only used by type grpc; set baseURL instead")
+    members = [key for key in TYPES if key in r.data]
+    if len(members) != 1:
+        got = f"got {', '.join(members)}" if members else "got none"
+        raise ConfigError(f"{r.where}: set exactly one of {', '.join(TYPES)} (the provider's type), {got}")
+    r.used.update(TYPES)  # named in the unknown-key message as allowed
+    ptype = TYPES[members[0]]
+    settings = r.section(ptype.name, ptype.parse, None)
     headers = r.get("headers", dict, {})
     for key, value in headers.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise ConfigError(f"{r.path('headers')}: must map strings to strings")
         if key.lower() in ("authorization", "x-api-key"):
             raise ConfigError(f"{r.path('headers')}.{key}: credentials belong in apiKey, not in headers")
-    provider = Provider(
+    return Provider(
         name=name,
-        type=ptype,
-        base_url=base_url.rstrip("/"),
-        target=target,
+        type=ptype.name,
+        settings=settings,
         api_key=r.section("apiKey", _secret_ref, None),
         timeout_s=r.number("timeoutSeconds", 120.0),
         connect_timeout_s=r.number("connectTimeoutSeconds", 5.0),
-        max_connections=r.integer("maxConnections", 256),
         retries=r.section("retries", _retries, Retries()),
-        tls=r.get("tls", bool, False),
-        anthropic_version=r.get("anthropicVersion", str, "2023-06-01"),
-        default_max_tokens=r.integer("defaultMaxTokens", 4096),
         headers=tuple(sorted(headers.items())),
     )
-    if ptype != "grpc" and "tls" in r.data:
-        raise ConfigError(f"{r.path('tls')}: only used by type grpc (REST providers use https:// in baseURL)")
-    return provider
 
 
-def _route(r: _Reader, providers: dict[str, Provider]) -> Route:
+def _route(r: Reader, providers: dict[str, Provider]) -> Route:
     model = r.get("model", str, required=True)
     if "*" in model[:-1]:
         raise ConfigError(f"{r.path('model')}: '*' is only allowed at the end, got {model!r}")
@@ -319,15 +219,16 @@ def _route(r: _Reader, providers: dict[str, Provider]) -> Route:
     grpc_name = r.get("grpc", str)
     if rest is None and grpc_name is None:
         raise ConfigError(f"{r.where}: set rest, grpc or both (provider names)")
-    for key, name, allowed in (("rest", rest, REST_TYPES), ("grpc", grpc_name, ("grpc",))):
+    for path, name in (("rest", rest), ("grpc", grpc_name)):
         if name is None:
             continue
         if name not in providers:
-            raise ConfigError(f"{r.path(key)}: no provider named {name!r} (have: {', '.join(providers)})")
-        if providers[name].type not in allowed:
+            raise ConfigError(f"{r.path(path)}: no provider named {name!r} (have: {', '.join(providers)})")
+        if providers[name].path != path:
+            allowed = [t.name for t in TYPES.values() if t.path == path]
             raise ConfigError(
-                f"{r.path(key)}: provider {name!r} has type {providers[name].type}; "
-                f"the {key} path needs type {' or '.join(allowed)}"
+                f"{r.path(path)}: provider {name!r} has type {providers[name].type}; "
+                f"the {path} path needs type {' or '.join(allowed)}"
             )
     default_weight = 100 if rest is None else 0
     weight = r.integer("grpcWeight", default_weight, minimum=0, maximum=100)
@@ -342,7 +243,7 @@ def _route(r: _Reader, providers: dict[str, Provider]) -> Route:
 
 def parse(data: Any) -> ProxyConfig:
     """Check a parsed YAML document and build the configuration (secrets are not read here)."""
-    r = _Reader(data, "")
+    r = Reader(data, "")
     listen = r.section(
         "listen",
         lambda s: Listen(
@@ -362,7 +263,7 @@ def parse(data: Any) -> ProxyConfig:
         None,
     )
 
-    def _auth(s: _Reader) -> Auth:
+    def _auth(s: Reader) -> Auth:
         auth = Auth(api_keys_file=s.get("apiKeysFile", str), api_keys_env=s.get("apiKeysEnv", str))
         if auth.api_keys_file is None and auth.api_keys_env is None:
             raise ConfigError("auth: set apiKeysFile or apiKeysEnv (or remove auth to disable client auth)")
@@ -394,7 +295,7 @@ def parse(data: Any) -> ProxyConfig:
     raw_providers = r.get("providers", list, required=True)
     providers: dict[str, Provider] = {}
     for i, raw in enumerate(raw_providers):
-        pr = _Reader(raw, f"providers[{i}]")
+        pr = Reader(raw, f"providers[{i}]")
         provider = _provider(pr)
         pr.done()
         if provider.name in providers:
@@ -405,7 +306,7 @@ def parse(data: Any) -> ProxyConfig:
         raise ConfigError("routes: at least one route is required")
     routes: list[Route] = []
     for i, raw in enumerate(raw_routes):
-        rr = _Reader(raw, f"routes[{i}]")
+        rr = Reader(raw, f"routes[{i}]")
         route = _route(rr, providers)
         rr.done()
         if any(existing.model == route.model for existing in routes):

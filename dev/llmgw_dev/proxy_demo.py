@@ -36,9 +36,10 @@ def _say(text: str = "") -> None:
 
 
 def _address(provider: config_mod.Provider) -> str:
-    if provider.type == "grpc":
-        return provider.target
-    return provider.base_url.split("://", 1)[1].split("/", 1)[0]
+    settings = provider.settings
+    if hasattr(settings, "target"):
+        return str(settings.target)
+    return str(settings.base_url).split("://", 1)[1].split("/", 1)[0]
 
 
 def _check_free(address: str) -> None:

@@ -1,6 +1,6 @@
 """The protobuf chat messages as the proxy's one internal currency, and the checks every request passes.
 
-Both fronts turn what they receive into a ``ChatRequest`` and every backend answers with ``ChatResponse``
+Both fronts turn what they receive into a ``ChatRequest`` and every provider client answers with ``ChatResponse``
 or ``ChatChunk``; conversions to provider JSON are hand-written next to each provider (no ``json_format``
 on the hot path). :func:`validate_request` is the single place where a request's fields are checked, so
 the gRPC and REST fronts reject the same things with the same message.

@@ -46,10 +46,7 @@ Stop a stream early with ``contextlib.aclosing`` (or by closing the generator) s
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import math
 import random
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from ssl import SSLContext
 from types import TracebackType
@@ -62,7 +59,8 @@ import orjson
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc
-from llmgw.codecs import openai_chat
+from llmgw.codecs import error_envelopes, openai_chat
+from llmgw.codecs import retry_after as retry_after_codec
 from llmgw.codecs.sse import sse_events
 from llmgw.errors import GatewayError, Kind, from_upstream_grpc, from_upstream_http
 from llmgw.retry import backoff_delay
@@ -97,27 +95,6 @@ def build_request(request: pb.ChatRequest | None, kwargs: dict[str, Any]) -> pb.
     body = {k: v for k, v in kwargs.items() if k != "stream"}
     req, _ = openai_chat.request_from_json(body)
     return req
-
-
-def _parse_retry_after(value: str | bytes | None) -> float | None:
-    """Retry-After as seconds: a number of seconds, or an HTTP date."""
-    if value is None:
-        return None
-    text = value.decode("latin-1") if isinstance(value, bytes) else value
-    text = text.strip()
-    if not text:
-        return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - time.time()
-    if not math.isfinite(seconds):
-        return None
-    return max(0.0, seconds)
 
 
 _KIND_BY_HTTP: dict[int, Kind] = {kind.http_status: kind for kind in Kind}
@@ -289,7 +266,7 @@ class LLMGrpcClient(_LoopBound):
         retry_after = None
         for key, value in exc.trailing_metadata() or ():
             if key.lower() == "retry-after":
-                retry_after = _parse_retry_after(value)
+                retry_after = retry_after_codec.seconds(value)
         message = exc.details() or code.name
         return _as_client_error(from_upstream_grpc(code, message, retry_after))
 
@@ -353,16 +330,9 @@ class LLMGrpcClient(_LoopBound):
 
 def _error_message(status: int, body: bytes) -> str:
     """The server's message from an OpenAI-style error body, or the body's text."""
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        parsed = None
-    if isinstance(parsed, dict):
-        error = parsed.get("error", parsed)
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return str(error["message"])
-        if isinstance(error, str):
-            return error
+    found = error_envelopes.message(body)
+    if found is not None:
+        return found
     text = body.decode("utf-8", "replace").strip()
     return text[:500] if text else f"HTTP {status}"
 
@@ -385,14 +355,6 @@ def _stream_error(body: dict[str, Any]) -> GatewayError:
         Kind.DEADLINE_EXCEEDED,
     )
     return GatewayError(kind, message, retryable=retryable)
-
-
-def _http_retry_after(headers: Any) -> float | None:
-    """Seconds from ``retry-after-ms`` (OpenAI's finer hint) or ``retry-after``."""
-    millis = _parse_retry_after(headers.get("retry-after-ms"))
-    if millis is not None:
-        return millis / 1000.0
-    return _parse_retry_after(headers.get("retry-after"))
 
 
 class LLMHttpClient(_LoopBound):
@@ -429,7 +391,7 @@ class LLMHttpClient(_LoopBound):
         if resp.status < 400:
             return
         body = await resp.read()
-        retry_after = _http_retry_after(resp.headers)
+        retry_after = retry_after_codec.from_headers(resp.headers)
         raise _as_client_error(
             from_upstream_http(resp.status, _error_message(resp.status, body), retry_after)
         )

@@ -9,7 +9,7 @@ provider's full retry budget, with exponential backoff, jitter and the upstream'
 by the request's deadline. Streams are never retried once their first token was sent.
 
 The configuration in effect is one immutable :class:`Runtime`; a reload builds a new one and swaps it in.
-Requests keep the runtime they started with, so a reload never disturbs them; backends that the new
+Requests keep the runtime they started with, so a reload never disturbs them; provider clients that the new
 configuration no longer uses are closed once their last request is done.
 """
 
@@ -26,10 +26,10 @@ from collections.abc import AsyncGenerator, Iterator
 from typing import NamedTuple
 
 from llmgateway.v1 import llm_service_pb2 as pb
-from llmgw.backends import Backend, CallStats, build_backend
 from llmgw.chat import is_deterministic, validate_request
 from llmgw.errors import GatewayError, Kind
 from llmgw.metrics import PRECREATED_CODES, Metrics, PathMetrics
+from llmgw.providers import CallStats, ProviderClient, connect
 from llmgw.retry import backoff_delay
 from llmgw_common.config import ProxyConfig, Retries, Route
 
@@ -68,11 +68,11 @@ class ResponseCache:
 
 
 class Runtime:
-    """One loaded configuration with the backends that serve it."""
+    """One loaded configuration with the provider clients that serve it."""
 
-    def __init__(self, config: ProxyConfig, backends: dict[str, Backend]) -> None:
+    def __init__(self, config: ProxyConfig, clients: dict[str, ProviderClient]) -> None:
         self.config = config
-        self.backends = backends
+        self.clients = clients
         self.cache = (
             ResponseCache(config.cache.max_entries, config.cache.ttl_s) if config.cache.enabled else None
         )
@@ -160,7 +160,7 @@ class _Step(NamedTuple):
     route: Route
     path: str
     provider: str
-    backend: Backend
+    client: ProviderClient
     allowed: int
     retries: Retries
     fallback: str | None  # the next path, if any
@@ -174,11 +174,11 @@ class Gateway:
         self.metrics = metrics or Metrics()
         self.admission = Admission(config.limits.max_concurrent_requests, self.metrics)
         self.runtime = Runtime(
-            config, {n: build_backend(p, config.provider_keys.get(n)) for n, p in config.providers.items()}
+            config, {n: connect(p, config.provider_keys.get(n)) for n, p in config.providers.items()}
         )
         self._rng = random.Random(seed)
         self._uses: collections.Counter[int] = collections.Counter()
-        self._retired: dict[int, Backend] = {}
+        self._retired: dict[int, ProviderClient] = {}
         self._publish(config)
 
     # -- configuration -------------------------------------------------------------------------------
@@ -186,19 +186,19 @@ class Gateway:
     def apply(self, config: ProxyConfig) -> None:
         """Make ``config`` the one in effect; requests already running finish on the old one."""
         old = self.runtime
-        backends: dict[str, Backend] = {}
+        clients: dict[str, ProviderClient] = {}
         for name, provider in config.providers.items():
-            previous = old.backends.get(name)
+            previous = old.clients.get(name)
             same_key = old.config.provider_keys.get(name) == config.provider_keys.get(name)
             if previous is not None and previous.provider == provider and same_key:
-                backends[name] = previous
+                clients[name] = previous
             else:
-                backends[name] = build_backend(provider, config.provider_keys.get(name))
-        kept = {id(b) for b in backends.values()}
-        for backend in old.backends.values():
-            if id(backend) not in kept:
-                self._retire(backend)
-        self.runtime = Runtime(config, backends)
+                clients[name] = connect(provider, config.provider_keys.get(name))
+        kept = {id(b) for b in clients.values()}
+        for client in old.clients.values():
+            if id(client) not in kept:
+                self._retire(client)
+        self.runtime = Runtime(config, clients)
         self.admission.limit = config.limits.max_concurrent_requests
         self._publish(config)
 
@@ -213,27 +213,27 @@ class Gateway:
                         path_metrics.outcome(code)
         self.metrics.generation.set(config.generation)
 
-    def _retire(self, backend: Backend) -> None:
-        if self._uses[id(backend)]:
-            self._retired[id(backend)] = backend
+    def _retire(self, client: ProviderClient) -> None:
+        if self._uses[id(client)]:
+            self._retired[id(client)] = client
         else:
-            asyncio.get_running_loop().create_task(backend.close())
+            asyncio.get_running_loop().create_task(client.close())
 
-    def _lease(self, backend: Backend) -> None:
-        """Count a call on ``backend``, so that a retired backend is closed only after its last call."""
-        self._uses[id(backend)] += 1
+    def _lease(self, client: ProviderClient) -> None:
+        """Count a call on ``client``, so that a retired client is closed only after its last call."""
+        self._uses[id(client)] += 1
 
-    def _unlease(self, backend: Backend) -> None:
-        self._uses[id(backend)] -= 1
-        if not self._uses[id(backend)]:
-            del self._uses[id(backend)]
-            retired = self._retired.pop(id(backend), None)
+    def _unlease(self, client: ProviderClient) -> None:
+        self._uses[id(client)] -= 1
+        if not self._uses[id(client)]:
+            del self._uses[id(client)]
+            retired = self._retired.pop(id(client), None)
             if retired is not None:
                 asyncio.get_running_loop().create_task(retired.close())
 
     async def close(self) -> None:
-        for backend in [*self.runtime.backends.values(), *self._retired.values()]:
-            await backend.close()
+        for client in [*self.runtime.clients.values(), *self._retired.values()]:
+            await client.close()
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -271,7 +271,7 @@ class Gateway:
                 route,
                 path,
                 name,
-                runtime.backends[name],
+                runtime.clients[name],
                 retries.max_attempts if last else 1,
                 retries,
                 paths[i + 1] if not last else None,
@@ -366,15 +366,15 @@ class Gateway:
                 return cached
         model = route.upstream_model or req.model
         for step in self._steps(runtime, route, self._paths(route)):
-            backend = step.backend
+            client = step.client
             attempt = 0
             while True:
                 attempt += 1
                 tracker = _Attempt(step.metrics)
-                self._lease(backend)
+                self._lease(client)
                 try:
-                    timeout = min(self._remaining(deadline), backend.provider.timeout_s)
-                    response = await backend.complete(req, model, timeout, tracker.stats)
+                    timeout = min(self._remaining(deadline), client.provider.timeout_s)
+                    response = await client.complete(req, model, timeout, tracker.stats)
                 except GatewayError as exc:
                     tracker.done(exc.status_label)
                     if await self._recover(exc, step, attempt, deadline):
@@ -384,7 +384,7 @@ class Gateway:
                     tracker.done("499")
                     raise
                 finally:
-                    self._unlease(backend)
+                    self._unlease(client)
                 tracker.done("200", response.usage)
                 if cache_key is not None and runtime.cache is not None:
                     runtime.cache.put(cache_key, response)
@@ -420,18 +420,18 @@ class Gateway:
     ) -> AsyncGenerator[pb.ChatChunk, None]:
         model = route.upstream_model or req.model
         for step in self._steps(runtime, route, self._paths(route)):
-            backend = step.backend
+            client = step.client
             attempt = 0
             while True:
                 attempt += 1
                 tracker = _Attempt(step.metrics)
                 sent_any = False
                 usage: pb.Usage | None = None
-                self._lease(backend)
+                self._lease(client)
                 try:
-                    timeout = min(self._remaining(deadline), backend.provider.timeout_s)
+                    timeout = min(self._remaining(deadline), client.provider.timeout_s)
                     async with contextlib.aclosing(
-                        backend.stream(req, model, timeout, tracker.stats)
+                        client.stream(req, model, timeout, tracker.stats)
                     ) as chunks:
                         async for chunk in chunks:
                             if not sent_any:
@@ -451,6 +451,6 @@ class Gateway:
                     tracker.done("499")
                     raise
                 finally:
-                    self._unlease(backend)
+                    self._unlease(client)
                 tracker.done("200", usage)
                 return

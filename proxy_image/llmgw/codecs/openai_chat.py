@@ -1,6 +1,6 @@
 """OpenAI Chat Completions JSON <-> the gateway's protobuf messages.
 
-Used by the REST front (clients speak OpenAI's API), by the ``openai`` backend (providers speak it) and by
+Used by the REST front (clients speak OpenAI's API), by the ``openai`` provider client (providers speak it) and by
 the client library. Request parsing names the offending field in every error, so that a client sees
 ``messages[2].role: unknown role 'robot'`` and not a stack trace.
 """

@@ -26,7 +26,7 @@ from llmgw.codecs import openai_chat
 from llmgw.errors import GatewayError, Kind
 from llmgw.gateway import Gateway
 
-Route = Callable[[Request, Responder], Awaitable[None]]
+Handler = Callable[[Request, Responder], Awaitable[None]]
 
 log = logging.getLogger("llmgw.rest")
 
@@ -59,7 +59,7 @@ class RestFront:
         self.gateway = gateway
         self.max_request_bytes = max_request_bytes
         self.server = HTTPServer(self.handle, max_body_bytes=max_request_bytes)
-        self._routes: dict[str, tuple[str, Route]] = {
+        self._routes: dict[str, tuple[str, Handler]] = {
             "/v1/chat/completions": ("POST", self.chat_completions),
             "/v1/models": ("GET", self.models),
         }

@@ -1,0 +1,31 @@
+"""The provider clients, one module per provider type, found through :data:`CLIENTS`.
+
+Each type's settings and the parser of its configuration member live in :mod:`llmgw_common.providers`
+(the operator checks configurations with them, without the proxy); its client lives here, under the same
+name. Adding a provider type is its settings module there, its client module here, its CRD block, and
+their tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from llmgw.providers.anthropic import AnthropicClient
+from llmgw.providers.base import CallStats, ProviderClient
+from llmgw.providers.llmgateway import LLMGatewayClient
+from llmgw.providers.openai import OpenAIClient
+from llmgw_common.config import Provider
+
+CLIENTS: dict[str, Callable[[Provider, str | None], ProviderClient]] = {
+    "openai": OpenAIClient,
+    "anthropic": AnthropicClient,
+    "llmgateway": LLMGatewayClient,
+}
+
+
+def connect(provider: Provider, api_key: str | None) -> ProviderClient:
+    """The client of ``provider``'s type (it connects lazily, on its first call)."""
+    return CLIENTS[provider.type](provider, api_key)
+
+
+__all__ = ["CLIENTS", "CallStats", "ProviderClient", "connect"]

@@ -1,0 +1,39 @@
+"""What every provider type declares, and the checks the REST types share."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from llmgw_common.reader import ConfigError, Reader, check_listen_address
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderType:
+    """One provider type: the member that selects it in a provider entry, the side of the REST/gRPC split
+    it serves (``rest`` or ``grpc``), and the parser of its member's settings."""
+
+    name: str
+    path: str
+    parse: Callable[[Reader], Any]
+    summary: str
+
+
+def base_url(r: Reader) -> str:
+    """The REST API's base URL, without a trailing slash."""
+    value: str = r.get("baseURL", str, required=True)
+    if not value.startswith(("http://", "https://")):
+        raise ConfigError(f"{r.path('baseURL')}: must start with http:// or https://, got {value!r}")
+    return value.rstrip("/")
+
+
+def target(r: Reader) -> str:
+    """A gRPC server's HOST:PORT."""
+    value: str = r.get("target", str, required=True)
+    check_listen_address(value, r.path("target"))
+    return value
+
+
+def max_connections(r: Reader) -> int:
+    return r.integer("maxConnections", 256)

@@ -1,0 +1,123 @@
+"""Anthropic Messages JSON <-> the gateway's protobuf messages: requests, replies and streaming events.
+
+Used by the ``anthropic`` provider. System and developer messages become the ``system`` field; the Messages
+API requires ``max_tokens``, so the provider's default fills it when the client gives none. A stream's
+events become content chunks and one final chunk with the finish reason and the usage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from typing import Any
+
+import orjson
+
+from llmgateway.v1 import llm_service_pb2 as pb
+from llmgw.errors import GatewayError, Kind
+
+FINISH_BY_STOP_REASON = {
+    "end_turn": pb.FINISH_REASON_STOP,
+    "stop_sequence": pb.FINISH_REASON_STOP,
+    "pause_turn": pb.FINISH_REASON_STOP,
+    "max_tokens": pb.FINISH_REASON_LENGTH,
+    "tool_use": pb.FINISH_REASON_TOOL_CALLS,
+    "refusal": pb.FINISH_REASON_CONTENT_FILTER,
+}
+
+
+def _finish(stop_reason: str | None) -> pb.FinishReason:
+    return FINISH_BY_STOP_REASON.get(stop_reason or "end_turn", pb.FINISH_REASON_STOP)
+
+
+def _usage(prompt: int, completion: int) -> pb.Usage:
+    return pb.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def request_to_json(
+    req: pb.ChatRequest, *, model: str, stream: bool, default_max_tokens: int, provider: str
+) -> dict[str, Any]:
+    """The Messages API body for ``req``; ``provider`` names the provider in errors."""
+    system: list[str] = []
+    messages: list[dict[str, Any]] = []
+    for m in req.messages:
+        if m.role in (pb.ROLE_SYSTEM, pb.ROLE_DEVELOPER):
+            system.append(m.content)
+            continue
+        role = "assistant" if m.role == pb.ROLE_ASSISTANT else "user"
+        messages.append({"role": role, "content": m.content})
+    if req.HasField("temperature") and req.temperature > 1.0:
+        raise GatewayError(
+            Kind.INVALID_ARGUMENT,
+            f"temperature: {req.temperature:g} is out of range [0, 1] for Anthropic provider {provider!r}",
+        )
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": req.max_tokens if req.HasField("max_tokens") else default_max_tokens,
+    }
+    if system:
+        body["system"] = "\n\n".join(system)
+    if req.HasField("temperature"):
+        body["temperature"] = round(req.temperature, 6)
+    if req.HasField("top_p"):
+        body["top_p"] = round(req.top_p, 6)
+    if req.stop:
+        body["stop_sequences"] = list(req.stop)
+    if req.HasField("user"):
+        body["metadata"] = {"user_id": req.user}
+    if stream:
+        body["stream"] = True
+    return body
+
+
+def response_from_json(body: Any, model: str) -> pb.ChatResponse:
+    """A Messages API reply; KeyError, TypeError, ValueError or AttributeError for a malformed one."""
+    text = "".join(b.get("text", "") for b in body["content"] if b.get("type") == "text")
+    usage = body.get("usage") or {}
+    return pb.ChatResponse(
+        id=str(body["id"]),
+        model=str(body.get("model", model)),
+        content=text,
+        finish_reason=_finish(body.get("stop_reason")),
+        usage=_usage(int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))),
+        created=int(time.time()),
+    )
+
+
+async def read_stream(
+    events: AsyncIterable[tuple[str, bytes]], model: str, on_error: Callable[[dict[str, Any]], Exception]
+) -> AsyncIterator[pb.ChatChunk]:
+    """The chunks of a Messages API event stream ((event name, data) pairs), shaped like ``StreamingChat``'s.
+
+    An ``error`` event raises ``on_error(its error object)``; malformed data or a stream that ends without
+    ``message_delta`` raises ValueError (or KeyError/TypeError/AttributeError for a wrong shape).
+    """
+    msg_id, msg_model, created = "", model, int(time.time())
+    prompt = completion = 0
+    finish = pb.FINISH_REASON_UNSPECIFIED
+    async for event, data in events:
+        body = orjson.loads(data)
+        kind = body.get("type") or event
+        if kind == "content_block_delta":
+            delta = body["delta"]
+            if delta.get("type") == "text_delta" and delta.get("text"):
+                yield pb.ChatChunk(id=msg_id, model=msg_model, created=created, delta=delta["text"])
+        elif kind == "message_start":
+            message = body["message"]
+            msg_id, msg_model = str(message["id"]), str(message.get("model", model))
+            usage = message.get("usage") or {}
+            prompt = int(usage.get("input_tokens", 0))
+            completion = int(usage.get("output_tokens", 0))
+        elif kind == "message_delta":
+            finish = _finish((body.get("delta") or {}).get("stop_reason"))
+            completion = int((body.get("usage") or {}).get("output_tokens", completion))
+        elif kind == "message_stop":
+            break
+        elif kind == "error":
+            raise on_error(body.get("error") or {})
+    if finish == pb.FINISH_REASON_UNSPECIFIED:
+        raise ValueError("stream ended without message_delta")
+    yield pb.ChatChunk(
+        id=msg_id, model=msg_model, created=created, finish_reason=finish, usage=_usage(prompt, completion)
+    )

@@ -1,0 +1,68 @@
+"""The ``anthropic`` provider type's client: Anthropic's Messages API, converted both ways by
+:mod:`llmgw.codecs.anthropic_messages`, including its streaming events."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from llmgateway.v1 import llm_service_pb2 as pb
+from llmgw.codecs import anthropic_messages
+from llmgw.errors import GatewayError, from_upstream_http
+from llmgw.providers._rest import RestClient
+from llmgw.providers.base import CallStats, malformed_response
+from llmgw_common.config import Provider
+from llmgw_common.providers.anthropic import AnthropicSettings
+
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError)  # orjson.JSONDecodeError is a ValueError
+
+
+class AnthropicClient(RestClient):
+    path_suffix = "/v1/messages"
+
+    def __init__(self, provider: Provider, api_key: str | None) -> None:
+        self.settings: AnthropicSettings = provider.settings
+        super().__init__(provider, api_key, self.settings.base_url, self.settings.max_connections)
+
+    def auth_headers(self, api_key: str | None) -> dict[str, str]:
+        headers = {"anthropic-version": self.settings.version}
+        if api_key:
+            headers["x-api-key"] = api_key
+        return headers
+
+    def request_body(self, req: pb.ChatRequest, model: str, stream: bool) -> dict[str, Any]:
+        return anthropic_messages.request_to_json(
+            req,
+            model=model,
+            stream=stream,
+            default_max_tokens=self.settings.default_max_tokens,
+            provider=self.provider.name,
+        )
+
+    async def complete(
+        self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats
+    ) -> pb.ChatResponse:
+        resp = await self.post(self.request_body(req, model, False), timeout, stats)
+        body = await self.read_json(resp, stats)
+        try:
+            return anthropic_messages.response_from_json(body, model)
+        except _MALFORMED as exc:
+            raise malformed_response(self.provider, exc) from None
+
+    def _stream_error(self, error: dict[str, Any]) -> GatewayError:
+        status = 529 if error.get("type") == "overloaded_error" else 502
+        return from_upstream_http(
+            status, f"provider {self.provider.name!r} failed mid-stream: {error.get('message', '')}"
+        )
+
+    async def stream(
+        self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats
+    ) -> AsyncGenerator[pb.ChatChunk, None]:
+        resp = await self.post(self.request_body(req, model, True), timeout, stats)
+        try:
+            async for chunk in anthropic_messages.read_stream(
+                self.sse_events(resp, stats), model, self._stream_error
+            ):
+                yield chunk
+        except _MALFORMED as exc:
+            raise malformed_response(self.provider, exc) from None

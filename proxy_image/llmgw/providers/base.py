@@ -1,0 +1,54 @@
+"""What every provider client is: the protocol the gateway calls, and the errors all of them share.
+
+A client turns a ``ChatRequest`` into its provider's own protocol and back. Every failure is raised as
+:class:`~llmgw.errors.GatewayError` with ``retryable`` set, so the gateway's retry and fallback logic never
+looks at provider-specific errors. Messages name the provider and never contain credentials. Streams skip
+chunks without content, so the first chunk a client yields is the first token, which is what "nothing was
+sent to the client yet" means for fallback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncGenerator
+from typing import Protocol
+
+from llmgateway.v1 import llm_service_pb2 as pb
+from llmgw.errors import GatewayError, Kind
+from llmgw_common.config import Provider
+
+
+@dataclasses.dataclass
+class CallStats:
+    """Filled in by a client during one call: payload bytes each way, for the metrics."""
+
+    sent: int = 0
+    received: int = 0
+
+
+class ProviderClient(Protocol):
+    provider: Provider
+
+    async def complete(
+        self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats
+    ) -> pb.ChatResponse:
+        """The whole reply; ``model`` is the name to send upstream."""
+        ...
+
+    def stream(
+        self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats
+    ) -> AsyncGenerator[pb.ChatChunk, None]:
+        """Content chunks, then a final chunk with finish_reason (and usage when the provider gives it)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def malformed_response(provider: Provider, exc: Exception) -> GatewayError:
+    """The provider answered, but not in its protocol's shape."""
+    return GatewayError(
+        Kind.BAD_GATEWAY,
+        f"provider {provider.name!r} sent a malformed response ({type(exc).__name__}: {exc})",
+        retryable=True,
+        upstream_status=502,
+    )

@@ -1,0 +1,45 @@
+"""The ``openai`` provider type's client: any OpenAI-compatible Chat Completions API (OpenAI, vLLM, LiteLLM, ...)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+import orjson
+
+from llmgateway.v1 import llm_service_pb2 as pb
+from llmgw.codecs import openai_chat
+from llmgw.providers._rest import RestClient
+from llmgw.providers.base import CallStats, malformed_response
+from llmgw_common.config import Provider
+from llmgw_common.providers.openai import OpenAISettings
+
+
+class OpenAIClient(RestClient):
+    path_suffix = "/chat/completions"
+
+    def __init__(self, provider: Provider, api_key: str | None) -> None:
+        settings: OpenAISettings = provider.settings
+        super().__init__(provider, api_key, settings.base_url, settings.max_connections)
+
+    async def complete(
+        self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats
+    ) -> pb.ChatResponse:
+        resp = await self.post(openai_chat.request_to_json(req, model=model), timeout, stats)
+        body = await self.read_json(resp, stats)
+        try:
+            return openai_chat.response_from_json(body)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise malformed_response(self.provider, exc) from None
+
+    async def stream(
+        self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats
+    ) -> AsyncGenerator[pb.ChatChunk, None]:
+        resp = await self.post(openai_chat.request_to_json(req, model=model, stream=True), timeout, stats)
+        events = (data async for _, data in self.sse_events(resp, stats))
+        try:
+            async for chunk in openai_chat.read_stream(
+                events, lambda body: self.error(502, orjson.dumps(body), {})
+            ):
+                yield chunk
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise malformed_response(self.provider, exc) from None
