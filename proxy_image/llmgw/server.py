@@ -23,9 +23,14 @@ import time
 
 from aiohttp import web
 from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from llmgw.fronts.llmservice import SERVICE_NAME, build_server
-from llmgw.fronts.openai import RestFront, admin_app
+from llmgw._net.grpc_server import BIDI, Method, Server
+from llmgw._net.http_server import HTTPServer
+from llmgw.fronts import grpc_health, llmservice
+from llmgw.fronts.admin import admin_app
+from llmgw.fronts.openai import OpenAIFront
+from llmgw.fronts.rest import RestRouter
 from llmgw.gateway import Gateway
 from llmgw.metrics import Metrics
 from llmgw_common import config as config_mod
@@ -44,7 +49,12 @@ class ProxyServer:
         self.draining = False
         self.grpc_port = self.rest_port = self.admin_port = 0
         self._runners: list[web.AppRunner] = []
-        self._rest: RestFront | None = None
+        self.health = grpc_health.HealthService()
+        self.grpc_server = self._grpc_server()
+        self.rest_server = HTTPServer(
+            RestRouter(OpenAIFront(self.gateway, self.config.limits.max_request_bytes).routes()).handle,
+            max_body_bytes=self.config.limits.max_request_bytes,
+        )
         self._watcher: asyncio.Task[None] | None = None
         self.metrics.reloads.labels("success").inc()
         self.metrics.last_reload.set(time.time())
@@ -56,19 +66,30 @@ class ProxyServer:
         context.load_cert_chain(self.config.tls.cert_file, self.config.tls.key_file)
         return context
 
+    def _grpc_server(self) -> Server:
+        """The gRPC port: the LLM service, health and reflection."""
+        names = (llmservice.SERVICE_NAME, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflector = reflection.aio.ReflectionServicer(names)
+        methods = {
+            **llmservice.LLMServiceFront(self.gateway).methods(),
+            **self.health.methods(),
+            f"/{reflection.SERVICE_NAME}/ServerReflectionInfo": Method(
+                BIDI, reflection_pb2.ServerReflectionRequest, reflector.ServerReflectionInfo
+            ),
+        }
+        return Server(methods, self.config.limits.max_request_bytes)
+
     async def start(self) -> None:
         cfg = self.config
-        self.grpc_server, self.health = build_server(self.gateway, cfg.limits.max_request_bytes)
         host, port = config_mod.check_listen_address(cfg.listen.grpc, "listen")
         self.grpc_port = await self.grpc_server.start(host, port, self._ssl_context())
-        for service in ("", SERVICE_NAME):
+        for service in ("", llmservice.SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
 
-        self._rest = RestFront(self.gateway, cfg.limits.max_request_bytes)
         host, port = config_mod.check_listen_address(cfg.listen.rest, "listen")
-        self.rest_port = await self._rest.server.start(host, port, self._ssl_context())
+        self.rest_port = await self.rest_server.start(host, port, self._ssl_context())
         self.admin_port = await self._serve(
-            admin_app(self.gateway, lambda: not self.draining), cfg.listen.admin
+            admin_app(self.metrics, lambda: not self.draining), cfg.listen.admin
         )
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
         log.info(
@@ -126,15 +147,13 @@ class ProxyServer:
         if self._watcher is not None:
             self._watcher.cancel()
         self.health.enter_graceful_shutdown()
-        if self._rest is not None:
-            await self._rest.server.stop_accepting()  # open requests and streams keep being served
+        await self.rest_server.stop_accepting()  # open requests and streams keep being served
         grpc_stopped = asyncio.get_running_loop().create_task(self.grpc_server.stop(grace))
         deadline = time.monotonic() + grace
         while self.gateway.admission.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await grpc_stopped
-        if self._rest is not None:
-            await self._rest.server.close()
+        await self.rest_server.close()
         for runner in self._runners:
             await runner.cleanup()
         await self.gateway.close()

@@ -1,0 +1,62 @@
+"""The REST port: one router over the routes every REST front exports, and the JSON error answers.
+
+Each REST front (today :mod:`llmgw.fronts.openai`) exports a mapping of path to (method, handler); the
+router serves their union on :class:`~llmgw._net.http_server.HTTPServer`. A path no front serves gets a 404
+naming those that exist; a known path with another method gets a 405 with ``Allow``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+
+import orjson
+
+from llmgw._net.http_server import Request, Responder
+from llmgw.codecs import openai_chat
+from llmgw.errors import GatewayError, Kind
+
+Handler = Callable[[Request, Responder], Awaitable[None]]
+Routes = Mapping[str, tuple[str, Handler]]  # path -> (method, handler)
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def error_json(exc: GatewayError) -> dict[str, object]:
+    """OpenAI's error envelope for ``exc``, for a plain response and for an error event inside a stream."""
+    return openai_chat.error_body(exc.message, exc.kind.error_type, code=exc.kind.name.lower())
+
+
+def send_error(respond: Responder, exc: GatewayError) -> None:
+    headers = dict(JSON_HEADERS)
+    if exc.retry_after is not None:
+        headers["Retry-After"] = f"{max(1, round(exc.retry_after))}"
+    elif exc.kind is Kind.RESOURCE_EXHAUSTED:
+        headers["Retry-After"] = "1"
+    respond.send(exc.kind.http_status, orjson.dumps(error_json(exc)), headers)
+
+
+class RestRouter:
+    """Dispatches each request to the handler of its path and method."""
+
+    def __init__(self, *fronts: Routes) -> None:
+        self.routes: dict[str, tuple[str, Handler]] = {}
+        for routes in fronts:
+            for path, route in routes.items():
+                if path in self.routes:
+                    raise ValueError(f"two REST fronts serve {path}")
+                self.routes[path] = route
+
+    async def handle(self, request: Request, respond: Responder) -> None:
+        route = self.routes.get(request.path)
+        if route is None:
+            known = ", ".join(f"{m} {p}" for p, (m, _) in self.routes.items())
+            message = f"no route for {request.method} {request.path} (this gateway serves {known})"
+            send_error(respond, GatewayError(Kind.NOT_FOUND, message))
+        elif request.method != route[0]:
+            message = f"{request.path} accepts {route[0]}, not {request.method}"
+            body = orjson.dumps(
+                openai_chat.error_body(message, "invalid_request_error", code="method_not_allowed")
+            )
+            respond.send(405, body, {**JSON_HEADERS, "Allow": route[0]})
+        else:
+            await route[1](request, respond)
