@@ -1,0 +1,226 @@
+"""The fake of the gateway's own gRPC API, ``llmgateway.v1.LLMService`` (kind ``grpc``).
+
+``ChatCompletion`` (unary), ``StreamingChat`` (one ``ChatChunk`` a token, then one with the finish reason and
+usage) and ``ListModels`` over grpc.aio, beside the standard ``grpc.health.v1.Health`` service (SERVING for
+"" and ``llmgateway.v1.LLMService``). The key comes as ``authorization: Bearer ...`` metadata; requests are
+validated as the gateway validates them (``llmgw.chat.validate_request``). An injected fault is the gRPC
+status :func:`grpc_code_for` maps its HTTP status to; rate limiting is ``RESOURCE_EXHAUSTED`` with a
+``retry-after`` trailer, and a stream broken midway ends with the same status. The control API is served over
+HTTP on ``control_port`` (see :mod:`llmgw_dev.fakes.server`).
+
+:class:`GrpcApi` is what a fake of any gRPC API needs (a grpc.aio server with health, auth, the faults'
+status codes); :class:`LLMService` is this API on top of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from llmgateway.v1 import llm_service_pb2 as pb
+from llmgateway.v1 import llm_service_pb2_grpc
+from llmgw.chat import validate_request
+from llmgw.errors import GatewayError
+from llmgw_dev.fakes.faults import MODEL_CREATED, Reply, count_words, new_id, seconds
+from llmgw_dev.fakes.server import Api, FakeProvider
+
+_CODES: Final = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
+    409: grpc.StatusCode.ABORTED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    499: grpc.StatusCode.CANCELLED,
+    500: grpc.StatusCode.INTERNAL,
+    501: grpc.StatusCode.UNIMPLEMENTED,
+    502: grpc.StatusCode.UNAVAILABLE,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+    529: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def grpc_code_for(status: int) -> grpc.StatusCode:
+    """The gRPC status code an injected HTTP-like status is reported as."""
+    code = _CODES.get(status)
+    if code is not None:
+        return code
+    return grpc.StatusCode.INTERNAL if status >= 500 else grpc.StatusCode.UNKNOWN
+
+
+class GrpcApi(Api):
+    """A gRPC API on a grpc.aio server, with the health service; a subclass adds its own services."""
+
+    service_name: str = ""  # the full name of the subclass's service, reported SERVING by health
+
+    def __init__(self, fake: FakeProvider) -> None:
+        super().__init__(fake)
+        self._server: Any = None
+
+    def _add_services(self, server: Any) -> None:
+        """Register the API's services on ``server``."""
+        raise NotImplementedError
+
+    async def start(self, port: int) -> int:
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        self._add_services(server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        target = self.fake.target
+        try:
+            port = server.add_insecure_port(target)
+        except RuntimeError as exc:  # grpcio reports a failed bind as RuntimeError
+            raise OSError(f"cannot bind the gRPC server to {target}: {exc}") from exc
+        if not port:
+            raise OSError(f"cannot bind the gRPC server to {target}")
+        await server.start()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(self.service_name, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        return port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.stop(None)
+
+    async def _auth(self, context: grpc.aio.ServicerContext) -> None:
+        """Abort the RPC with UNAUTHENTICATED unless its metadata carries the key."""
+        if self._bearer is None:
+            return
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and hmac.compare_digest(value.encode(), self._bearer.encode()):
+                return
+        self.fake.stats["unauthorized"] += 1
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED, "invalid or missing API key (authorization: Bearer ...)"
+        )
+
+    async def _abort(self, context: grpc.aio.ServicerContext, status: int, retry_after: float) -> None:
+        """Abort the RPC with an injected error of HTTP status ``status``."""
+        code = grpc_code_for(status)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            await context.abort(
+                code,
+                f"rate limit exceeded; retry after {seconds(retry_after)}s",
+                trailing_metadata=(("retry-after", seconds(retry_after)),),
+            )
+        await context.abort(code, f"injected error (HTTP {status})")
+
+    async def _break(self, context: grpc.aio.ServicerContext) -> None:
+        """End a stream midway with the injected error."""
+        self.fake.stats["injected_errors"] += 1
+        await self._abort(context, self.fake.faults.error_status, self.fake.faults.retry_after_s)
+
+
+class _Servicer:
+    """The ``LLMService`` handlers, bound to the API's methods.
+
+    Bound methods rather than a subclass of the generated servicer, so that grpc.aio sees ``StreamingChat``
+    as an async generator function (it inspects the handler, not what it returns).
+    """
+
+    def __init__(self, api: LLMService) -> None:
+        self.ChatCompletion = api._unary
+        self.StreamingChat = api._stream
+        self.ListModels = api._list_models
+
+
+class LLMService(GrpcApi):
+    """``llmgateway.v1.LLMService``; see the module docstring."""
+
+    service_name = "llmgateway.v1.LLMService"
+
+    def __init__(self, fake: FakeProvider) -> None:
+        super().__init__(fake)
+        self._models = pb.ListModelsResponse(
+            models=[
+                pb.Model(id=m, owned_by="fake-provider", created=MODEL_CREATED) for m in sorted(fake.models)
+            ]
+        )
+
+    def _add_services(self, server: Any) -> None:
+        llm_service_pb2_grpc.add_LLMServiceServicer_to_server(_Servicer(self), server)
+
+    async def _list_models(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        await self._auth(context)
+        return self._models
+
+    async def _answer(
+        self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[Reply, pb.Usage, pb.FinishReason]:
+        """Auth, validation, faults and latency, then the reply (aborts the RPC unless it is answered)."""
+        await self._auth(context)
+        try:
+            validate_request(request)
+        except GatewayError as exc:
+            self.fake.stats["rejected"] += 1
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+        if not self._known(request.model):
+            self.fake.stats["rejected"] += 1
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} not found")
+        fault = await self._admit()
+        if fault is not None:
+            await self._abort(context, *fault)
+        prompt = ""
+        prompt_tokens = 0
+        for message in request.messages:
+            prompt_tokens += count_words(message.content)
+            if message.role == pb.ROLE_USER:
+                prompt = message.content
+        max_tokens = request.max_tokens if request.HasField("max_tokens") else None
+        reply = self.fake.reply(prompt, max_tokens, request.stop)
+        usage = pb.Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=reply.completion_tokens,
+            total_tokens=prompt_tokens + reply.completion_tokens,
+        )
+        finish = pb.FINISH_REASON_LENGTH if reply.finish == "length" else pb.FINISH_REASON_STOP
+        return reply, usage, finish
+
+    async def _unary(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
+        with self._counted():
+            reply, usage, finish = await self._answer(request, context)
+            response = pb.ChatResponse(
+                id=new_id("chatcmpl-"),
+                model=request.model,
+                content=reply.text,
+                finish_reason=finish,
+                usage=usage,
+                created=int(time.time()),
+            )
+            self.fake.stats["completed"] += 1
+            return response
+
+    async def _stream(
+        self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ChatChunk]:
+        with self._counted():
+            reply, usage, finish = await self._answer(request, context)
+            chunk_id = new_id("chatcmpl-")
+            created = int(time.time())
+            delay = self._token_delay()
+            break_after = self.fake.faults.stream_error_after_tokens
+            for i, token in enumerate(reply.tokens):
+                if i == break_after:
+                    await self._break(context)
+                if delay > 0 and i:
+                    await asyncio.sleep(delay)
+                yield pb.ChatChunk(id=chunk_id, model=request.model, delta=token, created=created)
+            if break_after == len(reply.tokens):
+                await self._break(context)
+            yield pb.ChatChunk(
+                id=chunk_id, model=request.model, finish_reason=finish, usage=usage, created=created
+            )
+            self.fake.stats["completed"] += 1
