@@ -7,10 +7,17 @@ BIN := $(VENV)/bin
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The four distributions, one a folder (see the root pyproject.toml), editable: an edit needs no reinstall,
+# and their llmgw.commands entry points give `llmgw` all its subcommands. llm-gateway-dev requires the other
+# three at 0.1.0, which these folders satisfy.
+PACKAGES := common proxy_image operator dev
+
+$(VENV)/.installed: $(addsuffix /pyproject.toml,$(PACKAGES))
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	@# A .venv made before the split holds the single llm-gateway wheel, whose entry points would double theirs.
+	$(BIN)/pip uninstall --quiet --yes llm-gateway 2>/dev/null
+	$(BIN)/pip install --quiet $(addprefix -e ./,$(PACKAGES))
 	@touch $@
 
 proto: venv
@@ -19,6 +26,7 @@ proto: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: venv
 	$(BIN)/mypy
@@ -36,3 +44,4 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(addsuffix /build,$(PACKAGES)) $(addsuffix /*.egg-info,$(PACKAGES))
