@@ -16,13 +16,13 @@ SubParsers = argparse._SubParsersAction
 
 
 def _run_fake_provider(args: argparse.Namespace) -> int:
-    from llmgw_dev import fakes
+    from llmgw_dev.fakes.options import run
 
-    return fakes.run(args)
+    return run(args)
 
 
 def register_fake_provider(sub: SubParsers) -> None:
-    from llmgw_dev.fakes import configure_parser
+    from llmgw_dev.fakes.options import configure_parser  # imports neither grpc nor aiohttp
 
     parser = sub.add_parser("fake-provider", help="run a fake LLM provider on a loopback address")
     configure_parser(parser)
