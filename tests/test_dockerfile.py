@@ -1,4 +1,6 @@
-"""The Dockerfile: hadolint finds nothing in it, and its two targets, built without Docker, work.
+"""The Dockerfile: hadolint finds nothing in it, and its two targets, built without Docker, work and hold
+what they should: each image its own distribution (llm-gateway-proxy or llm-gateway-operator) with
+llm-gateway-common and exactly their dependencies, nothing of the other image's and nothing of llm-gateway-dev.
 
 No Docker engine runs here. So this module reads the Dockerfile as BuildKit does (stages and the chains of
 stages behind each target, ARG scopes, ENV, WORKDIR, LABEL, USER, COPY through .dockerignore, RUN and its
@@ -18,7 +20,9 @@ stands for the stage's root filesystem (ROOT below):
   that may download. The stages of the final images run without a network at all (``unshare --net``): their
   pip can install from the builder's /wheels and from nowhere else.
 
-Then each image's ENTRYPOINT + CMD runs the same way, with the image's environment alone.
+Then each image's ENTRYPOINT + CMD runs the same way, with the image's environment alone. What an image
+holds is read from its venv (ROOT/opt/llmgw), which its final stage made afresh and filled from the builder's
+wheels with the one requirement it installs: the images' requirement sets are installed once, by the build.
 
 What this cannot show: the base image itself (that its tag exists, that it has groupadd/useradd and a pip
 that knows ``--python``), the layers and their sizes, and the images' processes running as uid 10001 (here
@@ -28,6 +32,7 @@ the Python interpreter and pytest's folders are readable by root only).
 from __future__ import annotations
 
 import glob
+import importlib.metadata
 import json
 import os
 import posixpath
@@ -57,7 +62,8 @@ from llmgw_operator import manifests
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
-PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+# The distributions the images install (every folder's pyproject.toml has the same version and license).
+PROJECT = tomllib.loads((ROOT / "proxy_image" / "pyproject.toml").read_text())["project"]
 UID = "10001"
 
 # What the official python images set, and the host's tools a RUN may call (see the module's docstring).
@@ -662,7 +668,11 @@ def test_hadolint_finds_nothing(tmp_path: Path) -> None:
 def test_context_holds_only_what_the_build_copies(tmp_path: Path) -> None:
     files = build_context(tmp_path)
     tops = {f.split("/")[0] for f in files}
-    assert tops == {"pyproject.toml", "README.md", "proto", "hack", "proxy_image", "operator"}
+    # The three distributions the images are built from, and what generates the protobuf code; not dev/.
+    assert tops == {"proto", "hack", "common", "proxy_image", "operator"}
+    assert [f for f in files if f.startswith("hack/")] == ["hack/gen_proto.py"]
+    for folder in ("common", "proxy_image", "operator"):
+        assert f"{folder}/pyproject.toml" in files
     for path in files:
         assert "__pycache__" not in path and not path.endswith((".pyc", ".pyo"))
     # The build generates the protobuf code: the committed copy is not sent.
@@ -670,9 +680,25 @@ def test_context_holds_only_what_the_build_copies(tmp_path: Path) -> None:
     assert "proto/llmgateway/v1/llm_service.proto" in files
     assert "operator/llmgw_operator/data/crd.yaml" in files
     ignore = DockerIgnore((ROOT / ".dockerignore").read_text())
-    for kept_out in (".git/HEAD", ".venv/bin/python", "tests/conftest.py", ".llmgw/pki/ca.key", "bench/x.py"):
+    for kept_out in (
+        ".git/HEAD",
+        ".venv/bin/python",
+        "tests/conftest.py",
+        ".llmgw/pki/ca.key",
+        "bench/x.py",
+        "dev/pyproject.toml",
+        "dev/llmgw_dev/cli.py",
+        "pyproject.toml",
+    ):
         assert ignore.excluded(kept_out), kept_out
-    for cache in (".pytest_cache/v", ".mypy_cache/x", ".ruff_cache/x", "proxy_image/llmgw/__pycache__/a.pyc"):
+    for cache in (
+        ".pytest_cache/v",
+        ".mypy_cache/x",
+        ".ruff_cache/x",
+        "proxy_image/llmgw/__pycache__/a.pyc",
+        "common/llm_gateway_common.egg-info/PKG-INFO",
+        "operator/build/lib/llmgw_operator/cli.py",
+    ):
         assert ignore.excluded(cache), cache
 
 
@@ -694,7 +720,7 @@ def test_target_configuration(
     labels = {k.removeprefix("org.opencontainers.image."): v for k, v in image.labels.items()}
     assert labels["title"] == title and labels["description"]
     assert labels["version"] == PROJECT["version"]
-    assert labels["licenses"] == PROJECT["license"]["text"]
+    assert labels["licenses"] == PROJECT["license"]
     assert labels["base.name"] == dockerfile.global_args["BASE_IMAGE"]
     # A slim Python base pinned by its full tag (a digest may follow), of a Python the project supports.
     base = re.fullmatch(
@@ -773,25 +799,120 @@ def test_images_run_as_their_own_user(proxy_image: Image, operator_image: Image)
         assert image.user == f"{UID}:{UID}"
 
 
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def distributions(image: Image) -> set[str]:
+    """The distributions the image's own Python sees."""
     code = "import importlib.metadata as m; print('\\n'.join(d.metadata['Name'] for d in m.distributions()))"
     proc = image.python(code)
     assert proc.returncode == 0, proc.stderr
-    return {re.sub(r"[-_.]+", "-", name).lower() for name in proc.stdout.split()}
+    return {canonical(name) for name in proc.stdout.split()}
+
+
+def site_packages(image: Image) -> Path:
+    (found,) = image.root.glob("opt/llmgw/lib/python3.*/site-packages")
+    return found
+
+
+def requirements(image: Image) -> dict[str, set[tuple[str, frozenset[str]]]]:
+    """Each distribution in the image's venv: what it requires, markers evaluated for the extras it is
+    installed with (as (name, extras) pairs, the requirements of an extra under the name ``name[extra]``)."""
+    from packaging.requirements import Requirement
+
+    result: dict[str, set[tuple[str, frozenset[str]]]] = {}
+    for dist in importlib.metadata.distributions(path=[str(site_packages(image))]):
+        name = canonical(dist.metadata["Name"])
+        for extra in ["", *map(canonical, dist.metadata.get_all("Provides-Extra") or [])]:
+            reqs = map(Requirement, dist.requires or [])
+            result[f"{name}[{extra}]" if extra else name] = {
+                (canonical(req.name), frozenset(map(canonical, req.extras)))
+                for req in reqs
+                if req.marker is None or req.marker.evaluate({"extra": extra})
+            }
+    return result
+
+
+def closure(image: Image, top: str) -> set[str]:
+    """The distributions ``pip install top`` needs: ``top`` and its requirements', with their extras'."""
+    requires = requirements(image)
+    needed, todo = set(), [(top, frozenset[str]())]
+    while todo:
+        name, extras = todo.pop()
+        keys = [name, *(f"{name}[{extra}]" for extra in extras)]
+        if all(key in needed for key in keys):
+            continue
+        needed.update(keys)
+        for key in keys:
+            todo.extend(requires.get(key, set()))
+    return {key for key in needed if "[" not in key}
+
+
+def modules(image: Image, names: list[str]) -> dict[str, bool]:
+    """Whether the image's Python finds each top-level module."""
+    code = "import importlib.util as u, json, sys; print(json.dumps({m: bool(u.find_spec(m)) for m in sys.argv[1:]}))"
+    proc = image.run("-c", code, *names, entrypoint=["python"])
+    assert proc.returncode == 0, proc.stderr
+    found: dict[str, bool] = json.loads(proc.stdout)
+    return found
+
+
+def subcommands(image: Image) -> list[str]:
+    """The subcommands ``docker run IMAGE --help`` lists (its ENTRYPOINT is llmgw)."""
+    proc = image.run("--help")
+    assert proc.returncode == 0, proc.stderr
+    listing = proc.stdout.split("\n  COMMAND\n", 1)[1].split("\n\n", 1)[0]
+    return re.findall(r"^ {4}([a-z][\w-]*)", listing, re.M)
+
+
+# What each image holds: its distribution and llm-gateway-common; the top-level modules it must have, and
+# those of the other image and of the dev tools it must not; the llmgw subcommands its entry points give.
+CONTENTS = {
+    "proxy": (
+        {"llm-gateway-common", "llm-gateway-proxy"},
+        ["llmgw", "llmgateway", "llmgw_common", "grpc", "uvloop", "httptools", "hpack", "yaml"],
+        ["llmgw_operator", "llmgw_dev", "kopf", "lightkube", "grpc_tools", "pytest", "openai"],
+        ["proxy"],
+    ),
+    "operator": (
+        {"llm-gateway-common", "llm-gateway-operator"},
+        ["llmgw_operator", "llmgw_common", "kopf", "lightkube", "yaml", "aiohttp", "prometheus_client"],
+        ["llmgw", "llmgateway", "llmgw_dev", "grpc", "uvloop", "httptools", "google", "grpc_tools", "pytest"],
+        ["operator", "status"],
+    ),
+}
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_proxy_image_stays_lean(proxy_image: Image, operator_image: Image) -> None:
-    for module in ("kopf", "lightkube"):
-        proc = proxy_image.python(f"import {module}")
-        assert proc.returncode != 0 and f"No module named '{module}'" in proc.stderr
-    proxy, operator = distributions(proxy_image), distributions(operator_image)
-    assert "llm-gateway" in proxy and proxy < operator
-    assert {"kopf", "lightkube"} <= operator - proxy
-    # Neither image has the build's tools, nor pip itself in its venv.
-    assert not (proxy | operator) & {"grpcio-tools", "pip", "setuptools", "wheel"}
-    assert not list(proxy_image.root.glob("wheels")) and not list(operator_image.root.glob("wheels"))
+@pytest.mark.parametrize("target", ["proxy", "operator"])
+def test_image_holds_its_distribution_and_nothing_else(request: pytest.FixtureRequest, target: str) -> None:
+    image: Image = request.getfixturevalue(f"{target}_image")
+    own, present, absent, commands = CONTENTS[target]
+    installed = distributions(image)
+    assert {d for d in installed if d.startswith("llm-gateway")} == own
+    # Exactly the requirement set of the one distribution the stage installs: nothing more, nothing less.
+    assert installed == closure(image, f"llm-gateway-{target}")
+    # Neither image has the build's tools, nor pip itself in its venv, nor the wheels.
+    assert not installed & {"grpcio-tools", "pip", "setuptools", "wheel"}
+    assert not list(image.root.glob("wheels"))
+    found = modules(image, present + absent)
+    assert [m for m in present if not found[m]] == []
+    assert [m for m in absent if found[m]] == []
+    assert subcommands(image) == commands
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_operator_image_has_hpack_through_lightkube_only(operator_image: Image) -> None:
+    """hpack, the proxy's HTTP/2 header codec, is in the operator image too: lightkube requires
+    httpx2[http2], whose h2 requires hpack. No llm-gateway distribution asks for it there."""
+    requires = requirements(operator_image)
+    assert {name for name, reqs in requires.items() for req, _ in reqs if req == "hpack"} == {"h2"}
+    assert ("httpx2", frozenset({"http2", "ws"})) in requires["lightkube"]
+    ours = requires["llm-gateway-operator"] | requires["llm-gateway-common"]
+    assert not [name for name, _ in ours if name in ("hpack", "h2")]
 
 
 @pytest.mark.slow
@@ -846,7 +967,7 @@ def test_operator_image_reconciles_on_a_real_api_server(
 
 # --- the emulation fails when a RUN line does -----------------------------------------------------------
 
-PROXY_INSTALL = '--find-links /wheels "llm-gateway==${VERSION}"'
+PROXY_INSTALL = '--find-links /wheels "llm-gateway-proxy==${VERSION}"'
 
 
 @pytest.mark.slow
@@ -858,8 +979,8 @@ PROXY_INSTALL = '--find-links /wheels "llm-gateway==${VERSION}"'
         (
             "proxy",
             PROXY_INSTALL,
-            '"llm-gateway==${VERSION}"',
-            "No matching distribution found for llm-gateway",
+            '"llm-gateway-proxy==${VERSION}"',
+            "No matching distribution found for llm-gateway-proxy",
         ),
         # The venv is made without pip: its own python cannot run pip.
         (
@@ -873,7 +994,7 @@ PROXY_INSTALL = '--find-links /wheels "llm-gateway==${VERSION}"'
             "proxy",
             "FROM runtime AS proxy\nARG VERSION\n",
             "FROM runtime AS proxy\n",
-            "found for llm-gateway==\n",
+            "found for llm-gateway-proxy==\n",
         ),
         # A tool that is not in the base image.
         (
