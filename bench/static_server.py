@@ -32,6 +32,7 @@ import grpc  # noqa: E402  (after grpc_env, which grpcio reads on import)
 
 from llmgw._net.grpc_server import UNARY, Method, Server, ServerCall  # noqa: E402
 from llmgw._net.http_server import HTTPServer, Request, Responder  # noqa: E402
+from llmgw_common.limits import HTTP2Limits, HTTPServerLimits  # noqa: E402
 
 REPLY = (
     b'{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"bench-rest","choices":[{"index":0,'
@@ -44,7 +45,7 @@ async def _llmgw() -> int:
     async def handle(request: Request, respond: Responder) -> None:
         respond.send(200, REPLY, {"Content-Type": "application/json"})
 
-    return await HTTPServer(handle, max_body_bytes=1 << 20).start("127.0.0.1", 0)
+    return await HTTPServer(handle, HTTPServerLimits(max_body_bytes=1 << 20)).start("127.0.0.1", 0)
 
 
 async def _aiohttp() -> int:
@@ -75,9 +76,9 @@ async def _grpc_llmgw() -> int:
     async def handle(request: pb.ChatRequest, call: ServerCall) -> pb.ChatResponse:
         return GRPC_REPLY
 
-    return await Server({CHAT_COMPLETION: Method(UNARY, pb.ChatRequest, handle)}, 1 << 20).start(
-        "127.0.0.1", 0
-    )
+    return await Server(
+        {CHAT_COMPLETION: Method(UNARY, pb.ChatRequest, handle)}, HTTP2Limits(max_message_bytes=1 << 20)
+    ).start("127.0.0.1", 0)
 
 
 async def _grpc_aio() -> int:

@@ -189,3 +189,84 @@ def test_listen_host_env_replaces_the_host_and_keeps_the_ports(
     monkeypatch.delenv("LLMGW_LISTEN_HOST")
     assert config.load(path).listen.admin == "[::]:9090"
     assert config.parse(data).listen.rest == "0.0.0.0:8080"  # parse alone never reads the environment
+
+
+def test_layer_limits_default_to_the_proxys_long_standing_values() -> None:
+    limits = config.parse(base()).limits
+    assert limits.rest_server.max_head_bytes == 16 * 1024 and limits.rest_server.keepalive_timeout_s == 75
+    assert limits.rest_server.max_body_bytes == limits.max_request_bytes == 4 * 1024 * 1024
+    assert limits.grpc_server.stream_window_bytes == 4 * 1024 * 1024
+    assert limits.grpc_server.max_message_bytes == limits.max_request_bytes
+    assert limits.rest_client.max_response_bytes == 64 * 1024 * 1024
+    assert limits.grpc_client.http2.max_message_bytes == 64 * 1024 * 1024
+    assert limits.grpc_client.keepalive_idle_s == 30 and limits.grpc_client.refused_stream_attempts == 5
+
+
+def test_layer_limits_are_read_from_the_configuration() -> None:
+    data = base()
+    data["limits"] = {
+        "maxRequestBytes": 2048,
+        "restServer": {
+            "maxHeadBytes": 4096,
+            "maxPipelinedRequests": 2,
+            "requestReadTimeoutSeconds": 5,
+            "keepAliveTimeoutSeconds": 9,
+        },
+        "grpcServer": {
+            "streamWindowBytes": 70_000,
+            "connectionWindowBytes": 140_000,
+            "maxHeaderBlockBytes": 8192,
+        },
+        "restClient": {
+            "idleTimeoutSeconds": 3,
+            "readAheadBytes": 4096,
+            "maxResponseBytes": 1 << 20,
+            "maxErrorBodyBytes": 2048,
+        },
+        "grpcClient": {
+            "streamWindowBytes": 80_000,
+            "maxMessageBytes": 1 << 20,
+            "keepAliveIdleSeconds": 7,
+            "keepAliveIntervalSeconds": 2,
+            "keepAliveProbes": 5,
+            "unackedDataTimeoutSeconds": 11,
+            "refusedStreamAttempts": 2,
+        },
+    }
+    limits = config.parse(data).limits
+    assert (limits.rest_server.max_head_bytes, limits.rest_server.max_pipelined_requests) == (4096, 2)
+    assert (limits.rest_server.request_timeout_s, limits.rest_server.keepalive_timeout_s) == (5, 9)
+    assert limits.rest_server.max_body_bytes == 2048 and limits.grpc_server.max_message_bytes == 2048
+    assert limits.grpc_server.stream_window_bytes == 70_000
+    assert limits.grpc_server.connection_window_bytes == 140_000
+    assert limits.grpc_server.max_header_block_bytes == 8192
+    assert limits.rest_client.idle_timeout_s == 3 and limits.rest_client.read_ahead_bytes == 4096
+    assert (
+        limits.rest_client.max_response_bytes == 1 << 20 and limits.rest_client.max_error_body_bytes == 2048
+    )
+    client = limits.grpc_client
+    assert client.http2.stream_window_bytes == 80_000 and client.http2.max_message_bytes == 1 << 20
+    assert client.http2.connection_window_bytes == 16 * 1024 * 1024  # the default, kept
+    assert (client.keepalive_idle_s, client.keepalive_interval_s, client.keepalive_probes) == (7, 2, 5)
+    assert client.unacked_data_timeout_s == 11 and client.refused_stream_attempts == 2
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "message"),
+    [
+        ("restServer", {"colour": 1}, "limits.restServer.colour: unknown key"),
+        ("grpcServer", {"streamWindowBytes": 100}, "limits.grpcServer.streamWindowBytes: must be an integer"),
+        (
+            "grpcClient",
+            {"streamWindowBytes": 2**31},
+            "limits.grpcClient.streamWindowBytes: must be an integer",
+        ),
+        ("restClient", {"idleTimeoutSeconds": 0}, "limits.restClient.idleTimeoutSeconds: must be > 0"),
+    ],
+)
+def test_bad_layer_limits_name_the_key(section: str, value: Any, message: str) -> None:
+    data = base()
+    data["limits"] = {section: value}
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(data)
+    assert message in str(info.value)

@@ -25,7 +25,6 @@ import pytest
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
-from llmgw._net import grpc_channel
 from llmgw._net.grpc_channel import Channel
 from llmgw._net.grpc_wire import (
     DATA,
@@ -42,6 +41,7 @@ from llmgw._net.grpc_wire import (
     metadata_value,
     rst_stream,
 )
+from llmgw_common.limits import GrpcChannelLimits, HTTP2Limits
 
 Context: TypeAlias = grpc.aio.ServicerContext  # a server handler's context (grpc has no type hints)
 Methods: TypeAlias = dict[str, grpc.RpcMethodHandler]
@@ -161,15 +161,15 @@ async def test_unary_ok_with_metadata_and_deadline(open_channel: Callable[..., C
 @pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux socket options")
 async def test_a_vanished_server_is_noticed_by_the_kernel(open_channel: Callable[..., Channel]) -> None:
     async with serving({"M": unary(echo)}) as served:
-        channel = open_channel(served.target)
+        limits = GrpcChannelLimits(keepalive_idle_s=17, keepalive_probes=4, unacked_data_timeout_s=12.5)
+        channel = open_channel(served.target, limits=limits)
         await channel.unary("/t.S/M", b"x", timeout=2.0)
         assert channel._conn is not None and channel._conn.transport is not None
         sock = channel._conn.transport.get_extra_info("socket")
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == grpc_channel.KEEPALIVE_IDLE_S
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == (
-            grpc_channel.UNACKED_DATA_TIMEOUT_MS
-        )
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 17
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 12_500
 
 
 async def test_an_http1_server_is_named_as_not_grpc(open_channel: Callable[..., Channel]) -> None:
@@ -484,7 +484,9 @@ async def test_response_over_max_message_bytes(open_channel: Callable[..., Chann
         yield b"y" * int(request)
 
     async with serving({"M": unary(sized), "S": streaming(stream_sized)}) as served:
-        channel = open_channel(served.target, max_message_bytes=100 * KIB)
+        channel = open_channel(
+            served.target, limits=GrpcChannelLimits(http2=HTTP2Limits(max_message_bytes=100 * KIB))
+        )
         assert len(await channel.unary("/t.S/M", b"102400", timeout=2.0)) == 100 * KIB  # at the limit
         error = await rpc_error(channel.unary("/t.S/M", b"300000", timeout=2.0))
         assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -41,6 +41,7 @@ from llmgw._net.grpc_wire import (
     message,
     settings_frame,
 )
+from llmgw_common.limits import HTTP2Limits
 
 Request = health_pb2.HealthCheckRequest  # a message with one string field: handy as a test payload
 Response = health_pb2.HealthCheckResponse
@@ -96,7 +97,7 @@ async def served() -> AsyncIterator[tuple[Server, Handlers, int]]:
             "/t.S/Count": Method(SERVER_STREAM, Request, handlers.count),
             "/t.S/Chat": Method(BIDI, Request, handlers.chat),
         },
-        max_message_bytes=100_000,
+        HTTP2Limits(max_message_bytes=100_000),
     )
     port = await server.start("127.0.0.1", 0)
     yield server, handlers, port

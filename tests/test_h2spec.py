@@ -21,6 +21,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from llmgw._net.grpc_server import UNARY, Method, Server, ServerCall
+from llmgw_common.limits import HTTP2Limits
 
 H2SPEC_MODULE = "github.com/summerwind/h2spec/cmd/h2spec"
 H2SPEC_VERSION = "v2.2.1+incompatible"
@@ -73,7 +74,10 @@ async def test_h2spec_finds_no_violation(
     async def echo(request: health_pb2.HealthCheckRequest, call: ServerCall) -> health_pb2.HealthCheckRequest:
         return request
 
-    server = Server({"/t.S/Echo": Method(UNARY, health_pb2.HealthCheckRequest, echo)}, 1 << 20)
+    server = Server(
+        {"/t.S/Echo": Method(UNARY, health_pb2.HealthCheckRequest, echo)},
+        HTTP2Limits(max_message_bytes=1 << 20),
+    )
     context = None
     if tls:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from llmgw._net import http_client
+from llmgw_common.limits import HTTPClientLimits
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -66,7 +67,7 @@ def client(server: RawServer, **kwargs: float) -> http_client.HTTPClient:
         {"content-type": "application/json", "authorization": "Bearer k"},
         max_connections=int(options["max_connections"]),
         connect_timeout=options["connect_timeout"],
-        idle_timeout=options.get("idle_timeout", 30.0),
+        limits=HTTPClientLimits(idle_timeout_s=options.get("idle_timeout", 30.0)),
     )
 
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from llmgw._net.http_server import HTTPServer, Request, Responder
+from llmgw_common.limits import HTTPServerLimits
 
 
 class App:
@@ -44,7 +45,8 @@ class App:
 @contextlib.asynccontextmanager
 async def serving(**kwargs: float) -> AsyncIterator[tuple[App, HTTPServer, int]]:
     app = App()
-    server = HTTPServer(app, max_body_bytes=int(kwargs.pop("max_body_bytes", 1000)), **kwargs)  # type: ignore[arg-type]
+    kwargs.setdefault("max_body_bytes", 1000)
+    server = HTTPServer(app, HTTPServerLimits(**kwargs))  # type: ignore[arg-type]
     port = await server.start("127.0.0.1", 0)
     try:
         yield app, server, port
@@ -197,7 +199,7 @@ async def test_drain_closes_idle_connections_and_finishes_busy_ones() -> None:
 
 
 async def test_a_trickling_client_is_disconnected() -> None:
-    async with serving(request_timeout=0.3, keepalive_timeout=0.3) as (_, _, port):
+    async with serving(request_timeout_s=0.3, keepalive_timeout_s=0.3) as (_, _, port):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\n")  # ... and never the rest
         assert await asyncio.wait_for(reader.read(), 5) == b""

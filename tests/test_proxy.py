@@ -572,3 +572,33 @@ async def test_tls_on_both_fronts(
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
     async with grpc.aio.secure_channel(f"127.0.0.1:{server.grpc_port}", credentials) as channel:
         assert (await pb_grpc.LLMServiceStub(channel).ChatCompletion(grpc_request())).content
+
+
+async def test_layer_limits_from_the_configuration_reach_both_fronts(fakes: Fakes, start_proxy: Any) -> None:
+    """``limits.restServer`` bounds the REST front's request head; ``limits.grpcServer`` is what the gRPC front
+    advertises in its SETTINGS (INITIAL_WINDOW_SIZE, MAX_HEADER_LIST_SIZE)."""
+    config = proxy_config(fakes)
+    config["limits"] = {
+        "restServer": {"maxHeadBytes": 2048},
+        "grpcServer": {"streamWindowBytes": 100_000, "maxHeaderBlockBytes": 9000},
+    }
+    server = await start_proxy(config)
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.rest_port)
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 3000 + b"\r\n\r\n")
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 431")
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.grpc_port)
+    writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+    head = await asyncio.wait_for(reader.readexactly(9), 5)
+    length, frame_type = int.from_bytes(head[:3], "big"), head[3]
+    payload = await asyncio.wait_for(reader.readexactly(length), 5)
+    writer.close()
+    assert frame_type == 0x4  # the server's first frame is its SETTINGS
+    settings = {
+        int.from_bytes(payload[i : i + 2], "big"): int.from_bytes(payload[i + 2 : i + 6], "big")
+        for i in range(0, length, 6)
+    }
+    assert settings[0x4] == 100_000 and settings[0x6] == 9000

@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from llmgw_common import limits as layer_limits
+from llmgw_common.limits import GrpcChannelLimits, HTTP2Limits, HTTPClientLimits, HTTPServerLimits
 from llmgw_common.providers import TYPES
 from llmgw_common.reader import ConfigError, Reader, check_listen_address
 
@@ -127,9 +129,15 @@ class Auth:
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
+    """The gateway's own bounds, and each network layer's (:mod:`llmgw_common.limits`)."""
+
     max_concurrent_requests: int = 512
     max_request_bytes: int = 4 * 1024 * 1024
     request_timeout_s: float = 300.0
+    rest_server: HTTPServerLimits = dataclasses.field(default_factory=HTTPServerLimits)
+    grpc_server: HTTP2Limits = dataclasses.field(default_factory=HTTP2Limits)
+    rest_client: HTTPClientLimits = dataclasses.field(default_factory=HTTPClientLimits)
+    grpc_client: GrpcChannelLimits = dataclasses.field(default_factory=GrpcChannelLimits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +249,27 @@ def _route(r: Reader, providers: dict[str, Provider]) -> Route:
     )
 
 
+def _limits(r: Reader) -> Limits:
+    max_request_bytes = r.integer("maxRequestBytes", Limits.max_request_bytes, minimum=1024)
+    return Limits(
+        max_concurrent_requests=r.integer("maxConcurrentRequests", Limits.max_concurrent_requests),
+        max_request_bytes=max_request_bytes,
+        request_timeout_s=r.number("requestTimeoutSeconds", Limits.request_timeout_s),
+        rest_server=r.section(
+            "restServer",
+            lambda s: layer_limits.parse_http_server(s, max_request_bytes),
+            layer_limits.parse_http_server(Reader({}, ""), max_request_bytes),
+        ),
+        grpc_server=r.section(
+            "grpcServer",
+            lambda s: layer_limits.parse_grpc_server(s, max_request_bytes),
+            layer_limits.parse_grpc_server(Reader({}, ""), max_request_bytes),
+        ),
+        rest_client=r.section("restClient", layer_limits.parse_http_client, HTTPClientLimits()),
+        grpc_client=r.section("grpcClient", layer_limits.parse_grpc_channel, GrpcChannelLimits()),
+    )
+
+
 def parse(data: Any) -> ProxyConfig:
     """Check a parsed YAML document and build the configuration (secrets are not read here)."""
     r = Reader(data, "")
@@ -270,15 +299,7 @@ def parse(data: Any) -> ProxyConfig:
         return auth
 
     auth = r.section("auth", _auth, None)
-    limits = r.section(
-        "limits",
-        lambda s: Limits(
-            max_concurrent_requests=s.integer("maxConcurrentRequests", Limits.max_concurrent_requests),
-            max_request_bytes=s.integer("maxRequestBytes", Limits.max_request_bytes, minimum=1024),
-            request_timeout_s=s.number("requestTimeoutSeconds", Limits.request_timeout_s),
-        ),
-        Limits(),
-    )
+    limits = r.section("limits", _limits, _limits(Reader({}, "limits")))
     cache = r.section(
         "cache",
         lambda s: Cache(

@@ -174,7 +174,8 @@ class Gateway:
         self.metrics = metrics or Metrics()
         self.admission = Admission(config.limits.max_concurrent_requests, self.metrics)
         self.runtime = Runtime(
-            config, {n: connect(p, config.provider_keys.get(n)) for n, p in config.providers.items()}
+            config,
+            {n: connect(p, config.provider_keys.get(n), config.limits) for n, p in config.providers.items()},
         )
         self._rng = random.Random(seed)
         self._uses: collections.Counter[int] = collections.Counter()
@@ -190,10 +191,14 @@ class Gateway:
         for name, provider in config.providers.items():
             previous = old.clients.get(name)
             same_key = old.config.provider_keys.get(name) == config.provider_keys.get(name)
-            if previous is not None and previous.provider == provider and same_key:
+            same_limits = (old.config.limits.rest_client, old.config.limits.grpc_client) == (
+                config.limits.rest_client,
+                config.limits.grpc_client,
+            )
+            if previous is not None and previous.provider == provider and same_key and same_limits:
                 clients[name] = previous
             else:
-                clients[name] = connect(provider, config.provider_keys.get(name))
+                clients[name] = connect(provider, config.provider_keys.get(name), config.limits)
         kept = {id(b) for b in clients.values()}
         for client in old.clients.values():
             if id(client) not in kept:

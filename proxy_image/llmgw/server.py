@@ -53,7 +53,7 @@ class ProxyServer:
         self.grpc_server = self._grpc_server()
         self.rest_server = HTTPServer(
             RestRouter(OpenAIFront(self.gateway, self.config.limits.max_request_bytes).routes()).handle,
-            max_body_bytes=self.config.limits.max_request_bytes,
+            self.config.limits.rest_server,
         )
         self._watcher: asyncio.Task[None] | None = None
         self.metrics.reloads.labels("success").inc()
@@ -77,7 +77,7 @@ class ProxyServer:
                 BIDI, reflection_pb2.ServerReflectionRequest, reflector.ServerReflectionInfo
             ),
         }
-        return Server(methods, self.config.limits.max_request_bytes)
+        return Server(methods, self.config.limits.grpc_server)
 
     async def start(self) -> None:
         cfg = self.config

@@ -43,36 +43,34 @@ from llmgw._net.grpc_wire import (
     status_from_http,
     status_of,
 )
+from llmgw_common.limits import GrpcChannelLimits
 
 _USER_AGENT = f"llmgw/{__version__}"
-_ATTEMPTS_IF_REFUSED = 5  # sends of a call that the server refuses unprocessed (REFUSED_STREAM)
 
 
 # A server that vanishes without closing its connections (its node lost power, a network partition) must
 # not hold calls until the kernel's defaults notice (hours idle, ~15 minutes of retransmits). TCP keepalive
 # and TCP_USER_TIMEOUT do it in the kernel, without HTTP/2 PINGs, which grpcio servers punish when they
 # come more often than every 5 minutes while no data flows (GOAWAY "too_many_pings").
-KEEPALIVE_IDLE_S = 30  # probe a connection silent this long
-KEEPALIVE_INTERVAL_S = 10  # then every this often
-KEEPALIVE_PROBES = 3  # give up after this many unanswered probes
-UNACKED_DATA_TIMEOUT_MS = 30_000  # give up when data we sent stays unacknowledged this long
 
 
-def _detect_dead_peers(sock: socket.socket) -> None:
+def _detect_dead_peers(sock: socket.socket, limits: GrpcChannelLimits) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     if hasattr(socket, "TCP_KEEPIDLE"):  # Linux; other systems keep their defaults
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, limits.keepalive_idle_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, limits.keepalive_interval_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, limits.keepalive_probes)
     if hasattr(socket, "TCP_USER_TIMEOUT"):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, UNACKED_DATA_TIMEOUT_MS)
+        sock.setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, round(limits.unacked_data_timeout_s * 1000)
+        )
 
 
 class _ClientConnection(Connection):
     is_client = True
 
     def __init__(self, channel: Channel) -> None:
-        super().__init__(channel.max_message_bytes)
+        super().__init__(channel.limits.http2)
         self.channel = channel
         self.next_id = 1
         self._slot_freed: asyncio.Event | None = None  # set when a stream ends, for calls over the limit
@@ -85,7 +83,7 @@ class _ClientConnection(Connection):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
-                _detect_dead_peers(sock)
+                _detect_dead_peers(sock, self.channel.limits)
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f"connection to {self.channel.target} lost" + (f": {exc}" if exc else "")
@@ -234,14 +232,14 @@ class Channel:
         *,
         tls: bool = False,
         metadata: Sequence[tuple[str, str]] = (),
-        max_message_bytes: int = 64 * 1024 * 1024,
+        limits: GrpcChannelLimits | None = None,
         connect_timeout: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         host, _, port = target.rpartition(":")
         self.target = target
         self.host, self.port = host.strip("[]"), int(port)
-        self.max_message_bytes = max_message_bytes
+        self.limits = limits or GrpcChannelLimits()
         self.connect_timeout = connect_timeout
         self._ssl: ssl.SSLContext | None = None
         if tls:  # the system's CAs, unless the caller brings a context (its ALPN is set to h2 here)
@@ -362,7 +360,7 @@ class Channel:
                 conn.cancel(stream)
                 raise
             refused = stream.reset == ErrorCode.REFUSED_STREAM and stream.headers is None
-            if not refused or stream.error is not None or attempt == _ATTEMPTS_IF_REFUSED:
+            if not refused or stream.error is not None or attempt == self.limits.refused_stream_attempts:
                 return conn, stream, timer
             if timer is not None:
                 timer.cancel()

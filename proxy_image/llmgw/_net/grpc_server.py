@@ -47,6 +47,7 @@ from llmgw._net.grpc_wire import (
     parse_timeout,
     percent_encode,
 )
+from llmgw_common.limits import HTTP2Limits
 
 log = logging.getLogger("llmgw.grpc")
 
@@ -135,7 +136,7 @@ def _trailers(
 
 class _ServerConnection(Connection):
     def __init__(self, server: Server) -> None:
-        super().__init__(server.max_message_bytes)
+        super().__init__(server.limits)
         self.server = server
         self.calls: dict[int, ServerCall] = {}
         self._plain: dict[int, str] = {}  # non-gRPC requests waiting for their end: the status to answer
@@ -441,9 +442,9 @@ class _ServerConnection(Connection):
 class Server:
     """Serves ``methods`` ({"/package.Service/Method": Method}) on one listening address."""
 
-    def __init__(self, methods: dict[str, Method], max_message_bytes: int) -> None:
+    def __init__(self, methods: dict[str, Method], limits: HTTP2Limits) -> None:
         self.methods = methods
-        self.max_message_bytes = max_message_bytes
+        self.limits = limits
         self.connections: set[_ServerConnection] = set()
         self.stopping = False
         self._server: asyncio.Server | None = None

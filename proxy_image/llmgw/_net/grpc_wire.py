@@ -31,6 +31,8 @@ import grpc
 import hpack
 from hpack.table import HeaderTable
 
+from llmgw_common.limits import HTTP2Limits
+
 log = logging.getLogger("llmgw._net.grpc_wire")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -66,9 +68,6 @@ DEFAULT_FRAME_SIZE = 16_384
 MAX_WINDOW = 2**31 - 1
 MAX_STREAM_ID = 2**31 - 1
 # What this end lets a peer have in flight: per stream, and for the whole connection.
-LOCAL_STREAM_WINDOW = 4 * 1024 * 1024
-LOCAL_CONNECTION_WINDOW = 16 * 1024 * 1024
-MAX_HEADER_BLOCK = 64 * 1024  # a header block (all its CONTINUATIONs) larger than this ends the connection
 
 STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -204,8 +203,8 @@ class HeaderDecoder:
     some block does; the cache is emptied then.
     """
 
-    def __init__(self) -> None:
-        self._hpack = hpack.Decoder(max_header_list_size=MAX_HEADER_BLOCK)
+    def __init__(self, max_header_list_size: int) -> None:
+        self._hpack = hpack.Decoder(max_header_list_size=max_header_list_size)
         self._cache: dict[bytes, list[tuple[str, str]]] = {}
 
     def decode(self, block: bytes) -> list[tuple[str, str]]:
@@ -336,12 +335,13 @@ class Connection(asyncio.Protocol):
 
     is_client = False
 
-    def __init__(self, max_message_bytes: int) -> None:
-        self.max_message_bytes = max_message_bytes
+    def __init__(self, limits: HTTP2Limits) -> None:
+        self.limits = limits
+        self.max_message_bytes = limits.max_message_bytes
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
         self._buffer = bytearray()
-        self._decoder = HeaderDecoder()
+        self._decoder = HeaderDecoder(limits.max_header_block_bytes)
         self._need_preface = not self.is_client
         self._continuation: tuple[int, int, bytearray] | None = None  # stream id, flags, block so far
         self.peer_initial_window = DEFAULT_WINDOW
@@ -368,10 +368,10 @@ class Connection(asyncio.Protocol):
         local = settings_frame(
             {
                 ENABLE_PUSH: 0,
-                INITIAL_WINDOW_SIZE: LOCAL_STREAM_WINDOW,
-                MAX_HEADER_LIST_SIZE: MAX_HEADER_BLOCK,
+                INITIAL_WINDOW_SIZE: self.limits.stream_window_bytes,
+                MAX_HEADER_LIST_SIZE: self.limits.max_header_block_bytes,
             }
-        ) + window_update(0, LOCAL_CONNECTION_WINDOW - DEFAULT_WINDOW)
+        ) + window_update(0, self.limits.connection_window_bytes - DEFAULT_WINDOW)
         self.write((PREFACE if self.is_client else b"") + local)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -481,7 +481,7 @@ class Connection(asyncio.Protocol):
                 raise ProtocolError("unexpected CONTINUATION")
             block = self._continuation[2]
             block += payload
-            if len(block) > MAX_HEADER_BLOCK:
+            if len(block) > self.limits.max_header_block_bytes:
                 raise ProtocolError("header block too large", ErrorCode.ENHANCE_YOUR_CALM)
             if flags & END_HEADERS:
                 first_flags = self._continuation[1]
@@ -700,11 +700,11 @@ class Connection(asyncio.Protocol):
         out = b""
         if stream is not None and not stream.ended:
             stream.unacked += size
-            if stream.unacked >= LOCAL_STREAM_WINDOW // 4:
+            if stream.unacked >= self.limits.stream_window_bytes // 4:
                 out = window_update(stream.id, stream.unacked)
                 stream.unacked = 0
         self._connection_unacked += size
-        if self._connection_unacked >= LOCAL_CONNECTION_WINDOW // 4:
+        if self._connection_unacked >= self.limits.connection_window_bytes // 4:
             out += window_update(0, self._connection_unacked)
             self._connection_unacked = 0
         if out:

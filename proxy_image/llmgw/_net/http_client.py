@@ -6,7 +6,7 @@ on that exchange (``bench/proxy_latency.py``, library table), and the proxy's RE
 CPU of its one event loop, so the backends use this instead. What it does:
 
 - keeps up to ``max_connections`` connections to the URL's origin, reusing idle ones (newest first) and
-  dropping those idle longer than ``idle_timeout`` or closed by the server;
+  dropping those idle longer than ``limits.idle_timeout_s`` or closed by the server;
 - bounds the whole exchange, from taking a connection to the last body byte, by one deadline, and the
   connect by its own timeout; a timeout, a cancelled caller or a response left unread closes its connection
   rather than reusing it mid-message;
@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-_PAUSE_ABOVE = 1 << 20  # unread body bytes of one response before the socket stops being read
+from llmgw_common.limits import HTTPClientLimits
 
 
 class ProtocolError(Exception):
@@ -49,6 +49,7 @@ class Response:
         self.status = 0
         self.headers: dict[str, str] = {}
         self._conn: _Connection | None = conn
+        self._read_ahead = conn.pool.limits.read_ahead_bytes  # unread bytes before the socket pauses
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._received_any = False
@@ -68,7 +69,7 @@ class Response:
     def _data(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered > _PAUSE_ABOVE and self._conn is not None and not self._reading_all:
+        if self._buffered > self._read_ahead and self._conn is not None and not self._reading_all:
             self._conn.pause()
         self._wake()
 
@@ -102,7 +103,7 @@ class Response:
             while self._chunks:
                 data = self._chunks.popleft()
                 self._buffered -= len(data)
-                if self._conn is not None and self._buffered <= _PAUSE_ABOVE:
+                if self._conn is not None and self._buffered <= self._read_ahead:
                     self._conn.resume()
                 yield data
             if self._done:
@@ -297,7 +298,7 @@ class HTTPClient:
         *,
         max_connections: int,
         connect_timeout: float,
-        idle_timeout: float = 30.0,
+        limits: HTTPClientLimits | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -316,7 +317,7 @@ class HTTPClient:
             lines.append(f"{name}: {value}")
         self._head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
         self.connect_timeout = connect_timeout
-        self.idle_timeout = idle_timeout
+        self.limits = limits or HTTPClientLimits()
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: collections.deque[_Connection] = collections.deque()
         self._busy: set[_Connection] = set()
@@ -369,7 +370,7 @@ class HTTPClient:
             conn = self._idle.pop()
             if conn.closed:
                 continue
-            if now - conn.idle_since > self.idle_timeout:
+            if now - conn.idle_since > self.limits.idle_timeout_s:
                 conn.abort(ConnectionLost("idle too long"))
                 continue
             conn.reused = True

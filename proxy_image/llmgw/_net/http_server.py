@@ -33,6 +33,8 @@ from collections.abc import Awaitable, Callable
 
 import httptools
 
+from llmgw_common.limits import HTTPServerLimits
+
 log = logging.getLogger("llmgw.rest")
 
 _STATUS_TEXT = {
@@ -53,7 +55,6 @@ _STATUS_TEXT = {
 }
 
 
-_MAX_PIPELINED = 8  # requests parsed ahead of the one being answered before the socket stops being read
 _date: tuple[int, bytes] = (0, b"")
 
 
@@ -158,7 +159,7 @@ class _ServerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio's
         self.server._connections.add(self)
-        self._arm(self.server.keepalive_timeout)
+        self._arm(self.server.limits.keepalive_timeout_s)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -195,7 +196,7 @@ class _ServerConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._reset()
         if not self.busy:
-            self._arm(self.server.request_timeout)
+            self._arm(self.server.limits.request_timeout_s)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -209,7 +210,7 @@ class _ServerConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         length = self._headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.server.max_body_bytes:
+        if length is not None and length.isdigit() and int(length) > self.server.limits.max_body_bytes:
             self._too_large = True  # answered without reading the body, then the connection closes
             self._answered_early = True
             self._dispatch(keep_alive=False)
@@ -220,7 +221,7 @@ class _ServerConnection(asyncio.Protocol):
         if self._too_large:
             return
         self._body_bytes += len(body)
-        if self._body_bytes > self.server.max_body_bytes:
+        if self._body_bytes > self.server.limits.max_body_bytes:
             self._too_large = True
             self._body = []
         else:
@@ -247,7 +248,11 @@ class _ServerConnection(asyncio.Protocol):
         self._disarm()
         # The socket keeps being read while a request is served, or a client that leaves would go unnoticed;
         # only a client that pipelines many requests ahead is made to wait.
-        if len(self._queue) > _MAX_PIPELINED and self.transport is not None and not self._reading_paused:
+        if (
+            len(self._queue) > self.server.limits.max_pipelined_requests
+            and self.transport is not None
+            and not self._reading_paused
+        ):
             self._reading_paused = True
             self.transport.pause_reading()
         if self._worker is None:
@@ -280,11 +285,15 @@ class _ServerConnection(asyncio.Protocol):
                 if responder.closes or self.server.draining:  # closes: too large, or not keep-alive
                     self._close()
                     return
-                if self._reading_paused and len(self._queue) <= _MAX_PIPELINED and self.transport is not None:
+                if (
+                    self._reading_paused
+                    and len(self._queue) <= self.server.limits.max_pipelined_requests
+                    and self.transport is not None
+                ):
                     self._reading_paused = False
                     self.transport.resume_reading()
                 if not self._queue:
-                    self._arm(self.server.keepalive_timeout)
+                    self._arm(self.server.limits.keepalive_timeout_s)
         finally:
             self._worker = None
 
@@ -300,8 +309,8 @@ class _ServerConnection(asyncio.Protocol):
 
     def _count(self, n: int) -> None:
         self._head_bytes += n
-        if self._head_bytes > self.server.max_head_bytes:
-            raise _Refused(431, f"request head exceeds {self.server.max_head_bytes} bytes")
+        if self._head_bytes > self.server.limits.max_head_bytes:
+            raise _Refused(431, f"request head exceeds {self.server.limits.max_head_bytes} bytes")
 
     def _fail(self, status: int, message: str) -> None:
         """Refuse a request the parser cannot take, and close."""
@@ -346,17 +355,10 @@ class HTTPServer:
     def __init__(
         self,
         handler: Handler,
-        *,
-        max_body_bytes: int,
-        max_head_bytes: int = 16384,
-        request_timeout: float = 60.0,
-        keepalive_timeout: float = 75.0,
+        limits: HTTPServerLimits | None = None,
     ) -> None:
         self.handler = handler
-        self.max_body_bytes = max_body_bytes
-        self.max_head_bytes = max_head_bytes
-        self.request_timeout = request_timeout
-        self.keepalive_timeout = keepalive_timeout
+        self.limits = limits or HTTPServerLimits()
         self.draining = False
         self._connections: set[_ServerConnection] = set()
         self._listener: asyncio.Server | None = None

@@ -14,18 +14,18 @@ from llmgw.providers.anthropic import AnthropicClient
 from llmgw.providers.base import CallStats, ProviderClient
 from llmgw.providers.llmgateway import LLMGatewayClient
 from llmgw.providers.openai import OpenAIClient
-from llmgw_common.config import Provider
+from llmgw_common.config import Limits, Provider
 
-CLIENTS: dict[str, Callable[[Provider, str | None], ProviderClient]] = {
+CLIENTS: dict[str, Callable[[Provider, str | None, Limits], ProviderClient]] = {
     "openai": OpenAIClient,
     "anthropic": AnthropicClient,
     "llmgateway": LLMGatewayClient,
 }
 
 
-def connect(provider: Provider, api_key: str | None) -> ProviderClient:
-    """The client of ``provider``'s type (it connects lazily, on its first call)."""
-    return CLIENTS[provider.type](provider, api_key)
+def connect(provider: Provider, api_key: str | None, limits: Limits) -> ProviderClient:
+    """The client of ``provider``'s type, bounded by ``limits`` (it connects lazily, on its first call)."""
+    return CLIENTS[provider.type](provider, api_key, limits)
 
 
 __all__ = ["CLIENTS", "CallStats", "ProviderClient", "connect"]

@@ -13,12 +13,11 @@ from llmgw.codecs import error_envelopes, retry_after
 from llmgw.errors import GatewayError, Kind, from_upstream_http
 from llmgw.providers.base import CallStats, malformed_response
 from llmgw_common.config import Provider
+from llmgw_common.limits import HTTPClientLimits
 
 # What a REST exchange can fail with: a timeout, the connection (refused, reset, closed early), or a
 # response that is not HTTP.
 _TRANSPORT_ERRORS = (TimeoutError, OSError, http_client.ProtocolError)
-_MAX_ERROR_BODY = 64 * 1024  # an error body is read for its message only
-_MAX_RESPONSE_BODY = 64 * 1024 * 1024
 
 
 class RestClient:
@@ -26,8 +25,16 @@ class RestClient:
 
     path_suffix = ""
 
-    def __init__(self, provider: Provider, api_key: str | None, base_url: str, max_connections: int) -> None:
+    def __init__(
+        self,
+        provider: Provider,
+        api_key: str | None,
+        limits: HTTPClientLimits,
+        base_url: str,
+        max_connections: int,
+    ) -> None:
         self.provider = provider
+        self.limits = limits
         self.base_url = base_url
         self.headers = {
             "content-type": "application/json",
@@ -39,6 +46,7 @@ class RestClient:
             self.headers,
             max_connections=max_connections,
             connect_timeout=provider.connect_timeout_s,
+            limits=limits,
         )
 
     def auth_headers(self, api_key: str | None) -> dict[str, str]:
@@ -85,7 +93,7 @@ class RestClient:
             raise self.unreachable(exc) from None
         if resp.status != 200:
             try:
-                payload = await resp.read(_MAX_ERROR_BODY)
+                payload = await resp.read(self.limits.max_error_body_bytes)
             except _TRANSPORT_ERRORS:
                 payload = b""
             finally:
@@ -96,7 +104,7 @@ class RestClient:
 
     async def read_json(self, resp: http_client.Response, stats: CallStats) -> Any:
         try:
-            data = await resp.read(_MAX_RESPONSE_BODY)
+            data = await resp.read(self.limits.max_response_bytes)
         except _TRANSPORT_ERRORS as exc:
             raise self.unreachable(exc) from None
         finally:

@@ -11,7 +11,7 @@ from llmgw.codecs import anthropic_messages
 from llmgw.errors import GatewayError, from_upstream_http
 from llmgw.providers._rest import RestClient
 from llmgw.providers.base import CallStats, malformed_response
-from llmgw_common.config import Provider
+from llmgw_common.config import Limits, Provider
 from llmgw_common.providers.anthropic import AnthropicSettings
 
 _MALFORMED = (KeyError, TypeError, ValueError, AttributeError)  # orjson.JSONDecodeError is a ValueError
@@ -20,9 +20,11 @@ _MALFORMED = (KeyError, TypeError, ValueError, AttributeError)  # orjson.JSONDec
 class AnthropicClient(RestClient):
     path_suffix = "/v1/messages"
 
-    def __init__(self, provider: Provider, api_key: str | None) -> None:
+    def __init__(self, provider: Provider, api_key: str | None, limits: Limits) -> None:
         self.settings: AnthropicSettings = provider.settings
-        super().__init__(provider, api_key, self.settings.base_url, self.settings.max_connections)
+        super().__init__(
+            provider, api_key, limits.rest_client, self.settings.base_url, self.settings.max_connections
+        )
 
     def auth_headers(self, api_key: str | None) -> dict[str, str]:
         headers = {"anthropic-version": self.settings.version}

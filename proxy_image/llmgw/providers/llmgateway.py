@@ -14,18 +14,20 @@ from llmgw._net.grpc_wire import RpcError
 from llmgw.codecs import retry_after
 from llmgw.errors import GatewayError, from_upstream_grpc
 from llmgw.providers.base import CallStats, malformed_response
-from llmgw_common.config import Provider
+from llmgw_common.config import Limits, Provider
 from llmgw_common.providers.llmgateway import LLMGatewaySettings
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["LLMService"].full_name
 
 
 class LLMGatewayClient:
-    def __init__(self, provider: Provider, api_key: str | None) -> None:
+    def __init__(self, provider: Provider, api_key: str | None, limits: Limits) -> None:
         self.provider = provider
         settings: LLMGatewaySettings = provider.settings
         metadata = ((("authorization", f"Bearer {api_key}"),) if api_key else ()) + tuple(provider.headers)
-        self.channel = grpc_channel.Channel(settings.target, tls=settings.tls, metadata=metadata)
+        self.channel = grpc_channel.Channel(
+            settings.target, tls=settings.tls, metadata=metadata, limits=limits.grpc_client
+        )
 
     def error(self, exc: RpcError) -> GatewayError:
         code = exc.code
