@@ -12,8 +12,10 @@ lists are compressed with HPACK (RFC 7541). This module decodes with the ``hpack
 without HPACK's dynamic table, which keeps the encoder stateless and lets constant header blocks be
 built once.
 
-grpcio's own stack costs a proxy a second full set of per-call machinery (bench/proxy_latency.py); this
-one is written for llmgw's calls: small messages, many concurrent streams, one event loop.
+grpcio's own stack costs a proxy a second full set of per-call machinery (``bench/README.md``, "Why llmgw
+has its own network stacks"); this one is written for llmgw's calls: small messages, many concurrent
+streams, one event loop. What a peer may make a connection hold is bounded by one
+:class:`~llmgw_common.limits.HTTP2Limits`, advertised in this end's SETTINGS.
 """
 
 from __future__ import annotations

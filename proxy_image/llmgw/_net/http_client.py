@@ -1,9 +1,9 @@
 """A lean HTTP/1.1 client for the REST providers: pooled keep-alive connections, parsed by llhttp.
 
-The REST backends send one kind of request, a JSON ``POST`` to one URL, and read either a JSON body or a
-stream of Server-Sent Events. aiohttp's general-purpose client spends about four times the CPU of this one
-on that exchange (``bench/proxy_latency.py``, library table), and the proxy's REST path is bound by the
-CPU of its one event loop, so the backends use this instead. What it does:
+The REST providers' clients send one kind of request, a JSON ``POST`` to one URL, and read either a JSON body
+or a stream of Server-Sent Events. The proxy's REST path is bound by the CPU of its one event loop, and this
+client costs a fraction of aiohttp's general-purpose one on that exchange (``bench/README.md``, "Why llmgw
+has its own network stacks"). What it does, bounded by one :class:`~llmgw_common.limits.HTTPClientLimits`:
 
 - keeps up to ``max_connections`` connections to the URL's origin, reusing idle ones (newest first) and
   dropping those idle longer than ``limits.idle_timeout_s`` or closed by the server;

@@ -1,16 +1,17 @@
 """A lean HTTP/1.1 server for the REST front: keep-alive connections, requests parsed by llhttp.
 
-The REST front answers two routes with small JSON bodies or a stream of Server-Sent Events. aiohttp's web
-server spent about 80 µs of CPU per request on that here, a plain llhttp server about 15 µs, and the proxy's
-REST path is bound by the CPU of its one event loop (``bench/proxy_latency.py``). So the REST front runs on
-this server and the admin port (metrics, probes) stays on aiohttp. What it does:
+The REST front answers small JSON bodies or a stream of Server-Sent Events, and the proxy's REST path is
+bound by the CPU of its one event loop; this server costs a fraction of aiohttp's web server per request
+(``bench/README.md``, "Why llmgw has its own network stacks"). The admin port (metrics, probes) stays on
+aiohttp. What it does, bounded by one :class:`~llmgw_common.limits.HTTPServerLimits`:
 
 - HTTP/1.1 keep-alive (HTTP/1.0 gets one request per connection); pipelined requests are answered in
-  order, one at a time (a client more than 8 requests ahead is not read until the server catches up);
+  order, one at a time (a client more than ``max_pipelined_requests`` ahead is not read until the server
+  catches up);
 - limits: the request head (``max_head_bytes``, else 431), the body (``max_body_bytes``: the handler gets
   the request marked ``too_large`` and answers 413; the connection closes after), a request's arrival
-  (``request_timeout``: a client that trickles a request is disconnected) and idle keep-alive connections
-  (``keepalive_timeout``);
+  (``request_timeout_s``: a client that trickles a request is disconnected) and idle keep-alive connections
+  (``keepalive_timeout_s``);
 - ``Expect: 100-continue`` (curl sends it for bodies over 1 KiB) is answered before the body is read;
 - a client that disconnects cancels its handler, so an upstream call in flight is cancelled too;
 - streamed responses use chunked transfer encoding and wait while the client reads slower than they write;
