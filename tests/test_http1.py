@@ -354,7 +354,7 @@ async def test_back_pressure_pauses_reading_a_large_stream() -> None:
         resp = await c.post(b"{}", 20)
         await asyncio.sleep(0.3)  # paused past 1 MiB before read() was called: read() must resume it
         assert len(await resp.read()) == total
-        with pytest.raises(http_client.ProtocolError, match="exceeds"):
+        with pytest.raises(http_client.MalformedResponse, match="exceeds"):
             await (await c.post(b"{}", 20)).read(limit=1024 * 1024)
         await c.close()
 
@@ -362,7 +362,7 @@ async def test_back_pressure_pauses_reading_a_large_stream() -> None:
 async def test_malformed_and_interim_responses() -> None:
     async with raw_server(answering(b"SMTP ready\r\n\r\n")) as server:
         c = client(server)
-        with pytest.raises(http_client.ProtocolError, match="malformed"):
+        with pytest.raises(http_client.MalformedResponse, match="malformed"):
             await c.post(b"{}", 5)
         await c.close()
     interim = b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + OK

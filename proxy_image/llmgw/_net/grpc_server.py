@@ -36,7 +36,7 @@ from llmgw._net.grpc_wire import (
     MAX_STREAM_ID,
     Connection,
     ErrorCode,
-    ProtocolError,
+    H2ProtocolError,
     RpcError,
     Stream,
     encode_headers,
@@ -134,7 +134,7 @@ def _trailers(
     return out + list(extra)
 
 
-class _ServerConnection(Connection):
+class _GrpcServerConnection(Connection):
     def __init__(self, server: Server) -> None:
         super().__init__(server.limits)
         self.server = server
@@ -168,7 +168,7 @@ class _ServerConnection(Connection):
         stream = self.streams.get(stream_id)
         if stream is not None:  # a client's trailers: gRPC clients send none, but may end their side so
             if stream.ended:
-                raise ProtocolError(f"HEADERS on half-closed stream {stream_id}", ErrorCode.STREAM_CLOSED)
+                raise H2ProtocolError(f"HEADERS on half-closed stream {stream_id}", ErrorCode.STREAM_CLOSED)
             if not end_stream or any(key.startswith(":") for key, _ in headers):
                 self.stream_error(stream, ErrorCode.PROTOCOL_ERROR)  # trailers end the stream, and are plain
                 return
@@ -177,7 +177,9 @@ class _ServerConnection(Connection):
             stream.wake()
             return
         if stream_id % 2 == 0 or stream_id <= self.highest_stream:
-            raise ProtocolError(f"stream id {stream_id} is not a new client stream", ErrorCode.STREAM_CLOSED)
+            raise H2ProtocolError(
+                f"stream id {stream_id} is not a new client stream", ErrorCode.STREAM_CLOSED
+            )
         self.highest_stream = stream_id
         if stream_id > self.accepting_until:
             self.reset_stream(stream_id, ErrorCode.REFUSED_STREAM)
@@ -445,7 +447,7 @@ class Server:
     def __init__(self, methods: dict[str, Method], limits: HTTP2Limits) -> None:
         self.methods = methods
         self.limits = limits
-        self.connections: set[_ServerConnection] = set()
+        self.connections: set[_GrpcServerConnection] = set()
         self.stopping = False
         self._server: asyncio.Server | None = None
         self._changed: asyncio.Event | None = None
@@ -456,7 +458,7 @@ class Server:
             ssl_context.set_alpn_protocols(["h2"])
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _ServerConnection(self), host, port, ssl=ssl_context, reuse_address=True
+            lambda: _GrpcServerConnection(self), host, port, ssl=ssl_context, reuse_address=True
         )
         return int(self._server.sockets[0].getsockname()[1])
 

@@ -74,7 +74,7 @@ MAX_STREAM_ID = 2**31 - 1
 STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 
 
-class ProtocolError(Exception):
+class H2ProtocolError(Exception):
     """The peer broke HTTP/2: the connection ends with GOAWAY carrying ``code``."""
 
     def __init__(self, message: str, code: ErrorCode = ErrorCode.PROTOCOL_ERROR) -> None:
@@ -407,7 +407,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self._frames(data)
-        except ProtocolError as exc:
+        except H2ProtocolError as exc:
             self.fail(exc.code, str(exc))
         except hpack.HPACKError as exc:
             self.fail(ErrorCode.COMPRESSION_ERROR, f"bad header block: {exc}")
@@ -436,10 +436,10 @@ class Connection(asyncio.Protocol):
         if self._need_preface:
             if len(buffer) < len(PREFACE):
                 if not PREFACE.startswith(bytes(buffer)):
-                    raise ProtocolError(f"not an HTTP/2 connection preface ({_NOT_GRPC})")
+                    raise H2ProtocolError(f"not an HTTP/2 connection preface ({_NOT_GRPC})")
                 return
             if buffer[: len(PREFACE)] != PREFACE:
-                raise ProtocolError(f"not an HTTP/2 connection preface ({_NOT_GRPC})")
+                raise H2ProtocolError(f"not an HTTP/2 connection preface ({_NOT_GRPC})")
             pos = len(PREFACE)
             self._need_preface = False
         size = len(buffer)
@@ -448,10 +448,12 @@ class Connection(asyncio.Protocol):
             kind = buffer[pos + 3]
             if not self.peer_settings_seen:
                 if kind != SETTINGS:  # every HTTP/2 peer starts with SETTINGS (RFC 9113 section 3.4)
-                    raise ProtocolError(f"the {self._peer} did not start with HTTP/2 SETTINGS ({_NOT_GRPC})")
+                    raise H2ProtocolError(
+                        f"the {self._peer} did not start with HTTP/2 SETTINGS ({_NOT_GRPC})"
+                    )
                 self.peer_settings_seen = True
             if length > DEFAULT_FRAME_SIZE:  # we never raise our SETTINGS_MAX_FRAME_SIZE
-                raise ProtocolError(f"frame of {length} bytes", ErrorCode.FRAME_SIZE_ERROR)
+                raise H2ProtocolError(f"frame of {length} bytes", ErrorCode.FRAME_SIZE_ERROR)
             if size - pos - 9 < length:
                 break
             flags = buffer[pos + 4]
@@ -463,12 +465,12 @@ class Connection(asyncio.Protocol):
 
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         if self._continuation is not None and kind != CONTINUATION:
-            raise ProtocolError("a header block was interrupted by another frame")
+            raise H2ProtocolError("a header block was interrupted by another frame")
         if kind == DATA:
             self._data(flags, stream_id, payload)
         elif kind == HEADERS:
             if stream_id == 0:
-                raise ProtocolError("HEADERS on stream 0")
+                raise H2ProtocolError("HEADERS on stream 0")
             payload = _unpad(flags, payload)
             if flags & PRIORITY_FLAG:
                 if int.from_bytes(payload[:4], "big") & MAX_STREAM_ID == stream_id:
@@ -480,11 +482,11 @@ class Connection(asyncio.Protocol):
                 self._continuation = (stream_id, flags, bytearray(payload))
         elif kind == CONTINUATION:
             if self._continuation is None or self._continuation[0] != stream_id:
-                raise ProtocolError("unexpected CONTINUATION")
+                raise H2ProtocolError("unexpected CONTINUATION")
             block = self._continuation[2]
             block += payload
             if len(block) > self.limits.max_header_block_bytes:
-                raise ProtocolError("header block too large", ErrorCode.ENHANCE_YOUR_CALM)
+                raise H2ProtocolError("header block too large", ErrorCode.ENHANCE_YOUR_CALM)
             if flags & END_HEADERS:
                 first_flags = self._continuation[1]
                 self._continuation = None
@@ -492,10 +494,10 @@ class Connection(asyncio.Protocol):
         elif kind == SETTINGS:
             if flags & ACK:
                 if payload:
-                    raise ProtocolError("SETTINGS ACK with a payload", ErrorCode.FRAME_SIZE_ERROR)
+                    raise H2ProtocolError("SETTINGS ACK with a payload", ErrorCode.FRAME_SIZE_ERROR)
                 return
             if len(payload) % 6 or stream_id:
-                raise ProtocolError("malformed SETTINGS", ErrorCode.FRAME_SIZE_ERROR)
+                raise H2ProtocolError("malformed SETTINGS", ErrorCode.FRAME_SIZE_ERROR)
             for offset in range(0, len(payload), 6):
                 key, value = struct.unpack_from(">HI", payload, offset)
                 self._setting(key, value)
@@ -505,16 +507,16 @@ class Connection(asyncio.Protocol):
             self.settings_received()
         elif kind == WINDOW_UPDATE:
             if len(payload) != 4:
-                raise ProtocolError("malformed WINDOW_UPDATE", ErrorCode.FRAME_SIZE_ERROR)
+                raise H2ProtocolError("malformed WINDOW_UPDATE", ErrorCode.FRAME_SIZE_ERROR)
             increment = int.from_bytes(payload, "big") & MAX_WINDOW
             if stream_id > self.highest_stream:
-                raise ProtocolError(f"WINDOW_UPDATE on idle stream {stream_id}")
+                raise H2ProtocolError(f"WINDOW_UPDATE on idle stream {stream_id}")
             if stream_id == 0:
                 if increment == 0:
-                    raise ProtocolError("WINDOW_UPDATE of 0")
+                    raise H2ProtocolError("WINDOW_UPDATE of 0")
                 self.send_window += increment
                 if self.send_window > MAX_WINDOW:
-                    raise ProtocolError("connection window overflow", ErrorCode.FLOW_CONTROL_ERROR)
+                    raise H2ProtocolError("connection window overflow", ErrorCode.FLOW_CONTROL_ERROR)
                 waiting, self._window_waiters = self._window_waiters, []
                 for stream in waiting:
                     stream.wake()
@@ -530,7 +532,7 @@ class Connection(asyncio.Protocol):
                         updated.wake()
         elif kind == PING:
             if len(payload) != 8 or stream_id:
-                raise ProtocolError("malformed PING", ErrorCode.FRAME_SIZE_ERROR)
+                raise H2ProtocolError("malformed PING", ErrorCode.FRAME_SIZE_ERROR)
             if flags & ACK:
                 if self._ping_waiters:
                     waiter = self._ping_waiters.popleft()
@@ -540,9 +542,9 @@ class Connection(asyncio.Protocol):
                 self.write(frame(PING, ACK, 0, payload))
         elif kind == RST_STREAM:
             if len(payload) != 4:
-                raise ProtocolError("malformed RST_STREAM", ErrorCode.FRAME_SIZE_ERROR)
+                raise H2ProtocolError("malformed RST_STREAM", ErrorCode.FRAME_SIZE_ERROR)
             if stream_id == 0 or stream_id > self.highest_stream:
-                raise ProtocolError(f"RST_STREAM on {'stream 0' if stream_id == 0 else 'an idle stream'}")
+                raise H2ProtocolError(f"RST_STREAM on {'stream 0' if stream_id == 0 else 'an idle stream'}")
             ended = self.streams.get(stream_id)
             if ended is not None:
                 code = int.from_bytes(payload, "big")
@@ -551,17 +553,17 @@ class Connection(asyncio.Protocol):
                 )
         elif kind == GOAWAY:
             if stream_id:
-                raise ProtocolError("GOAWAY on a stream")
+                raise H2ProtocolError("GOAWAY on a stream")
             last, code = struct.unpack_from(">II", payload)
             self.goaway_received = last & MAX_STREAM_ID
             if code != ErrorCode.NO_ERROR:
                 log.info("peer ended the HTTP/2 connection: %s %r", code, payload[8:200])
             self.goaway(self.goaway_received)
         elif kind == PUSH_PROMISE:
-            raise ProtocolError("PUSH_PROMISE although push is disabled")
+            raise H2ProtocolError("PUSH_PROMISE although push is disabled")
         elif kind == PRIORITY:  # deprecated by RFC 9113 and ignored, once well-formed
             if stream_id == 0:
-                raise ProtocolError("PRIORITY on stream 0")
+                raise H2ProtocolError("PRIORITY on stream 0")
             if len(payload) != 5:
                 self.reset_stream(stream_id, ErrorCode.FRAME_SIZE_ERROR)
             elif int.from_bytes(payload[:4], "big") & MAX_STREAM_ID == stream_id:
@@ -571,23 +573,23 @@ class Connection(asyncio.Protocol):
     def _setting(self, key: int, value: int) -> None:
         if key == INITIAL_WINDOW_SIZE:
             if value > MAX_WINDOW:
-                raise ProtocolError("initial window too large", ErrorCode.FLOW_CONTROL_ERROR)
+                raise H2ProtocolError("initial window too large", ErrorCode.FLOW_CONTROL_ERROR)
             delta = value - self.peer_initial_window
             self.peer_initial_window = value
             for stream in self.streams.values():
                 stream.send_window += delta
         elif key == MAX_FRAME_SIZE:
             if not DEFAULT_FRAME_SIZE <= value <= 2**24 - 1:
-                raise ProtocolError("bad SETTINGS_MAX_FRAME_SIZE")
+                raise H2ProtocolError("bad SETTINGS_MAX_FRAME_SIZE")
             self.peer_max_frame = value
         elif key == MAX_CONCURRENT_STREAMS:
             self.peer_max_streams = value
         elif key == ENABLE_PUSH and value > 1:
-            raise ProtocolError("SETTINGS_ENABLE_PUSH other than 0 or 1")
+            raise H2ProtocolError("SETTINGS_ENABLE_PUSH other than 0 or 1")
 
     def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0:
-            raise ProtocolError("DATA on stream 0")
+            raise H2ProtocolError("DATA on stream 0")
         size = len(payload)
         payload = _unpad(flags, payload)
         stream = self.streams.get(stream_id)
@@ -596,8 +598,8 @@ class Connection(asyncio.Protocol):
             if stream is None and stream_id in self._reset_by_us:
                 return  # sent before the peer saw our RST_STREAM
             if stream_id > self.highest_stream:
-                raise ProtocolError(f"DATA on idle stream {stream_id}")
-            raise ProtocolError(f"DATA on closed stream {stream_id}", ErrorCode.STREAM_CLOSED)
+                raise H2ProtocolError(f"DATA on idle stream {stream_id}")
+            raise H2ProtocolError(f"DATA on closed stream {stream_id}", ErrorCode.STREAM_CLOSED)
         self.consumed(None, size - len(payload))  # padding is consumed on arrival
         stream.received += len(payload)
         if stream.plain:
@@ -636,7 +638,7 @@ class Connection(asyncio.Protocol):
             return zlib.decompress(body, wbits=31)
         if stream.encoding == "deflate":
             return zlib.decompress(body)
-        raise ProtocolError(f"a compressed message with grpc-encoding {stream.encoding!r}")
+        raise H2ProtocolError(f"a compressed message with grpc-encoding {stream.encoding!r}")
 
     def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
         # Decoded even for a stream about to be refused: HPACK's table must follow every block.
@@ -785,7 +787,7 @@ def _unpad(flags: int, payload: bytes) -> bytes:
     if not flags & PADDED:
         return payload
     if not payload or payload[0] >= len(payload):
-        raise ProtocolError("bad padding")
+        raise H2ProtocolError("bad padding")
     return payload[1 : len(payload) - payload[0]]
 
 

@@ -34,7 +34,7 @@ import httptools
 from llmgw_common.limits import HTTPClientLimits
 
 
-class ProtocolError(Exception):
+class MalformedResponse(Exception):
     """The upstream sent something that is not a valid HTTP/1.1 response."""
 
 
@@ -113,14 +113,14 @@ class Response:
             await self._wait()
 
     async def read(self, limit: int | None = None) -> bytes:
-        """The whole body; ProtocolError when it exceeds ``limit`` bytes."""
+        """The whole body; MalformedResponse when it exceeds ``limit`` bytes."""
         self._reading_all = True
         if self._conn is not None:
             self._conn.resume()
         while True:
             if limit is not None and self._buffered > limit:
                 self.close()
-                raise ProtocolError(f"response body exceeds {limit} bytes")
+                raise MalformedResponse(f"response body exceeds {limit} bytes")
             if self._done:
                 break
             await self._wait()
@@ -176,15 +176,15 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         response = self.response
         if response is None:  # nothing was asked: a server that talks out of turn is not reused
-            self.abort(ProtocolError("data received while no request was in flight"))
+            self.abort(MalformedResponse("data received while no request was in flight"))
             return
         response._received_any = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.abort(ProtocolError(f"malformed HTTP response: {exc}"))
+            self.abort(MalformedResponse(f"malformed HTTP response: {exc}"))
         except httptools.HttpParserUpgrade:
-            self.abort(ProtocolError("the upstream switched protocols"))
+            self.abort(MalformedResponse("the upstream switched protocols"))
 
     def eof_received(self) -> bool | None:
         return False  # close our side too

@@ -92,7 +92,7 @@ class Request:
 class Responder:
     """How a handler answers: one ``send``, or ``start`` + ``write``... + ``end`` for a stream."""
 
-    def __init__(self, conn: _ServerConnection, request: Request) -> None:
+    def __init__(self, conn: _HTTPConnection, request: Request) -> None:
         self._conn = conn
         self._close = not request.keep_alive or request.too_large
         self.started = False
@@ -132,7 +132,7 @@ class Responder:
 Handler = Callable[[Request, Responder], Awaitable[None]]
 
 
-class _ServerConnection(asyncio.Protocol):
+class _HTTPConnection(asyncio.Protocol):
     def __init__(self, server: HTTPServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
@@ -361,14 +361,14 @@ class HTTPServer:
         self.handler = handler
         self.limits = limits or HTTPServerLimits()
         self.draining = False
-        self._connections: set[_ServerConnection] = set()
+        self._connections: set[_HTTPConnection] = set()
         self._listener: asyncio.Server | None = None
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         """Listen; returns the bound port (the real one when ``port`` is 0)."""
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
-            lambda: _ServerConnection(self), host, port, ssl=ssl_context, backlog=1024
+            lambda: _HTTPConnection(self), host, port, ssl=ssl_context, backlog=1024
         )
         return int(self._listener.sockets[0].getsockname()[1])
 

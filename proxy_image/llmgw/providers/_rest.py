@@ -17,7 +17,7 @@ from llmgw_common.limits import HTTPClientLimits
 
 # What a REST exchange can fail with: a timeout, the connection (refused, reset, closed early), or a
 # response that is not HTTP.
-_TRANSPORT_ERRORS = (TimeoutError, OSError, http_client.ProtocolError)
+_TRANSPORT_ERRORS = (TimeoutError, OSError, http_client.MalformedResponse)
 
 
 class RestClient:
@@ -74,7 +74,7 @@ class RestClient:
                 retryable=True,
                 upstream_status=504,
             )
-        if isinstance(exc, http_client.ProtocolError):
+        if isinstance(exc, http_client.MalformedResponse):
             return malformed_response(self.provider, exc)
         return GatewayError(
             Kind.UNAVAILABLE,
