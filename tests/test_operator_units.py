@@ -132,18 +132,36 @@ def test_provider_blocks_through_the_proxy_parser() -> None:
     assert parsed["claude"].settings.default_max_tokens == 1024
 
 
-def test_every_field_of_a_provider_block_is_rendered() -> None:
+def test_the_crds_provider_blocks_are_the_proxys_provider_types() -> None:
+    """One block per provider type in the CRD, with the keys the proxy's parser of that type reads (the
+    operator copies a block as it is)."""
+    from llmgw_common.providers import TYPES
+    from llmgw_common.reader import Reader
     from llmgw_operator.spec import crd
 
     version = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     item = version["properties"]["spec"]["properties"]["providers"]["items"]
     shared = {"apiKeySecretRef", "retries", "headers"}  # the objects every type has
     members = {
-        name: tuple(schema["properties"])
+        name: schema["properties"]
         for name, schema in item["properties"].items()
         if schema.get("type") == "object" and name not in shared
     }
-    assert members == manifests.PROVIDER_TYPES
+    assert set(members) == set(TYPES) == set(manifests.PROVIDER_TYPES)
+    examples = {
+        "baseURL": "https://api.example.com/v1",
+        "target": "inference:50051",
+        "version": "2023-06-01",
+        "defaultMaxTokens": 1024,
+        "tls": True,
+    }
+    for name, properties in members.items():
+        block = {key: schema.get("default", examples.get(key)) for key, schema in properties.items()}
+        block = {key: value for key, value in block.items() if value is not None}
+        assert set(block) == set(properties), f"{name}: give the test an example value for {properties}"
+        reader = Reader(block, name)
+        TYPES[name].parse(reader)
+        reader.done()  # raises for a key the proxy does not know
     # The union rule names every member, so a new type's block is covered by it.
     (rule,) = item["x-kubernetes-validations"]
     for name in manifests.PROVIDER_TYPES:

@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from llmgw_common.providers import TYPES as PROVIDER_TYPES
+
 from .spec import GROUP, KIND, VERSION, parse_duration, secret_key_refs
 
 CONFIG_DIR = "/etc/llmgw"
@@ -91,21 +93,14 @@ def proxy_name(gateway: str) -> str:
 # A provider's type is the one member block it sets (the Kubernetes union style, as in VolumeSource), with
 # the same name and keys in the LLMGateway and in the proxy's configuration. The keys of each block the
 # operator renders; the proxy defaults any it leaves out exactly as the CRD does.
-PROVIDER_TYPES: dict[str, tuple[str, ...]] = {
-    "openai": ("baseURL", "maxConnections"),
-    "anthropic": ("baseURL", "version", "defaultMaxTokens", "maxConnections"),
-    "llmgateway": ("target", "tls"),
-}
-
-
 def _provider_config(provider: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"name": provider["name"]}
+    # A type's block has the same keys in the CRD and in the proxy's configuration, so it is copied as it is.
     # Every member the spec sets is rendered: with none or two (the CRD refuses both) the proxy's own check
     # names the problem.
-    for member, keys in PROVIDER_TYPES.items():
+    for member in PROVIDER_TYPES:
         if member in provider:
-            block = provider[member] or {}
-            out[member] = {key: block[key] for key in keys if key in block}
+            out[member] = dict(provider[member] or {})
     refs = {ref.env for ref in secret_key_refs({"providers": [provider]})}
     if refs:
         out["apiKey"] = {"env": refs.pop()}
