@@ -602,3 +602,44 @@ async def test_layer_limits_from_the_configuration_reach_both_fronts(fakes: Fake
         for i in range(0, length, 6)
     }
     assert settings[0x4] == 100_000 and settings[0x6] == 9000
+
+
+async def test_an_llmgateway_providers_connect_timeout_is_its_connectTimeoutSeconds(
+    fakes: Fakes, start_proxy: Any
+) -> None:
+    """A gRPC upstream that accepts the connection and never answers is given up after the provider's own
+    ``connectTimeoutSeconds``, and the client hears which provider and why."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    listener = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    config = proxy_config(fakes)
+    config["providers"].append(
+        {
+            "name": "silent",
+            "llmgateway": {"target": f"127.0.0.1:{port}"},
+            "connectTimeoutSeconds": 0.3,
+            "retries": {"maxAttempts": 1},
+        }
+    )
+    config["routes"].append({"model": "silent-model", "grpc": "silent"})
+    server = await start_proxy(config)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = pb_grpc.LLMServiceStub(channel)
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.ChatCompletion(grpc_request("silent-model"), timeout=10)
+            elapsed = time.monotonic() - started
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "'silent'" in (caught.value.details() or "")
+        assert "no answer within 0.3s" in (caught.value.details() or "")
+        assert elapsed < 5  # the channel's own default would have waited 10 s
+        assert accepted
+    finally:
+        for writer in accepted:
+            writer.close()
+        listener.close()

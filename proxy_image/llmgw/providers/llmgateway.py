@@ -26,7 +26,11 @@ class LLMGatewayClient:
         settings: LLMGatewaySettings = provider.settings
         metadata = ((("authorization", f"Bearer {api_key}"),) if api_key else ()) + tuple(provider.headers)
         self.channel = grpc_channel.Channel(
-            settings.target, tls=settings.tls, metadata=metadata, limits=limits.grpc_client
+            settings.target,
+            tls=settings.tls,
+            metadata=metadata,
+            limits=limits.grpc_client,
+            connect_timeout=provider.connect_timeout_s,
         )
 
     def error(self, exc: RpcError) -> GatewayError:
