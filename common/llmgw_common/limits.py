@@ -34,7 +34,24 @@ class HTTP2Limits:
     stream_window_bytes: int = 4 * MiB  # SETTINGS_INITIAL_WINDOW_SIZE: unread data per stream
     connection_window_bytes: int = 16 * MiB  # unread data per connection
     max_header_block_bytes: int = 64 * 1024  # SETTINGS_MAX_HEADER_LIST_SIZE; larger ends the connection
-    max_message_bytes: int = 4 * MiB  # one gRPC message; larger: RESOURCE_EXHAUSTED
+    max_message_bytes: int = 4 * MiB  # one gRPC message, after decompression; larger: RESOURCE_EXHAUSTED
+    # SETTINGS_MAX_CONCURRENT_STREAMS (100, as Envoy and nghttp2 advertise): streams the peer may have open;
+    # a HEADERS opening one more is answered RST_STREAM REFUSED_STREAM and nothing of it is kept
+    max_concurrent_streams: int = 100
+    # frames other than DATA (ACKs, RST_STREAM, WINDOW_UPDATE, headers) queued to a peer that has stopped
+    # reading (the write buffer over its high-water mark); more: GOAWAY ENHANCE_YOUR_CALM, connection dropped
+    max_queued_control_bytes: int = MiB
+    # PING and SETTINGS (not ACKs) and PRIORITY frames per second; more: GOAWAY ENHANCE_YOUR_CALM
+    max_control_frames_per_second: int = 1000
+    # DATA, HEADERS, CONTINUATION frames in a row that carry nothing (no payload, no END_STREAM);
+    # more: GOAWAY ENHANCE_YOUR_CALM
+    max_empty_frames: int = 10
+    # RST_STREAMs from the peer per second ("rapid reset", CVE-2023-44487); more: GOAWAY ENHANCE_YOUR_CALM
+    max_resets_per_second: int = 200
+    # servers only: the client's preface and first SETTINGS must arrive within this; else GOAWAY, closed
+    preface_timeout_s: float = 10.0
+    # servers only: a connection without an open stream this long gets GOAWAY NO_ERROR and is closed
+    idle_timeout_s: float = 300.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +86,19 @@ def _http2(r: Reader, default: HTTP2Limits) -> HTTP2Limits:
         ),
         max_header_block_bytes=r.integer("maxHeaderBlockBytes", default.max_header_block_bytes, minimum=1024),
         max_message_bytes=default.max_message_bytes,
+        max_concurrent_streams=r.integer(
+            "maxConcurrentStreams", default.max_concurrent_streams, minimum=1, maximum=2**31 - 1
+        ),
+        max_queued_control_bytes=r.integer(
+            "maxQueuedControlBytes", default.max_queued_control_bytes, minimum=16 * 1024
+        ),
+        max_control_frames_per_second=r.integer(
+            "maxControlFramesPerSecond", default.max_control_frames_per_second, minimum=10
+        ),
+        max_empty_frames=r.integer("maxEmptyFrames", default.max_empty_frames, minimum=1),
+        max_resets_per_second=r.integer("maxResetsPerSecond", default.max_resets_per_second, minimum=10),
+        preface_timeout_s=default.preface_timeout_s,
+        idle_timeout_s=default.idle_timeout_s,
     )
 
 
@@ -84,7 +114,12 @@ def parse_http_server(r: Reader, max_body_bytes: int) -> HTTPServerLimits:
 
 
 def parse_grpc_server(r: Reader, max_message_bytes: int) -> HTTP2Limits:
-    return _http2(r, HTTP2Limits(max_message_bytes=max_message_bytes))
+    d = HTTP2Limits()
+    return dataclasses.replace(
+        _http2(r, HTTP2Limits(max_message_bytes=max_message_bytes)),
+        preface_timeout_s=r.number("prefaceTimeoutSeconds", d.preface_timeout_s),
+        idle_timeout_s=r.number("idleTimeoutSeconds", d.idle_timeout_s),
+    )
 
 
 def parse_http_client(r: Reader) -> HTTPClientLimits:

@@ -108,6 +108,12 @@ class Metrics:
             registry=r,
         )
         self.draining = Gauge("llmgw_draining", "1 while the proxy drains before exiting.", registry=r)
+        self.limit_hits = Counter(
+            "llmgw_limit_hits",
+            "Times a client ran into a bound of the gRPC front (limits.grpcServer), by its configuration key.",
+            ("limit",),
+            registry=r,
+        )
         self._children: dict[tuple[Any, ...], Any] = {}
         self._paths: dict[tuple[str, str, str], PathMetrics] = {}
 

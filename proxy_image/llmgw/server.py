@@ -77,7 +77,10 @@ class ProxyServer:
                 BIDI, reflection_pb2.ServerReflectionRequest, reflector.ServerReflectionInfo
             ),
         }
-        return Server(methods, self.config.limits.grpc_server)
+        return Server(methods, self.config.limits.grpc_server, self._limit_hit)
+
+    def _limit_hit(self, limit: str) -> None:
+        self.metrics.child(self.metrics.limit_hits, limit).inc()
 
     async def start(self) -> None:
         cfg = self.config

@@ -154,10 +154,11 @@ class _ClientConnection(Connection):
         if stream.reset is not None:  # the server reset it (RST_STREAM), or the connection ended
             self._end(stream)
 
-    def message_too_large(self, stream: Stream, length: int) -> None:
+    def message_too_large(self, stream: Stream, length: int, decompressed: bool = False) -> None:
+        size = f"more than {self.max_message_bytes} bytes decompressed" if decompressed else f"{length} bytes"
         stream.error = RpcError(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"response message of {length} bytes is over the limit of {self.max_message_bytes} bytes",
+            f"response message of {size} is over the limit of {self.max_message_bytes} bytes",
         )
         self.cancel(stream)
 

@@ -136,8 +136,11 @@ def _trailers(
 
 class _GrpcServerConnection(Connection):
     def __init__(self, server: Server) -> None:
-        super().__init__(server.limits)
+        super().__init__(server.limits, server.on_limit)
         self.server = server
+        self._timer: asyncio.TimerHandle | None = None  # the preface timeout, then the idle timeout
+        self._last_active = 0.0  # loop time a stream last opened or closed
+        self._idle_armed = False
         self.calls: dict[int, ServerCall] = {}
         self._plain: dict[int, str] = {}  # non-gRPC requests waiting for their end: the status to answer
         self.accepting_until = MAX_STREAM_ID  # after GOAWAY: the last stream this connection serves
@@ -152,8 +155,47 @@ class _GrpcServerConnection(Connection):
         peername = transport.get_extra_info("peername")
         self.peer = f"{peername[0]}:{peername[1]}" if peername else ""
         self.server.connections.add(self)
+        loop = asyncio.get_running_loop()
+        self._last_active = loop.time()
+        self._timer = loop.call_later(self.limits.preface_timeout_s, self._preface_timeout)
+
+    def _preface_timeout(self) -> None:
+        if self.closed or self.peer_settings_seen:
+            return
+        self.limit_hit("prefaceTimeoutSeconds")
+        self.fail(
+            ErrorCode.PROTOCOL_ERROR,
+            f"no HTTP/2 preface and SETTINGS within {self.limits.preface_timeout_s:g} s ({self.peer})",
+        )
+
+    def settings_received(self) -> None:
+        if not self._idle_armed:  # the client's first SETTINGS: the preface timeout gives way to the idle one
+            self._idle_armed = True
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = asyncio.get_running_loop().call_later(self.limits.idle_timeout_s, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """GOAWAY and close a connection that has had no open stream for ``idle_timeout_s``."""
+        if self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self.streams or self.calls:
+            self._last_active = now
+        idle_for = now - self._last_active
+        if idle_for < self.limits.idle_timeout_s:
+            self._timer = loop.call_later(self.limits.idle_timeout_s - idle_for, self._idle_check)
+            return
+        self.limit_hit("idleTimeoutSeconds")
+        log.debug("closing idle HTTP/2 connection from %s", self.peer)
+        self.write(goaway(self.highest_stream, ErrorCode.NO_ERROR, b"idle"))
+        self.close()
+        self.closed = True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         super().connection_lost(exc)
         for call in list(self.calls.values()):
             self._abandon(call)
@@ -184,6 +226,11 @@ class _GrpcServerConnection(Connection):
         if stream_id > self.accepting_until:
             self.reset_stream(stream_id, ErrorCode.REFUSED_STREAM)
             return
+        if len(self.streams) >= self.limits.max_concurrent_streams:  # RFC 9113 section 5.1.2
+            self.limit_hit("maxConcurrentStreams")
+            self.reset_stream(stream_id, ErrorCode.REFUSED_STREAM)
+            return
+        self._last_active = asyncio.get_running_loop().time()
         stream = Stream(stream_id, self.peer_initial_window)
         stream.ended = end_stream
         pseudo: dict[str, str] = {}
@@ -251,6 +298,7 @@ class _GrpcServerConnection(Connection):
                     asyncio.get_running_loop().create_task(self._answer_plain(stream, status))
             return
         if stream.reset is not None:  # the client cancelled, or the connection is gone
+            self._last_active = asyncio.get_running_loop().time()
             self.calls.pop(stream.id, None)
             self._abandon(call)
             self.server.changed()
@@ -267,16 +315,19 @@ class _GrpcServerConnection(Connection):
             self.write(frame(DATA, END_STREAM, stream.id))
         self._forget(stream)
 
-    def message_too_large(self, stream: Stream, length: int) -> None:
+    def message_too_large(self, stream: Stream, length: int, decompressed: bool = False) -> None:
+        if not decompressed:
+            self.limit_hit("maxMessageBytes")
         call = self.calls.get(stream.id)
         if call is None:
             return
         if call._task is not None:
             call._task.cancel()
+        size = f"more than {self.max_message_bytes} bytes decompressed" if decompressed else f"{length} bytes"
         self.finish(
             call,
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"request message of {length} bytes is over the server's limit of {self.max_message_bytes} bytes",
+            f"request message of {size} is over the server's limit of {self.max_message_bytes} bytes",
         )
 
     @staticmethod
@@ -422,6 +473,7 @@ class _GrpcServerConnection(Connection):
 
     def _forget(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
+        self._last_active = asyncio.get_running_loop().time()
         if not stream.ended:  # the client may still be sending: tell it to stop
             self.reset_stream(stream.id, ErrorCode.NO_ERROR)
             stream.ended = True
@@ -444,9 +496,15 @@ class _GrpcServerConnection(Connection):
 class Server:
     """Serves ``methods`` ({"/package.Service/Method": Method}) on one listening address."""
 
-    def __init__(self, methods: dict[str, Method], limits: HTTP2Limits) -> None:
+    def __init__(
+        self,
+        methods: dict[str, Method],
+        limits: HTTP2Limits,
+        on_limit: Callable[[str], None] | None = None,
+    ) -> None:
         self.methods = methods
         self.limits = limits
+        self.on_limit = on_limit  # told the configuration key of each limit a client runs into
         self.connections: set[_GrpcServerConnection] = set()
         self.stopping = False
         self._server: asyncio.Server | None = None

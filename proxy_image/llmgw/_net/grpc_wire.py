@@ -26,8 +26,9 @@ import collections
 import enum
 import logging
 import struct
+import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import grpc
 import hpack
@@ -75,11 +76,33 @@ STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 
 
 class H2ProtocolError(Exception):
-    """The peer broke HTTP/2: the connection ends with GOAWAY carrying ``code``."""
+    """The peer broke HTTP/2, or one of this end's limits (``limit``, its configuration key): the connection
+    ends with GOAWAY carrying ``code``."""
 
-    def __init__(self, message: str, code: ErrorCode = ErrorCode.PROTOCOL_ERROR) -> None:
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.PROTOCOL_ERROR, limit: str = "") -> None:
         super().__init__(message)
         self.code = code
+        self.limit = limit
+
+
+class _Rate:
+    """A token bucket: up to ``rate`` events at once, and ``rate`` more every second."""
+
+    __slots__ = ("last", "rate", "tokens")
+
+    def __init__(self, rate: int) -> None:
+        self.rate = float(rate)
+        self.tokens = self.rate
+        self.last = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
 
 
 class RpcError(Exception):
@@ -309,7 +332,8 @@ class Stream:
         self.id = stream_id
         self.headers: list[tuple[str, str]] | None = None
         self.trailers: list[tuple[str, str]] | None = None
-        self.messages: collections.deque[bytes] = collections.deque()
+        # each message with the bytes it took on the wire (what returns to the peer's window once read)
+        self.messages: collections.deque[tuple[bytes, int]] = collections.deque()
         self.partial = bytearray()
         self.encoding = "identity"
         self.plain = False  # not a gRPC call: its body is counted, not parsed into messages
@@ -337,8 +361,9 @@ class Connection(asyncio.Protocol):
 
     is_client = False
 
-    def __init__(self, limits: HTTP2Limits) -> None:
+    def __init__(self, limits: HTTP2Limits, on_limit: Callable[[str], None] | None = None) -> None:
         self.limits = limits
+        self.on_limit = on_limit  # told the configuration key of each limit the peer runs into
         self.max_message_bytes = limits.max_message_bytes
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
@@ -362,6 +387,10 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.goaway_received: int | None = None  # the last stream id the peer will process
         self._ping_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._paused_bytes = 0  # frames other than DATA written while the peer does not read
+        self._control_rate = _Rate(limits.max_control_frames_per_second)
+        self._reset_rate = _Rate(limits.max_resets_per_second)
+        self._empty_frames = 0  # in a row
 
     # asyncio.Protocol
 
@@ -370,6 +399,7 @@ class Connection(asyncio.Protocol):
         local = settings_frame(
             {
                 ENABLE_PUSH: 0,
+                MAX_CONCURRENT_STREAMS: self.limits.max_concurrent_streams,
                 INITIAL_WINDOW_SIZE: self.limits.stream_window_bytes,
                 MAX_HEADER_LIST_SIZE: self.limits.max_header_block_bytes,
             }
@@ -396,6 +426,7 @@ class Connection(asyncio.Protocol):
             self._writable = asyncio.get_running_loop().create_future()
 
     def resume_writing(self) -> None:
+        self._paused_bytes = 0
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
 
@@ -408,7 +439,12 @@ class Connection(asyncio.Protocol):
         try:
             self._frames(data)
         except H2ProtocolError as exc:
+            if exc.limit:
+                self.limit_hit(exc.limit)
             self.fail(exc.code, str(exc))
+        except hpack.OversizedHeaderListError as exc:  # decoded size, HPACK's amplification included
+            self.limit_hit("maxHeaderBlockBytes")
+            self.fail(ErrorCode.ENHANCE_YOUR_CALM, f"header list too large: {exc}")
         except hpack.HPACKError as exc:
             self.fail(ErrorCode.COMPRESSION_ERROR, f"bad header block: {exc}")
         except Exception as exc:  # input that slipped past the checks, or a bug: end this connection only
@@ -426,6 +462,13 @@ class Connection(asyncio.Protocol):
 
     def last_peer_stream(self) -> int:
         return 0
+
+    def limit_hit(self, limit: str) -> None:
+        if self.on_limit is not None:
+            try:
+                self.on_limit(limit)
+            except Exception:
+                log.exception("on_limit callback failed")
 
     # frames in
 
@@ -466,6 +509,26 @@ class Connection(asyncio.Protocol):
     def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
         if self._continuation is not None and kind != CONTINUATION:
             raise H2ProtocolError("a header block was interrupted by another frame")
+        if kind <= HEADERS or kind == CONTINUATION:  # DATA, HEADERS, CONTINUATION
+            if payload or flags & END_STREAM:
+                self._empty_frames = 0
+            else:
+                self._empty_frames += 1
+                if self._empty_frames > self.limits.max_empty_frames:
+                    raise H2ProtocolError(
+                        f"more than {self.limits.max_empty_frames} empty frames in a row",
+                        ErrorCode.ENHANCE_YOUR_CALM,
+                        "maxEmptyFrames",
+                    )
+        elif (
+            kind == PRIORITY or (kind in (PING, SETTINGS) and not flags & ACK)
+        ) and not self._control_rate.take():
+            raise H2ProtocolError(
+                f"more than {self.limits.max_control_frames_per_second} PING, SETTINGS and PRIORITY "
+                "frames a second",
+                ErrorCode.ENHANCE_YOUR_CALM,
+                "maxControlFramesPerSecond",
+            )
         if kind == DATA:
             self._data(flags, stream_id, payload)
         elif kind == HEADERS:
@@ -486,7 +549,9 @@ class Connection(asyncio.Protocol):
             block = self._continuation[2]
             block += payload
             if len(block) > self.limits.max_header_block_bytes:
-                raise H2ProtocolError("header block too large", ErrorCode.ENHANCE_YOUR_CALM)
+                raise H2ProtocolError(
+                    "header block too large", ErrorCode.ENHANCE_YOUR_CALM, "maxHeaderBlockBytes"
+                )
             if flags & END_HEADERS:
                 first_flags = self._continuation[1]
                 self._continuation = None
@@ -498,12 +563,14 @@ class Connection(asyncio.Protocol):
                 return
             if len(payload) % 6 or stream_id:
                 raise H2ProtocolError("malformed SETTINGS", ErrorCode.FRAME_SIZE_ERROR)
+            window_grew = False
             for offset in range(0, len(payload), 6):
                 key, value = struct.unpack_from(">HI", payload, offset)
-                self._setting(key, value)
+                window_grew |= self._setting(key, value)
             self.write(frame(SETTINGS, ACK, 0))
-            for stream in list(self.streams.values()):
-                stream.wake()
+            if window_grew:  # only then can a stream waiting for its window send more
+                for stream in list(self.streams.values()):
+                    stream.wake()
             self.settings_received()
         elif kind == WINDOW_UPDATE:
             if len(payload) != 4:
@@ -545,6 +612,12 @@ class Connection(asyncio.Protocol):
                 raise H2ProtocolError("malformed RST_STREAM", ErrorCode.FRAME_SIZE_ERROR)
             if stream_id == 0 or stream_id > self.highest_stream:
                 raise H2ProtocolError(f"RST_STREAM on {'stream 0' if stream_id == 0 else 'an idle stream'}")
+            if not self.is_client and not self._reset_rate.take():
+                raise H2ProtocolError(
+                    f"more than {self.limits.max_resets_per_second} streams reset a second",
+                    ErrorCode.ENHANCE_YOUR_CALM,
+                    "maxResetsPerSecond",
+                )
             ended = self.streams.get(stream_id)
             if ended is not None:
                 code = int.from_bytes(payload, "big")
@@ -570,7 +643,8 @@ class Connection(asyncio.Protocol):
                 self.reset_stream(stream_id, ErrorCode.PROTOCOL_ERROR)
         # unknown frame types are ignored, as RFC 9113 asks
 
-    def _setting(self, key: int, value: int) -> None:
+    def _setting(self, key: int, value: int) -> bool:
+        """Apply one setting; True if it grew the streams' send windows."""
         if key == INITIAL_WINDOW_SIZE:
             if value > MAX_WINDOW:
                 raise H2ProtocolError("initial window too large", ErrorCode.FLOW_CONTROL_ERROR)
@@ -578,6 +652,7 @@ class Connection(asyncio.Protocol):
             self.peer_initial_window = value
             for stream in self.streams.values():
                 stream.send_window += delta
+            return delta > 0
         elif key == MAX_FRAME_SIZE:
             if not DEFAULT_FRAME_SIZE <= value <= 2**24 - 1:
                 raise H2ProtocolError("bad SETTINGS_MAX_FRAME_SIZE")
@@ -586,6 +661,7 @@ class Connection(asyncio.Protocol):
             self.peer_max_streams = value
         elif key == ENABLE_PUSH and value > 1:
             raise H2ProtocolError("SETTINGS_ENABLE_PUSH other than 0 or 1")
+        return False
 
     def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0:
@@ -630,15 +706,30 @@ class Connection(asyncio.Protocol):
             body = bytes(partial[5 : 5 + length])
             del partial[: 5 + length]
             if compressed:
-                body = self._decompress(stream, body)
-            stream.messages.append(body)
+                inflated = self._decompress(stream, body)
+                if inflated is None:
+                    self.consumed(None, 5 + length)  # not kept: back to the connection's window
+                    self.message_too_large(stream, self.max_message_bytes + 1, decompressed=True)
+                    return
+                body = inflated
+            stream.messages.append((body, 5 + length))
 
-    def _decompress(self, stream: Stream, body: bytes) -> bytes:
+    def _decompress(self, stream: Stream, body: bytes) -> bytes | None:
+        """The message inflated, or None if it inflates beyond ``max_message_bytes`` (never inflated
+        further than that: a small gzip bomb stays small)."""
         if stream.encoding == "gzip":
-            return zlib.decompress(body, wbits=31)
-        if stream.encoding == "deflate":
-            return zlib.decompress(body)
-        raise H2ProtocolError(f"a compressed message with grpc-encoding {stream.encoding!r}")
+            inflater = zlib.decompressobj(wbits=31)
+        elif stream.encoding == "deflate":
+            inflater = zlib.decompressobj()
+        else:
+            raise H2ProtocolError(f"a compressed message with grpc-encoding {stream.encoding!r}")
+        out = inflater.decompress(body, self.max_message_bytes + 1)
+        if len(out) > self.max_message_bytes:
+            self.limit_hit("maxMessageBytes")
+            return None
+        if not inflater.eof:
+            raise zlib.error("incomplete compressed message")
+        return out
 
     def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
         # Decoded even for a stream about to be refused: HPACK's table must follow every block.
@@ -658,7 +749,8 @@ class Connection(asyncio.Protocol):
     def stream_changed(self, stream: Stream) -> None:
         """Something arrived for ``stream`` (headers, messages, trailers, the end, or a reset)."""
 
-    def message_too_large(self, stream: Stream, length: int) -> None:
+    def message_too_large(self, stream: Stream, length: int, decompressed: bool = False) -> None:
+        """A message of ``length`` bytes (more than that, inflated, if ``decompressed``) is over the limit."""
         raise NotImplementedError
 
     def settings_received(self) -> None:
@@ -669,15 +761,30 @@ class Connection(asyncio.Protocol):
 
     # frames out
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, control: bool = True) -> None:
         """Send ``data`` now, or, while several streams are open, with everything else written during
         this turn of the event loop, in one system call.
 
         Under load, responses complete together (one read from an upstream wakes many calls), and a
         system call per response is most of a proxy's CPU. A lone call does not wait for the turn to end.
+
+        Frames other than flow-controlled DATA (``control``) written while the peer does not read are
+        counted: past ``max_queued_control_bytes`` the connection is dropped, so that a peer that sends
+        PINGs, SETTINGS or requests and never reads the answers cannot make this end hold them all.
         """
         if self.transport is None or self.closed:
             return
+        if control and self._writable is not None and not self._writable.done():
+            self._paused_bytes += len(data)
+            if self._paused_bytes > self.limits.max_queued_control_bytes:
+                self.limit_hit("maxQueuedControlBytes")
+                log.info("HTTP/2 peer does not read what it asks for: connection dropped")
+                self.failure = "the peer does not read (ENHANCE_YOUR_CALM)"
+                self.closed = True
+                self._out = None
+                self.transport.write(goaway(self.last_peer_stream(), ErrorCode.ENHANCE_YOUR_CALM))
+                self.transport.abort()  # what is queued is dropped: the peer would not read it anyway
+                return
         if self._out is not None:
             self._out.append(data)
         elif len(self.streams) > 1:
@@ -736,14 +843,14 @@ class Connection(asyncio.Protocol):
 
     def _release(self, stream: Stream) -> None:
         """A stream that ends with bytes still queued: return them to the connection's window."""
-        queued = len(stream.partial) + sum(len(m) + 5 for m in stream.messages)
+        queued = len(stream.partial) + sum(size for _, size in stream.messages)
         stream.messages.clear()
         stream.partial.clear()
         self.consumed(None, queued)
 
     def take_message(self, stream: Stream) -> bytes:
-        body = stream.messages.popleft()
-        self.consumed(stream, len(body) + 5)
+        body, wire_size = stream.messages.popleft()
+        self.consumed(stream, wire_size)  # the bytes received, not what they inflated to
         return body
 
     def try_send(self, stream: Stream, payload: bytes, prefix: bytes = b"", suffix: bytes = b"") -> bool:
@@ -753,7 +860,7 @@ class Connection(asyncio.Protocol):
             return False
         self.send_window -= size
         stream.send_window -= size
-        self.write(prefix + frame(DATA, 0, stream.id, payload) + suffix)
+        self.write(prefix + frame(DATA, 0, stream.id, payload) + suffix, control=False)
         return True
 
     async def send_data(self, stream: Stream, payload: bytes) -> None:
@@ -771,7 +878,7 @@ class Connection(asyncio.Protocol):
                 continue
             self.send_window -= allowed
             stream.send_window -= allowed
-            self.write(frame(DATA, 0, stream.id, bytes(view[:allowed])))
+            self.write(frame(DATA, 0, stream.id, bytes(view[:allowed])), control=False)
             view = view[allowed:]
         await self.drain()
 
