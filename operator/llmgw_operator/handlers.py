@@ -3,8 +3,8 @@
 kopf watches the resources and calls these; each only decides *which* gateway to reconcile:
 
 - a gateway created, changed, or found when the operator starts (``on.resume``);
-- a Secret event, for every gateway that references that Secret (an in-memory index kopf keeps from
-  the gateways it watches), so a created or rotated Secret is acted on at once;
+- a Secret event, for every gateway that references that Secret (an in-memory map kept from the
+  gateways' watch events), so a created or rotated Secret is acted on at once;
 - events of the objects the operator manages (label ``app.kubernetes.io/managed-by=llmgw-operator``),
   for their owner: a deleted child is recreated at once, a Deployment's rollout progress and readiness
   reach the status, a Deployment changed by someone else is put back; other edits of children are
@@ -13,6 +13,12 @@ kopf watches the resources and calls these; each only decides *which* gateway to
 
 kopf's own bookkeeping (the last handled spec) goes to annotations under ``kopf.llmgateway.io/``, because
 the CRD's structural schema has no room for kopf's default ``status.kopf``.
+
+No handler waits for another: there is no kopf index (kopf makes every handler of every resource wait
+until each gateway listed at startup has been indexed, each in a worker of its own, so with a worker
+limit below the number of gateways nothing ever ran), and no worker limit (a gateway whose pass is retried
+keeps its worker while it waits, and must not keep another gateway from getting one). A failing gateway
+is reported by :meth:`Reconciler.sync` (a condition, an event, a log line); it never stops the others.
 """
 
 from __future__ import annotations
@@ -52,9 +58,34 @@ def _owner(body: Any) -> str | None:
     return None
 
 
+class SecretUsers:
+    """Which gateways reference which Secret: (namespace, Secret) -> gateway names, kept from the gateways'
+    watch events. A gateway is added before its first pass runs (kopf calls event handlers before change
+    handlers), so a Secret event after that pass read the Secret always finds it."""
+
+    def __init__(self) -> None:
+        self._by_gateway: dict[tuple[str, str], set[str]] = {}
+
+    def update(self, namespace: str, name: str, spec: dict[str, Any] | None) -> None:
+        if spec is None:
+            self._by_gateway.pop((namespace, name), None)
+            return
+        try:
+            self._by_gateway[(namespace, name)] = set(referenced_secrets(spec))
+        except Exception:  # a spec the CRD should have refused: its own pass reports it
+            log.debug("gateway %s/%s: cannot list its Secrets", namespace, name, exc_info=True)
+            self._by_gateway.pop((namespace, name), None)
+
+    def users(self, namespace: str, secret: str) -> list[str]:
+        return sorted(
+            name for (ns, name), secrets in self._by_gateway.items() if ns == namespace and secret in secrets
+        )
+
+
 def build_registry(settings: Settings, reconciler: Reconciler) -> kopf.OperatorRegistry:
     """All handlers of the operator, registered in a fresh registry (one per running operator)."""
     registry = kopf.OperatorRegistry()
+    secret_users = SecretUsers()
 
     async def sync(namespace: str, name: str) -> None:
         try:
@@ -81,7 +112,7 @@ def build_registry(settings: Settings, reconciler: Reconciler) -> kopf.OperatorR
         )
         settings.posting.enabled = False  # the reconciler records its own events, with distinct reasons
         settings.watching.server_timeout = 300
-        settings.batching.worker_limit = 64
+        settings.queueing.worker_limit = None  # see the module docstring: never a worker waiting for a slot
 
     @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
@@ -89,16 +120,14 @@ def build_registry(settings: Settings, reconciler: Reconciler) -> kopf.OperatorR
     async def gateway_changed(namespace: str | None, name: str, **_: Any) -> None:
         await sync(namespace or "", name)
 
-    @kopf.index(GROUP, VERSION, PLURAL, id="gateways_by_secret", registry=registry)
-    def gateways_by_secret(
-        namespace: str | None, name: str, spec: kopf.Spec, **_: Any
-    ) -> dict[tuple[str | None, str], str]:
-        return {(namespace, secret): name for secret in referenced_secrets(dict(spec))}
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    def gateway_event(type: str | None, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
+        spec = None if type == "DELETED" else dict(body.get("spec") or {})
+        secret_users.update(namespace or "", name, spec)
 
     @kopf.on.event("", "v1", "secrets", registry=registry)
-    async def secret_event(namespace: str | None, name: str, **kwargs: Any) -> None:
-        index: kopf.Index[tuple[str | None, str], str] = kwargs["gateways_by_secret"]
-        for gateway in set(index.get((namespace, name), [])):
+    async def secret_event(namespace: str | None, name: str, **_: Any) -> None:
+        for gateway in secret_users.users(namespace or "", name):
             log.info("Secret %s/%s changed: reconciling gateway %s", namespace, name, gateway)
             await sync(namespace or "", gateway)
 
@@ -156,10 +185,20 @@ async def periodic_loop(settings: Settings, reconciler: Reconciler) -> None:
     proxies and checks metrics on a clock, not on watch events); every ``resync_seconds``, all gateways
     (the drift check). One LIST per tick and scope; writes only when something changed.
 
+    Nothing one gateway does stops the loop: :meth:`Reconciler.sync` reports a gateway's own failures, and
+    whatever else is raised is logged (once per distinct message) before the loop goes on.
+
     A loop of its own rather than kopf timers: kopf puts a finalizer on objects with timers, and a
     finalizer would leave gateways undeletable while the operator is down."""
     loop = asyncio.get_running_loop()
     next_resync = loop.time() + settings.resync_seconds
+    logged: dict[str, str] = {}  # what the loop last logged, per gateway ("" for the listing)
+
+    def warn_once(key: str, message: str, exc: BaseException | None = None) -> None:
+        if logged.get(key) != message:
+            logged[key] = message
+            log.warning("periodic pass: %s", message, exc_info=exc)
+
     while True:
         await asyncio.sleep(settings.migration_tick_seconds)
         resync = loop.time() >= next_resync
@@ -169,19 +208,22 @@ async def periodic_loop(settings: Settings, reconciler: Reconciler) -> None:
         for namespace in scopes:
             try:
                 gateways = await reconciler.kube.list_gateways(namespace)
-            except ApiError as exc:
-                log.warning("periodic pass: cannot list gateways: %s", exc.status.message)
+            except Exception as exc:  # the API server down, for one: try at the next tick
+                detail = exc.status.message if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
+                warn_once(f"list {namespace}", f"cannot list gateways: {detail}")
                 continue
+            logged.pop(f"list {namespace}", None)
             for gateway in gateways:
-                if not (resync or _migrating(gateway)):
-                    continue
-                meta = gateway["metadata"]
+                meta = gateway.get("metadata") or {}
+                key = f"{meta.get('namespace')}/{meta.get('name')}"
                 try:
+                    if not (resync or _migrating(gateway)):
+                        continue
                     await reconciler.sync(meta["namespace"], meta["name"])
                 except (ApiError, ApplyFailed) as exc:
-                    log.warning(
-                        "periodic pass of %s/%s failed: %s",
-                        meta["namespace"],
-                        meta["name"],
-                        exc.status.message if isinstance(exc, ApiError) else exc,
-                    )
+                    detail = exc.status.message if isinstance(exc, ApiError) else str(exc)
+                    warn_once(key, f"pass of {key} failed: {detail}")
+                except Exception as exc:  # never stop the loop for the other gateways
+                    warn_once(key, f"pass of {key} failed: {type(exc).__name__}: {exc}", exc)
+                else:
+                    logged.pop(key, None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import datetime
 import hashlib
 import json
@@ -32,7 +33,7 @@ from .analysis import MetricsSource, MetricsUnavailable, PrometheusSource, Scrap
 from .kube import Kube
 from .settings import Settings
 from .spec import GROUP, KIND, parse_duration, referenced_secrets, secret_key_refs, with_defaults
-from .status import Observation, build_status
+from .status import Observation, build_status, with_failure
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,9 @@ def next_config_generation(live_text: str | None, rendered: dict[str, Any], floo
         except yaml.YAMLError:
             live = None
         if isinstance(live, dict):
-            live_generation = int(live.get("generation", 0))
+            live_generation = live.get("generation", 0)
+            if not isinstance(live_generation, int) or isinstance(live_generation, bool):
+                return floor + 1  # hand-edited into something no proxy runs: rewritten as a new generation
             if {**live, "generation": 0} == {**rendered, "generation": 0}:
                 return live_generation
             return max(live_generation, floor) + 1
@@ -136,6 +139,23 @@ def _now() -> str:
 
 class ApplyFailed(RuntimeError):
     """Some of a gateway's objects could not be written (already reported in its status); retry later."""
+
+
+class GatewayProblem(Exception):
+    """Something about one gateway (its spec, a Secret it names) stops its pass; ``reason`` names it in
+    the gateway's Degraded condition and event."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def describe_failure(exc: BaseException) -> tuple[str, str]:
+    """(reason, message) for the status of a gateway whose pass raised ``exc``."""
+    if isinstance(exc, GatewayProblem):
+        return exc.reason, exc.message
+    return "ReconcileError", f"the operator failed to reconcile this gateway: {type(exc).__name__}: {exc}"
 
 
 _MIGRATION_REASONS = {"RolledBack", "ProgressDeadlineExceeded"}
@@ -173,6 +193,7 @@ class Reconciler:
         self.kube = kube
         self.settings = settings
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._failures: dict[tuple[str, str], tuple[str, str]] = {}  # what was last logged, per gateway
         self._scrape = ScrapeSource()
         self._prometheus: dict[tuple[str, str | None], PrometheusSource] = {}
 
@@ -196,10 +217,27 @@ class Reconciler:
                 raise MetricsUnavailable(
                     f"Secret {ref['name']!r} key {ref.get('key', 'token')!r} (Prometheus token) not found"
                 )
-            token = base64.b64decode(encoded).decode().strip()
+            try:
+                token = base64.b64decode(encoded, validate=True).decode().strip()
+            except (binascii.Error, UnicodeDecodeError) as exc:
+                raise GatewayProblem(
+                    "InvalidPrometheusToken",
+                    f"Secret {ref['name']!r} key {ref.get('key', 'token')!r} (Prometheus bearer token) is not "
+                    f"UTF-8 text: {type(exc).__name__}",
+                ) from None
+            if any(not 0x21 <= ord(c) <= 0x7E for c in token):
+                raise GatewayProblem(
+                    "InvalidPrometheusToken",
+                    f"Secret {ref['name']!r} key {ref.get('key', 'token')!r} (Prometheus bearer token) has "
+                    "characters a bearer token cannot have (only printable ASCII, no spaces)",
+                )
         key = (url, token)
         if key not in self._prometheus:
-            self._prometheus[key] = PrometheusSource(url, token)
+            try:
+                self._prometheus[key] = PrometheusSource(url, token)
+            except ValueError as exc:  # an unparsable URL; user:password@ in it and a bearer token
+                where = "spec.migration.prometheus.url" if prometheus.get("url") else "LLMGW_PROMETHEUS_URL"
+                raise GatewayProblem("InvalidPrometheusURL", f"{where}: {exc}") from None
         return self._prometheus[key]
 
     async def _advance_migration(
@@ -247,11 +285,50 @@ class Reconciler:
             gateway = await self.kube.get(KIND, namespace, name)
             if gateway is None:
                 self._locks.pop((namespace, name), None)
+                self._failures.pop((namespace, name), None)
                 self._scrape.forget((namespace, name))
                 return None
             if gateway["metadata"].get("deletionTimestamp"):
                 return None  # owner references let the garbage collector remove the children
-            return await self._sync(gateway)
+            try:
+                status = await self._sync(gateway)
+            except (ApiError, ApplyFailed):
+                raise  # the API server's trouble, or already in the status: the caller retries
+            except Exception as exc:  # one gateway must never stop the operator
+                return await self._report_failure(gateway, exc)
+            self._failures.pop((namespace, name), None)
+            return status
+
+    async def _report_failure(self, gateway: dict[str, Any], exc: Exception) -> dict[str, Any] | None:
+        """The pass of ``gateway`` raised ``exc``: say so in its status (Degraded, with a reason naming the
+        problem), in an event, and in the log, each once per distinct problem. Its new status, if written."""
+        meta = gateway["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        reason, message = describe_failure(exc)
+        if self._failures.get((namespace, name)) != (reason, message):
+            self._failures[(namespace, name)] = (reason, message)
+            log.error(
+                "gateway %s/%s: %s: %s",
+                namespace,
+                name,
+                reason,
+                message,
+                exc_info=None if isinstance(exc, GatewayProblem) else exc,
+            )
+        previous = gateway.get("status") or {}
+        status = with_failure(previous, reason, message, meta.get("generation", 0), _now())
+        if status == previous:
+            return status
+        try:
+            await self.kube.patch_status(namespace, name, status)
+            for type_, event_reason, event_message in condition_events(previous, status):
+                await self.kube.event(gateway, type_, event_reason, event_message)
+        except ApiError as api_error:
+            log.warning(
+                "gateway %s/%s: cannot report %s: %s", namespace, name, reason, api_error.status.message
+            )
+            return None
+        return status
 
     async def _ensure(
         self,

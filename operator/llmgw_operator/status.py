@@ -163,3 +163,14 @@ def build_status(previous: dict[str, Any], seen: Observation, now: str) -> dict[
         "conditions": sorted(conditions, key=lambda c: order[c["type"]]),
     }
     return status
+
+
+def with_failure(
+    previous: dict[str, Any], reason: str, message: str, generation: int, now: str
+) -> dict[str, Any]:
+    """``previous`` with Degraded=True for ``reason``: the pass of the gateway failed before it could
+    observe anything, so everything else it last reported stays as it was."""
+    conditions = [c for c in previous.get("conditions", []) if c.get("type") in CONDITION_TYPES]
+    conditions = set_condition(conditions, "Degraded", "True", reason, message, generation, now)
+    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
+    return {**previous, "phase": "Degraded", "conditions": sorted(conditions, key=lambda c: order[c["type"]])}
