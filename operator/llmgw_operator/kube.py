@@ -4,6 +4,12 @@ Everything else in the operator is pure; this module is the thin layer that read
 go through server-side apply with one field manager, so the operator owns exactly the fields it sets
 and leaves others' (an HPA's replicas, a mesh's annotations) alone. Each call is counted by verb, for
 the benchmark and for tests that prove an idle gateway costs no writes.
+
+Every name and namespace is checked before its request: lightkube puts them into the URL's path as they
+are, and the HTTP client normalises ``..`` segments, so a Secret name ``../../victim/secrets/stolen`` taken
+from a gateway's spec would read another namespace's Secret, and ``""`` or ``?watch=true`` would list them
+all. A bad one raises :class:`InvalidName`, an :class:`~lightkube.ApiError` (422 Invalid) made without a
+request, so the reconciler and the handlers report it as they report the API server refusing a call.
 """
 
 from __future__ import annotations
@@ -16,13 +22,13 @@ from typing import Any
 from lightkube import ApiError, AsyncClient, codecs
 from lightkube.core.resource import NamespacedResource
 from lightkube.generic_resource import create_namespaced_resource
-from lightkube.models.meta_v1 import ObjectMeta
+from lightkube.models.meta_v1 import ObjectMeta, Status
 from lightkube.resources.apps_v1 import Deployment
 from lightkube.resources.core_v1 import ConfigMap, Pod, Secret, Service, ServiceAccount
 from lightkube.resources.policy_v1 import PodDisruptionBudget
 from lightkube.types import PatchType
 
-from .spec import GROUP, KIND, PLURAL, VERSION
+from .spec import GROUP, KIND, PLURAL, VERSION, is_namespace_name, is_object_name
 
 FIELD_MANAGER = "llmgw-operator"
 
@@ -36,6 +42,26 @@ KINDS: dict[str, type[NamespacedResource]] = {
     "PodDisruptionBudget": PodDisruptionBudget,
     KIND: LLMGateway,
 }
+
+
+class InvalidName(ApiError):
+    """A name or namespace that is not a valid Kubernetes one, refused before any request is made."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(status=Status(code=422, reason="Invalid", status="Failure", message=message))
+
+
+def check_name(kind: str, namespace: Any, name: Any = None) -> None:
+    """Raise :class:`InvalidName` unless ``namespace`` (and ``name``, when given) are valid Kubernetes names."""
+    if not is_namespace_name(namespace):
+        raise InvalidName(
+            f"{kind} namespace {namespace!r} is not a valid namespace name (a DNS-1123 label): not requested"
+        )
+    if name is not None and not is_object_name(name):
+        raise InvalidName(
+            f"{kind} name {name!r} is not a valid Kubernetes name (lowercase letters, digits, '-' and '.', "
+            "at most 253 characters, starting and ending with a letter or digit): not requested"
+        )
 
 
 def _to_dict(obj: Any) -> dict[str, Any]:
@@ -56,6 +82,7 @@ class Kube:
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
+        check_name(kind, namespace, name)
         self.calls["get"] += 1
         try:
             return _to_dict(await self.client.get(KINDS[kind], name, namespace=namespace))
@@ -65,10 +92,14 @@ class Kube:
             raise
 
     async def list_gateways(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        """The gateways of ``namespace``, or of every namespace when it is None."""
+        if namespace is not None:
+            check_name(KIND, namespace)
         self.calls["list"] += 1
         return [_to_dict(obj) async for obj in self.client.list(LLMGateway, namespace=namespace or "*")]
 
     async def list_pods(self, namespace: str, labels: dict[str, Any]) -> list[dict[str, Any]]:
+        check_name("Pod", namespace)
         self.calls["list"] += 1
         return [
             _to_dict(obj) async for obj in self.client.list(Pod, namespace=namespace, labels=dict(labels))
@@ -76,12 +107,15 @@ class Kube:
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply ``manifest`` as the operator's field manager (forcing: the operator owns these)."""
+        meta = manifest.get("metadata") or {}
+        check_name(str(manifest.get("kind")), meta.get("namespace"), meta.get("name"))
         self.calls["apply"] += 1
         obj = codecs.from_dict(manifest)
         applied = await self.client.apply(obj, field_manager=FIELD_MANAGER, force=True)
         return _to_dict(applied)
 
     async def delete(self, kind: str, namespace: str, name: str) -> None:
+        check_name(kind, namespace, name)
         self.calls["delete"] += 1
         try:
             await self.client.delete(KINDS[kind], name, namespace=namespace)
@@ -91,6 +125,7 @@ class Kube:
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """Merge-patch the gateway's status subresource (spec stays the user's)."""
+        check_name(KIND, namespace, name)
         self.calls["patch_status"] += 1
         await self.client.patch(
             LLMGateway.Status, name, {"status": status}, namespace=namespace, patch_type=PatchType.MERGE
@@ -98,8 +133,9 @@ class Kube:
 
     async def event(self, gateway: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """Record a core/v1 Event on the gateway (what ``kubectl describe llmgw`` shows)."""
-        self.calls["event"] += 1
         meta = gateway["metadata"]
+        check_name("Event", meta["namespace"], meta["name"])
+        self.calls["event"] += 1
         now = datetime.datetime.now(datetime.UTC)
         body = {
             "apiVersion": "v1",

@@ -27,6 +27,24 @@ _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h":
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|ms|s|m|h)")
 
 
+# What the API server accepts as an object name (a DNS-1123 subdomain) and as a namespace (a DNS-1123 label).
+# The CRD holds every name it takes to this pattern; :mod:`kube` refuses any other before a request, since a
+# name goes into the request's path as it is ("../../other-ns/secrets/x", "", "?watch=true").
+OBJECT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_OBJECT_NAME = re.compile(OBJECT_NAME_PATTERN)
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def is_object_name(name: object) -> bool:
+    """Whether ``name`` is a valid Kubernetes object name (a DNS-1123 subdomain, 1-253 characters)."""
+    return isinstance(name, str) and len(name) <= 253 and _OBJECT_NAME.fullmatch(name) is not None
+
+
+def is_namespace_name(name: object) -> bool:
+    """Whether ``name`` is a valid namespace name (a DNS-1123 label, 1-63 characters)."""
+    return isinstance(name, str) and len(name) <= 63 and _NAMESPACE.fullmatch(name) is not None
+
+
 def parse_duration(text: str) -> float:
     """A Go-style duration (``90s``, ``1m30s``, ``250ms``), as CEL's ``duration()`` accepts, in seconds."""
     parts = _DURATION_PART.findall(text)
