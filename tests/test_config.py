@@ -104,6 +104,59 @@ BAD = [
     ),
     ("providers.0.apiKey", {"env": "A", "file": "/b"}, "providers[0].apiKey: set exactly one of env or file"),
     ("providers.0.headers", {"Authorization": "x"}, "credentials belong in apiKey"),
+    # Headers that would break the proxy at start or smuggle a second request upstream.
+    (
+        "providers.0.headers",
+        {"X-Team": "a\r\nX-Injected: 1"},
+        "providers[0].headers.X-Team: a header value must",
+    ),
+    (
+        "providers.0.headers",
+        {"X-Team": "a\nb"},
+        "providers[0].headers.X-Team: a header value must not contain CR",
+    ),
+    (
+        "providers.0.headers",
+        {"X-Team": "a\0b"},
+        "providers[0].headers.X-Team: a header value must not contain CR",
+    ),
+    ("providers.0.headers", {"": "x"}, "providers[0].headers.: a header name must be an RFC 9110 token"),
+    (
+        "providers.0.headers",
+        {"X Team": "x"},
+        "providers[0].headers.X Team: a header name must be an RFC 9110",
+    ),
+    (
+        "providers.0.headers",
+        {"X-Team:": "x"},
+        "providers[0].headers.X-Team:: a header name must be an RFC 9110",
+    ),
+    ("providers.0.headers", {":authority": "x"}, "providers[0].headers.:authority: a header name must be an"),
+    *[
+        ("providers.0.headers", {name: "x"}, f"providers[0].headers.{name}: set by the proxy")
+        for name in (
+            "Content-Length",
+            "Transfer-Encoding",
+            "Host",
+            "Connection",
+            "Keep-Alive",
+            "Proxy-Connection",
+            "TE",
+            "Trailer",
+            "upgrade",
+        )
+    ],
+    (
+        "providers.0.headers",
+        {"x-api-key": "x"},
+        "providers[0].headers.x-api-key: credentials belong in apiKey",
+    ),
+    (
+        "providers.0.openai.baseURL",
+        "https://user:pass@api.openai.com/v1",
+        "providers[0].openai.baseURL: credentials belong in apiKey (apiKeySecretRef in an LLMGateway)",
+    ),
+    ("providers.1.anthropic.baseURL", "http://key@h:1", "providers[1].anthropic.baseURL: credentials belong"),
     ("providers.0.openai.tls", True, "providers[0].openai.tls: unknown key"),
     ("listen", {"grpc": "50051"}, "listen.grpc: must be HOST:PORT"),
     ("limits", {"maxConcurrentRequests": -1}, "limits.maxConcurrentRequests: must be an integer from 1"),
@@ -119,6 +172,21 @@ def test_invalid_config_names_the_key(path: str, value: Any, message: str) -> No
     with pytest.raises(config.ConfigError) as info:
         config.parse(_mutate(path, value))
     assert message in str(info.value)
+
+
+def test_url_credentials_are_not_echoed() -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(_mutate("providers.0.openai.baseURL", "https://user:s3cret@api.openai.com/v1"))
+    assert "s3cret" not in str(info.value)
+
+
+def test_ordinary_headers_pass_through() -> None:
+    headers = {"OpenAI-Organization": "org-1", "X-Team": "search ranking", "x_trace!": "a\tb"}
+    parsed = config.parse(_mutate("providers.0.headers", headers))
+    assert dict(parsed.providers["rest"].headers) == headers
+    # An '@' in the path or query is not userinfo.
+    parsed = config.parse(_mutate("providers.0.openai.baseURL", "https://h.example/v1/@team?u=a@b"))
+    assert parsed.providers["rest"].settings.base_url == "https://h.example/v1/@team?u=a@b"
 
 
 def test_weight_must_match_paths() -> None:

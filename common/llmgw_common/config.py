@@ -192,6 +192,42 @@ def _retries(r: Reader) -> Retries:
     )
 
 
+# RFC 9110 section 5.6.2: a field name is a token.
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+# The proxy's own: message framing, the upstream's Host, and hop-by-hop headers (RFC 9110 section 7.6.1),
+# which a proxy must not forward and which would desynchronise the connection or smuggle a request.
+_RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    }
+)
+
+
+def _check_header(where: str, name: str, value: str) -> None:
+    """Refuse a provider header that would break the upstream request or the proxy's start."""
+    if not name or not _TOKEN_CHARS.issuperset(name):
+        raise ConfigError(
+            f"{where}: a header name must be an RFC 9110 token (letters, digits and !#$%&'*+-.^_`|~; "
+            f"no space or colon), got {name!r}"
+        )
+    if name.lower() in ("authorization", "x-api-key"):
+        raise ConfigError(f"{where}: credentials belong in apiKey, not in headers")
+    if name.lower() in _RESERVED_HEADERS:
+        raise ConfigError(f"{where}: set by the proxy (framing, Host or a hop-by-hop header), not in headers")
+    if any(c in value for c in "\r\n\0"):
+        raise ConfigError(f"{where}: a header value must not contain CR, LF or NUL")
+
+
 def _provider(r: Reader) -> Provider:
     name = r.get("name", str, required=True)
     members = [key for key in TYPES if key in r.data]
@@ -205,8 +241,7 @@ def _provider(r: Reader) -> Provider:
     for key, value in headers.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise ConfigError(f"{r.path('headers')}: must map strings to strings")
-        if key.lower() in ("authorization", "x-api-key"):
-            raise ConfigError(f"{r.path('headers')}.{key}: credentials belong in apiKey, not in headers")
+        _check_header(f"{r.path('headers')}.{key}", key, value)
     return Provider(
         name=name,
         type=ptype.name,

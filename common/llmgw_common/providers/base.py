@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,12 @@ def base_url(r: Reader) -> str:
     value: str = r.get("baseURL", str, required=True)
     if not value.startswith(("http://", "https://")):
         raise ConfigError(f"{r.path('baseURL')}: must start with http:// or https://, got {value!r}")
+    if "@" in urllib.parse.urlsplit(value).netloc:
+        # Not echoed: the part before '@' is a password.
+        raise ConfigError(
+            f"{r.path('baseURL')}: credentials belong in apiKey (apiKeySecretRef in an LLMGateway), "
+            "not in the URL (no user:password@)"
+        )
     return value.rstrip("/")
 
 
