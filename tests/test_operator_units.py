@@ -6,10 +6,13 @@ from typing import Any
 
 import pytest
 import yaml
+from lightkube import ApiError
 
 from llmgw_common import config as proxy_config
 from llmgw_operator import manifests
+from llmgw_operator.kube import InvalidName, Kube, check_name
 from llmgw_operator.reconcile import (
+    check_spec,
     condition_events,
     grpc_weight,
     is_subset,
@@ -18,7 +21,15 @@ from llmgw_operator.reconcile import (
     up_to_date,
 )
 from llmgw_operator.settings import Settings, SettingsError
-from llmgw_operator.spec import parse_duration, secret_key_refs, with_defaults
+from llmgw_operator.spec import (
+    OBJECT_NAME_PATTERN,
+    crd,
+    is_namespace_name,
+    is_object_name,
+    parse_duration,
+    secret_key_refs,
+    with_defaults,
+)
 from llmgw_operator.status import Observation, build_status
 
 META = {"name": "gw", "namespace": "team-a", "uid": "0b5c-uid"}
@@ -327,3 +338,104 @@ def test_status_reports_objects_the_api_server_refused() -> None:
     assert status["phase"] == "Degraded"
     assert conditions["Degraded"]["reason"] == "ApplyFailed"
     assert "range is full" in conditions["Ready"]["message"]
+
+
+# Specs the CRD now refuses, as they could still be stored (written before the CRD was upgraded): the
+# operator renders them, the proxy's own parser refuses them, and the gateway reports ConfigValid=False.
+HOSTILE_SPECS = [
+    (
+        {"X-Team": "a\r\nX-Injected: 1"},
+        None,
+        "providers[0].headers.X-Team: a header value must not contain CR",
+    ),
+    ({"X-Team": "a\0b"}, None, "providers[0].headers.X-Team: a header value must not contain CR, LF or NUL"),
+    ({"": "x"}, None, "providers[0].headers.: a header name must be an RFC 9110 token"),
+    ({"X Team": "x"}, None, "providers[0].headers.X Team: a header name must be an RFC 9110 token"),
+    ({"Content-Length": "0"}, None, "providers[0].headers.Content-Length: set by the proxy"),
+    ({"Transfer-Encoding": "chunked"}, None, "providers[0].headers.Transfer-Encoding: set by the proxy"),
+    ({"Host": "internal"}, None, "providers[0].headers.Host: set by the proxy"),
+    ({"Keep-Alive": "1"}, None, "providers[0].headers.Keep-Alive: set by the proxy"),
+    (None, "https://u:p@api.openai.com/v1", "providers[0].openai.baseURL: credentials belong in apiKey"),
+]
+
+
+@pytest.mark.parametrize(
+    ("headers", "base_url", "message"), HOSTILE_SPECS, ids=[m[:48] for *_, m in HOSTILE_SPECS]
+)
+def test_a_spec_the_proxy_would_refuse_is_config_valid_false(
+    headers: dict[str, str] | None, base_url: str | None, message: str
+) -> None:
+    spec = sample_spec()
+    if headers is not None:
+        spec["providers"][0]["headers"] = headers
+    if base_url is not None:
+        spec["providers"][0]["openai"]["baseURL"] = base_url
+    rendered, error = check_spec(spec, 0)
+    assert rendered is None
+    assert error is not None and message in error, error
+    assert "u:p@" not in error
+    status = build_status({}, _observation(config_error=error), "2026-01-01T00:00:00Z")
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert (conditions["ConfigValid"]["status"], conditions["ConfigValid"]["message"]) == ("False", error)
+    assert status["phase"] == "Degraded"
+
+
+def test_crd_object_names_are_kubernetes_names() -> None:
+    """Every Secret or object name the CRD takes has the pattern kube.py checks, and a length of 1-253."""
+    found = []
+
+    def walk(schema: Any, path: str) -> None:
+        if isinstance(schema, dict):
+            if schema.get("pattern") == OBJECT_NAME_PATTERN:
+                assert (schema.get("minLength"), schema.get("maxLength")) == (1, 253), path
+                found.append(path)
+            for key, value in schema.items():
+                walk(value, f"{path}.{key}")
+
+    walk(crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"], "spec")
+    names = sorted(p.replace(".properties", "").replace(".items", "[]") for p in found)
+    assert names == [
+        "spec.migration.prometheus.bearerTokenSecretRef.name",
+        "spec.providers[].apiKeySecretRef.name",
+        "spec.proxy.clientAuthSecretRef.name",
+        "spec.proxy.imagePullSecrets[].name",
+        "spec.proxy.priorityClassName",
+        "spec.proxy.tlsSecretName",
+    ]
+
+
+HOSTILE_NAMES = ["../../victim/secrets/stolen", "", "?watch=true", "a/b", "x..y", "Upper", "a" * 254, "ok\n"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+async def test_kube_refuses_a_bad_name_before_any_request(name: str) -> None:
+    class NoClient:
+        def __getattr__(self, attr: str) -> Any:
+            raise AssertionError(f"a request was made: {attr}")
+
+    kube = Kube(NoClient())  # type: ignore[arg-type]
+    calls: list[Any] = [
+        kube.get("Secret", "team-a", name),
+        kube.get("Secret", name, "llm-keys"),
+        kube.delete("ConfigMap", "team-a", name),
+        kube.patch_status("team-a", name, {}),
+        kube.apply(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "team-a"}}
+        ),
+        kube.list_pods(name, {"a": "b"}),
+    ]
+    if name:
+        calls.append(kube.list_gateways(name))  # None (not "") means every namespace
+    for call in calls:
+        with pytest.raises(InvalidName) as info:
+            await call
+        assert isinstance(info.value, ApiError) and info.value.status.code == 422
+        assert "not requested" in str(info.value)
+    assert sum(kube.calls.values()) == 0
+
+
+def test_good_names_pass() -> None:
+    for name in ("llm-keys", "a", "openai.credentials", "a-1.b-2", "a" * 253):
+        check_name("Secret", "team-a", name)
+    assert not is_namespace_name("a" * 64) and is_namespace_name("team-a") and not is_namespace_name("a.b")
+    assert is_object_name("a.b")
