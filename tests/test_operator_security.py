@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k8s import Kubectl
+import yaml
+from k8s import Kubectl, poll
 from lightkube import AsyncClient, KubeConfig
 from test_operator import OPERATOR_ACCOUNT, Operator, condition, gateway, get, operator, secret, wait_for
 
@@ -144,3 +145,57 @@ def test_the_operator_reads_secrets_only_in_the_gateways_namespace(
         if e["user"]["username"] == user and e.get("objectRef", {}).get("namespace") == victim
     ]
     assert anywhere_in_victim == []
+
+
+CRD_FILE = Path(__file__).resolve().parent.parent / "crds" / "llmgateways.llmgateway.io.yaml"
+
+
+@pytest.fixture
+def lax_crd(kubectl: Kubectl) -> Iterator[None]:
+    """The CRD without the pattern on apiKeySecretRef.name, as a CRD from before the fix had it; restored
+    afterwards (and waited for: the API server takes a moment to use a changed schema)."""
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    name = spec["properties"]["providers"]["items"]["properties"]["apiKeySecretRef"]["properties"]["name"]
+    del name["pattern"], name["minLength"]
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=json.dumps(crd))
+    try:
+        yield
+    finally:
+        kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+        probe = json.dumps({**gateway("probe", secret="../x"), "metadata": {"name": "probe"}})
+        poll(
+            "the CRD's name pattern to be back",
+            lambda: kubectl("apply", "--dry-run=server", "-f", "-", input=probe, check=False).returncode != 0,
+        )
+
+
+def test_a_stored_hostile_gateway_reads_nothing_elsewhere(
+    lax_crd: None,
+    operator: Operator,
+    kubectl: Kubectl,
+    namespace: str,
+    victim: str,
+    control_plane: ControlPlane,
+) -> None:
+    manifest = json.dumps(gateway(secret=f"../../{victim}/secrets/stolen"))
+    poll(
+        "the lax CRD to store a hostile gateway",
+        lambda: kubectl("apply", "-n", namespace, "-f", "-", input=manifest, check=False).returncode == 0,
+    )
+    wait_for(
+        "the operator to refuse the name",
+        lambda: "is not a valid Kubernetes name" in operator.log(),
+        operator=operator,
+    )
+    time.sleep(2)  # the audit log is written in batches of at most 1 s
+    user = f"system:serviceaccount:{namespace}:{OPERATOR_ACCOUNT}"
+    elsewhere = [
+        e["requestURI"]
+        for e in control_plane.audit_events()
+        if e["user"]["username"] == user
+        and e.get("objectRef", {}).get("resource") == "secrets"
+        and e["objectRef"].get("namespace") != namespace
+    ]
+    assert elsewhere == []
+    assert get(kubectl, namespace, "deployment", "gw-proxy") is None
