@@ -44,7 +44,8 @@ from llmgw._net.grpc_wire import (
     frame,
     settings_frame,
 )
-from llmgw_common.limits import HTTP2Limits, MiB
+from llmgw_common.limits import HTTP2Limits, MiB, parse_grpc_server
+from llmgw_common.reader import ConfigError, Reader
 
 Request = health_pb2.HealthCheckRequest
 MEMORY_BOUND = 64 * MiB
@@ -447,3 +448,28 @@ async def test_an_idle_connection_gets_goaway_and_the_honest_client_reconnects(s
     async with Honest(port):
         await asyncio.sleep(1.0)  # its connection goes idle between calls only briefly: it is not closed
     assert hits == ["idleTimeoutSeconds"]
+
+
+def test_the_limits_are_read_from_the_proxy_configuration() -> None:
+    keys = {
+        "maxConcurrentStreams": 50,
+        "maxQueuedControlBytes": 65_536,
+        "maxControlFramesPerSecond": 100,
+        "maxEmptyFrames": 3,
+        "maxResetsPerSecond": 20,
+        "prefaceTimeoutSeconds": 2.5,
+        "idleTimeoutSeconds": 60,
+    }
+    parsed = parse_grpc_server(Reader(keys, "limits.grpcServer"), MiB)
+    assert (
+        parsed.max_concurrent_streams,
+        parsed.max_queued_control_bytes,
+        parsed.max_control_frames_per_second,
+        parsed.max_empty_frames,
+        parsed.max_resets_per_second,
+        parsed.preface_timeout_s,
+        parsed.idle_timeout_s,
+    ) == (50, 65_536, 100, 3, 20, 2.5, 60.0)
+    assert parse_grpc_server(Reader({}, "limits.grpcServer"), MiB) == HTTP2Limits(max_message_bytes=MiB)
+    with pytest.raises(ConfigError, match="maxConcurrentStreams"):
+        parse_grpc_server(Reader({"maxConcurrentStreams": 0}, "limits.grpcServer"), MiB)
