@@ -20,11 +20,24 @@ MiB = 1024 * 1024
 class HTTPServerLimits:
     """What one client of an HTTP/1.1 server may make it hold."""
 
-    max_head_bytes: int = 16 * 1024  # request line and headers; larger: 431
+    # request line and headers, counted as they arrive (a head still incomplete too); larger: 431, closed
+    max_head_bytes: int = 16 * 1024
     max_body_bytes: int = 4 * MiB  # larger: the handler is told the body is too large, and it is not kept
-    max_pipelined_requests: int = 8  # parsed ahead of the one being answered before reading pauses
-    request_timeout_s: float = 60.0  # to receive one whole request; a trickling client is disconnected
+    # parsed ahead of the one being answered (or bodies of those over max_body_bytes) before reading pauses
+    max_pipelined_requests: int = 8
+    request_timeout_s: float = 60.0  # to receive one whole request; a trickling client gets 408, closed
     keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
+    # a new connection's first request head, and each request's head, must arrive within this (or within
+    # request_timeout_s, if shorter); else 408 (nothing sent yet: just closed)
+    request_header_timeout_s: float = 10.0
+    # response bytes queued to a client that does not read them (the write buffer's high-water mark) before
+    # the next pipelined answer, and the next chunk of a stream, wait until it reads
+    max_queued_response_bytes: int = 64 * 1024
+    # a response that cannot be written out for this long (the client reads nothing) closes the
+    # connection at once: its handler is cancelled, with its admission slot and upstream call
+    stalled_write_timeout_s: float = 30.0
+    # open connections on one listener; more are answered 503 and closed at once
+    max_connections: int = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +65,18 @@ class HTTP2Limits:
     preface_timeout_s: float = 10.0
     # servers only: a connection without an open stream this long gets GOAWAY NO_ERROR and is closed
     idle_timeout_s: float = 300.0
+    # WINDOW_UPDATE frames a second beyond one for each DATA frame this end sent (a reader that opens
+    # windows as it reads never reaches it); more: GOAWAY ENHANCE_YOUR_CALM
+    max_window_updates_per_second: int = 1000
+    # servers only: a stream whose DATA cannot be sent this long (the client opens no window) ends with
+    # RESOURCE_EXHAUSTED (or RST_STREAM CANCEL mid-message) and its handler is cancelled; a connection whose
+    # window or socket does not drain this long is closed
+    stalled_write_timeout_s: float = 30.0
+    # servers only: open connections on one listener; more are answered GOAWAY ENHANCE_YOUR_CALM and closed
+    max_connections: int = 4096
+    # servers only: a unary or server-streaming request not received in full within this (or the call's
+    # deadline, if sooner) ends with DEADLINE_EXCEEDED and what arrived of it is dropped
+    request_receive_timeout_s: float = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +87,14 @@ class HTTPClientLimits:
     read_ahead_bytes: int = MiB  # unread body bytes of one response before the socket stops being read
     max_response_bytes: int = 64 * MiB  # a whole (non-streamed) response body
     max_error_body_bytes: int = 64 * 1024  # an error body is read for its message only
+    # status line and header fields of a response (interim 1xx responses and trailers included), counted
+    # as they arrive; larger: the call fails (502 naming the provider) and the connection is dropped
+    max_response_header_bytes: int = 64 * 1024
+    # header fields of a response (interim responses and trailers included); more: as above
+    max_response_headers: int = 100
+    # one line, and the data of one event, of a streamed (Server-Sent Events) response; larger: the stream
+    # fails (an error event to the client naming the provider) and the connection is dropped
+    max_sse_event_bytes: int = MiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +130,14 @@ def _http2(r: Reader, default: HTTP2Limits) -> HTTP2Limits:
         ),
         max_empty_frames=r.integer("maxEmptyFrames", default.max_empty_frames, minimum=1),
         max_resets_per_second=r.integer("maxResetsPerSecond", default.max_resets_per_second, minimum=10),
+        max_window_updates_per_second=r.integer(
+            "maxWindowUpdatesPerSecond", default.max_window_updates_per_second, minimum=10
+        ),
         preface_timeout_s=default.preface_timeout_s,
         idle_timeout_s=default.idle_timeout_s,
+        stalled_write_timeout_s=default.stalled_write_timeout_s,
+        max_connections=default.max_connections,
+        request_receive_timeout_s=default.request_receive_timeout_s,
     )
 
 
@@ -107,9 +146,15 @@ def parse_http_server(r: Reader, max_body_bytes: int) -> HTTPServerLimits:
     return HTTPServerLimits(
         max_head_bytes=r.integer("maxHeadBytes", d.max_head_bytes, minimum=1024),
         max_body_bytes=max_body_bytes,
-        max_pipelined_requests=r.integer("maxPipelinedRequests", d.max_pipelined_requests),
+        max_pipelined_requests=r.integer("maxPipelinedRequests", d.max_pipelined_requests, maximum=1024),
         request_timeout_s=r.number("requestReadTimeoutSeconds", d.request_timeout_s),
         keepalive_timeout_s=r.number("keepAliveTimeoutSeconds", d.keepalive_timeout_s),
+        request_header_timeout_s=r.number("requestHeaderTimeoutSeconds", d.request_header_timeout_s),
+        max_queued_response_bytes=r.integer(
+            "maxQueuedResponseBytes", d.max_queued_response_bytes, minimum=4096, maximum=64 * MiB
+        ),
+        stalled_write_timeout_s=r.number("stalledWriteTimeoutSeconds", d.stalled_write_timeout_s),
+        max_connections=r.integer("maxConnections", d.max_connections, maximum=1_000_000),
     )
 
 
@@ -119,6 +164,9 @@ def parse_grpc_server(r: Reader, max_message_bytes: int) -> HTTP2Limits:
         _http2(r, HTTP2Limits(max_message_bytes=max_message_bytes)),
         preface_timeout_s=r.number("prefaceTimeoutSeconds", d.preface_timeout_s),
         idle_timeout_s=r.number("idleTimeoutSeconds", d.idle_timeout_s),
+        stalled_write_timeout_s=r.number("stalledWriteTimeoutSeconds", d.stalled_write_timeout_s),
+        max_connections=r.integer("maxConnections", d.max_connections, maximum=1_000_000),
+        request_receive_timeout_s=r.number("requestReceiveTimeoutSeconds", d.request_receive_timeout_s),
     )
 
 
@@ -129,6 +177,15 @@ def parse_http_client(r: Reader) -> HTTPClientLimits:
         read_ahead_bytes=r.integer("readAheadBytes", d.read_ahead_bytes, minimum=1024),
         max_response_bytes=r.integer("maxResponseBytes", d.max_response_bytes, minimum=1024),
         max_error_body_bytes=r.integer("maxErrorBodyBytes", d.max_error_body_bytes, minimum=1024),
+        max_response_header_bytes=r.integer(
+            "maxResponseHeaderBytes", d.max_response_header_bytes, minimum=1024, maximum=16 * MiB
+        ),
+        max_response_headers=r.integer(
+            "maxResponseHeaders", d.max_response_headers, minimum=8, maximum=10_000
+        ),
+        max_sse_event_bytes=r.integer(
+            "maxSSEEventBytes", d.max_sse_event_bytes, minimum=1024, maximum=1024 * MiB
+        ),
     )
 
 

@@ -122,6 +122,7 @@ _REQUEST_PSEUDO = frozenset({":method", ":scheme", ":path", ":authority"})
 _CONNECTION_SPECIFIC = frozenset(
     {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"}
 )
+_ENCODINGS = frozenset({"identity", "gzip", "deflate"})
 _PLAIN_BODY = "This port serves gRPC (POST, content-type application/grpc), e.g. llmgateway.v1.LLMService.\n"
 
 
@@ -134,6 +135,18 @@ def _trailers(
     return out + list(extra)
 
 
+@contextlib.asynccontextmanager
+async def _closing(responses: AsyncIterator[Any]) -> AsyncIterator[AsyncIterator[Any]]:
+    """A handler's responses, closed as soon as the call ends (its ``finally`` blocks, such as the
+    release of an admission slot, run then, not when the garbage collector finds the generator)."""
+    try:
+        yield responses
+    finally:
+        aclose = getattr(responses, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 class _GrpcServerConnection(Connection):
     def __init__(self, server: Server) -> None:
         super().__init__(server.limits, server.on_limit)
@@ -143,6 +156,7 @@ class _GrpcServerConnection(Connection):
         self._idle_armed = False
         self.calls: dict[int, ServerCall] = {}
         self._plain: dict[int, str] = {}  # non-gRPC requests waiting for their end: the status to answer
+        self._receiving: dict[int, asyncio.TimerHandle] = {}  # requests still arriving: their timeout
         self.accepting_until = MAX_STREAM_ID  # after GOAWAY: the last stream this connection serves
         self.peer = ""
 
@@ -154,6 +168,17 @@ class _GrpcServerConnection(Connection):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peername = transport.get_extra_info("peername")
         self.peer = f"{peername[0]}:{peername[1]}" if peername else ""
+        if len(self.server.connections) >= self.limits.max_connections:
+            self.limit_hit("maxConnections")
+            log.warning(
+                "gRPC listener at its limit of %d connections: refusing %s",
+                self.limits.max_connections,
+                self.peer,
+            )
+            self.write(goaway(0, ErrorCode.ENHANCE_YOUR_CALM, b"too many connections"))
+            self.close()
+            self.closed = True
+            return
         self.server.connections.add(self)
         loop = asyncio.get_running_loop()
         self._last_active = loop.time()
@@ -196,6 +221,9 @@ class _GrpcServerConnection(Connection):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        for timer in self._receiving.values():
+            timer.cancel()
+        self._receiving.clear()
         super().connection_lost(exc)
         for call in list(self.calls.values()):
             self._abandon(call)
@@ -255,7 +283,7 @@ class _GrpcServerConnection(Connection):
             elif key == "grpc-encoding":
                 stream.encoding = value
             elif key == "content-length":
-                stream.expected_length = int(value) if value.isdigit() else -1
+                stream.expected_length = int(value) if value.isascii() and value.isdigit() else -1
             elif key in _CONNECTION_SPECIFIC or (key == "te" and value != "trailers") or key != key.lower():
                 malformed = True
             elif key not in _RESERVED_METADATA:
@@ -271,12 +299,20 @@ class _GrpcServerConnection(Connection):
             # Not a gRPC call (a browser, curl): answered in plain HTTP once its request is complete.
             stream.plain = True
             self._plain[stream_id] = "405" if pseudo[":method"] != "POST" else "415"
+            if not end_stream:
+                self._receive_within(stream)
             self.stream_changed(stream)
             return
         method = self.server.methods.get(pseudo[":path"])
-        if method is None:
-            unknown = f"unknown method {pseudo[':path']}"
-            self.write(self._status_frames(stream_id, grpc.StatusCode.UNIMPLEMENTED, unknown, (), False))
+        if method is None or stream.encoding not in _ENCODINGS:
+            refusal = f"unknown method {pseudo[':path']}"
+            trailers: tuple[tuple[str, str], ...] = ()
+            if method is not None:  # gRPC's answer to an encoding it cannot read, naming those it can
+                refusal = f"grpc-encoding {stream.encoding[:40]!r} is not supported"
+                trailers = (("grpc-accept-encoding", ",".join(sorted(_ENCODINGS))),)
+            self.write(
+                self._status_frames(stream_id, grpc.StatusCode.UNIMPLEMENTED, refusal, trailers, False)
+            )
             self._forget(stream)
             return
         call = ServerCall(stream, method, tuple(metadata), self.peer)
@@ -287,8 +323,41 @@ class _GrpcServerConnection(Connection):
             call.timer = loop.call_at(call.deadline, self._deadline, call)
         if method.kind == BIDI or end_stream:
             self._start(call)
+        else:
+            self._receive_within(stream)
+
+    def _receive_within(self, stream: Stream) -> None:
+        """Give a request ``request_receive_timeout_s`` to arrive in full (bidirectional calls excepted)."""
+        loop = asyncio.get_running_loop()
+        timeout = self.limits.request_receive_timeout_s
+        self._receiving[stream.id] = loop.call_later(timeout, self._receive_timeout, stream)
+
+    def _stop_receiving(self, stream_id: int) -> None:
+        timer = self._receiving.pop(stream_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _receive_timeout(self, stream: Stream) -> None:
+        self._receiving.pop(stream.id, None)
+        if self.closed or self.streams.get(stream.id) is not stream or stream.ended:
+            return
+        self.limit_hit("requestReceiveTimeoutSeconds")
+        call = self.calls.get(stream.id)
+        timeout = self.limits.request_receive_timeout_s
+        if call is not None:
+            if call._task is None:
+                self.finish(
+                    call,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"the request did not arrive in full within {timeout:g} s",
+                )
+            return
+        self._plain.pop(stream.id, None)
+        self.stream_error(stream, ErrorCode.CANCEL, by_peer=False)
 
     def stream_changed(self, stream: Stream) -> None:
+        if stream.ended or stream.reset is not None:
+            self._stop_receiving(stream.id)
         call = self.calls.get(stream.id)
         if call is None:
             status = self._plain.get(stream.id)
@@ -330,6 +399,34 @@ class _GrpcServerConnection(Connection):
             f"request message of {size} is over the server's limit of {self.max_message_bytes} bytes",
         )
 
+    def message_invalid(self, stream: Stream, reason: str) -> None:
+        call = self.calls.get(stream.id)
+        if call is None:
+            self.stream_error(stream, ErrorCode.CANCEL, by_peer=False)
+            return
+        if call._task is not None:
+            call._task.cancel()
+        self.finish(call, grpc.StatusCode.INTERNAL, f"the client sent {reason}")
+
+    def send_stalled(self, stream: Stream, mid_message: bool) -> None:
+        """The client read nothing of a response for ``stall_timeout``: the call ends (and with it its
+        handler, which is the one sending). With a whole message unsent the client gets a status;
+        within a message only RST_STREAM can end it."""
+        call = self.calls.get(stream.id)
+        if call is not None and not mid_message:
+            self.finish(
+                call,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the client read none of the response for {self.stall_timeout:g} s",
+            )
+            return
+        if call is not None:
+            self.calls.pop(stream.id, None)
+            if call.timer is not None:
+                call.timer.cancel()
+            self.server.changed()
+        self.stream_error(stream, ErrorCode.CANCEL, by_peer=False)
+
     @staticmethod
     def _abandon(call: ServerCall) -> None:
         """Stop a call nobody waits for any more: its handler, and its deadline timer."""
@@ -348,6 +445,7 @@ class _GrpcServerConnection(Connection):
             self.finish(call, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
     def _start(self, call: ServerCall) -> None:
+        self._stop_receiving(call.stream.id)
         call._task = asyncio.get_running_loop().create_task(self._run(call))
 
     async def _requests(self, call: ServerCall) -> AsyncIterator[Any]:
@@ -372,8 +470,9 @@ class _GrpcServerConnection(Connection):
         method, stream = call.method, call.stream
         try:
             if method.kind == BIDI:
-                async for response in method.handler(self._requests(call), call):
-                    await self._send(call, response.SerializeToString())
+                async with _closing(method.handler(self._requests(call), call)) as responses:
+                    async for response in responses:
+                        await self._send(call, response.SerializeToString())
             else:
                 if len(stream.messages) != 1:
                     raise RpcError(
@@ -385,8 +484,9 @@ class _GrpcServerConnection(Connection):
                     response = await method.handler(request, call)
                     self._respond(call, response.SerializeToString())
                     return
-                async for response in method.handler(request, call):
-                    await self._send(call, response.SerializeToString())
+                async with _closing(method.handler(request, call)) as responses:
+                    async for response in responses:
+                        await self._send(call, response.SerializeToString())
             self.finish(call, grpc.StatusCode.OK)
         except RpcError as exc:
             self.finish(call, exc.code, exc.details, exc.trailers)
@@ -472,6 +572,7 @@ class _GrpcServerConnection(Connection):
         self.server.changed()
 
     def _forget(self, stream: Stream) -> None:
+        self._stop_receiving(stream.id)
         self.streams.pop(stream.id, None)
         self._last_active = asyncio.get_running_loop().time()
         if not stream.ended:  # the client may still be sending: tell it to stop

@@ -104,6 +104,11 @@ class _Rate:
         self.tokens -= 1.0
         return True
 
+    def give(self) -> None:
+        """One event earned otherwise than by time (a WINDOW_UPDATE for each DATA frame sent)."""
+        if self.tokens < self.rate:
+            self.tokens += 1.0
+
 
 class RpcError(Exception):
     """A call's outcome other than OK: a status code, a message for people, and trailing metadata."""
@@ -291,11 +296,14 @@ def metadata_value(key: str, value: str) -> str | bytes:
     return value
 
 
+_TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
 def parse_timeout(value: str) -> float:
     """grpc-timeout: up to 8 digits and a unit (H, M, S, m, u, n); raises ValueError otherwise."""
-    if not 2 <= len(value) <= 9 or not value[:-1].isdigit():
+    unit = _TIMEOUT_UNITS.get(value[-1:])
+    if not 2 <= len(value) <= 9 or not (value[:-1].isascii() and value[:-1].isdigit()) or unit is None:
         raise ValueError(value)
-    unit = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}[value[-1]]
     return int(value[:-1]) * unit
 
 
@@ -322,6 +330,7 @@ class Stream:
         "plain",
         "received",
         "reset",
+        "send_blocked",
         "send_window",
         "trailers",
         "unacked",
@@ -343,6 +352,7 @@ class Stream:
         self.reset: ErrorCode | None = None  # the stream ended abnormally (RST_STREAM or connection lost)
         self.error: RpcError | None = None  # why this end gave up on the stream (a client's deadline, say)
         self.send_window = send_window
+        self.send_blocked = False  # a send waits for this stream's or the connection's window
         self.unacked = 0  # bytes received and consumed but not yet returned to the peer's window
         self.waiter: asyncio.Future[None] | None = None
 
@@ -365,7 +375,20 @@ class Connection(asyncio.Protocol):
         self.limits = limits
         self.on_limit = on_limit  # told the configuration key of each limit the peer runs into
         self.max_message_bytes = limits.max_message_bytes
+        # The windows this end grants. A message is only handed on whole, so a server's windows hold at
+        # least its largest message, or a client sending one would wait for window forever.
+        self.stream_window = limits.stream_window_bytes
+        self.connection_window = limits.connection_window_bytes
+        if not self.is_client:
+            self.stream_window = min(MAX_WINDOW, max(self.stream_window, self.max_message_bytes + 5))
+            self.connection_window = max(self.connection_window, self.stream_window)
+        # servers: how long DATA may wait for a window or a socket that does not drain (clients have
+        # TCP_USER_TIMEOUT for the socket)
+        self.stall_timeout: float | None = None if self.is_client else limits.stalled_write_timeout_s
         self.transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None  # the socket has not drained since it was armed
+        self._abort_timer: asyncio.TimerHandle | None = None  # after close(): abort if the peer never reads
         self.streams: dict[int, Stream] = {}
         self._buffer = bytearray()
         self._decoder = HeaderDecoder(limits.max_header_block_bytes)
@@ -390,24 +413,29 @@ class Connection(asyncio.Protocol):
         self._paused_bytes = 0  # frames other than DATA written while the peer does not read
         self._control_rate = _Rate(limits.max_control_frames_per_second)
         self._reset_rate = _Rate(limits.max_resets_per_second)
+        self._window_update_rate = _Rate(limits.max_window_updates_per_second)
         self._empty_frames = 0  # in a row
 
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        self._loop = asyncio.get_running_loop()
         local = settings_frame(
             {
                 ENABLE_PUSH: 0,
                 MAX_CONCURRENT_STREAMS: self.limits.max_concurrent_streams,
-                INITIAL_WINDOW_SIZE: self.limits.stream_window_bytes,
+                INITIAL_WINDOW_SIZE: self.stream_window,
                 MAX_HEADER_LIST_SIZE: self.limits.max_header_block_bytes,
             }
-        ) + window_update(0, self.limits.connection_window_bytes - DEFAULT_WINDOW)
+        ) + window_update(0, self.connection_window - DEFAULT_WINDOW)
         self.write((PREFACE if self.is_client else b"") + local)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        for timer in (self._stall_timer, self._abort_timer):
+            if timer is not None:
+                timer.cancel()
         for stream in list(self.streams.values()):
             if stream.reset is None and not (stream.ended and stream.trailers is not None):
                 stream.reset = ErrorCode.CANCEL
@@ -424,11 +452,28 @@ class Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self._writable is None or self._writable.done():
             self._writable = asyncio.get_running_loop().create_future()
+        if self.stall_timeout is not None and self._stall_timer is None:
+            self._stall_timer = asyncio.get_running_loop().call_later(self.stall_timeout, self._write_stalled)
 
     def resume_writing(self) -> None:
         self._paused_bytes = 0
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
+
+    def _write_stalled(self) -> None:
+        """The socket did not drain below its low-water mark for ``stall_timeout``: the peer reads nothing."""
+        self._stall_timer = None
+        if self.transport is None:
+            return
+        self.limit_hit("stalledWriteTimeoutSeconds")
+        log.info("HTTP/2 %s read nothing for %g s: connection dropped", self._peer, self.stall_timeout)
+        self.failure = "the peer reads nothing (stalled write)"
+        self.closed = True
+        self._out = None
+        self.transport.abort()
 
     async def drain(self) -> None:
         """Wait while the transport's write buffer is over its high-water mark (a slow peer)."""
@@ -569,12 +614,19 @@ class Connection(asyncio.Protocol):
                 window_grew |= self._setting(key, value)
             self.write(frame(SETTINGS, ACK, 0))
             if window_grew:  # only then can a stream waiting for its window send more
-                for stream in list(self.streams.values()):
+                for stream in [s for s in self.streams.values() if s.send_blocked and s.send_window > 0]:
                     stream.wake()
             self.settings_received()
         elif kind == WINDOW_UPDATE:
             if len(payload) != 4:
                 raise H2ProtocolError("malformed WINDOW_UPDATE", ErrorCode.FRAME_SIZE_ERROR)
+            if not self._window_update_rate.take():
+                raise H2ProtocolError(
+                    f"more than {self.limits.max_window_updates_per_second} WINDOW_UPDATE frames a second "
+                    "beyond the DATA frames sent",
+                    ErrorCode.ENHANCE_YOUR_CALM,
+                    "maxWindowUpdatesPerSecond",
+                )
             increment = int.from_bytes(payload, "big") & MAX_WINDOW
             if stream_id > self.highest_stream:
                 raise H2ProtocolError(f"WINDOW_UPDATE on idle stream {stream_id}")
@@ -595,7 +647,7 @@ class Connection(asyncio.Protocol):
                         self.stream_error(updated, ErrorCode.PROTOCOL_ERROR)
                     elif updated.send_window > MAX_WINDOW:
                         self.stream_error(updated, ErrorCode.FLOW_CONTROL_ERROR)
-                    else:
+                    elif updated.send_blocked:
                         updated.wake()
         elif kind == PING:
             if len(payload) != 8 or stream_id:
@@ -627,6 +679,8 @@ class Connection(asyncio.Protocol):
         elif kind == GOAWAY:
             if stream_id:
                 raise H2ProtocolError("GOAWAY on a stream")
+            if len(payload) < 8:
+                raise H2ProtocolError("malformed GOAWAY", ErrorCode.FRAME_SIZE_ERROR)
             last, code = struct.unpack_from(">II", payload)
             self.goaway_received = last & MAX_STREAM_ID
             if code != ErrorCode.NO_ERROR:
@@ -650,8 +704,11 @@ class Connection(asyncio.Protocol):
                 raise H2ProtocolError("initial window too large", ErrorCode.FLOW_CONTROL_ERROR)
             delta = value - self.peer_initial_window
             self.peer_initial_window = value
-            for stream in self.streams.values():
-                stream.send_window += delta
+            if delta:  # SETTINGS that repeat the window cost nothing per stream
+                for stream in self.streams.values():
+                    stream.send_window += delta
+                    if stream.send_window > MAX_WINDOW:
+                        raise H2ProtocolError("a stream's window overflows", ErrorCode.FLOW_CONTROL_ERROR)
             return delta > 0
         elif key == MAX_FRAME_SIZE:
             if not DEFAULT_FRAME_SIZE <= value <= 2**24 - 1:
@@ -706,7 +763,12 @@ class Connection(asyncio.Protocol):
             body = bytes(partial[5 : 5 + length])
             del partial[: 5 + length]
             if compressed:
-                inflated = self._decompress(stream, body)
+                try:
+                    inflated = self._decompress(stream, compressed, body)
+                except ValueError as exc:  # the peer's data, not this end: the call fails, not the connection
+                    self.consumed(None, 5 + length)
+                    self.message_invalid(stream, str(exc))
+                    return
                 if inflated is None:
                     self.consumed(None, 5 + length)  # not kept: back to the connection's window
                     self.message_too_large(stream, self.max_message_bytes + 1, decompressed=True)
@@ -714,21 +776,28 @@ class Connection(asyncio.Protocol):
                 body = inflated
             stream.messages.append((body, 5 + length))
 
-    def _decompress(self, stream: Stream, body: bytes) -> bytes | None:
+    def _decompress(self, stream: Stream, flag: int, body: bytes) -> bytes | None:
         """The message inflated, or None if it inflates beyond ``max_message_bytes`` (never inflated
-        further than that: a small gzip bomb stays small)."""
+        further than that: a small gzip bomb stays small); ValueError for data that cannot be inflated."""
+        if flag != 1:
+            raise ValueError(f"a message with the reserved compressed flag {flag}")
         if stream.encoding == "gzip":
             inflater = zlib.decompressobj(wbits=31)
         elif stream.encoding == "deflate":
             inflater = zlib.decompressobj()
+        elif stream.encoding == "identity":
+            raise ValueError("a compressed message without grpc-encoding")
         else:
-            raise H2ProtocolError(f"a compressed message with grpc-encoding {stream.encoding!r}")
-        out = inflater.decompress(body, self.max_message_bytes + 1)
+            raise ValueError(f"a compressed message with the unsupported grpc-encoding {stream.encoding!r}")
+        try:
+            out = inflater.decompress(body, self.max_message_bytes + 1)
+        except zlib.error as exc:
+            raise ValueError(f"a message that is not valid {stream.encoding} data ({exc})") from None
         if len(out) > self.max_message_bytes:
             self.limit_hit("maxMessageBytes")
             return None
-        if not inflater.eof:
-            raise zlib.error("incomplete compressed message")
+        if not inflater.eof or inflater.unused_data:
+            raise ValueError(f"a message that is not one complete {stream.encoding} stream")
         return out
 
     def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
@@ -752,6 +821,16 @@ class Connection(asyncio.Protocol):
     def message_too_large(self, stream: Stream, length: int, decompressed: bool = False) -> None:
         """A message of ``length`` bytes (more than that, inflated, if ``decompressed``) is over the limit."""
         raise NotImplementedError
+
+    def message_invalid(self, stream: Stream, reason: str) -> None:
+        """A message could not be decompressed (``reason`` says why): the call ends with INTERNAL."""
+        stream.error = RpcError(grpc.StatusCode.INTERNAL, f"the {self._peer} sent {reason}")
+        self.stream_error(stream, ErrorCode.CANCEL, by_peer=False)
+
+    def send_stalled(self, stream: Stream, mid_message: bool) -> None:
+        """The peer opened no window for ``stream`` for ``stall_timeout`` (``mid_message``: part of a message
+        was sent): give up on the stream."""
+        self.stream_error(stream, ErrorCode.CANCEL, by_peer=False)
 
     def settings_received(self) -> None:
         """The peer's SETTINGS arrived and are in effect (the first of them completes its preface)."""
@@ -799,10 +878,12 @@ class Connection(asyncio.Protocol):
             self.transport.write(b"".join(out))
 
     def close(self) -> None:
-        """Send what is queued, then close the connection."""
+        """Send what is queued, then close the connection (aborted if the peer reads none of it in time)."""
         self.flush()
         if self.transport is not None:
             self.transport.close()
+            if self.stall_timeout is not None and self._abort_timer is None and self._loop is not None:
+                self._abort_timer = self._loop.call_later(self.stall_timeout, self.transport.abort)
 
     def consumed(self, stream: Stream | None, size: int) -> None:
         """Give ``size`` consumed bytes back to the peer's windows, in batches of a quarter window."""
@@ -811,11 +892,11 @@ class Connection(asyncio.Protocol):
         out = b""
         if stream is not None and not stream.ended:
             stream.unacked += size
-            if stream.unacked >= self.limits.stream_window_bytes // 4:
+            if stream.unacked >= self.stream_window // 4:
                 out = window_update(stream.id, stream.unacked)
                 stream.unacked = 0
         self._connection_unacked += size
-        if self._connection_unacked >= self.limits.connection_window_bytes // 4:
+        if self._connection_unacked >= self.connection_window // 4:
             out += window_update(0, self._connection_unacked)
             self._connection_unacked = 0
         if out:
@@ -828,8 +909,19 @@ class Connection(asyncio.Protocol):
         if len(self._reset_by_us) > 1024:
             del self._reset_by_us[next(iter(self._reset_by_us))]
 
-    def stream_error(self, stream: Stream, code: ErrorCode) -> None:
-        """End one stream for the peer's mistake (RFC 9113 section 5.4.2); the connection goes on."""
+    def stream_error(self, stream: Stream, code: ErrorCode, by_peer: bool = True) -> None:
+        """End one stream for the peer's mistake (RFC 9113 section 5.4.2), or as this end gives up on it
+        (not ``by_peer``); the connection goes on.
+
+        A server counts the resets a client's mistakes cause with the client's own: malformed frames
+        that make the server reset streams ("MadeYouReset") cost what RST_STREAMs do."""
+        if by_peer and not self.is_client and not self.closed and not self._reset_rate.take():
+            self.limit_hit("maxResetsPerSecond")
+            self.fail(
+                ErrorCode.ENHANCE_YOUR_CALM,
+                f"more than {self.limits.max_resets_per_second} streams reset a second",
+            )
+            return
         self.reset_stream(stream.id, code)
         self._drop(stream, code)
 
@@ -860,27 +952,61 @@ class Connection(asyncio.Protocol):
             return False
         self.send_window -= size
         stream.send_window -= size
+        self._window_update_rate.give()
         self.write(prefix + frame(DATA, 0, stream.id, payload) + suffix, control=False)
         return True
 
     async def send_data(self, stream: Stream, payload: bytes) -> None:
-        """Send ``payload`` as DATA frames as the windows allow; raises ConnectionError if the stream ends."""
+        """Send ``payload`` as DATA frames as the windows allow; raises ConnectionError if the stream ends,
+        or if the windows stay shut for ``stall_timeout`` (the stream, or the connection if its window
+        is the one shut, is ended then)."""
         view = memoryview(payload)
+        stalled_since: float | None = None  # loop time the windows shut, until a frame's worth went out
+        progress = 0
         while view:
             if self.closed or stream.reset is not None or stream.trailers is not None:
                 raise ConnectionError("stream closed")
             allowed = min(self.send_window, stream.send_window, self.peer_max_frame, len(view))
             if allowed <= 0:
-                stream.waiter = asyncio.get_running_loop().create_future()
+                loop = asyncio.get_running_loop()
+                waiter = stream.waiter = loop.create_future()
                 if self.send_window <= 0:
                     self._window_waiters.append(stream)
-                await stream.waiter
+                stream.send_blocked = True
+                try:
+                    if self.stall_timeout is None:
+                        await waiter
+                    else:
+                        if stalled_since is None:
+                            stalled_since = loop.time()
+                        await asyncio.wait_for(waiter, stalled_since + self.stall_timeout - loop.time())
+                except TimeoutError:
+                    self._send_stalled(stream, len(view) < len(payload))
+                    raise ConnectionError("the peer opened no window") from None
+                finally:
+                    stream.send_blocked = False
                 continue
             self.send_window -= allowed
             stream.send_window -= allowed
+            self._window_update_rate.give()
             self.write(frame(DATA, 0, stream.id, bytes(view[:allowed])), control=False)
             view = view[allowed:]
+            progress += allowed
+            if progress >= DEFAULT_FRAME_SIZE:  # a peer must open a frame's worth to keep a send waiting
+                stalled_since, progress = None, 0
         await self.drain()
+
+    def _send_stalled(self, stream: Stream, mid_message: bool) -> None:
+        if self.closed or self.streams.get(stream.id) is not stream:
+            return
+        self.limit_hit("stalledWriteTimeoutSeconds")
+        if self.send_window <= 0:  # nothing can be sent on the whole connection
+            self.fail(
+                ErrorCode.ENHANCE_YOUR_CALM,
+                f"the {self._peer} opened no connection window for {self.stall_timeout:g} s",
+            )
+        else:
+            self.send_stalled(stream, mid_message)
 
     async def ping(self) -> None:
         """Send a PING and wait for its ACK (or the connection's end)."""
@@ -913,17 +1039,22 @@ def status_from_http(status: str) -> grpc.StatusCode:
 
 
 def status_of(trailers: Sequence[tuple[str, str]]) -> tuple[grpc.StatusCode, str]:
+    """The status and message of a call's trailers; a grpc-status that is not a status code is UNKNOWN,
+    with a message that says so (and what the server sent)."""
     code: grpc.StatusCode | None = None
     details = ""
+    bad_status: str | None = None
     for key, value in trailers:
         if key == "grpc-status":
-            code = (
-                STATUS_BY_CODE.get(int(value), grpc.StatusCode.UNKNOWN)
-                if value.isdigit()
-                else grpc.StatusCode.UNKNOWN
-            )
+            known = STATUS_BY_CODE.get(int(value)) if value.isascii() and value.isdigit() else None
+            if known is None:
+                bad_status = value
+            code = known if known is not None else grpc.StatusCode.UNKNOWN
         elif key == "grpc-message":
             details = percent_decode(value)
     if code is None:
         return grpc.StatusCode.INTERNAL, "the server's trailers carry no grpc-status"
+    if bad_status is not None:
+        sent = f"the server sent grpc-status {bad_status[:40]!r}, which is not a gRPC status code"
+        return code, f"{sent}: {details}" if details else sent
     return code, details
