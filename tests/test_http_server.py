@@ -199,9 +199,15 @@ async def test_drain_closes_idle_connections_and_finishes_busy_ones() -> None:
 
 
 async def test_a_trickling_client_is_disconnected() -> None:
-    async with serving(request_timeout_s=0.3, keepalive_timeout_s=0.3) as (_, _, port):
+    async with serving(request_timeout_s=0.3, request_header_timeout_s=0.3, keepalive_timeout_s=0.3) as (
+        _,
+        _,
+        port,
+    ):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\n")  # ... and never the rest
+        status, headers, _ = await read_response(reader)
+        assert status == 408 and headers["connection"] == "close"
         assert await asyncio.wait_for(reader.read(), 5) == b""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)  # idle, nothing sent
         assert await asyncio.wait_for(reader.read(), 5) == b""

@@ -110,7 +110,8 @@ class Metrics:
         self.draining = Gauge("llmgw_draining", "1 while the proxy drains before exiting.", registry=r)
         self.limit_hits = Counter(
             "llmgw_limit_hits",
-            "Times a client ran into a bound of the gRPC front (limits.grpcServer), by its configuration key.",
+            "Times a client ran into a bound of a front, by its configuration key: limits.grpcServer's keys,"
+            " and restServer.<key> for limits.restServer's.",
             ("limit",),
             registry=r,
         )

@@ -54,6 +54,7 @@ class ProxyServer:
         self.rest_server = HTTPServer(
             RestRouter(OpenAIFront(self.gateway, self.config.limits.max_request_bytes).routes()).handle,
             self.config.limits.rest_server,
+            lambda limit: self._limit_hit(f"restServer.{limit}"),  # distinct from the gRPC front's keys
         )
         self._watcher: asyncio.Task[None] | None = None
         self.metrics.reloads.labels("success").inc()

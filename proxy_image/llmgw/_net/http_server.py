@@ -41,6 +41,7 @@ log = logging.getLogger("llmgw.rest")
 _STATUS_TEXT = {
     200: "OK",
     400: "Bad Request",
+    408: "Request Timeout",
     401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
@@ -140,10 +141,17 @@ class _HTTPConnection(asyncio.Protocol):
         self.closed = False
         self.busy = False
         self._queue: collections.deque[Request] = collections.deque()
+        self._queued_bytes = 0  # bodies of the requests in _queue
         self._worker: asyncio.Task[None] | None = None
         self._writable: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
+        self._in_head = True  # the next bytes are a request head: idle, or a head begun and not complete
+        self._in_message = False  # a request begun and not complete
+        self._heads = 0  # request heads completed, to tell whether one ended in a chunk of data
+        self._raw_head_bytes = 0  # bytes of the incomplete head, counted by chunk (see data_received)
+        self._begun = 0.0  # when the request being received began (loop time)
+        self._failure: tuple[int, str] | None = None  # an answer to send after the queued ones, then close
         self._reset()
 
     def _reset(self) -> None:
@@ -159,20 +167,47 @@ class _HTTPConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports do not subclass asyncio's
+        limits = self.server.limits
+        if len(self.server._connections) >= limits.max_connections:
+            # Silent connections must not take every file descriptor of the process: refused at once.
+            self.server.hit("maxConnections")
+            self.closed = True
+            body = b"too many connections\n"
+            head = _head(503, {"Retry-After": "1"}, f"Content-Length: {len(body)}\r\n", close=True)
+            transport.write(head + body)  # type: ignore[attr-defined]
+            transport.close()
+            return
+        transport.set_write_buffer_limits(high=limits.max_queued_response_bytes)  # type: ignore[attr-defined]
         self.server._connections.add(self)
-        self._arm(self.server.limits.keepalive_timeout_s)
+        self._arm(limits.request_header_timeout_s, "requestHeaderTimeoutSeconds")
 
     def data_received(self, data: bytes) -> None:
+        in_head, heads = self._in_head, self._heads
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            last = self._queue[-1] if self._queue else None
+            if last is not None and (last.method == "CONNECT" or "upgrade" in last.headers):
+                self._queue.pop()  # the upgrade request itself (just parsed): refused, not served
+                self._queued_bytes -= len(last.body)
             self._fail(400, "protocol upgrades are not supported")
+            return
         except httptools.HttpParserError as exc:
             refused = exc.__context__ or exc.__cause__  # an exception of our callbacks, wrapped by httptools
             if isinstance(refused, _Refused):
-                self._fail(refused.status, refused.message)
-            elif not self.closed:
+                self._fail(refused.status, refused.message, refused.limit)
+            else:
                 self._fail(400, f"malformed request: {exc}")
+            return
+        if self._in_head and self._in_message:
+            # llhttp hands a header to on_header only once it is complete: a value that never ends is counted
+            # here, by the chunks received while the head is open. A head that began in this chunk after
+            # another request is not counted (where it starts is unknown): at most one chunk goes uncounted.
+            if in_head and heads == self._heads:
+                self._raw_head_bytes += len(data)
+            if self._raw_head_bytes > self.server.limits.max_head_bytes:
+                limit = self.server.limits.max_head_bytes
+                self._fail(431, f"request head exceeds {limit} bytes", "maxHeadBytes")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -182,7 +217,7 @@ class _HTTPConnection(asyncio.Protocol):
             self._worker.cancel()  # the client is gone: stop its handler and the upstream call
         waiter = self._writable
         if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionResetError("the client closed the connection"))
+            waiter.set_result(None)  # drain() sees ``closed``; no exception left unretrieved
 
     def pause_writing(self) -> None:
         if self._writable is None or self._writable.done():
@@ -196,8 +231,11 @@ class _HTTPConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._reset()
-        if not self.busy:
-            self._arm(self.server.limits.request_timeout_s)
+        self._in_message = True
+        self._raw_head_bytes = 0
+        self._begun = asyncio.get_running_loop().time()
+        if not self.busy and not self._queue:
+            self._arm_idle()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -210,8 +248,17 @@ class _HTTPConnection(asyncio.Protocol):
         self._headers[key] = f"{self._headers[key]}, {text}" if key in self._headers else text
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._heads += 1
+        if not self.busy and not self._queue:
+            self._arm_idle()  # the head is in: the rest of the request timeout applies to the body
         length = self._headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.server.limits.max_body_bytes:
+        if (
+            length is not None
+            and length.isascii()
+            and length.isdigit()
+            and int(length) > self.server.limits.max_body_bytes
+        ):
             self._too_large = True  # answered without reading the body, then the connection closes
             self._answered_early = True
             self._dispatch(keep_alive=False)
@@ -229,6 +276,8 @@ class _HTTPConnection(asyncio.Protocol):
             self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._in_head = True
+        self._in_message = False
         if not self._answered_early:
             # HTTP/1.0 clients get one request per connection, which spares them a keep-alive dialect.
             keep_alive = self.parser.should_keep_alive() and self.parser.get_http_version() != "1.0"
@@ -246,18 +295,19 @@ class _HTTPConnection(asyncio.Protocol):
             self._too_large,
         )
         self._queue.append(request)
+        self._queued_bytes += len(request.body)
         self._disarm()
         # The socket keeps being read while a request is served, or a client that leaves would go unnoticed;
-        # only a client that pipelines many requests ahead is made to wait.
-        if (
-            len(self._queue) > self.server.limits.max_pipelined_requests
-            and self.transport is not None
-            and not self._reading_paused
-        ):
+        # only a client that pipelines many requests (or large bodies) ahead is made to wait.
+        if self._read_ahead_too_far() and self.transport is not None and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._serve())
+
+    def _read_ahead_too_far(self) -> bool:
+        limits = self.server.limits
+        return len(self._queue) > limits.max_pipelined_requests or self._queued_bytes > limits.max_body_bytes
 
     # -- serving ---------------------------------------------------------------------------------
 
@@ -265,11 +315,21 @@ class _HTTPConnection(asyncio.Protocol):
         try:
             while self._queue and not self.closed:
                 request = self._queue.popleft()
+                self._queued_bytes -= len(request.body)
                 responder = Responder(self, request)
                 self.busy = True
                 try:
                     await self.server.handler(request, responder)
-                except (asyncio.CancelledError, ConnectionError):  # the client left (connection_lost)
+                    if not responder.started:
+                        responder.send(500, b"no response\n", {})
+                    if self._writing_paused() and not (responder.closes or self.server.draining):
+                        # Back-pressure: the next answer waits until the client reads this one (or the
+                        # stalled-write timeout ends the connection), and so, past the pipelining bound,
+                        # does reading. A client that pipelines and never reads holds no more than this.
+                        if self._queue:
+                            self.server.hit("maxQueuedResponseBytes")
+                        await self.drain()
+                except (asyncio.CancelledError, ConnectionError):  # the client left, or stalled
                     self._close()
                     return
                 except Exception:  # the handler answers its own errors; this is a bug, not a request
@@ -281,20 +341,16 @@ class _HTTPConnection(asyncio.Protocol):
                     return
                 finally:
                     self.busy = False
-                if not responder.started:
-                    responder.send(500, b"no response\n", {})
                 if responder.closes or self.server.draining:  # closes: too large, or not keep-alive
                     self._close()
                     return
-                if (
-                    self._reading_paused
-                    and len(self._queue) <= self.server.limits.max_pipelined_requests
-                    and self.transport is not None
-                ):
+                if self._reading_paused and not self._read_ahead_too_far() and self.transport is not None:
                     self._reading_paused = False
                     self.transport.resume_reading()
-                if not self._queue:
-                    self._arm(self.server.limits.keepalive_timeout_s)
+            if self._failure is not None:
+                self._send_failure()
+            elif not self.closed:
+                self._arm_idle()
         finally:
             self._worker = None
 
@@ -302,19 +358,48 @@ class _HTTPConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
+    def _writing_paused(self) -> bool:
+        return self._writable is not None and not self._writable.done()
+
     async def drain(self) -> None:
+        """Wait while the client has more than ``max_queued_response_bytes`` unread; a client that reads
+        nothing for ``stalled_write_timeout_s`` has its connection aborted (ConnectionResetError here)."""
+        if self._writing_paused():
+            assert self._writable is not None
+            try:
+                async with asyncio.timeout(self.server.limits.stalled_write_timeout_s):
+                    await self._writable
+            except TimeoutError:
+                self._abort("stalledWriteTimeoutSeconds")
         if self.closed:
             raise ConnectionResetError("the client closed the connection")
-        if self._writable is not None and not self._writable.done():
-            await self._writable
 
     def _count(self, n: int) -> None:
         self._head_bytes += n
         if self._head_bytes > self.server.limits.max_head_bytes:
-            raise _Refused(431, f"request head exceeds {self.server.limits.max_head_bytes} bytes")
+            raise _Refused(
+                431, f"request head exceeds {self.server.limits.max_head_bytes} bytes", "maxHeadBytes"
+            )
 
-    def _fail(self, status: int, message: str) -> None:
-        """Refuse a request the parser cannot take, and close."""
+    def _fail(self, status: int, message: str, limit: str | None = None) -> None:
+        """Refuse a request the parser cannot take: answered after the requests queued before it, then the
+        connection closes. Nothing more is read."""
+        if self.closed or self._failure is not None:
+            return
+        if limit is not None:
+            self.server.hit(limit)
+        log.debug("refused a request with %d: %s", status, message)
+        self._failure = (status, message)
+        self._in_message = False
+        if self.transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        if self._worker is None:
+            self._send_failure()
+
+    def _send_failure(self) -> None:
+        assert self._failure is not None
+        status, message = self._failure
         if self.transport is not None and not self.closed:
             body = message.encode() + b"\n"
             headers = {"Content-Type": "text/plain"}
@@ -327,15 +412,58 @@ class _HTTPConnection(asyncio.Protocol):
         self._disarm()
         if self.transport is not None and not self.closed:
             self.closed = True
+            if self.transport.get_write_buffer_size():
+                # What is left is written out before the socket closes, but not for longer than a stalled write.
+                self._timer = asyncio.get_running_loop().call_later(
+                    self.server.limits.stalled_write_timeout_s, self._abort, "stalledWriteTimeoutSeconds"
+                )
             self.transport.close()
+
+    def _abort(self, limit: str) -> None:
+        """Drop the connection and what is queued to it: the client has read nothing for too long."""
+        self._timer = None
+        self.server.hit(limit)
+        log.debug(
+            "closing a connection whose client has not read for %ss",
+            self.server.limits.stalled_write_timeout_s,
+        )
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
 
     def close_if_idle(self) -> None:
         if not self.busy and not self._queue:
             self._close()
 
-    def _arm(self, seconds: float) -> None:
+    def _arm_idle(self) -> None:
+        """The timer of a connection with nothing to answer: the rest of the head's or the request's time
+        when a request is on its way, else the keep-alive timeout."""
+        limits = self.server.limits
+        if not self._in_message:
+            self._arm(limits.keepalive_timeout_s, None)
+            return
+        elapsed = asyncio.get_running_loop().time() - self._begun
+        if self._in_head and limits.request_header_timeout_s < limits.request_timeout_s:
+            self._arm(limits.request_header_timeout_s - elapsed, "requestHeaderTimeoutSeconds")
+        else:
+            self._arm(limits.request_timeout_s - elapsed, "requestReadTimeoutSeconds")
+
+    def _arm(self, seconds: float, limit: str | None) -> None:
         self._disarm()
-        self._timer = asyncio.get_running_loop().call_later(seconds, self.close_if_idle)
+        self._timer = asyncio.get_running_loop().call_later(max(seconds, 0.0), self._expire, limit)
+
+    def _expire(self, limit: str | None) -> None:
+        self._timer = None
+        if self.busy or self._queue or self.closed:
+            return
+        if limit is None:  # an idle keep-alive connection
+            self._close()
+            return
+        self.server.hit(limit)
+        if self._in_message:
+            self._fail(408, "the request did not arrive in time")
+        else:  # a connection that never sent a request
+            self._close()
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -344,10 +472,11 @@ class _HTTPConnection(asyncio.Protocol):
 
 
 class _Refused(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, limit: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.limit = limit  # the limit's configuration key, when a limit refused it
 
 
 class HTTPServer:
@@ -357,18 +486,31 @@ class HTTPServer:
         self,
         handler: Handler,
         limits: HTTPServerLimits | None = None,
+        on_limit: Callable[[str], None] | None = None,
     ) -> None:
         self.handler = handler
         self.limits = limits or HTTPServerLimits()
+        self.on_limit = on_limit  # told the configuration key of each limit a client runs into
         self.draining = False
         self._connections: set[_HTTPConnection] = set()
         self._listener: asyncio.Server | None = None
 
+    def hit(self, limit: str) -> None:
+        if self.on_limit is not None:
+            self.on_limit(limit)
+
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         """Listen; returns the bound port (the real one when ``port`` is 0)."""
         loop = asyncio.get_running_loop()
+        # A TLS client that never completes its handshake is held no longer than one that sends no head.
+        handshake = self.limits.request_header_timeout_s if ssl_context is not None else None
         self._listener = await loop.create_server(
-            lambda: _HTTPConnection(self), host, port, ssl=ssl_context, backlog=1024
+            lambda: _HTTPConnection(self),
+            host,
+            port,
+            ssl=ssl_context,
+            backlog=1024,
+            ssl_handshake_timeout=handshake,
         )
         return int(self._listener.sockets[0].getsockname()[1])
 
