@@ -17,6 +17,7 @@ from llmgw_operator.migration import (
     ABORT,
     PROMOTE,
     RETRY,
+    TOKEN_LIMIT,
     Action,
     Measurements,
     Proxies,
@@ -643,3 +644,42 @@ def test_a_naive_now_is_taken_as_utc() -> None:
     assert check_due(run.spec, run.state, naive)
     _, actions = advance(run.spec, run.state, run.proxies(), HEALTHY, run.generation, naive, {})
     assert [a.reason for a in actions] == ["CheckPassed", "StepAdvanced"]
+
+
+def test_a_long_command_value_is_quoted_cut_in_messages_and_events() -> None:
+    """A 10 KB annotation value is kept whole once (observedCommands: the value acted on) and quoted in at
+    most TOKEN_LIMIT characters everywhere else."""
+    run = started()
+    token = "x" * 10_000
+    run.commands = {ABORT: token}
+    assert run.tick() == ["Aborted"]
+    assert run.state["observedCommands"] == {ABORT: token}
+    for text in [run.state["message"], run.message("Aborted")]:
+        assert "x" * (TOKEN_LIMIT + 1) not in text and "x" * TOKEN_LIMIT + "… (10000 characters)" in text
+    stored = json.dumps(run.state)
+    assert stored.count(token) == 1  # observedCommands; the message quotes TOKEN_LIMIT characters
+    assert len(stored) < len(token) + 2 * TOKEN_LIMIT + 2000
+    run.commands = {ABORT: token, PROMOTE: "y" * 5000}  # a command that does not apply: quoted cut too
+    assert run.tick() == ["CommandIgnored"]
+    assert "y" * (TOKEN_LIMIT + 1) not in run.message("CommandIgnored")
+    assert run.tick() == []  # each value acted on once
+
+
+def test_a_check_without_metrics_says_why_when_the_caller_knows() -> None:
+    run = started()
+    run.now += MINUTE
+    why = (
+        "cannot reach Prometheus at http://prometheus.monitoring:9090: Connect call failed ('10.0.0.9', 9090)"
+    )
+    state, actions = advance(run.spec, run.stored, run.proxies(), None, run.generation, run.now, {}, why)
+    assert state["lastAnalysis"]["verdict"] == "inconclusive"
+    assert state["lastAnalysis"]["reason"] == why
+    assert why in state["message"]
+    (inconclusive,) = actions
+    assert inconclusive.reason == "CheckInconclusive" and why in inconclusive.message
+    # Without a reason from the caller, as before.
+    state, _ = advance(run.spec, run.stored, run.proxies(), None, run.generation, run.now, {})
+    assert state["lastAnalysis"]["reason"] == "no metrics for the window"
+    # A long reason is cut.
+    state, _ = advance(run.spec, run.stored, run.proxies(), None, run.generation, run.now, {}, "e" * 5000)
+    assert len(state["lastAnalysis"]["reason"]) < 600

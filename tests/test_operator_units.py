@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -439,3 +440,324 @@ def test_good_names_pass() -> None:
         check_name("Secret", "team-a", name)
     assert not is_namespace_name("a" * 64) and is_namespace_name("team-a") and not is_namespace_name("a.b")
     assert is_object_name("a.b")
+
+
+# --- issue 14: every problem the operator can see is in the gateway's status ----------------------------
+
+
+def _limits_schema() -> dict[str, Any]:
+    proxy = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "proxy"
+    ]
+    blocks: dict[str, Any] = proxy["properties"]["limits"]["properties"]
+    return blocks
+
+
+def _limit_parsers() -> dict[str, Any]:
+    from llmgw_common import limits
+
+    return {
+        "restServer": lambda r: limits.parse_http_server(r, 4 * 1024 * 1024),
+        "grpcServer": lambda r: limits.parse_grpc_server(r, 4 * 1024 * 1024),
+        "restClient": limits.parse_http_client,
+        "grpcClient": limits.parse_grpc_channel,
+    }
+
+
+def _parse_limit(block: str, values: dict[str, Any]) -> None:
+    from llmgw_common.reader import Reader
+
+    reader = Reader(values, f"limits.{block}")
+    _limit_parsers()[block](reader)
+    reader.done()
+
+
+def test_the_crds_limits_blocks_are_the_proxys_limit_parsers() -> None:
+    """spec.proxy.limits has one block per network layer, with exactly the keys the proxy's parser of that
+    layer reads, and bounds the parser agrees with: the CRD's minimum and maximum are accepted, one step
+    beyond each is refused, and an exclusive minimum of 0 refuses 0. (A key added to a parser and not to
+    the CRD fails here, naming it.)"""
+    from llmgw_common.reader import Reader
+
+    blocks = _limits_schema()
+    assert set(blocks) == set(_limit_parsers())
+    for block, schema in blocks.items():
+        properties = schema["properties"]
+        reader = Reader({}, block)
+        _limit_parsers()[block](reader)
+        assert reader.used == set(properties), (
+            f"limits.{block}: keys the parser reads and the CRD lacks: {sorted(reader.used - set(properties))}; "
+            f"keys the CRD has and the parser does not read: {sorted(set(properties) - reader.used)}"
+        )
+        for key, prop in properties.items():
+            where = f"limits.{block}.{key}"
+            assert "default" not in prop, f"{where}: no default in the CRD, the proxy's applies"
+            assert prop.get("description"), where
+            if prop["type"] == "integer":
+                low = prop["minimum"]
+                _parse_limit(block, {key: low})
+                with pytest.raises(proxy_config.ConfigError, match=key):
+                    _parse_limit(block, {key: low - 1})
+                if "maximum" in prop:
+                    _parse_limit(block, {key: prop["maximum"]})
+                    with pytest.raises(proxy_config.ConfigError, match=key):
+                        _parse_limit(block, {key: prop["maximum"] + 1})
+                else:
+                    _parse_limit(block, {key: 2**40})
+            else:
+                assert prop["type"] == "number", where
+                assert (prop["minimum"], prop["exclusiveMinimum"]) == (0, True), where
+                _parse_limit(block, {key: 0.001})
+                _parse_limit(block, {key: 7})  # an integer, as YAML and JSON write a whole number
+                with pytest.raises(proxy_config.ConfigError, match=key):
+                    _parse_limit(block, {key: 0})
+
+
+def test_a_spec_with_limits_renders_a_config_the_proxy_accepts() -> None:
+    sample = yaml.safe_load(Path("crds/testdata/valid/limits.yaml").read_text())
+    spec = with_defaults(sample["spec"])
+    config = manifests.build_proxy_config(spec, 0, 1)
+    for block, values in sample["spec"]["proxy"]["limits"].items():
+        assert config["limits"][block] == values  # copied as they are, next to maxConcurrentRequests
+    assert config["limits"]["maxConcurrentRequests"] == 256
+    parsed = proxy_config.parse(config).limits
+    assert parsed.rest_server.max_head_bytes == 32768
+    assert parsed.rest_server.max_body_bytes == spec["proxy"]["maxRequestBytes"]
+    assert parsed.grpc_server.stream_window_bytes == 1048576 and parsed.grpc_server.idle_timeout_s == 120.5
+    assert parsed.rest_client.max_error_body_bytes == 8192
+    assert parsed.grpc_client.http2.max_message_bytes == 33554432 and parsed.grpc_client.keepalive_probes == 4
+    # Unset: nothing rendered, the proxy's defaults.
+    plain = manifests.build_proxy_config(sample_spec(), 0, 1)["limits"]
+    assert set(plain) == {"maxConcurrentRequests", "maxRequestBytes", "requestTimeoutSeconds"}
+    assert proxy_config.parse(manifests.build_proxy_config(sample_spec(proxy={"limits": {}}), 0, 1))
+
+
+def test_crd_says_what_provider_models_does() -> None:
+    provider = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "providers"
+    ]["items"]["properties"]
+    assert "not rendered into the proxy configuration" in provider["models"]["description"]
+    assert "models" not in manifests.build_proxy_config(sample_spec(), 0, 1)["providers"][0]
+
+
+def _deployment(conditions: list[dict[str, Any]], generation: int = 2, observed: int = 2) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "gw-proxy", "generation": generation},
+        "status": {"observedGeneration": observed, "replicas": 1, "conditions": conditions},
+    }
+
+
+REPLICA_FAILURE = {
+    "type": "ReplicaFailure",
+    "status": "True",
+    "reason": "FailedCreate",
+    "message": 'pods "gw-proxy-6f7d9-" is forbidden: exceeded quota: no-pods, requested: pods=1, used: pods=0, '
+    "limited: pods=0",
+}
+DEADLINE_EXCEEDED = {
+    "type": "Progressing",
+    "status": "False",
+    "reason": "ProgressDeadlineExceeded",
+    "message": 'ReplicaSet "gw-proxy-6f7d9" has timed out progressing.',
+}
+
+
+@pytest.mark.parametrize(
+    ("deployment_condition", "reason", "text"),
+    [
+        (REPLICA_FAILURE, "ReplicaFailure", "cannot create proxy pods: FailedCreate: pods"),
+        (DEADLINE_EXCEEDED, "RolloutStalled", "exceeded its progress deadline (ProgressDeadlineExceeded)"),
+    ],
+)
+def test_a_deployment_that_cannot_bring_up_proxies_is_degraded(
+    deployment_condition: dict[str, Any], reason: str, text: str
+) -> None:
+    pending = build_status({}, _observation(deployment=_deployment([])), "t0")
+    assert condition_of(pending, "Degraded")["status"] == "False"
+    stuck = build_status(pending, _observation(deployment=_deployment([deployment_condition])), "t1")
+    degraded = condition_of(stuck, "Degraded")
+    assert (stuck["phase"], degraded["status"], degraded["reason"]) == ("Degraded", "True", reason)
+    assert text in degraded["message"] and deployment_condition["message"] in degraded["message"]
+    assert condition_of(stuck, "Ready")["reason"] == reason
+    assert ("Warning", reason, f"Degraded=True: {degraded['message']}") in condition_events(pending, stuck)
+    # A condition from before the latest spec change is old news; a fixed Deployment clears it.
+    old = build_status(pending, _observation(deployment=_deployment([deployment_condition], 3, 2)), "t1")
+    assert condition_of(old, "Degraded")["status"] == "False"
+    fixed = build_status(stuck, _observation(deployment=READY_DEPLOYMENT), "t2")
+    assert (fixed["phase"], condition_of(fixed, "Degraded")["status"]) == ("Ready", "False")
+
+
+def test_a_huge_deployment_message_is_cut() -> None:
+    huge = {**REPLICA_FAILURE, "message": "m" * 100_000}
+    status = build_status({}, _observation(deployment=_deployment([huge])), "t")
+    assert len(condition_of(status, "Degraded")["message"]) < 1200
+
+
+def test_replicas_zero_is_not_ready_but_scaled_to_zero() -> None:
+    zero = {"metadata": {"generation": 1}, "status": {"observedGeneration": 1}}
+    status = build_status({}, _observation(replicas=0, deployment=zero), "t")
+    ready = condition_of(status, "Ready")
+    assert (status["phase"], ready["status"], ready["reason"]) == ("ScaledToZero", "False", "ScaledToZero")
+    assert condition_of(status, "Degraded")["status"] == "False"
+    assert status["readyReplicasText"] == "0/0"
+
+
+def condition_of(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def test_name_problems_name_the_field() -> None:
+    from llmgw_operator.spec import gateway_name_problem, name_problems
+
+    assert (
+        name_problems(sample_spec(proxy={"tlsSecretName": "tls", "imagePullSecrets": [{"name": "pull"}]}))
+        == []
+    )
+    spec = sample_spec(
+        proxy={
+            "clientAuthSecretRef": {"name": "?watch=true"},
+            "tlsSecretName": "Upper",
+            "imagePullSecrets": [{"name": "ok"}, {"name": "a/b"}],
+            "priorityClassName": "x" * 300,
+        },
+        migration={"prometheus": {"url": "http://p:9090", "bearerTokenSecretRef": {"name": "../t"}}},
+    )
+    spec["providers"][0]["apiKeySecretRef"]["name"] = "../../victim/secrets/stolen"
+    problems = name_problems(spec)
+    assert [p.split(":")[0] for p in problems] == [
+        "spec.providers[0].apiKeySecretRef.name",
+        "spec.proxy.clientAuthSecretRef.name",
+        "spec.proxy.tlsSecretName",
+        "spec.proxy.imagePullSecrets[1].name",
+        "spec.proxy.priorityClassName",
+        "spec.migration.prometheus.bearerTokenSecretRef.name",
+    ]
+    assert all("is not a valid Kubernetes name" in p for p in problems)
+    assert "x" * 81 not in " ".join(problems)  # quoted cut
+    assert gateway_name_problem("gw") is None and gateway_name_problem("a" * 63) is None
+    assert "64 characters" in (gateway_name_problem("a" * 64) or "")
+    assert "has a dot" in (gateway_name_problem("a.b") or "")
+
+
+class FakeKube:
+    """The :class:`~llmgw_operator.kube.Kube` calls the reconciler makes, on dicts in memory; names are
+    checked as kube.py checks them, and every request is recorded."""
+
+    def __init__(self, gateway: dict[str, Any], objects: dict[tuple[str, str], dict[str, Any]] | None = None):
+        self.gateway = gateway
+        self.objects = objects or {}
+        self.requests: list[tuple[str, str, str]] = []
+        self.events: list[tuple[str, str, str]] = []
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        check_name(kind, namespace, name)
+        self.requests.append(("get", kind, name))
+        if kind == "LLMGateway":
+            return self.gateway
+        return self.objects.get((kind, name))
+
+    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        meta = manifest["metadata"]
+        check_name(manifest["kind"], meta["namespace"], meta["name"])
+        self.requests.append(("apply", manifest["kind"], meta["name"]))
+        self.objects[(manifest["kind"], meta["name"])] = manifest
+        return manifest
+
+    async def delete(self, kind: str, namespace: str, name: str) -> None:
+        self.requests.append(("delete", kind, name))
+
+    async def list_pods(self, namespace: str, labels: dict[str, Any]) -> list[dict[str, Any]]:
+        return []
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.requests.append(("patch_status", "LLMGateway", name))
+        self.gateway = {**self.gateway, "status": status}
+
+    async def event(self, gateway: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+
+def _stored(name: str = "gw", spec: dict[str, Any] | None = None, **meta: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "team-a", "uid": "u1", "generation": 1, **meta},
+        "spec": spec if spec is not None else sample_spec(),
+    }
+
+
+async def _sync(kube: FakeKube) -> dict[str, Any]:
+    from llmgw_operator.reconcile import Reconciler
+
+    reconciler = Reconciler(kube, Settings())  # type: ignore[arg-type]
+    try:
+        meta = kube.gateway["metadata"]
+        status = await reconciler.sync(meta["namespace"], meta["name"])
+    finally:
+        await reconciler.close()
+    assert status is not None
+    return status
+
+
+@pytest.mark.parametrize(
+    ("name", "field"),
+    [("gw", "spec.providers[0].apiKeySecretRef.name"), ("a" * 64, "metadata.name"), ("a.b", "metadata.name")],
+)
+async def test_a_stored_bad_name_is_config_valid_false_without_a_request(name: str, field: str) -> None:
+    spec = sample_spec()
+    if name == "gw":
+        spec["providers"][0]["apiKeySecretRef"]["name"] = "../../victim/secrets/stolen"
+    kube = FakeKube(_stored(name, spec))
+    status = await _sync(kube)
+    valid = condition_of(status, "ConfigValid")
+    assert (valid["status"], valid["reason"]) == ("False", "InvalidName")
+    assert valid["message"].startswith(field)
+    assert (condition_of(status, "Degraded")["reason"], status["phase"]) == ("InvalidName", "Degraded")
+    # The gateway was read and its status written; nothing else was asked for, nothing created.
+    assert {(verb, kind) for verb, kind, _ in kube.requests} == {
+        ("get", "LLMGateway"),
+        ("patch_status", "LLMGateway"),
+    }
+    assert ("Warning", "InvalidName") in {(t, r) for t, r, _ in kube.events}
+    # Nothing changed: nothing written again, no new event (no retry loop).
+    writes, events = len(kube.requests), len(kube.events)
+    await _sync(kube)
+    assert kube.requests[writes:] == [("get", "LLMGateway", name)] and len(kube.events) == events
+
+
+async def test_a_name_kube_refuses_mid_pass_is_reported_as_invalid_name() -> None:
+    """InvalidName raised by kube.py (a check of its own, before any request) is the gateway's problem: a
+    Degraded condition naming it, not an API error retried for ever."""
+
+    class Refusing(FakeKube):
+        async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+            if kind == "Secret":
+                raise InvalidName(f"Secret name {name!r} is not a valid Kubernetes name: not requested")
+            return await super().get(kind, namespace, name)
+
+    kube = Refusing(_stored())
+    status = await _sync(kube)
+    degraded = condition_of(status, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "InvalidName")
+    assert "not a valid Kubernetes name" in degraded["message"]
+
+
+async def test_commands_without_a_migration_are_reported_once() -> None:
+    secret = {"metadata": {"resourceVersion": "1"}, "data": {"api-key": "eA==", "anthropic": "eA=="}}
+    kube = FakeKube(
+        _stored(annotations={"llmgateway.io/promote": "now", "llmgateway.io/abort": "z" * 10_000}),
+        {("Secret", "llm-keys"): secret},
+    )
+    status = await _sync(kube)
+    ignored = [(t, m) for t, r, m in kube.events if r == "CommandIgnored"]
+    assert [t for t, _ in ignored] == ["Warning", "Warning"]
+    assert any("llmgateway.io/promote=now ignored: spec.migration is not set" in m for _, m in ignored)
+    assert all(len(m) < 600 for _, m in ignored)  # the 10 KB value quoted cut
+    assert status["ignoredCommands"]["llmgateway.io/promote"] == "now"
+    assert status["ignoredCommands"]["llmgateway.io/abort"].startswith("sha256:")
+    # The same values again: no new event, nothing to write.
+    count = len(kube.events)
+    again = await _sync(kube)
+    assert len(kube.events) == count and again == status
+    # A new value: one new event.
+    kube.gateway["metadata"]["annotations"]["llmgateway.io/promote"] = "again"
+    await _sync(kube)
+    assert [r for _, r, _ in kube.events[count:]] == ["CommandIgnored"]

@@ -144,6 +144,13 @@ def build_proxy_config(spec: dict[str, Any], grpc_weight: int, generation: int) 
             "maxConcurrentRequests": proxy["maxConcurrentRequests"],
             "maxRequestBytes": proxy["maxRequestBytes"],
             "requestTimeoutSeconds": parse_duration(proxy["requestTimeout"]),
+            # Each network layer's bounds, as the proxy reads them (the CRD has the same keys and no
+            # defaults, so a key left out keeps the proxy's default).
+            **{
+                layer: dict(block)
+                for layer, block in (proxy.get("limits") or {}).items()
+                if block is not None
+            },
         },
         "providers": [_provider_config(p) for p in spec["providers"]],
         "routes": [_route_config(r, grpc_weight) for r in spec["routes"]],

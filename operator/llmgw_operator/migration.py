@@ -121,7 +121,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from .spec import GROUP, parse_duration, with_defaults
+from .spec import GROUP, parse_duration, shown, with_defaults
 
 PROMOTE = f"{GROUP}/promote"
 ABORT = f"{GROUP}/abort"
@@ -139,6 +139,9 @@ FAILED = "Failed"
 FINAL_PHASES = frozenset({SUCCEEDED, ROLLED_BACK, FAILED})
 
 HISTORY_LIMIT = 20
+# A command's value is quoted in messages and events up to this many characters (an ellipsis and its length
+# mark a cut); status.migration.observedCommands keeps it whole, as the value acted on.
+TOKEN_LIMIT = 256
 # What a step starts with: no live weight yet, no check, not paused, nothing counted.
 _FRESH_STEP_CLOCKS: dict[str, Any] = {
     "weightLiveAt": "",
@@ -340,7 +343,9 @@ def _metric(name: str, value: float | None, threshold: float, skipped: str = "")
     return item
 
 
-def _analyse(plan: _Plan, measured: Measurements | None, default_window: float, now: datetime) -> _Verdict:
+def _analyse(
+    plan: _Plan, measured: Measurements | None, default_window: float, now: datetime, unavailable: str = ""
+) -> _Verdict:
     def verdict(
         result: str, reason: str, requests: int, window: float, metrics: list[dict[str, Any]]
     ) -> _Verdict:
@@ -355,7 +360,9 @@ def _analyse(plan: _Plan, measured: Measurements | None, default_window: float, 
         return _Verdict(result, reason, record)
 
     if measured is None:
-        return verdict("inconclusive", "no metrics for the window", 0, default_window, [])
+        # Why there are none, when the caller knows (Prometheus unreachable, a proxy unreadable).
+        reason = shown(unavailable, 512) if unavailable else "no metrics for the window"
+        return verdict("inconclusive", reason, 0, default_window, [])
     requests = max(0, measured.grpc_requests)
     window = measured.window_seconds if math.isfinite(measured.window_seconds) else default_window
     error_rate = max(0, measured.grpc_errors) / requests if requests else None
@@ -419,9 +426,16 @@ class _Tick:
     """One call of :func:`advance`: works on a copy of the state and collects the events."""
 
     def __init__(
-        self, plan: _Plan, state: dict[str, Any], proxies: Proxies, config_generation: int, now: datetime
+        self,
+        plan: _Plan,
+        state: dict[str, Any],
+        proxies: Proxies,
+        config_generation: int,
+        now: datetime,
+        unavailable: str = "",
     ) -> None:
         self.plan = plan
+        self.unavailable = unavailable
         self.state = state
         self.proxies = proxies
         self.config_generation = config_generation
@@ -544,6 +558,7 @@ class _Tick:
             if token is None or observed.get(key) == token:
                 continue
             observed[key] = token
+            token = shown(token, TOKEN_LIMIT)  # as messages and events quote it
             if ignore_all:
                 # A command is a change of the annotation; one already there when the migration was
                 # created (copied from another gateway, left from an earlier migration) is not one.
@@ -718,7 +733,9 @@ class _Tick:
         state = self.state
         start = window_start(state)
         assert start is not None
-        verdict = _analyse(self.plan, measurements, (self.now - start).total_seconds(), self.now)
+        verdict = _analyse(
+            self.plan, measurements, (self.now - start).total_seconds(), self.now, self.unavailable
+        )
         state.update(lastCheckAt=format_time(self.now), lastAnalysis=verdict.record)
         where = self.position()
         if verdict.result == "inconclusive":
@@ -797,6 +814,7 @@ def advance(
     config_generation: int,
     now: datetime,
     commands: dict[str, str],
+    unavailable: str = "",
 ) -> tuple[dict[str, Any], list[Action]]:
     """One tick of the migration: the next ``status.migration`` and the events to record.
 
@@ -804,11 +822,14 @@ def advance(
     ``measurements`` covers the window since :func:`window_start` and is used only when a check is due
     (None then means "no metrics": inconclusive); ``config_generation`` is the proxy config generation
     the caller rendered for ``state["weight"]``; ``commands`` the gateway's annotations (only the
-    ``llmgateway.io/{promote,abort,retry}`` keys matter). Every time is judged against ``now``.
+    ``llmgateway.io/{promote,abort,retry}`` keys matter; a value is quoted in messages up to
+    :data:`TOKEN_LIMIT` characters); ``unavailable`` says why there are no measurements, when the caller
+    knows (e.g. "cannot reach Prometheus at URL: ..."), for the inconclusive check's reason. Every time is
+    judged against ``now``.
     """
     plan = _Plan.parse(migration_spec)
     fresh = not state
     working = {**_blank_state(plan), **copy.deepcopy(state)}
-    tick = _Tick(plan, working, proxies, int(config_generation), _utc(now))
+    tick = _Tick(plan, working, proxies, int(config_generation), _utc(now), unavailable)
     tick.run(measurements, commands, fresh)
     return tick.state, tick.actions

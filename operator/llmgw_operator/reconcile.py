@@ -30,9 +30,19 @@ from llmgw_common import config as proxy_config
 
 from . import manifests, migration
 from .analysis import MetricsSource, MetricsUnavailable, PrometheusSource, ScrapeSource, Targets, split_routes
-from .kube import Kube
+from .kube import InvalidName, Kube
 from .settings import Settings
-from .spec import GROUP, KIND, parse_duration, referenced_secrets, secret_key_refs, with_defaults
+from .spec import (
+    GROUP,
+    KIND,
+    gateway_name_problem,
+    name_problems,
+    parse_duration,
+    referenced_secrets,
+    secret_key_refs,
+    shown,
+    with_defaults,
+)
 from .status import Observation, build_status, with_failure
 
 log = logging.getLogger(__name__)
@@ -186,6 +196,45 @@ def condition_events(previous: dict[str, Any], current: dict[str, Any]) -> list[
     return events
 
 
+def _condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), {})
+
+
+_COMMAND_RECORD_LIMIT = 256
+
+
+def command_record(value: str) -> str:
+    """What ``status.ignoredCommands`` keeps of a command's value: the value, or a digest of a long one."""
+    if len(value) <= _COMMAND_RECORD_LIMIT:
+        return value
+    return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+
+
+def ignored_commands(
+    annotations: dict[str, str], previous: dict[str, Any]
+) -> tuple[dict[str, str], list[migration.Action]]:
+    """Migration commands on a gateway without ``spec.migration``: (their record for
+    ``status.ignoredCommands``, a Warning ``CommandIgnored`` event for each value not reported before)."""
+    seen = previous.get("ignoredCommands") or {}
+    records: dict[str, str] = {}
+    actions = []
+    for key in migration.COMMANDS:
+        value = annotations.get(key)
+        if value is None or seen.get(key) == command_record(value):
+            continue
+        records[key] = command_record(value)
+        verb = key.rsplit("/", 1)[-1]
+        actions.append(
+            migration.Action(
+                "Warning",
+                "CommandIgnored",
+                f"{key}={shown(value, migration.TOKEN_LIMIT)} ignored: spec.migration is not set, so there is "
+                f"no migration to {verb} (the fixed split is spec.grpcWeight)",
+            )
+        )
+    return records, actions
+
+
 class Reconciler:
     """Drives gateways towards their spec; one :meth:`sync` per gateway at a time."""
 
@@ -261,18 +310,21 @@ class Reconciler:
         )
         targets = Targets(namespace, name, endpoints, split_routes(spec))
         measurements = None
+        unavailable = ""
         source: MetricsSource = self._scrape  # the live state is read from the pods whichever source counts
         try:
             source = await self._metrics_source(namespace, plan)
             if migration.check_due(plan, state, now):
                 measurements = await source.measure(targets.key, targets, parse_duration(plan["interval"]))
         except MetricsUnavailable as exc:
-            # No numbers is an inconclusive check, never a passed one; the message says where to look.
+            # No numbers is an inconclusive check, never a passed one; the message says where to look
+            # ("cannot reach Prometheus at URL: ..."), in the check's reason and its event.
+            unavailable = str(exc)
             log.warning("gateway %s/%s: metrics unavailable: %s", namespace, name, exc)
         proxies = await source.proxies(targets)
         commands = {k: v for k, v in (meta.get("annotations") or {}).items() if k in migration.COMMANDS}
         new_state, actions = migration.advance(
-            plan, state, proxies, measurements, config_generation, now, commands
+            plan, state, proxies, measurements, config_generation, now, commands, unavailable
         )
         if new_state.get("phase") in migration.FINAL_PHASES:
             self._scrape.forget(targets.key)  # readings are for checks, and none will come
@@ -292,6 +344,10 @@ class Reconciler:
                 return None  # owner references let the garbage collector remove the children
             try:
                 status = await self._sync(gateway)
+            except InvalidName as exc:
+                # A name kube.py refused before any request: the gateway's, not the API server's, problem.
+                problem = GatewayProblem("InvalidName", exc.status.message or str(exc))
+                return await self._report_failure(gateway, problem)
             except (ApiError, ApplyFailed):
                 raise  # the API server's trouble, or already in the status: the caller retries
             except Exception as exc:  # one gateway must never stop the operator
@@ -389,16 +445,29 @@ class Reconciler:
         previous = gateway.get("status") or {}
         spec = with_defaults(gateway.get("spec") or {})
         weight = grpc_weight(spec, previous)
-        rendered, config_error = check_spec(spec, weight)
-        (secret_problems, versions), live_config, deployment = await asyncio.gather(
-            self._check_secrets(namespace, spec),
-            self.kube.get("ConfigMap", namespace, manifests.config_map_name(name)),
-            self.kube.get("Deployment", namespace, manifests.proxy_name(name)),
-        )
+        # Names the CRD refuses, in a gateway stored before it did: reported, never requested nor retried.
+        bad_names = [p for p in (gateway_name_problem(name),) if p] + name_problems(spec)
+        config_reason = "InvalidName" if bad_names else "InvalidSpec"
+        secret_problems: list[str] = []
+        versions: dict[str, str] = {}
+        live_config: dict[str, Any] | None = None
+        deployment: dict[str, Any] | None = None
+        rendered: dict[str, Any] | None = None
+        config_error: str | None = "; ".join(bad_names)
+        if not bad_names:
+            rendered, config_error = check_spec(spec, weight)
+            (secret_problems, versions), live_config, deployment = await asyncio.gather(
+                self._check_secrets(namespace, spec),
+                self.kube.get("ConfigMap", namespace, manifests.config_map_name(name)),
+                self.kube.get("Deployment", namespace, manifests.proxy_name(name)),
+            )
         live_text = (live_config or {}).get("data", {}).get("config.yaml")
         config_generation = int(previous.get("configGeneration", 0))
         migration_state = previous.get("migration") or {}
         actions: list[migration.Action] = []
+        ignored: dict[str, str] = {}
+        if "migration" not in spec:
+            ignored, actions = ignored_commands(meta.get("annotations") or {}, previous)
         apply_errors: list[str] = []
         created: list[str] = []
         if rendered is not None and "migration" in spec and not secret_problems:
@@ -451,13 +520,17 @@ class Reconciler:
                 config_generation=config_generation,
                 selector=manifests.selector_string(name),
                 config_error=config_error,
+                config_reason=config_reason,
                 secret_problems=secret_problems,
                 apply_errors=apply_errors,
                 deployment=deployment,
                 migration=migration_state if "migration" in spec else None,
+                ignored_commands=ignored,
             ),
             _now(),
         )
+        if config_error and config_error != _condition(previous, "ConfigValid").get("message"):
+            log.warning("gateway %s/%s: %s: %s", namespace, name, config_reason, config_error)
         if status != previous:
             await self.kube.patch_status(namespace, name, status)
             for type_, reason, message in condition_events(previous, status):

@@ -45,6 +45,71 @@ def is_namespace_name(name: object) -> bool:
     return isinstance(name, str) and len(name) <= 63 and _NAMESPACE.fullmatch(name) is not None
 
 
+_NAME_RULES = "lowercase letters, digits, '-' and '.', at most 253 characters, starting and ending with a letter or digit"
+
+
+def name_problems(spec: dict[str, Any]) -> list[str]:
+    """One message per object name in ``spec`` that is not a Kubernetes name, naming its field. The CRD
+    refuses them; a gateway stored under an older CRD may still have them, and the operator must neither
+    put them in a request path nor retry them for ever."""
+    fields: list[tuple[str, Any]] = []
+    for i, provider in enumerate(spec.get("providers") or []):
+        if isinstance(provider, dict) and isinstance(provider.get("apiKeySecretRef"), dict):
+            fields.append(
+                (f"spec.providers[{i}].apiKeySecretRef.name", provider["apiKeySecretRef"].get("name"))
+            )
+    proxy = spec.get("proxy") or {}
+    if isinstance(proxy.get("clientAuthSecretRef"), dict):
+        fields.append(("spec.proxy.clientAuthSecretRef.name", proxy["clientAuthSecretRef"].get("name")))
+    if "tlsSecretName" in proxy:
+        fields.append(("spec.proxy.tlsSecretName", proxy["tlsSecretName"]))
+    for i, ref in enumerate(proxy.get("imagePullSecrets") or []):
+        fields.append((f"spec.proxy.imagePullSecrets[{i}].name", (ref or {}).get("name")))
+    if "priorityClassName" in proxy:
+        fields.append(("spec.proxy.priorityClassName", proxy["priorityClassName"]))
+    prometheus = (spec.get("migration") or {}).get("prometheus") or {}
+    if isinstance(prometheus.get("bearerTokenSecretRef"), dict):
+        fields.append(
+            (
+                "spec.migration.prometheus.bearerTokenSecretRef.name",
+                prometheus["bearerTokenSecretRef"].get("name"),
+            )
+        )
+    return [
+        f"{field}: {shown(value, 80)!r} is not a valid Kubernetes name ({_NAME_RULES}): not requested"
+        if isinstance(value, str)
+        else f"{field}: must be a Kubernetes name, got {type(value).__name__}"
+        for field, value in fields
+        if not is_object_name(value)
+    ]
+
+
+GATEWAY_NAME_LIMIT = 63
+
+
+def gateway_name_problem(name: str) -> str | None:
+    """Why gateway ``name`` cannot name its objects, or None. Its name becomes the Service's name (a DNS
+    label: no dots) and the value of the ``app.kubernetes.io/instance`` and ``llmgateway.io/gateway``
+    labels (at most 63 characters). The CRD refuses other names; this catches gateways stored before."""
+    if len(name) > GATEWAY_NAME_LIMIT:
+        return (
+            f"metadata.name: {shown(name, 80)!r} has {len(name)} characters; a gateway's name is its Service's "
+            f"name and a label value, so at most {GATEWAY_NAME_LIMIT}: recreate the gateway under a shorter name"
+        )
+    if "." in name:
+        return (
+            f"metadata.name: {name!r} has a dot; a gateway's name is its Service's name, a DNS label "
+            "(lowercase letters, digits and '-'): recreate the gateway under a name without dots"
+        )
+    return None
+
+
+def shown(value: str, limit: int = 256) -> str:
+    """``value`` as a message may quote it: at most ``limit`` characters, then an ellipsis and the full
+    length (an annotation value of 10 KB is not copied into every message that names it)."""
+    return value if len(value) <= limit else f"{value[:limit]}… ({len(value)} characters)"
+
+
 def parse_duration(text: str) -> float:
     """A Go-style duration (``90s``, ``1m30s``, ``250ms``), as CEL's ``duration()`` accepts, in seconds."""
     parts = _DURATION_PART.findall(text)

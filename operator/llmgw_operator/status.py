@@ -7,15 +7,20 @@ gateway produces an identical status and the operator writes nothing.
 
 - ``ConfigValid``: the spec renders into a proxy configuration the proxy accepts.
 - ``SecretsResolved``: every referenced Secret and key exists (named in the message when not).
-- ``Ready``: the proxies run the current spec and all wanted replicas are ready.
+- ``Ready``: the proxies run the current spec and all wanted replicas are ready (False with reason
+  ``ScaledToZero`` when ``spec.proxy.replicas`` is 0: nothing serves, by request).
 - ``Progressing``: a REST-to-gRPC migration is under way (set by the migration controller).
-- ``Degraded``: something needs a person: an invalid spec, a missing Secret, a rollback.
+- ``Degraded``: something needs a person: an invalid spec or gateway name, a missing Secret, an object the
+  API server refused, proxies the Deployment cannot create or roll out (its ``ReplicaFailure`` condition,
+  or ``Progressing=False`` with ``ProgressDeadlineExceeded``), a rollback.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+from .spec import shown
 
 CONDITION_TYPES = ("Ready", "ConfigValid", "SecretsResolved", "Progressing", "Degraded")
 
@@ -30,10 +35,12 @@ class Observation:
     config_generation: int
     selector: str
     config_error: str | None = None
+    config_reason: str = "InvalidSpec"  # the reason of ConfigValid=False (InvalidName for the gateway's name)
     secret_problems: list[str] = field(default_factory=list)
     apply_errors: list[str] = field(default_factory=list)  # objects the API server refused to write
     deployment: dict[str, Any] | None = None  # the live Deployment, or None if it does not exist
     migration: dict[str, Any] | None = None  # status.migration when spec.migration is set
+    ignored_commands: dict[str, str] | None = None  # status.ignoredCommands: commands given with no migration
 
 
 def set_condition(
@@ -101,6 +108,44 @@ def _rollout(
     return True, ready, f"{ready}/{replicas} proxies ready"
 
 
+MESSAGE_LIMIT = 1024  # of a message taken from another object (the Deployment's conditions)
+
+
+def clip(text: str) -> str:
+    return shown(text, MESSAGE_LIMIT)
+
+
+def deployment_problem(deployment: dict[str, Any] | None) -> tuple[str, str] | None:
+    """(reason, message) when the Deployment's own conditions say its proxies cannot come up: the
+    ReplicaSet cannot create pods (``ReplicaFailure=True``, e.g. FailedCreate from a quota or a pod an
+    admission check refuses), or the rollout stopped progressing (``Progressing=False``, reason
+    ProgressDeadlineExceeded: pods that never become ready, such as an image that cannot be pulled).
+    Only the spec the controller has seen counts: a condition from before the latest change is old news."""
+    if deployment is None:
+        return None
+    status = deployment.get("status") or {}
+    if status.get("observedGeneration", 0) < (deployment.get("metadata") or {}).get("generation", 0):
+        return None
+    name = (deployment.get("metadata") or {}).get("name", "of the proxies")
+    conditions = {c.get("type"): c for c in status.get("conditions") or [] if isinstance(c, dict)}
+    failure = conditions.get("ReplicaFailure")
+    if failure and failure.get("status") == "True":
+        detail = f"{failure.get('reason') or 'ReplicaFailure'}: {failure.get('message') or 'no message'}"
+        return "ReplicaFailure", clip(f"Deployment {name} cannot create proxy pods: {detail}")
+    progressing = conditions.get("Progressing")
+    if (
+        progressing
+        and progressing.get("status") == "False"
+        and progressing.get("reason") == "ProgressDeadlineExceeded"
+    ):
+        detail = progressing.get("message") or "no message"
+        return "RolloutStalled", clip(
+            f"Deployment {name} exceeded its progress deadline (ProgressDeadlineExceeded): {detail}; "
+            "look at its pods (kubectl describe pods) for the cause, e.g. an image that cannot be pulled"
+        )
+    return None
+
+
 def build_status(previous: dict[str, Any], seen: Observation, now: str) -> dict[str, Any]:
     """The gateway's new status. Fields the migration controller owns (``migration``) are kept."""
     conditions = [c for c in previous.get("conditions", []) if c.get("type") in CONDITION_TYPES]
@@ -111,7 +156,7 @@ def build_status(previous: dict[str, Any], seen: Observation, now: str) -> dict[
         conditions = set_condition(conditions, type_, status, reason, message, gen, now)
 
     if seen.config_error:
-        cond("ConfigValid", "False", "InvalidSpec", seen.config_error)
+        cond("ConfigValid", "False", seen.config_reason, seen.config_error)
     else:
         cond("ConfigValid", "True", "Rendered", "the spec renders into a valid proxy configuration")
     if seen.secret_problems:
@@ -123,9 +168,11 @@ def build_status(previous: dict[str, Any], seen: Observation, now: str) -> dict[
     proxies_ready, ready_replicas, rollout_message = _rollout(
         seen.deployment, deployment_generation, seen.replicas
     )
+    stuck = deployment_problem(seen.deployment)
     if seen.config_error:
-        phase, ready_reason, ready_message = "Degraded", "InvalidSpec", "the spec is invalid: see ConfigValid"
-        cond("Degraded", "True", "InvalidSpec", seen.config_error)
+        reason = seen.config_reason
+        phase, ready_reason, ready_message = "Degraded", reason, "the spec is invalid: see ConfigValid"
+        cond("Degraded", "True", reason, seen.config_error)
     elif seen.secret_problems:
         phase, ready_reason, ready_message = (
             "Degraded",
@@ -136,6 +183,13 @@ def build_status(previous: dict[str, Any], seen: Observation, now: str) -> dict[
     elif seen.apply_errors:
         phase, ready_reason, ready_message = "Degraded", "ApplyFailed", "; ".join(seen.apply_errors)
         cond("Degraded", "True", "ApplyFailed", "; ".join(seen.apply_errors))
+    elif stuck is not None:
+        phase, (ready_reason, ready_message) = "Degraded", stuck
+        cond("Degraded", "True", *stuck)
+    elif seen.replicas == 0:
+        phase, ready_reason = "ScaledToZero", "ScaledToZero"
+        ready_message = "spec.proxy.replicas is 0: no proxy runs, so the gateway serves nothing"
+        cond("Degraded", "False", "AsExpected", "no problem found")
     else:
         phase = "Ready" if proxies_ready else "Pending"
         ready_reason = "ProxiesReady" if proxies_ready else "ProxiesNotReady"
@@ -148,9 +202,12 @@ def build_status(previous: dict[str, Any], seen: Observation, now: str) -> dict[
         phase = _migration_conditions(seen.migration, phase, cond)
 
     order = {t: i for i, t in enumerate(CONDITION_TYPES)}
-    kept = {} if seen.migration is None else {"migration": seen.migration}
+    kept: dict[str, Any] = {} if seen.migration is None else {"migration": seen.migration}
+    if seen.ignored_commands:
+        kept["ignoredCommands"] = {**(previous.get("ignoredCommands") or {}), **seen.ignored_commands}
     status: dict[str, Any] = {
-        **{k: v for k, v in previous.items() if k == "migration"},
+        # Kept when not observed this pass: a JSON merge patch could not remove them anyway.
+        **{k: v for k, v in previous.items() if k in ("migration", "ignoredCommands")},
         **kept,
         "observedGeneration": gen,
         "phase": phase,
