@@ -11,6 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import logging
+import os
+import random
+import re
 import socket
 import struct
 import time
@@ -25,7 +29,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from conftest import Fakes, proxy_config
-from llmgw._net.grpc_server import BIDI, UNARY, Method, Server, ServerCall
+from llmgateway.v1 import llm_service_pb2 as pb
+from llmgw._net.grpc_server import BIDI, SERVER_STREAM, UNARY, Method, Server, ServerCall
 from llmgw._net.grpc_wire import (
     CONTINUATION,
     DATA,
@@ -33,7 +38,9 @@ from llmgw._net.grpc_wire import (
     END_STREAM,
     GOAWAY,
     HEADERS,
+    INITIAL_WINDOW_SIZE,
     MAX_CONCURRENT_STREAMS,
+    MAX_WINDOW,
     PING,
     PREFACE,
     RST_STREAM,
@@ -42,7 +49,10 @@ from llmgw._net.grpc_wire import (
     ErrorCode,
     encode_headers,
     frame,
+    message,
     settings_frame,
+    status_of,
+    window_update,
 )
 from llmgw_common.limits import HTTP2Limits, MiB, parse_grpc_server
 from llmgw_common.reader import ConfigError, Reader
@@ -50,6 +60,8 @@ from llmgw_common.reader import ConfigError, Reader
 Request = health_pb2.HealthCheckRequest
 MEMORY_BOUND = 64 * MiB
 ECHO = "/t.S/Echo"
+FLOOD = "/t.S/Flood"  # server streaming: 64 KiB messages for as long as the client reads them
+SERVICE = "/llmgateway.v1.LLMService"
 
 
 def rss(pid: int | None = None) -> int:
@@ -98,7 +110,13 @@ class Raw:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def connect(cls, port: int, preface: bool = True, rcvbuf: int | None = None) -> Raw:
+    async def connect(
+        cls,
+        port: int,
+        preface: bool = True,
+        rcvbuf: int | None = None,
+        settings: dict[int, int] | None = None,
+    ) -> Raw:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:  # a client that does not read: the smaller its buffer, the sooner it shows
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -106,7 +124,7 @@ class Raw:
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
         reader, writer = await asyncio.open_connection(sock=sock)
         if preface:
-            writer.write(PREFACE + settings_frame({}))
+            writer.write(PREFACE + settings_frame(settings or {}))
         return cls(reader, writer)
 
     def send(self, *frames: bytes) -> None:
@@ -120,7 +138,7 @@ class Raw:
                 head = await asyncio.wait_for(self.reader.readexactly(9), remaining)
                 length = int.from_bytes(head[:3], "big")
                 payload = await asyncio.wait_for(self.reader.readexactly(length), remaining)
-            except (asyncio.IncompleteReadError, ConnectionError):
+            except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
                 return
             yield head[3], head[4], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF, payload
 
@@ -145,10 +163,13 @@ class Raw:
 
 
 class Honest:
-    """A grpcio client calling Echo all along: the attacks must not stop its answers."""
+    """A grpcio client calling Echo (or ``path`` with ``request``) all along: the attacks must not stop its
+    answers."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, path: str = ECHO, request: bytes | None = None) -> None:
         self.port = port
+        self.path = path
+        self.request = request if request is not None else Request(service="hi").SerializeToString()
         self.answers = 0
         self.failures: list[str] = []
         self._task: asyncio.Task[None] | None = None
@@ -159,13 +180,11 @@ class Honest:
 
     async def _run(self) -> None:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-            echo = channel.unary_unary(
-                ECHO, request_serializer=Request.SerializeToString, response_deserializer=Request.FromString
-            )
+            call = channel.unary_unary(self.path)
             while True:
                 try:
-                    reply = await echo(Request(service="hi"), timeout=5)
-                    assert reply.service == "hi"
+                    reply = await call(self.request, timeout=5)
+                    assert self.path != ECHO or Request.FromString(reply).service == "hi"
                     self.answers += 1
                 except grpc.aio.AioRpcError as exc:
                     self.failures.append(f"{exc.code()}: {exc.details()}")
@@ -200,10 +219,19 @@ async def serve() -> AsyncIterator[ServerFactory]:
         async for request in requests:
             yield Request(service=str(len(request.service)))
 
+    async def flood(request: Any, call: ServerCall) -> AsyncIterator[Any]:
+        big = Request(service="x" * 65_536)
+        while True:
+            yield big
+
     async def start(**limits: Any) -> tuple[int, list[str]]:
         hits: list[str] = []
         server = Server(
-            {ECHO: Method(UNARY, Request, echo), "/t.S/Chat": Method(BIDI, Request, chat)},
+            {
+                ECHO: Method(UNARY, Request, echo),
+                "/t.S/Chat": Method(BIDI, Request, chat),
+                FLOOD: Method(SERVER_STREAM, Request, flood),
+            },
             HTTP2Limits(**{"max_message_bytes": MiB, **limits}),
             hits.append,
         )
@@ -476,3 +504,401 @@ def test_the_limits_are_read_from_the_proxy_configuration() -> None:
     assert parse_grpc_server(Reader({}, "limits.grpcServer"), MiB) == HTTP2Limits(max_message_bytes=MiB)
     with pytest.raises(ConfigError, match="maxConcurrentStreams"):
         parse_grpc_server(Reader({"maxConcurrentStreams": 0}, "limits.grpcServer"), MiB)
+
+
+# --- 5. the rest of the review: stalled writes and requests, connections, floods, malformed input ------
+
+
+def chat_request(model: str = "rest-only") -> bytes:
+    return pb.ChatRequest(
+        model=model, messages=[pb.ChatMessage(role=pb.ROLE_USER, content="hello")]
+    ).SerializeToString()
+
+
+async def limit_hits(proxy: Any) -> dict[str, float]:
+    async with aiohttp.ClientSession() as session:
+        metrics = await (await session.get(f"http://127.0.0.1:{proxy.admin_port}/metrics")).text()
+    pattern = re.compile(r'^llmgw_limit_hits_total\{limit="(\w+)"\} (\S+)$', re.M)
+    return {key: float(value) for key, value in pattern.findall(metrics)}
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def statuses(raw: Raw, count: int, timeout: float = 10.0) -> dict[int, tuple[str, str]]:
+    """(grpc-status, grpc-message) of the first ``count`` streams that end with one."""
+    decoder = hpack.Decoder()
+    out: dict[int, tuple[str, str]] = {}
+    async for kind, _, sid, payload in raw.frames(timeout):
+        if kind == HEADERS:
+            fields = dict(decoder.decode(payload))
+            if "grpc-status" in fields:
+                out[sid] = (fields["grpc-status"], fields.get("grpc-message", ""))
+                if len(out) == count:
+                    break
+        elif kind == GOAWAY:
+            raise AssertionError(f"GOAWAY {payload!r}")
+    return out
+
+
+async def start(proxy_process: Any, fakes: Fakes, **limits: Any) -> Any:
+    proxy = proxy_process(proxy_config(fakes, limits=limits))
+    await asyncio.to_thread(proxy.wait_ready)
+    return proxy
+
+
+async def test_a_client_that_stops_reading_gives_back_its_calls_and_admission_slots(
+    fakes: Fakes, proxy_process: Any
+) -> None:
+    """Streams whose client opens no window (SETTINGS_INITIAL_WINDOW_SIZE 0) hold every admission slot
+    only until stalledWriteTimeoutSeconds: then they end with RESOURCE_EXHAUSTED and an honest call is
+    answered again."""
+    proxy = await start(
+        proxy_process, fakes, maxConcurrentRequests=4, grpcServer={"stalledWriteTimeoutSeconds": 1}
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.grpc_port}") as channel:
+        chat = channel.unary_unary(f"{SERVICE}/ChatCompletion")
+        await chat(chat_request(), timeout=5)
+        before = rss(proxy.proc.pid)
+        attacker = await Raw.connect(proxy.grpc_port, settings={INITIAL_WINDOW_SIZE: 0})
+        started = time.monotonic()
+        attacker.send(
+            *(
+                frame(HEADERS, END_HEADERS, sid, request_block(f"{SERVICE}/StreamingChat"))
+                + frame(DATA, END_STREAM, sid, message(chat_request()))
+                for sid in (1, 3, 5, 7)
+            )
+        )
+        refused = None
+        for _ in range(50):  # the four stalled streams hold the four slots
+            try:
+                await chat(chat_request(), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                refused = exc.code()
+                break
+            await asyncio.sleep(0.01)
+        assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED
+        ended = await statuses(attacker, 4)
+        released = time.monotonic() - started
+        assert sorted(ended) == [1, 3, 5, 7]
+        assert all(code == "8" and "read none of the response" in text for code, text in ended.values()), (
+            ended
+        )
+        await chat(chat_request(), timeout=5)  # the slots are back
+        grown = rss(proxy.proc.pid) - before
+        attacker.close()
+    print(f"stalled streams released after {released:.2f} s (timeout 1 s), RSS growth {grown / MiB:.1f} MiB")
+    assert 0.9 < released < 3.5
+    assert grown < MEMORY_BOUND
+    assert (await limit_hits(proxy)).get("stalledWriteTimeoutSeconds") == 4
+
+
+async def test_a_client_that_reads_nothing_at_all_is_disconnected(serve: ServerFactory) -> None:
+    """Windows wide open, but the socket is never read: the write buffer stays full, the connection goes."""
+    port, hits = await serve(stalled_write_timeout_s=0.5)
+    attacker = await Raw.connect(port, rcvbuf=4096, settings={INITIAL_WINDOW_SIZE: MAX_WINDOW})
+    attacker.send(
+        window_update(0, MAX_WINDOW - 65_535),
+        frame(HEADERS, END_HEADERS, 1, request_block(FLOOD)),
+        frame(DATA, END_STREAM, 1, message(b"")),
+    )
+    started = time.monotonic()
+    async with Honest(port):
+        before = rss()
+        while not hits and time.monotonic() - started < 10:
+            await asyncio.sleep(0.02)
+        elapsed = time.monotonic() - started
+        grown = rss() - before
+    attacker.close()
+    assert hits == ["stalledWriteTimeoutSeconds"]
+    assert 0.4 < elapsed < 3, elapsed
+    assert grown < MEMORY_BOUND
+
+
+async def test_a_client_that_opens_no_connection_window_is_disconnected(serve: ServerFactory) -> None:
+    """Stream windows open, the connection's never refilled: nothing can be sent on it any more."""
+    port, hits = await serve(stalled_write_timeout_s=0.5)
+    attacker = await Raw.connect(port, settings={INITIAL_WINDOW_SIZE: MAX_WINDOW})
+    attacker.send(
+        frame(HEADERS, END_HEADERS, 1, request_block(FLOOD)), frame(DATA, END_STREAM, 1, message(b""))
+    )
+    started = time.monotonic()
+    async with Honest(port):
+        code, closed = await attacker.goaway()
+        elapsed = time.monotonic() - started
+    assert code == ErrorCode.ENHANCE_YOUR_CALM and closed
+    assert 0.4 < elapsed < 3, elapsed
+    assert hits == ["stalledWriteTimeoutSeconds"]
+
+
+async def test_connections_beyond_max_connections_are_closed_at_once(
+    fakes: Fakes, proxy_process: Any
+) -> None:
+    """200 silent connections against a cap of 16: the ones beyond it get GOAWAY and are closed, the
+    process's file descriptors stay bounded, and a connection is accepted again once others went."""
+    proxy = await start(proxy_process, fakes, grpcServer={"maxConnections": 16})
+    pid = proxy.grpc_port and proxy.proc.pid
+    async with Honest(proxy.grpc_port, f"{SERVICE}/ChatCompletion", chat_request()) as honest:
+        while not honest.answers:  # its connection is one of the 16
+            await asyncio.sleep(0.02)
+        fds = open_fds(pid)
+        attackers = [await Raw.connect(proxy.grpc_port, preface=False) for _ in range(200)]
+        outcomes = await asyncio.gather(*(a.goaway(2) for a in attackers))
+        held = open_fds(pid) - fds
+        refused = sum(1 for code, closed in outcomes if code == ErrorCode.ENHANCE_YOUR_CALM and closed)
+        for attacker in attackers:
+            attacker.close()
+        await asyncio.sleep(0.3)
+    assert 184 <= refused <= 185, refused  # 16 less the honest client's connection (grpcio may open one)
+    assert held <= 16, held
+    assert (await limit_hits(proxy)).get("maxConnections") == refused
+    again = await Raw.connect(proxy.grpc_port)
+    again.send(frame(PING, 0, 0, b"12345678"))
+    answer = None
+    async for kind, flags, _, _ in again.frames(5):
+        if kind == GOAWAY or (kind == PING and flags & 1):
+            answer = kind
+            break
+    again.close()
+    assert answer == PING
+
+
+async def test_a_request_that_never_completes_is_ended_and_its_data_released(
+    fakes: Fakes, proxy_process: Any
+) -> None:
+    """Ten calls that send 1 MiB of a 2 MiB message and stop: DEADLINE_EXCEEDED after
+    requestReceiveTimeoutSeconds, and the 10 MiB they held return to the connection's window."""
+    proxy = await start(proxy_process, fakes, grpcServer={"requestReceiveTimeoutSeconds": 0.5})
+    pid = proxy.proc.pid
+    async with Honest(proxy.grpc_port, f"{SERVICE}/ChatCompletion", chat_request()):
+        before = rss(pid)
+        attacker = await Raw.connect(proxy.grpc_port)
+        part = b"\x00" + struct.pack(">I", 2 * MiB) + b"x" * (MiB - 5)
+        for sid in range(1, 21, 2):
+            attacker.send(
+                frame(HEADERS, END_HEADERS, sid, request_block(f"{SERVICE}/ChatCompletion")),
+                *(frame(DATA, 0, sid, chunk) for _, chunk in _chunks(part)),
+            )
+            await attacker.writer.drain()
+        started = time.monotonic()
+        grown = rss(pid) - before
+        decoder = hpack.Decoder()
+        ended: dict[int, str] = {}
+        credited, initial = 0, True
+        async for kind, _, sid, payload in attacker.frames(10):
+            if kind == HEADERS:
+                ended[sid] = dict(decoder.decode(payload)).get("grpc-status", "")
+            elif kind == WINDOW_UPDATE and sid == 0:
+                if initial:
+                    initial = False
+                    continue
+                credited += struct.unpack(">I", payload)[0]
+            if len(ended) == 10 and credited >= 8 * MiB:
+                break
+        elapsed = time.monotonic() - started
+        attacker.close()
+    print(
+        f"RSS growth with 10 MiB of unfinished requests: {grown / MiB:.1f} MiB; ended after {elapsed:.2f} s"
+    )
+    assert ended == {sid: "4" for sid in range(1, 21, 2)}, ended
+    assert credited >= 8 * MiB, credited  # back in quarter-window batches: 8 of the 10 MiB so far
+    assert elapsed < 3
+    assert grown < MEMORY_BOUND
+    assert (await limit_hits(proxy)).get("requestReceiveTimeoutSeconds") == 10
+
+
+async def test_window_update_floods_end_the_connection(serve: ServerFactory) -> None:
+    port, hits = await serve()
+    async with Honest(port):
+        attacker = await Raw.connect(port)
+        attacker.send(window_update(0, 1) * 5000)
+        code, closed = await attacker.goaway()
+        assert code == ErrorCode.ENHANCE_YOUR_CALM and closed
+        # zero increments on streams make the server reset them: counted as the client's own resets
+        zero = await Raw.connect(port)
+        zero.send(
+            *(
+                frame(HEADERS, END_HEADERS, s, request_block("/t.S/Chat")) + window_update(s, 0)
+                for s in range(1, 1001, 2)
+            )
+        )
+        code, closed = await zero.goaway()
+        assert code == ErrorCode.ENHANCE_YOUR_CALM and closed
+    assert hits == ["maxWindowUpdatesPerSecond", "maxResetsPerSecond"]
+
+
+async def test_a_reader_that_opens_windows_as_it_reads_is_not_a_window_update_flood(
+    serve: ServerFactory,
+) -> None:
+    """A WINDOW_UPDATE for every DATA frame, far beyond maxWindowUpdatesPerSecond: the stream goes on."""
+    port, hits = await serve(max_window_updates_per_second=10)
+    reader = await Raw.connect(port)
+    reader.send(
+        frame(HEADERS, END_HEADERS, 1, request_block(FLOOD)), frame(DATA, END_STREAM, 1, message(b""))
+    )
+    frames = 0
+    async for kind, _, sid, payload in reader.frames(10):
+        if kind == DATA:
+            frames += 1
+            reader.send(window_update(0, len(payload)), window_update(sid, len(payload)))
+            if frames == 500:
+                break
+        elif kind == GOAWAY:
+            raise AssertionError(f"GOAWAY {payload!r}")
+    reader.close()
+    assert frames == 500 and hits == [], (frames, hits)
+
+
+async def test_settings_do_not_wake_every_open_stream(fakes: Fakes, proxy_process: Any) -> None:
+    """20,000 empty SETTINGS with 4,000 streams open (limits raised for it) cost the proxy little CPU."""
+    proxy = await start(
+        proxy_process,
+        fakes,
+        grpcServer={"maxConcurrentStreams": 5000, "maxControlFramesPerSecond": 1_000_000},
+    )
+    pid = proxy.proc.pid
+    attacker = await Raw.connect(proxy.grpc_port)
+    block = request_block(f"{SERVICE}/ChatCompletion")
+    for first in range(1, 8001, 800):
+        attacker.send(*(frame(HEADERS, END_HEADERS, s, block) for s in range(first, first + 800, 2)))
+        await attacker.writer.drain()
+    attacker.send(frame(PING, 0, 0, b"opened!!"))
+    async for kind, _, _, payload in attacker.frames(10):
+        if kind == PING and payload == b"opened!!":
+            break
+    cpu = cpu_seconds(pid)
+    attacker.send(settings_frame({}) * 20_000, frame(PING, 0, 0, b"settled!"))
+    acks = 0
+    async for kind, flags, _, payload in attacker.frames(20):
+        acks += kind == SETTINGS and flags & 1
+        if kind == PING and payload == b"settled!":
+            break
+    spent = cpu_seconds(pid) - cpu
+    attacker.close()
+    print(f"proxy CPU for 20,000 SETTINGS with 4,000 streams open: {spent:.2f} s")
+    assert acks >= 20_000
+    assert spent < 1.0, spent
+
+
+async def test_corrupt_compressed_messages_fail_the_call_only(
+    serve: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    port, hits = await serve()
+    good = Request(service="hi").SerializeToString()
+    truncated = gzip.compress(good)[:-6]
+    gz = encode_headers([("grpc-encoding", "gzip")])
+    attacker = await Raw.connect(port)
+    attacker.send(
+        frame(HEADERS, END_HEADERS, 1, request_block() + gz),
+        frame(DATA, END_STREAM, 1, b"\x01" + struct.pack(">I", 11) + b"not gzip!!!"),
+        frame(HEADERS, END_HEADERS, 3, request_block() + gz),
+        frame(DATA, END_STREAM, 3, b"\x01" + struct.pack(">I", len(truncated)) + truncated),
+        frame(HEADERS, END_HEADERS, 5, request_block()),  # no grpc-encoding
+        frame(DATA, END_STREAM, 5, b"\x01" + struct.pack(">I", 2) + b"xx"),
+        frame(HEADERS, END_HEADERS, 7, request_block() + encode_headers([("grpc-encoding", "br")])),
+        frame(DATA, END_STREAM, 7, message(good)),
+        frame(HEADERS, END_HEADERS, 9, request_block() + gz),
+        frame(
+            DATA, END_STREAM, 9, b"\x01" + struct.pack(">I", len(gzip.compress(good))) + gzip.compress(good)
+        ),
+    )
+    ended = await statuses(attacker, 5)
+    attacker.close()
+    assert ended[1][0] == "13" and "not valid gzip" in ended[1][1], ended
+    assert ended[3][0] == "13" and "gzip" in ended[3][1], ended
+    assert ended[5][0] == "13" and "without grpc-encoding" in ended[5][1], ended
+    assert ended[7][0] == "12" and "'br'" in ended[7][1], ended
+    assert ended[9] == ("0", "")  # the same connection goes on
+    assert hits == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_malformed_frames_never_raise_an_unhandled_exception(
+    serve: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Seeded random frames, mutated from valid ones, on 30 connections: connection and stream errors
+    only, never a traceback, and the honest client keeps its answers."""
+    port, _ = await serve(max_control_frames_per_second=10**6, max_resets_per_second=10**6)
+    rng = random.Random(11)
+    good = message(Request(service="hi").SerializeToString())
+    blocks = [request_block(), request_block("/t.S/Chat"), request_block(FLOOD), b"\x82\x86\x84", b"\xff" * 8]
+
+    def payload() -> bytes:
+        choice = rng.randrange(6)
+        if choice == 0:
+            return rng.choice(blocks)
+        if choice == 1:
+            return good
+        if choice == 2:
+            return b"\x01" + struct.pack(">I", 20) + rng.randbytes(20)
+        if choice == 3:
+            return bytes([rng.randrange(256)]) + rng.choice(blocks)  # a pad length or priority in front
+        return rng.randbytes(rng.randrange(0, 40))
+
+    async with Honest(port):
+        for _ in range(30):
+            attacker = await Raw.connect(port, settings={INITIAL_WINDOW_SIZE: rng.randrange(0, 70_000)})
+            for _ in range(100):
+                attacker.send(
+                    frame(
+                        rng.randrange(11),
+                        rng.randrange(256),
+                        rng.choice((0, 1, 3, 5, 7, 2**31 - 1)),
+                        payload(),
+                    )
+                )
+            attacker.send(frame(PING, 0, 0, b"finished"))
+            async for kind, _, _, data in attacker.frames(2):
+                if kind == PING and data == b"finished":
+                    break
+            attacker.close()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, "\n".join(r.getMessage() for r in errors)
+
+
+async def test_a_message_larger_than_4_mib_is_received_when_the_limit_allows_it(
+    fakes: Fakes, proxy_process: Any
+) -> None:
+    """maxRequestBytes 8 MiB: a 6 MiB request message arrives (the windows hold a whole message)."""
+    proxy = await start(proxy_process, fakes, maxRequestBytes=8 * MiB)
+    field = 6 * MiB
+    # ListModelsRequest with a 6 MiB unknown field 15 (length-delimited): parsed and ignored
+    body = bytes([15 << 3 | 2]) + _varint(field) + b"m" * field
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.grpc_port}") as channel:
+        models = await channel.unary_unary(f"{SERVICE}/ListModels")(body, timeout=10)
+    assert pb.ListModelsResponse.FromString(models).models
+
+
+async def test_the_largest_allowed_message_is_received_with_the_default_windows(serve: ServerFactory) -> None:
+    port, _ = await serve(max_message_bytes=4 * MiB)
+    request = Request(service="a" * (4 * MiB - 10))
+    assert len(request.SerializeToString()) <= 4 * MiB
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        echo = channel.unary_unary(ECHO, Request.SerializeToString, Request.FromString)
+        assert (await echo(request, timeout=10)).service == "a" * 100
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def test_a_grpc_status_that_is_not_a_number_reads_as_unknown() -> None:
+    assert status_of([("grpc-status", "ok"), ("grpc-message", "fine")]) == (
+        grpc.StatusCode.UNKNOWN,
+        "the server sent grpc-status 'ok', which is not a gRPC status code: fine",
+    )
+    assert status_of([("grpc-status", "99")])[0] == grpc.StatusCode.UNKNOWN
+    assert status_of([("grpc-status", "²")])[0] == grpc.StatusCode.UNKNOWN  # a digit to str.isdigit only
+    assert status_of([("grpc-status", "5"), ("grpc-message", "gone")]) == (grpc.StatusCode.NOT_FOUND, "gone")

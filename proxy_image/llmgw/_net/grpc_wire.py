@@ -97,17 +97,19 @@ class _Rate:
 
     def take(self) -> bool:
         now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        if self.tokens < self.rate:  # what events earned (give) may exceed the bucket
+            self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
         self.last = now
         if self.tokens < 1.0:
             return False
         self.tokens -= 1.0
         return True
 
-    def give(self) -> None:
-        """One event earned otherwise than by time (a WINDOW_UPDATE for each DATA frame sent)."""
-        if self.tokens < self.rate:
-            self.tokens += 1.0
+    def give(self, events: float) -> None:
+        """Events earned otherwise than by time: a stream's and the connection's WINDOW_UPDATE for each DATA
+        frame sent, which a peer may send at once after reading many."""
+        if self.tokens < 2**20:
+            self.tokens += events
 
 
 class RpcError(Exception):
@@ -952,7 +954,7 @@ class Connection(asyncio.Protocol):
             return False
         self.send_window -= size
         stream.send_window -= size
-        self._window_update_rate.give()
+        self._window_update_rate.give(2.0)
         self.write(prefix + frame(DATA, 0, stream.id, payload) + suffix, control=False)
         return True
 
@@ -988,7 +990,7 @@ class Connection(asyncio.Protocol):
                 continue
             self.send_window -= allowed
             stream.send_window -= allowed
-            self._window_update_rate.give()
+            self._window_update_rate.give(2.0)
             self.write(frame(DATA, 0, stream.id, bytes(view[:allowed])), control=False)
             view = view[allowed:]
             progress += allowed
