@@ -490,6 +490,10 @@ def test_the_limits_are_read_from_the_proxy_configuration() -> None:
         "maxResetsPerSecond": 20,
         "prefaceTimeoutSeconds": 2.5,
         "idleTimeoutSeconds": 60,
+        "maxWindowUpdatesPerSecond": 500,
+        "stalledWriteTimeoutSeconds": 5,
+        "maxConnections": 100,
+        "requestReceiveTimeoutSeconds": 20,
     }
     parsed = parse_grpc_server(Reader(keys, "limits.grpcServer"), MiB)
     assert (
@@ -500,10 +504,21 @@ def test_the_limits_are_read_from_the_proxy_configuration() -> None:
         parsed.max_resets_per_second,
         parsed.preface_timeout_s,
         parsed.idle_timeout_s,
-    ) == (50, 65_536, 100, 3, 20, 2.5, 60.0)
+        parsed.max_window_updates_per_second,
+        parsed.stalled_write_timeout_s,
+        parsed.max_connections,
+        parsed.request_receive_timeout_s,
+    ) == (50, 65_536, 100, 3, 20, 2.5, 60.0, 500, 5.0, 100, 20.0)
     assert parse_grpc_server(Reader({}, "limits.grpcServer"), MiB) == HTTP2Limits(max_message_bytes=MiB)
-    with pytest.raises(ConfigError, match="maxConcurrentStreams"):
-        parse_grpc_server(Reader({"maxConcurrentStreams": 0}, "limits.grpcServer"), MiB)
+    for key, bad in [
+        ("maxConcurrentStreams", 0),
+        ("maxWindowUpdatesPerSecond", 5),
+        ("stalledWriteTimeoutSeconds", 0),
+        ("maxConnections", 0),
+        ("requestReceiveTimeoutSeconds", -1),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            parse_grpc_server(Reader({key: bad}, "limits.grpcServer"), MiB)
 
 
 # --- 5. the rest of the review: stalled writes and requests, connections, floods, malformed input ------
@@ -712,6 +727,29 @@ async def test_a_request_that_never_completes_is_ended_and_its_data_released(
     assert elapsed < 3
     assert grown < MEMORY_BOUND
     assert (await limit_hits(proxy)).get("requestReceiveTimeoutSeconds") == 10
+
+
+async def test_a_bidirectional_message_that_never_completes_ends_the_call(serve: ServerFactory) -> None:
+    """Between messages a bidirectional call may wait; a message begun must end within the timeout."""
+    port, hits = await serve(request_receive_timeout_s=0.3)
+    attacker = await Raw.connect(port)
+    attacker.send(
+        frame(HEADERS, END_HEADERS, 1, request_block("/t.S/Chat")),
+        frame(DATA, 0, 1, message(Request(service="abc").SerializeToString())),
+    )
+    async for kind, _, _, _ in attacker.frames(5):
+        if kind == DATA:  # the first message's answer
+            break
+    await asyncio.sleep(0.5)  # idle between messages: allowed
+    assert hits == []
+    started = time.monotonic()
+    attacker.send(frame(DATA, 0, 1, b"\x00" + struct.pack(">I", 1000) + b"x" * 10))
+    ended = await statuses(attacker, 1)
+    elapsed = time.monotonic() - started
+    attacker.close()
+    assert ended[1][0] == "4" and "a request message did not arrive" in ended[1][1], ended
+    assert 0.25 < elapsed < 3, elapsed
+    assert hits == ["requestReceiveTimeoutSeconds"]
 
 
 async def test_window_update_floods_end_the_connection(serve: ServerFactory) -> None:

@@ -7,6 +7,12 @@ exception becomes INTERNAL and is logged. The caller's deadline (``grpc-timeout`
 (RST_STREAM, or the connection closing) cancel the handler's task, and with it whatever it awaits, such
 as an upstream call.
 
+A client cannot hold a call, or the admission slot its handler holds, by not reading or not sending: a
+response that waits for a window (or a socket) longer than ``stalled_write_timeout_s`` ends the call
+(RESOURCE_EXHAUSTED, or RST_STREAM mid-message; the connection, if nothing at all can be sent on it), a
+request not received in full within ``request_receive_timeout_s`` ends with DEADLINE_EXCEEDED, and a
+listener serves at most ``max_connections`` connections (:class:`~llmgw_common.limits.HTTP2Limits`).
+
 :meth:`Server.stop` drains like grpcio's ``stop(grace)``: it stops accepting connections, tells every
 client with GOAWAY which calls will still be served (those already started), lets them finish within the
 grace period, and then ends the rest with UNAVAILABLE.
@@ -18,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import resource
 import socket
 import ssl
 import time
@@ -327,7 +334,8 @@ class _GrpcServerConnection(Connection):
             self._receive_within(stream)
 
     def _receive_within(self, stream: Stream) -> None:
-        """Give a request ``request_receive_timeout_s`` to arrive in full (bidirectional calls excepted)."""
+        """Give a request ``request_receive_timeout_s`` to arrive in full: the whole request of a unary or
+        server-streaming call, each message of a bidirectional one."""
         loop = asyncio.get_running_loop()
         timeout = self.limits.request_receive_timeout_s
         self._receiving[stream.id] = loop.call_later(timeout, self._receive_timeout, stream)
@@ -341,17 +349,21 @@ class _GrpcServerConnection(Connection):
         self._receiving.pop(stream.id, None)
         if self.closed or self.streams.get(stream.id) is not stream or stream.ended:
             return
-        self.limit_hit("requestReceiveTimeoutSeconds")
         call = self.calls.get(stream.id)
         timeout = self.limits.request_receive_timeout_s
         if call is not None:
-            if call._task is None:
-                self.finish(
-                    call,
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"the request did not arrive in full within {timeout:g} s",
-                )
+            task = call._task
+            if task is not None and not stream.partial:  # a bidirectional call between messages
+                return
+            self.limit_hit("requestReceiveTimeoutSeconds")
+            what = "a request message" if task is not None else "the request"
+            self.finish(
+                call, grpc.StatusCode.DEADLINE_EXCEEDED, f"{what} did not arrive in full within {timeout:g} s"
+            )
+            if task is not None:
+                task.cancel()
             return
+        self.limit_hit("requestReceiveTimeoutSeconds")
         self._plain.pop(stream.id, None)
         self.stream_error(stream, ErrorCode.CANCEL, by_peer=False)
 
@@ -359,6 +371,11 @@ class _GrpcServerConnection(Connection):
         if stream.ended or stream.reset is not None:
             self._stop_receiving(stream.id)
         call = self.calls.get(stream.id)
+        if call is not None and call._task is not None and not stream.ended:  # bidirectional, running
+            if not stream.partial:
+                self._stop_receiving(stream.id)
+            elif stream.id not in self._receiving:  # a message has begun: it must end in time
+                self._receive_within(stream)
         if call is None:
             status = self._plain.get(stream.id)
             if status is not None and (stream.ended or stream.reset is not None):
@@ -615,6 +632,14 @@ class Server:
         """Listen on ``host:port`` (port 0 picks a free one); returns the bound port."""
         if ssl_context is not None:
             ssl_context.set_alpn_protocols(["h2"])
+        files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if files != resource.RLIM_INFINITY and self.limits.max_connections >= files:
+            log.warning(
+                "limits.grpcServer.maxConnections (%d) is not below this process's open-file limit (%d): "
+                "connections can take the descriptors the other ports need",
+                self.limits.max_connections,
+                files,
+            )
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _GrpcServerConnection(self), host, port, ssl=ssl_context, reuse_address=True
