@@ -8,8 +8,9 @@ SubParsers = argparse._SubParsersAction
 
 
 def _run_proxy(args: argparse.Namespace) -> int:
-    from llmgw import server
+    from llmgw import redact, server
 
+    redact.install_log_filter()  # configured keys and credential headers never reach the log
     return server.run(args.config)
 
 

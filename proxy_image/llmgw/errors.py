@@ -11,6 +11,8 @@ import enum
 
 import grpc
 
+from llmgw.redact import redact
+
 
 class Kind(enum.Enum):
     """What went wrong, independent of the protocol that reports it."""
@@ -44,7 +46,9 @@ class GatewayError(Exception):
     """A failure with a message a person can act on.
 
     ``retryable`` says whether another attempt (a retry, or the other path) may succeed;
-    ``retry_after`` carries an upstream's Retry-After hint in seconds.
+    ``retry_after`` carries an upstream's Retry-After hint in seconds. The message never holds a
+    configured key: each is replaced by ``[redacted]`` (:mod:`llmgw.redact`), since messages reach clients
+    and logs and may quote an upstream's text.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class GatewayError(Exception):
         retry_after: float | None = None,
         upstream_status: int | None = None,
     ) -> None:
+        message = redact(message)
         super().__init__(message)
         self.kind = kind
         self.message = message

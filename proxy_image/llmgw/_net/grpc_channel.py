@@ -8,7 +8,10 @@ with UNAVAILABLE, which the gateway retries; a call the server refuses unprocess
 sent again here.
 
 Calls take and return serialized messages (``bytes``); failures raise
-:class:`~llmgw._net.grpc_wire.RpcError` with the server's status, message and trailing metadata. A call's
+:class:`~llmgw._net.grpc_wire.RpcError` with the server's status, message and trailing metadata, or
+:class:`LimitExceeded` (an RpcError too) when the server's answer runs into a bound of
+:class:`~llmgw_common.limits.GrpcChannelLimits` (a message over ``max_message_bytes``, a header list over
+``max_header_block_bytes``, ...); ``on_limit`` is told the limit's configuration key. A call's
 timeout is sent as ``grpc-timeout`` and enforced here too; cancelling the awaiting task, or closing a
 stream's iterator early, resets the stream (RST_STREAM), so the server stops working on it.
 """
@@ -20,7 +23,7 @@ import contextlib
 import os
 import socket
 import ssl
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 
 import grpc
 
@@ -48,10 +51,28 @@ from llmgw_common.limits import GrpcChannelLimits
 _USER_AGENT = f"llmgw/{__version__}"
 
 
+class LimitExceeded(RpcError):
+    """The server's answer ran into a bound of the channel's limits; ``limit`` is its configuration key."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, limit: str) -> None:
+        super().__init__(code, details)
+        self.limit = limit
+
+
 # A server that vanishes without closing its connections (its node lost power, a network partition) must
 # not hold calls until the kernel's defaults notice (hours idle, ~15 minutes of retransmits). TCP keepalive
 # and TCP_USER_TIMEOUT do it in the kernel, without HTTP/2 PINGs, which grpcio servers punish when they
 # come more often than every 5 minutes while no data flows (GOAWAY "too_many_pings").
+
+
+def _os_reason(exc: OSError) -> str:
+    """Why a connection failed, without the addresses asyncio's messages name ("Connect call failed
+    ('10.0.0.5', 8000)", "Multiple exceptions: ..."): the errno's text, getaddrinfo's for a name."""
+    if exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno)
+    if exc.errno is not None and exc.strerror:  # socket.gaierror: a negative EAI_* code
+        return str(exc.strerror)
+    return "the connection failed"
 
 
 def _detect_dead_peers(sock: socket.socket, limits: GrpcChannelLimits) -> None:
@@ -70,8 +91,11 @@ class _ClientConnection(Connection):
     is_client = True
 
     def __init__(self, channel: Channel) -> None:
-        super().__init__(channel.limits.http2)
+        super().__init__(channel.limits.http2, channel.on_limit)
         self.channel = channel
+        self.limit: str | None = None  # the limit the server ran into, if that ended the connection
+        # stream id -> bytes of its incomplete message already given back to the server's windows
+        self._early_credit: dict[int, int] = {}
         self.next_id = 1
         self._slot_freed: asyncio.Event | None = None  # set when a stream ends, for calls over the limit
         # The server's first SETTINGS arrived (or the connection ended first): until then its limits,
@@ -87,13 +111,24 @@ class _ClientConnection(Connection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f"connection to {self.channel.target} lost" + (f": {exc}" if exc else "")
+        if self.limit is not None and self.failure:
+            reason = f"connection to {self.channel.target} closed: {self.failure}"
         for stream in self.streams.values():
             if stream.error is None and stream.trailers is None:
-                stream.error = RpcError(grpc.StatusCode.UNAVAILABLE, reason)
+                stream.error = (
+                    RpcError(grpc.StatusCode.UNAVAILABLE, reason)
+                    if self.limit is None
+                    else LimitExceeded(grpc.StatusCode.UNAVAILABLE, reason, self.limit)
+                )
         super().connection_lost(exc)
         self._freed()
         if not self.ready.done():
             self.ready.set_result(None)
+
+    def limit_hit(self, limit: str) -> None:
+        if limit != "maxMessageBytes":  # that one ends its call only (message_too_large); the others end
+            self.limit = limit  # the connection, and every call on it fails with LimitExceeded
+        super().limit_hit(limit)
 
     def settings_received(self) -> None:
         if not self.ready.done():
@@ -154,11 +189,35 @@ class _ClientConnection(Connection):
         if stream.reset is not None:  # the server reset it (RST_STREAM), or the connection ended
             self._end(stream)
 
+    def _messages(self, stream: Stream, payload: bytes) -> None:
+        """Messages as the base class splits them, and the bytes of an incomplete one given back to the
+        windows as they arrive: a message larger than the stream window (up to ``max_message_bytes``, which
+        bounds what it holds) would otherwise never complete. Complete messages keep their window until
+        taken, so that a caller that reads slowly still holds the server back."""
+        before = len(stream.messages)
+        early = self._early_credit.pop(stream.id, 0)
+        super()._messages(stream, payload)
+        if stream.error is not None or self.streams.get(stream.id) is not stream:
+            return
+        if early and len(stream.messages) > before:  # that message is complete: credit only the rest later
+            body, wire_size = stream.messages[before]
+            stream.messages[before] = (body, wire_size - early)
+            early = 0
+        pending = len(stream.partial)
+        if pending > early:
+            self.consumed(stream, pending - early)
+            early = pending
+        if early:
+            self._early_credit[stream.id] = early
+
     def message_too_large(self, stream: Stream, length: int, decompressed: bool = False) -> None:
         size = f"more than {self.max_message_bytes} bytes decompressed" if decompressed else f"{length} bytes"
-        stream.error = RpcError(
+        if not decompressed:  # the inflating side counts its own hit
+            self.limit_hit("maxMessageBytes")
+        stream.error = LimitExceeded(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"response message of {size} is over the limit of {self.max_message_bytes} bytes",
+            "maxMessageBytes",
         )
         self.cancel(stream)
 
@@ -182,6 +241,7 @@ class _ClientConnection(Connection):
 
     def _end(self, stream: Stream) -> None:
         self.streams.pop(stream.id, None)
+        self._early_credit.pop(stream.id, None)
         self._freed()
         if self.goaway_received is not None and not self.streams:
             self.close()
@@ -224,7 +284,8 @@ class Channel:
     """One upstream gRPC server, ``HOST:PORT``, over one multiplexed HTTP/2 connection (TLS optional).
 
     With ``tls``, the server's certificate is checked against the system's CAs, or as ``ssl_context``
-    says if one is given.
+    says if one is given. ``on_limit`` is called with the configuration key of each bound of ``limits``
+    the server runs into.
     """
 
     def __init__(
@@ -236,9 +297,11 @@ class Channel:
         limits: GrpcChannelLimits | None = None,
         connect_timeout: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
+        on_limit: Callable[[str], None] | None = None,
     ) -> None:
         host, _, port = target.rpartition(":")
         self.target = target
+        self.on_limit = on_limit  # told the configuration key of each limit the server runs into
         self.host, self.port = host.strip("[]"), int(port)
         self.limits = limits or GrpcChannelLimits()
         self.connect_timeout = connect_timeout
@@ -313,7 +376,7 @@ class Channel:
         except ssl.SSLError as exc:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, f"cannot connect to {self.target}: {exc}") from None
         except OSError as exc:  # "Connection refused" rather than asyncio's "Connect call failed (...)"
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            reason = _os_reason(exc)
             raise RpcError(
                 grpc.StatusCode.UNAVAILABLE, f"cannot connect to {self.target}: {reason}"
             ) from None

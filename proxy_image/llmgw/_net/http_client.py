@@ -12,7 +12,14 @@ has its own network stacks"). What it does, bounded by one :class:`~llmgw_common
   rather than reusing it mid-message;
 - retries once, on a new connection, a request whose reused connection was closed before any byte of the
   response arrived (the server's keep-alive timer and our reuse raced; uvicorn's default is 5 seconds);
-- applies back-pressure: it stops reading from the socket while a stream's unread body exceeds 1 MiB.
+- applies back-pressure: it stops reading from the socket while a stream's unread body exceeds 1 MiB;
+- bounds what an upstream (hostile, compromised, or an attacker on an ``http://`` link) can make it hold:
+  the response head's bytes and header fields (``limits.max_response_header_bytes``,
+  ``max_response_headers``, counted as they arrive, interim 1xx responses and trailers included), bytes
+  that are not body in a row (a trailer or chunk extension without end), a body read whole
+  (``max_response_bytes``) and a line of a stream (``max_sse_event_bytes``). Over a bound the call fails
+  with :class:`LimitExceeded`, naming the limit, the connection is dropped, and ``on_limit`` is told the
+  limit's configuration key.
 
 What it leaves out, because an LLM API call needs none of it: HTTP/2, redirects, cookies, compression
 (no ``Accept-Encoding`` is sent), ``Expect: 100-continue`` and proxies from the environment.
@@ -25,7 +32,7 @@ import collections
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -36,6 +43,15 @@ from llmgw_common.limits import HTTPClientLimits
 
 class MalformedResponse(Exception):
     """The upstream sent something that is not a valid HTTP/1.1 response."""
+
+
+class LimitExceeded(MalformedResponse):
+    """The upstream's response ran into a bound of :class:`~llmgw_common.limits.HTTPClientLimits`;
+    ``limit`` is its configuration key (``maxResponseHeaders``, ...)."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class ConnectionLost(ConnectionError):
@@ -50,6 +66,8 @@ class Response:
         self.headers: dict[str, str] = {}
         self._conn: _Connection | None = conn
         self._read_ahead = conn.pool.limits.read_ahead_bytes  # unread bytes before the socket pauses
+        self._max_line = conn.pool.limits.max_sse_event_bytes
+        self._on_limit = conn.pool.on_limit
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._received_any = False
@@ -112,15 +130,20 @@ class Response:
                 return
             await self._wait()
 
-    async def read(self, limit: int | None = None) -> bytes:
-        """The whole body; MalformedResponse when it exceeds ``limit`` bytes."""
+    async def read(self, limit: int | None = None, limit_key: str = "maxResponseBytes") -> bytes:
+        """The whole body; LimitExceeded (``limit_key``) when it exceeds, or says it will exceed, ``limit``
+        bytes."""
         self._reading_all = True
         if self._conn is not None:
             self._conn.resume()
+        declared = self.headers.get("content-length", "")
         while True:
-            if limit is not None and self._buffered > limit:
+            if limit is not None and (
+                self._buffered > limit or (declared.isdigit() and int(declared) > limit)
+            ):
                 self.close()
-                raise MalformedResponse(f"response body exceeds {limit} bytes")
+                self._limit_hit(limit_key)
+                raise LimitExceeded(limit_key, f"response body exceeds {limit} bytes")
             if self._done:
                 break
             await self._wait()
@@ -131,18 +154,40 @@ class Response:
         return body
 
     async def lines(self) -> AsyncIterator[bytes]:
-        """The body split after each ``\\n`` (the line ending kept); a last line without one too."""
-        pending = b""
+        """The body split after each ``\\n`` (the line ending kept); a last line without one too.
+
+        A line longer than ``limits.max_sse_event_bytes`` fails with :class:`LimitExceeded` and closes the
+        connection; the pieces of a line are joined once, when its end arrives.
+        """
+        limit = self._max_line
+        pending: list[bytes] = []
+        pending_bytes = 0
         async for data in self.chunks():
-            if pending:
-                data = pending + data
             start = 0
             while (end := data.find(b"\n", start)) >= 0:
-                yield data[start : end + 1]
+                if pending_bytes + end + 1 - start > limit:
+                    break
+                if pending:
+                    pending.append(data[start : end + 1])
+                    yield b"".join(pending)
+                    pending, pending_bytes = [], 0
+                else:
+                    yield data[start : end + 1]
                 start = end + 1
-            pending = data[start:]
-        if pending:
-            yield pending
+            pending.append(data[start:])
+            pending_bytes += len(data) - start
+            if pending_bytes > limit:
+                self.close()
+                self._limit_hit("maxSSEEventBytes")
+                raise LimitExceeded(
+                    "maxSSEEventBytes", f"a line of the streamed response exceeds {limit} bytes"
+                )
+        if pending_bytes:
+            yield b"".join(pending)
+
+    def _limit_hit(self, limit: str) -> None:
+        if self._on_limit is not None:
+            self._on_limit(limit)
 
     def close(self) -> None:
         """Abandon the response: unless it was read to its end, its connection is closed, never reused."""
@@ -167,6 +212,12 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._headers: list[tuple[str, str]] = []
         self._timer: asyncio.TimerHandle | None = None
+        # What the upstream may make this connection hold, counted per response (see send):
+        self._head_bytes = 0  # bytes fed while the head was incomplete, interim 1xx heads included
+        self._header_count = 0  # header fields, interim heads and trailers included
+        self._since_body = 0  # bytes fed after the head without a body byte (trailers, chunk framing)
+        self._body_seen = False
+        self._limit: LimitExceeded | None = None  # raised inside a parser callback
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
 
@@ -179,12 +230,53 @@ class _Connection(asyncio.Protocol):
             self.abort(MalformedResponse("data received while no request was in flight"))
             return
         response._received_any = True
+        limits = self.pool.limits
         try:
+            if not response._headers_seen:
+                # The head is fed no further than its bound: what lies beyond it is never parsed.
+                room = limits.max_response_header_bytes - self._head_bytes
+                part = data if len(data) <= room else data[:room]
+                self._head_bytes += len(part)
+                self.parser.feed_data(part)
+                if not response._headers_seen:
+                    if len(part) < len(data):
+                        self._over(
+                            "maxResponseHeaderBytes",
+                            f"the response head exceeds {limits.max_response_header_bytes} bytes",
+                        )
+                    return
+                if len(part) < len(data):
+                    self.data_received(data[len(part) :])
+                return
+            self._body_seen = False
             self.parser.feed_data(data)
+            if not self._body_seen and self.response is response:
+                self._since_body += len(data)
+                if self._since_body > limits.max_response_header_bytes:
+                    self._over(
+                        "maxResponseHeaderBytes",
+                        f"more than {limits.max_response_header_bytes} bytes of trailers or chunk "
+                        "framing without a body byte",
+                    )
+        except LimitExceeded as exc:
+            self._limit_exceeded(exc)
         except httptools.HttpParserError as exc:
-            self.abort(MalformedResponse(f"malformed HTTP response: {exc}"))
+            if self._limit is not None:  # raised by one of our callbacks
+                self._limit_exceeded(self._limit)
+            else:
+                self.abort(MalformedResponse(f"malformed HTTP response: {exc}"))
         except httptools.HttpParserUpgrade:
             self.abort(MalformedResponse("the upstream switched protocols"))
+
+    def _over(self, limit: str, message: str) -> None:
+        self._limit = LimitExceeded(limit, message)
+        raise self._limit
+
+    def _limit_exceeded(self, exc: LimitExceeded) -> None:
+        self._limit = None
+        self.abort(exc)
+        if self.pool.on_limit is not None:
+            self.pool.on_limit(exc.limit)
 
     def eof_received(self) -> bool | None:
         return False  # close our side too
@@ -207,6 +299,15 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.pool.limits.max_response_headers:
+            self._over(
+                "maxResponseHeaders",
+                f"the response has more than {self.pool.limits.max_response_headers} header fields",
+            )
+        response = self.response
+        if response is not None and response._headers_seen:
+            return  # a trailer: counted, not kept (nothing here reads trailers)
         self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
@@ -218,8 +319,16 @@ class _Connection(asyncio.Protocol):
             return
         response.status = status
         headers: dict[str, str] = {}
+        repeated: dict[str, list[str]] | None = None  # joined once at the end: linear in the fields
         for name, value in self._headers:
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+            if name in headers:
+                repeated = repeated if repeated is not None else {}
+                repeated.setdefault(name, [headers[name]]).append(value)
+            else:
+                headers[name] = value
+        if repeated:
+            for name, values in repeated.items():
+                headers[name] = ", ".join(values)
         self._headers = []
         response.headers = headers
         response._headers_seen = True
@@ -227,6 +336,8 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         assert self.response is not None
+        self._body_seen = True
+        self._since_body = 0
         self.response._data(body)
 
     def on_message_complete(self) -> None:
@@ -251,6 +362,8 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.response = response
         self.parser = httptools.HttpResponseParser(self)
+        self._head_bytes = self._header_count = self._since_body = 0
+        self._limit = None
         loop = asyncio.get_running_loop()
         self._timer = loop.call_at(deadline, self.abort, TimeoutError("the upstream did not answer in time"))
         self.transport.write(data)
@@ -288,7 +401,8 @@ class HTTPClient:
     """POSTs to one URL over a pool of keep-alive connections.
 
     ``headers`` are sent with every request (besides Host and Content-Length); ``https`` URLs are
-    verified against the system's trust store.
+    verified against the system's trust store. ``on_limit`` is called with the configuration key of each
+    bound of ``limits`` a response runs into.
     """
 
     def __init__(
@@ -299,6 +413,7 @@ class HTTPClient:
         max_connections: int,
         connect_timeout: float,
         limits: HTTPClientLimits | None = None,
+        on_limit: Callable[[str], None] | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -318,6 +433,7 @@ class HTTPClient:
         self._head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
         self.connect_timeout = connect_timeout
         self.limits = limits or HTTPClientLimits()
+        self.on_limit = on_limit  # told the configuration key of each limit an upstream runs into
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: collections.deque[_Connection] = collections.deque()
         self._busy: set[_Connection] = set()

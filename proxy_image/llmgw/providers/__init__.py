@@ -11,21 +11,24 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from llmgw.providers.anthropic import AnthropicClient
-from llmgw.providers.base import CallStats, ProviderClient
+from llmgw.providers.base import CallStats, OnLimit, ProviderClient
 from llmgw.providers.llmgateway import LLMGatewayClient
 from llmgw.providers.openai import OpenAIClient
 from llmgw_common.config import Limits, Provider
 
-CLIENTS: dict[str, Callable[[Provider, str | None, Limits], ProviderClient]] = {
+CLIENTS: dict[str, Callable[[Provider, str | None, Limits, OnLimit | None], ProviderClient]] = {
     "openai": OpenAIClient,
     "anthropic": AnthropicClient,
     "llmgateway": LLMGatewayClient,
 }
 
 
-def connect(provider: Provider, api_key: str | None, limits: Limits) -> ProviderClient:
-    """The client of ``provider``'s type, bounded by ``limits`` (it connects lazily, on its first call)."""
-    return CLIENTS[provider.type](provider, api_key, limits)
+def connect(
+    provider: Provider, api_key: str | None, limits: Limits, on_limit: OnLimit | None = None
+) -> ProviderClient:
+    """The client of ``provider``'s type, bounded by ``limits`` (it connects lazily, on its first call);
+    ``on_limit`` is told the key of each of them the provider runs into (``restClient.maxResponseHeaders``)."""
+    return CLIENTS[provider.type](provider, api_key, limits, on_limit)
 
 
-__all__ = ["CLIENTS", "CallStats", "ProviderClient", "connect"]
+__all__ = ["CLIENTS", "CallStats", "OnLimit", "ProviderClient", "connect"]

@@ -1,19 +1,32 @@
 """What the REST provider types share: a pooled HTTP/1.1 keep-alive client (:mod:`llmgw._net.http_client`;
-see the README for why not aiohttp or HTTP/2), JSON bodies, Server-Sent Events and error mapping."""
+see the README for why not aiohttp or HTTP/2), JSON bodies, Server-Sent Events and error mapping.
+
+What a client is told of a failure names the provider, never its address (the log has it), and an
+upstream's own text is passed on only through :func:`llmgw.redact.redact`, before it is shortened.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import ssl
+import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import orjson
 
 from llmgw._net import http_client
-from llmgw.codecs import error_envelopes, retry_after
+from llmgw.codecs import error_envelopes, retry_after, sse
 from llmgw.errors import GatewayError, Kind, from_upstream_http
-from llmgw.providers.base import CallStats, malformed_response
+from llmgw.providers.base import MAX_RELAYED_CHARS, CallStats, OnLimit, limit_exceeded, malformed_response
+from llmgw.redact import redact
 from llmgw_common.config import Provider
 from llmgw_common.limits import HTTPClientLimits
+
+log = logging.getLogger("llmgw.providers")
+
+_UNREACHABLE_LOG_INTERVAL = 10.0  # seconds between two log lines about one provider being unreachable
 
 # What a REST exchange can fail with: a timeout, the connection (refused, reset, closed early), or a
 # response that is not HTTP.
@@ -32,10 +45,13 @@ class RestClient:
         limits: HTTPClientLimits,
         base_url: str,
         max_connections: int,
+        on_limit: OnLimit | None = None,
     ) -> None:
         self.provider = provider
         self.limits = limits
         self.base_url = base_url
+        self.on_limit = on_limit
+        self._logged_unreachable = float("-inf")
         self.headers = {
             "content-type": "application/json",
             **dict(provider.headers),
@@ -47,6 +63,7 @@ class RestClient:
             max_connections=max_connections,
             connect_timeout=provider.connect_timeout_s,
             limits=limits,
+            on_limit=None if on_limit is None else lambda key: on_limit(f"restClient.{key}"),
         )
 
     def auth_headers(self, api_key: str | None) -> dict[str, str]:
@@ -62,23 +79,39 @@ class RestClient:
         else:
             found = error_envelopes.message(data)
             if found is None:
-                found = data[:200].decode("utf-8", "replace").strip() or "(empty body)"
+                found = redact(data.decode("utf-8", "replace")).strip()[:200] or "(empty body)"
+            else:
+                found = redact(found)[:MAX_RELAYED_CHARS]
             message = f"provider {name!r} answered HTTP {status}: {found}"
-        return from_upstream_http(status, message, retry_after.from_headers(headers))
+        hint = retry_after.from_headers(headers)
+        if hint is None:
+            raw = " ".join(
+                f"{k}={v[:60]!r}" for k in ("retry-after-ms", "retry-after") if (v := headers.get(k))
+            )
+            if raw:
+                log.info("provider %r sent an unreadable Retry-After (%s); ignored", name, raw)
+        return from_upstream_http(status, message, hint)
 
     def unreachable(self, exc: BaseException) -> GatewayError:
+        name = self.provider.name
         if isinstance(exc, TimeoutError):
             return GatewayError(
                 Kind.DEADLINE_EXCEEDED,
-                f"provider {self.provider.name!r} did not answer in time",
+                f"provider {name!r} did not answer in time",
                 retryable=True,
                 upstream_status=504,
             )
+        if isinstance(exc, http_client.LimitExceeded):
+            return limit_exceeded(self.provider, f"restClient.{exc.limit}", str(exc))
         if isinstance(exc, http_client.MalformedResponse):
             return malformed_response(self.provider, exc)
+        now = time.monotonic()
+        if now - self._logged_unreachable >= _UNREACHABLE_LOG_INTERVAL:
+            self._logged_unreachable = now
+            log.warning("provider %r at %s is unreachable: %r", name, self.base_url, exc)
         return GatewayError(
             Kind.UNAVAILABLE,
-            f"provider {self.provider.name!r} at {self.base_url} is unreachable: {exc}",
+            f"provider {name!r} is unreachable: {_reason(exc)}",
             retryable=True,
             upstream_status=503,
         )
@@ -93,7 +126,9 @@ class RestClient:
             raise self.unreachable(exc) from None
         if resp.status != 200:
             try:
-                payload = await resp.read(self.limits.max_error_body_bytes)
+                payload = await resp.read(self.limits.max_error_body_bytes, "maxErrorBodyBytes")
+            except http_client.LimitExceeded:
+                payload = b"(an error body larger than limits.restClient.maxErrorBodyBytes)"
             except _TRANSPORT_ERRORS:
                 payload = b""
             finally:
@@ -118,22 +153,39 @@ class RestClient:
     async def sse_events(
         self, resp: http_client.Response, stats: CallStats
     ) -> AsyncIterator[tuple[str, bytes]]:
-        """(event name, data) pairs of a Server-Sent Events body."""
-        event = ""
-        try:
+        """(event name, data) pairs of a Server-Sent Events body; a line or an event's data larger than
+        ``limits.max_sse_event_bytes`` ends the stream with a 502 naming the limit."""
+
+        async def lines() -> AsyncIterator[bytes]:
             async for line in resp.lines():
                 stats.received += len(line)
-                line = line.rstrip(b"\r\n")
-                if not line:
-                    event = ""
-                elif line.startswith(b"data:"):
-                    yield event, line[5:].lstrip()
-                elif line.startswith(b"event:"):
-                    event = line[6:].strip().decode()
+                yield line
+
+        try:
+            async for event in sse.sse_events(lines(), self.limits.max_sse_event_bytes):
+                yield event
         except _TRANSPORT_ERRORS as exc:
             raise self.unreachable(exc) from None
+        except sse.EventTooLarge as exc:
+            if self.on_limit is not None:
+                self.on_limit("restClient.maxSSEEventBytes")
+            raise limit_exceeded(self.provider, "restClient.maxSSEEventBytes", str(exc)) from None
         finally:
             resp.close()  # a stream left early (client gone, error event) must not reuse the connection
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a connection failed, without the address (asyncio's messages name it: "Connect call failed
+    ('10.0.0.5', 8000)")."""
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed ({exc.reason or type(exc).__name__})"
+    if isinstance(exc, http_client.ConnectionLost):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno)
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:  # getaddrinfo's EAI_* codes
+        return str(exc.strerror)
+    return "the connection failed"

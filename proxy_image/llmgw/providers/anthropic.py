@@ -10,7 +10,8 @@ from llmgateway.v1 import llm_service_pb2 as pb
 from llmgw.codecs import anthropic_messages
 from llmgw.errors import GatewayError, from_upstream_http
 from llmgw.providers._rest import RestClient
-from llmgw.providers.base import CallStats, malformed_response
+from llmgw.providers.base import MAX_RELAYED_CHARS, CallStats, OnLimit, malformed_response
+from llmgw.redact import redact
 from llmgw_common.config import Limits, Provider
 from llmgw_common.providers.anthropic import AnthropicSettings
 
@@ -20,10 +21,17 @@ _MALFORMED = (KeyError, TypeError, ValueError, AttributeError)  # orjson.JSONDec
 class AnthropicClient(RestClient):
     path_suffix = "/v1/messages"
 
-    def __init__(self, provider: Provider, api_key: str | None, limits: Limits) -> None:
+    def __init__(
+        self, provider: Provider, api_key: str | None, limits: Limits, on_limit: OnLimit | None = None
+    ) -> None:
         self.settings: AnthropicSettings = provider.settings
         super().__init__(
-            provider, api_key, limits.rest_client, self.settings.base_url, self.settings.max_connections
+            provider,
+            api_key,
+            limits.rest_client,
+            self.settings.base_url,
+            self.settings.max_connections,
+            on_limit,
         )
 
     def auth_headers(self, api_key: str | None) -> dict[str, str]:
@@ -53,9 +61,8 @@ class AnthropicClient(RestClient):
 
     def _stream_error(self, error: dict[str, Any]) -> GatewayError:
         status = 529 if error.get("type") == "overloaded_error" else 502
-        return from_upstream_http(
-            status, f"provider {self.provider.name!r} failed mid-stream: {error.get('message', '')}"
-        )
+        text = redact(str(error.get("message", "")))[:MAX_RELAYED_CHARS]  # redacted before it is cut
+        return from_upstream_http(status, f"provider {self.provider.name!r} failed mid-stream: {text}")
 
     async def stream(
         self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats

@@ -10,12 +10,16 @@ sent to the client yet" means for fallback.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Protocol
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgw.errors import GatewayError, Kind
 from llmgw_common.config import Provider
+
+MAX_RELAYED_CHARS = 1000  # of an upstream's error message, kept after redaction
+# Told the key of each limit a provider runs into ("restClient.maxSSEEventBytes", "grpcClient.maxMessageBytes").
+OnLimit = Callable[[str], None]
 
 
 @dataclasses.dataclass
@@ -49,6 +53,19 @@ def malformed_response(provider: Provider, exc: Exception) -> GatewayError:
     return GatewayError(
         Kind.BAD_GATEWAY,
         f"provider {provider.name!r} sent a malformed response ({type(exc).__name__}: {exc})",
+        retryable=True,
+        upstream_status=502,
+    )
+
+
+def limit_exceeded(provider: Provider, limit: str, detail: str) -> GatewayError:
+    """The provider's answer ran into one of the gateway's bounds (``limit``: its key under ``limits``).
+
+    Retryable, as a malformed response is: each attempt is bounded, and the other path may serve.
+    """
+    return GatewayError(
+        Kind.BAD_GATEWAY,
+        f"provider {provider.name!r} sent a response over the gateway's limit: {detail} (limits.{limit})",
         retryable=True,
         upstream_status=502,
     )

@@ -9,7 +9,7 @@ import orjson
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgw.codecs import openai_chat
 from llmgw.providers._rest import RestClient
-from llmgw.providers.base import CallStats, malformed_response
+from llmgw.providers.base import CallStats, OnLimit, malformed_response
 from llmgw_common.config import Limits, Provider
 from llmgw_common.providers.openai import OpenAISettings
 
@@ -17,9 +17,13 @@ from llmgw_common.providers.openai import OpenAISettings
 class OpenAIClient(RestClient):
     path_suffix = "/chat/completions"
 
-    def __init__(self, provider: Provider, api_key: str | None, limits: Limits) -> None:
+    def __init__(
+        self, provider: Provider, api_key: str | None, limits: Limits, on_limit: OnLimit | None = None
+    ) -> None:
         settings: OpenAISettings = provider.settings
-        super().__init__(provider, api_key, limits.rest_client, settings.base_url, settings.max_connections)
+        super().__init__(
+            provider, api_key, limits.rest_client, settings.base_url, settings.max_connections, on_limit
+        )
 
     async def complete(
         self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats
