@@ -110,8 +110,9 @@ class Metrics:
         self.draining = Gauge("llmgw_draining", "1 while the proxy drains before exiting.", registry=r)
         self.limit_hits = Counter(
             "llmgw_limit_hits",
-            "Times a client ran into a bound of a front, by its configuration key: limits.grpcServer's keys,"
-            " and restServer.<key> for limits.restServer's.",
+            "Times a client or a provider ran into a bound, by its configuration key: limits.grpcServer's"
+            " keys, restServer.<key> for limits.restServer's, restClient.<key> and grpcClient.<key> for"
+            " what providers sent (limits.restClient, limits.grpcClient).",
             ("limit",),
             registry=r,
         )
