@@ -398,7 +398,7 @@ BAD_REQUESTS = [
     ({"model": "demo-model", "messages": USER, "top_p": -1}, "top_p: -1 is out of range [0, 1]"),
     ({"model": "nope", "messages": USER}, "model: unknown model 'nope' (available: demo-claude, demo-model"),
     ({"messages": USER}, "model: required"),
-    ({"model": "demo-model", "messages": USER, "tools": []}, "tools: unsupported field"),
+    ({"model": "demo-model", "messages": USER, "tools": "search"}, "tools: must be a list, got str"),
     ({"model": "demo-model", "messages": USER, "max_tokens": 0}, "max_tokens: 0 must be between 1"),
 ]
 

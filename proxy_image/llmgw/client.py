@@ -473,9 +473,9 @@ class LLMHttpClient(_LoopBound):
 
 
 async def _chunks_from_sse(content: aiohttp.StreamReader) -> AsyncIterator[pb.ChatChunk]:
-    """The chunks of an OpenAI SSE stream, shaped like the gRPC stream's (see ``openai_chat.read_stream``)."""
+    """The chunks of an OpenAI SSE stream, shaped like the gRPC stream's (see ``openai_chat.read_simple_stream``)."""
     try:
-        async for chunk in openai_chat.read_stream(
+        async for chunk in openai_chat.read_simple_stream(
             (data async for _, data in sse_events(content)), _stream_error
         ):
             yield chunk

@@ -26,10 +26,11 @@ from collections.abc import AsyncGenerator, Iterator
 from typing import NamedTuple
 
 from llmgateway.v1 import llm_service_pb2 as pb
-from llmgw.chat import is_deterministic, validate_request
+from llmgw.chat import clip, is_deterministic, validate_request
 from llmgw.errors import GatewayError, Kind
 from llmgw.metrics import PRECREATED_CODES, Metrics, PathMetrics
 from llmgw.providers import CallStats, ProviderClient, connect
+from llmgw.redact import add_secrets
 from llmgw.retry import backoff_delay
 from llmgw_common.config import ProxyConfig, Retries, Route
 
@@ -101,7 +102,7 @@ class Runtime:
         if route is None:
             available = ", ".join(self.config.models) or "none"
             raise GatewayError(
-                Kind.INVALID_ARGUMENT, f"model: unknown model {model!r} (available: {available})"
+                Kind.INVALID_ARGUMENT, f"model: unknown model {clip(model)} (available: {available})"
             )
         return route
 
@@ -173,9 +174,13 @@ class Gateway:
     ) -> None:
         self.metrics = metrics or Metrics()
         self.admission = Admission(config.limits.max_concurrent_requests, self.metrics)
+        add_secrets([*config.provider_keys.values(), *config.client_keys])  # hidden from messages and logs
         self.runtime = Runtime(
             config,
-            {n: connect(p, config.provider_keys.get(n), config.limits) for n, p in config.providers.items()},
+            {
+                n: connect(p, config.provider_keys.get(n), config.limits, self._limit_hit)
+                for n, p in config.providers.items()
+            },
         )
         self._rng = random.Random(seed)
         self._uses: collections.Counter[int] = collections.Counter()
@@ -187,6 +192,7 @@ class Gateway:
     def apply(self, config: ProxyConfig) -> None:
         """Make ``config`` the one in effect; requests already running finish on the old one."""
         old = self.runtime
+        add_secrets([*config.provider_keys.values(), *config.client_keys])
         clients: dict[str, ProviderClient] = {}
         for name, provider in config.providers.items():
             previous = old.clients.get(name)
@@ -198,7 +204,9 @@ class Gateway:
             if previous is not None and previous.provider == provider and same_key and same_limits:
                 clients[name] = previous
             else:
-                clients[name] = connect(provider, config.provider_keys.get(name), config.limits)
+                clients[name] = connect(
+                    provider, config.provider_keys.get(name), config.limits, self._limit_hit
+                )
         kept = {id(b) for b in clients.values()}
         for client in old.clients.values():
             if id(client) not in kept:
@@ -206,6 +214,10 @@ class Gateway:
         self.runtime = Runtime(config, clients)
         self.admission.limit = config.limits.max_concurrent_requests
         self._publish(config)
+
+    def _limit_hit(self, limit: str) -> None:
+        """A provider ran into one of the limits of ``limits.restClient`` / ``limits.grpcClient``."""
+        self.metrics.child(self.metrics.limit_hits, limit).inc()
 
     def _publish(self, config: ProxyConfig) -> None:
         self.metrics.grpc_weight.clear()

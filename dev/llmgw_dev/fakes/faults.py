@@ -164,3 +164,4 @@ class Chat:
     stop: tuple[str, ...]
     stream: bool = False
     include_usage: bool = False  # OpenAI's stream_options.include_usage
+    body: Any = None  # the request's JSON, for the answers that depend on more than the above

@@ -8,6 +8,11 @@ status :func:`grpc_code_for` maps its HTTP status to; rate limiting is ``RESOURC
 ``retry-after`` trailer, and a stream broken midway ends with the same status. The control API is served over
 HTTP on ``control_port`` (see :mod:`llmgw_dev.fakes.server`).
 
+A request with tools, structured outputs, reasoning, logprobs or ``n``, or one that asks for OpenAI's chunk
+layout, gets the answers of :mod:`.completions`, converted by the gateway's codec (``choices``, tool calls,
+tool-call fragments, reasoning deltas, a usage chunk only with ``stream_options.include_usage``).
+``received`` keeps each ``ChatRequest`` as it arrived.
+
 :class:`GrpcApi` is what a fake of any gRPC API needs (a grpc.aio server with health, auth, the faults'
 status codes); :class:`LLMService` is this API on top of it.
 """
@@ -25,8 +30,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc
-from llmgw.chat import validate_request
+from llmgw.chat import clip, message_text, validate_request
+from llmgw.codecs import openai_chat
 from llmgw.errors import GatewayError
+from llmgw_dev.fakes.completions import Answer, prompt_of
 from llmgw_dev.fakes.faults import MODEL_CREATED, Reply, count_words, new_id, seconds
 from llmgw_dev.fakes.server import Api, FakeProvider
 
@@ -159,8 +166,10 @@ class LLMService(GrpcApi):
 
     async def _answer(
         self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
-    ) -> tuple[Reply, pb.Usage, pb.FinishReason]:
-        """Auth, validation, faults and latency, then the reply (aborts the RPC unless it is answered)."""
+    ) -> tuple[Reply, pb.Usage, pb.FinishReason, Answer | None]:
+        """Auth, validation, faults and latency, then the reply (aborts the RPC unless it is answered); the
+        rich answer of :mod:`.completions` when the request needs one."""
+        self.fake.received.append(request)
         await self._auth(context)
         try:
             validate_request(request)
@@ -169,17 +178,26 @@ class LLMService(GrpcApi):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
         if not self._known(request.model):
             self.fake.stats["rejected"] += 1
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.model!r} not found")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model {clip(request.model)} not found")
         fault = await self._admit()
         if fault is not None:
             await self._abort(context, *fault)
+        body = openai_chat.request_to_json(request) if _is_rich(request) else None
         prompt = ""
         prompt_tokens = 0
         for message in request.messages:
-            prompt_tokens += count_words(message.content)
+            text = message_text(message)
+            prompt_tokens += count_words(text)
             if message.role == pb.ROLE_USER:
-                prompt = message.content
-        max_tokens = request.max_tokens if request.HasField("max_tokens") else None
+                prompt = text
+        if body is not None:
+            prompt = prompt_of(body["messages"])
+        if request.HasField("max_tokens"):
+            max_tokens: int | None = request.max_tokens
+        elif request.HasField("max_completion_tokens"):
+            max_tokens = request.max_completion_tokens
+        else:
+            max_tokens = None
         reply = self.fake.reply(prompt, max_tokens, request.stop)
         usage = pb.Usage(
             prompt_tokens=prompt_tokens,
@@ -187,19 +205,24 @@ class LLMService(GrpcApi):
             total_tokens=prompt_tokens + reply.completion_tokens,
         )
         finish = pb.FINISH_REASON_LENGTH if reply.finish == "length" else pb.FINISH_REASON_STOP
-        return reply, usage, finish
+        answer = None if body is None else Answer(body, reply, prompt_tokens)
+        return reply, usage, finish, answer
 
     async def _unary(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> pb.ChatResponse:
         with self._counted():
-            reply, usage, finish = await self._answer(request, context)
-            response = pb.ChatResponse(
-                id=new_id("chatcmpl-"),
-                model=request.model,
-                content=reply.text,
-                finish_reason=finish,
-                usage=usage,
-                created=int(time.time()),
-            )
+            reply, usage, finish, answer = await self._answer(request, context)
+            if answer is not None:
+                completion = answer.completion(new_id("chatcmpl-"), int(time.time()), request.model)
+                response = openai_chat.response_from_json(completion)
+            else:
+                response = pb.ChatResponse(
+                    id=new_id("chatcmpl-"),
+                    model=request.model,
+                    content=reply.text,
+                    finish_reason=finish,
+                    usage=usage,
+                    created=int(time.time()),
+                )
             self.fake.stats["completed"] += 1
             return response
 
@@ -207,20 +230,44 @@ class LLMService(GrpcApi):
         self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ChatChunk]:
         with self._counted():
-            reply, usage, finish = await self._answer(request, context)
+            reply, usage, finish, answer = await self._answer(request, context)
             chunk_id = new_id("chatcmpl-")
             created = int(time.time())
+            if answer is not None:
+                include_usage = request.stream_options.include_usage
+                dicts = answer.chunks(chunk_id, created, request.model, include_usage)
+                chunks = [openai_chat.chunk_from_json(c) for c in dicts]
+            else:
+                chunks = [
+                    pb.ChatChunk(id=chunk_id, model=request.model, delta=token, created=created)
+                    for token in reply.tokens
+                ]
+                chunks.append(
+                    pb.ChatChunk(
+                        id=chunk_id, model=request.model, finish_reason=finish, usage=usage, created=created
+                    )
+                )
             delay = self._token_delay()
             break_after = self.fake.faults.stream_error_after_tokens
-            for i, token in enumerate(reply.tokens):
+            for i, chunk in enumerate(chunks[:-1]):
                 if i == break_after:
                     await self._break(context)
                 if delay > 0 and i:
                     await asyncio.sleep(delay)
-                yield pb.ChatChunk(id=chunk_id, model=request.model, delta=token, created=created)
-            if break_after == len(reply.tokens):
+                yield chunk
+            if break_after == len(chunks) - 1:
                 await self._break(context)
-            yield pb.ChatChunk(
-                id=chunk_id, model=request.model, finish_reason=finish, usage=usage, created=created
-            )
+            yield chunks[-1]
             self.fake.stats["completed"] += 1
+
+
+def _is_rich(request: pb.ChatRequest) -> bool:
+    """Whether the request needs the answers of :mod:`.completions` (see :func:`.completions.is_rich`)."""
+    return bool(
+        request.chunk_layout == pb.CHUNK_LAYOUT_OPENAI
+        or request.tools
+        or (request.HasField("n") and request.n != 1)
+        or request.HasField("reasoning_effort")
+        or request.logprobs
+        or request.response_format.type in ("json_object", "json_schema")
+    )

@@ -6,11 +6,15 @@ one chunk a token, a finish chunk, a usage chunk with ``stream_options.include_u
 OpenAI's envelope (``{"error": {"message", "type", "param", "code"}}``) and a 429 carries ``Retry-After``
 and OpenAI's ``x-ratelimit-*`` headers. Ids start ``chatcmpl-``. A stream broken midway ends with an error
 ``data:`` event. ``max_completion_tokens`` wins over ``max_tokens``; ``temperature`` and ``top_p`` are
-checked for range but change nothing; messages of any role count toward the prompt's tokens.
+checked for range but change nothing; messages of any role count toward the prompt's tokens. Tools, structured
+outputs, reasoning, logprobs and ``n`` get the answers of :mod:`.completions`; the reply answers the last user
+message, or the last message when it is a tool result. ``received`` keeps the JSON of each request.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hmac
 import time
 from collections.abc import Mapping
@@ -19,6 +23,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from llmgw_dev.fakes.completions import Answer, is_rich, prompt_of
 from llmgw_dev.fakes.faults import MODEL_CREATED, Chat, Reply, count_words, new_id, seconds
 from llmgw_dev.fakes.server import BadRequest, HttpApi, json_response
 
@@ -153,7 +158,6 @@ def _parse(raw: bytes) -> Chat:
             code="empty_array",
         )
     prompt_tokens = 0
-    last_user = ""
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -170,8 +174,7 @@ def _parse(raw: bytes) -> Chat:
             )
         text = _text(message.get("content"), where)
         prompt_tokens += count_words(text)
-        if role == "user":
-            last_user = text
+    last_user = prompt_of(messages)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None and (
         isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
@@ -204,7 +207,7 @@ def _parse(raw: bytes) -> Chat:
         raise BadRequest(
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.", param="stream_options"
         )
-    return Chat(model, last_user, prompt_tokens, max_tokens, stops, stream, include_usage)
+    return Chat(model, last_user, prompt_tokens, max_tokens, stops, stream, include_usage, body)
 
 
 class OpenAI(HttpApi):
@@ -242,6 +245,8 @@ class OpenAI(HttpApi):
         )
 
     def _parse(self, raw: bytes) -> Chat:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            self.fake.received.append(orjson.loads(raw))
         return _parse(raw)
 
     def _unknown_model(self, model: str) -> BadRequest:
@@ -278,6 +283,16 @@ class OpenAI(HttpApi):
         created = int(time.time())
         prompt_tokens = chat.prompt_tokens
         total_tokens = prompt_tokens + reply.completion_tokens
+        if is_rich(chat.body):
+            answer = Answer(chat.body, reply, prompt_tokens)
+            if not chat.stream:
+                return self._completed(answer.completion(completion_id, created, chat.model))
+            frames = [
+                b"data: " + orjson.dumps(c) + b"\n\n"
+                for c in answer.chunks(completion_id, created, chat.model, chat.include_usage)
+            ]
+            paced = dataclasses.replace(reply, json_tokens=tuple(frames[1:]))
+            return await self._stream(request, paced, frames[0], lambda frame: frame, _DONE)
         if chat.stream:
             return await self._stream_chunks(request, chat, reply, completion_id, created)
         return self._completed(

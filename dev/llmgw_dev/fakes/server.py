@@ -15,6 +15,7 @@ own port by an HTTP kind, and on ``control_port`` by a kind that serves itself (
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib
 import random
@@ -31,6 +32,7 @@ from llmgw_dev.fakes.kinds import APIS, KINDS
 _CACHE_LIMIT: Final = 4096  # replies kept, keyed by (prompt, max_tokens, stop)
 _CACHE_MAX_PROMPT: Final = 2048  # longer prompts are not cached (they would pin memory)
 _MAX_BODY: Final = 64 * 1024 * 1024
+_RECEIVED_KEPT: Final = 64  # chat requests kept in FakeProvider.received
 _JSON: Final = {"Content-Type": "application/json"}
 _SSE: Final = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 
@@ -332,7 +334,8 @@ class FakeProvider:
     mutated at any time. ``stats`` counts chat requests: ``requests`` (all received), ``completed``,
     ``cancelled`` (the client went away first), ``injected_errors`` (``fail_next``, ``error_rate`` and broken
     streams), ``rate_limited``, ``unauthorized`` and ``rejected`` (invalid request or unknown model);
-    ``inflight`` is the number of chat requests being answered.
+    ``inflight`` is the number of chat requests being answered. ``received`` keeps the JSON of the latest
+    chat requests (oldest first), so tests can see exactly what reached the provider.
     """
 
     def __init__(
@@ -368,6 +371,8 @@ class FakeProvider:
         self.response_tokens = response_tokens
         self.stats: dict[str, int] = {}
         self.inflight = 0
+        # The latest chat requests received, as JSON (the gRPC kind: converted by the gateway's codec).
+        self.received: collections.deque[Any] = collections.deque(maxlen=_RECEIVED_KEPT)
         self.reset_stats()
         self._replies: dict[tuple[str, int | None, tuple[str, ...]], Reply] = {}
         self._control: web.AppRunner | None = None

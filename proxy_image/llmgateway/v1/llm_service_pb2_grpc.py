@@ -64,8 +64,8 @@ class LLMServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamingChat(self, request, context):
-        """StreamingChat returns the reply as it is generated: zero or more chunks
-        carrying text deltas, then one final chunk carrying finish_reason and usage.
+        """StreamingChat returns the reply as it is generated, in the request's chunk_layout: by default
+        zero or more chunks carrying text deltas, then one final chunk carrying finish_reason and usage.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -14,7 +14,72 @@ from typing import Any
 import orjson
 
 from llmgateway.v1 import llm_service_pb2 as pb
+from llmgw.chat import message_text
 from llmgw.errors import GatewayError, Kind
+
+# Request fields of the Chat Completions API this translation does not carry yet: a request that sets one is
+# refused (400, naming the field and the provider), never sent without it.
+_UNCARRIED_FIELDS = (
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "seed",
+    "logprobs",
+    "top_logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "reasoning_effort",
+    "service_tier",
+    "store",
+    "metadata",
+    "prediction_json",
+    "modalities",
+)
+_UNCARRIED_MESSAGE_FIELDS = ("name", "tool_calls", "tool_call_id", "refusal", "reasoning_content")
+
+
+def _set_keys(extra_json: str) -> list[str]:
+    """The keys of an ``extra_json`` object whose value is not null (null is the same as absent)."""
+    return [k for k, v in orjson.loads(extra_json).items() if v is not None] if extra_json else []
+
+
+def _refuse_uncarried(req: pb.ChatRequest, provider: str) -> None:
+    def refuse(field: str) -> GatewayError:
+        return GatewayError(
+            Kind.INVALID_ARGUMENT,
+            f"{field}: not supported with Anthropic provider {provider!r} (the gateway does not translate "
+            "it to the Messages API yet)",
+        )
+
+    for field in _UNCARRIED_FIELDS:
+        present = (
+            req.HasField(field)
+            if field not in ("tools", "logit_bias", "metadata", "modalities")
+            else bool(getattr(req, field))
+        )
+        if present:
+            raise refuse(field.removesuffix("_json"))
+    if req.HasField("n") and req.n != 1:
+        raise refuse("n")
+    for key in _set_keys(req.extra_json):
+        raise refuse(key)
+    for key in _set_keys(req.stream_options.extra_json):
+        raise refuse(f"stream_options.{key}")
+    for i, m in enumerate(req.messages):
+        where = f"messages[{i}]"
+        if m.role == pb.ROLE_TOOL:
+            raise refuse(f"{where}.role 'tool'")
+        for field in _UNCARRIED_MESSAGE_FIELDS:
+            if m.HasField(field) if field != "tool_calls" else m.tool_calls:
+                raise refuse(f"{where}.{field}")
+        for j, part in enumerate(m.parts):
+            if part.type != "text" or part.json:
+                raise refuse(f"{where}.content[{j}] of type {part.type!r}")
+        for key in _set_keys(m.extra_json):
+            raise refuse(f"{where}.{key}")
+
 
 FINISH_BY_STOP_REASON = {
     "end_turn": pb.FINISH_REASON_STOP,
@@ -37,15 +102,17 @@ def _usage(prompt: int, completion: int) -> pb.Usage:
 def request_to_json(
     req: pb.ChatRequest, *, model: str, stream: bool, default_max_tokens: int, provider: str
 ) -> dict[str, Any]:
-    """The Messages API body for ``req``; ``provider`` names the provider in errors."""
+    """The Messages API body for ``req``; ``provider`` names the provider in errors (and a field of the Chat
+    Completions API that this translation does not carry yet is refused, naming the field)."""
+    _refuse_uncarried(req, provider)
     system: list[str] = []
     messages: list[dict[str, Any]] = []
     for m in req.messages:
         if m.role in (pb.ROLE_SYSTEM, pb.ROLE_DEVELOPER):
-            system.append(m.content)
+            system.append(message_text(m))
             continue
         role = "assistant" if m.role == pb.ROLE_ASSISTANT else "user"
-        messages.append({"role": role, "content": m.content})
+        messages.append({"role": role, "content": message_text(m)})
     if req.HasField("temperature") and req.temperature > 1.0:
         raise GatewayError(
             Kind.INVALID_ARGUMENT,
@@ -54,7 +121,13 @@ def request_to_json(
     body: dict[str, Any] = {
         "model": model,
         "messages": messages,
-        "max_tokens": req.max_tokens if req.HasField("max_tokens") else default_max_tokens,
+        "max_tokens": (
+            req.max_tokens
+            if req.HasField("max_tokens")
+            else req.max_completion_tokens
+            if req.HasField("max_completion_tokens")
+            else default_max_tokens
+        ),
     }
     if system:
         body["system"] = "\n\n".join(system)

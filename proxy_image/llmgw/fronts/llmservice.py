@@ -1,5 +1,10 @@
 """The gRPC front of ``llmgateway.v1.LLMService``, the project's own gRPC API.
 
+It carries the same Chat Completions API as the REST front, field for field. ``StreamingChat`` answers in the
+request's ``chunk_layout``: the simple one (text chunks, then one final chunk with finish reason and usage)
+unless the request asks for OpenAI's (every chunk as an OpenAI provider sends it), which is what another
+gateway's ``llmgateway`` provider asks for on behalf of a REST client.
+
 Its methods are served on llmgw's own gRPC server (:mod:`llmgw._net.grpc_server`) beside health and
 reflection. One wrapper maps every exception of the handlers to a gRPC status, so the handlers stay plain:
 :class:`~llmgw.errors.GatewayError` becomes its status code and message (plus a ``retry-after`` trailer
@@ -18,7 +23,8 @@ import grpc
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgw._net.grpc_server import SERVER_STREAM, UNARY, Method, ServerCall
 from llmgw._net.grpc_wire import RpcError
-from llmgw.errors import GatewayError
+from llmgw.chat import to_openai_layout, to_simple_layout
+from llmgw.errors import GatewayError, Kind
 from llmgw.gateway import Gateway
 
 log = logging.getLogger("llmgw.grpc")
@@ -74,8 +80,19 @@ class LLMServiceFront:
 
     async def streaming_chat(self, request: pb.ChatRequest, call: ServerCall) -> AsyncIterator[pb.ChatChunk]:
         self.gateway.authenticate(_authorization(call), "grpc")
-        async for chunk in self.gateway.stream(request, front="grpc", timeout=call.time_remaining()):
-            yield chunk
+        upstream = self.gateway.stream(request, front="grpc", timeout=call.time_remaining())
+        if request.chunk_layout == pb.CHUNK_LAYOUT_OPENAI:
+            chunks = to_openai_layout(upstream, request.stream_options.include_usage)
+        else:
+            chunks = to_simple_layout(upstream)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except ValueError as exc:
+            raise GatewayError(Kind.BAD_GATEWAY, f"the provider's stream was malformed: {exc}") from None
+        finally:
+            await chunks.aclose()
+            await upstream.aclose()
 
     async def list_models(self, request: pb.ListModelsRequest, call: ServerCall) -> pb.ListModelsResponse:
         self.gateway.authenticate(_authorization(call), "grpc")

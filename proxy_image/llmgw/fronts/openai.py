@@ -2,7 +2,10 @@
 
 Its routes are served by the REST port's router (:mod:`llmgw.fronts.rest`).
 
-``POST /v1/chat/completions`` answers with JSON, or with Server-Sent Events when ``"stream": true``:
+``POST /v1/chat/completions`` takes the whole Chat Completions API (tools, images, response_format, n,
+logprobs, vendor extras, ...: :mod:`llmgw.codecs.openai_chat` keeps every field) and answers with JSON, or
+with Server-Sent Events when ``"stream": true``, chunk for chunk as OpenAI sends them (the usage in a
+separate last chunk with no choices only when ``stream_options.include_usage`` asks for it):
 response headers go out only once the first token is there, so a failure before it is still a proper
 HTTP error (and the gateway may still fall back to the other path); a failure after it ends the stream
 with an OpenAI-style ``{"error": ...}`` event. A client that disconnects cancels its upstream call.
@@ -14,6 +17,7 @@ import orjson
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgw._net.http_server import Request, Responder
+from llmgw.chat import to_openai_layout
 from llmgw.codecs import openai_chat
 from llmgw.errors import GatewayError, Kind
 from llmgw.fronts.rest import JSON_HEADERS, Routes, error_json, send_error
@@ -65,22 +69,30 @@ class OpenAIFront:
                 response = await self.gateway.complete(req, front="rest")
                 respond.send(200, orjson.dumps(openai_chat.response_to_json(response)), JSON_HEADERS)
                 return
-            chunks = self.gateway.stream(req, front="rest")
-            first = await anext(chunks)
+            req.chunk_layout = pb.CHUNK_LAYOUT_OPENAI
+            upstream = self.gateway.stream(req, front="rest")
+            chunks = to_openai_layout(upstream, req.stream_options.include_usage)
+            try:
+                first = await anext(chunks)
+            except BaseException:
+                await chunks.aclose()
+                await upstream.aclose()
+                raise
         except GatewayError as exc:
             send_error(respond, exc)
             return
         respond.start(200, _SSE_HEADERS)
         try:
-            await respond.write(_sse(openai_chat.chunk_to_json(first, first=True)))
+            await respond.write(_sse(openai_chat.chunk_to_json(first)))
             async for chunk in chunks:
-                await respond.write(_sse(openai_chat.chunk_to_json(chunk, first=False)))
+                await respond.write(_sse(openai_chat.chunk_to_json(chunk)))
             await respond.write(b"data: [DONE]\n\n")
         except GatewayError as exc:
             # Headers are gone; the OpenAI SDKs raise on an error object inside the stream.
             await respond.write(_sse(error_json(exc)))
         finally:
             await chunks.aclose()
+            await upstream.aclose()
         await respond.end()
 
     async def models(self, request: Request, respond: Responder) -> None:
