@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -211,3 +212,100 @@ async def test_a_trickling_client_is_disconnected() -> None:
         assert await asyncio.wait_for(reader.read(), 5) == b""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)  # idle, nothing sent
         assert await asyncio.wait_for(reader.read(), 5) == b""
+
+
+async def test_a_bad_request_after_pipelined_ones_is_answered_after_them() -> None:
+    async with serving() as (_, _, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(post("/a") + post("/b") + b"BAD REQUEST\r\n\r\n")
+        assert [(await read_response(reader))[0] for _ in range(3)] == [200, 200, 400]
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+
+
+async def test_a_head_is_counted_while_it_is_incomplete() -> None:
+    """A header value that never ends is refused once the head passes the limit, not kept until it ends."""
+    async with serving(max_head_bytes=4096) as (_, server, port):
+        hits: list[str] = []
+        server.on_limit = hits.append
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        for _ in range(5):  # the fifth passes the limit; nothing is left unread (the answer is not lost)
+            await asyncio.sleep(0.02)
+            writer.write(b"a" * 1000)
+        status, headers, body = await read_response(reader)
+        assert (status, headers["connection"]) == (431, "close") and b"4096" in body
+        assert hits == ["maxHeadBytes"]
+
+
+async def test_silent_and_slow_heads_time_out() -> None:
+    async with serving(request_header_timeout_s=0.3) as (_, server, port):
+        hits: list[str] = []
+        server.on_limit = hits.append
+        reader, _ = await asyncio.open_connection("127.0.0.1", port)  # nothing sent: closed, no answer
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\n")  # a head begun, not finished: 408
+        status, headers, _ = await read_response(reader)
+        assert (status, headers["connection"]) == (408, "close")
+        assert hits == ["requestHeaderTimeoutSeconds"] * 2
+
+
+async def test_connections_beyond_the_cap_get_503() -> None:
+    async with serving(max_connections=2) as (_, server, port):
+        hits: list[str] = []
+        server.on_limit = hits.append
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        reader, _ = await asyncio.open_connection("127.0.0.1", port)
+        status, headers, _ = await read_response(reader)
+        assert (status, headers["connection"], headers["retry-after"]) == (503, "close", "1")
+        assert hits == ["maxConnections"]
+        held[0][1].write(post("/a"))  # those held are served
+        assert (await read_response(held[0][0]))[0] == 200
+
+
+async def test_a_stream_that_is_not_read_is_aborted_and_its_handler_cancelled() -> None:
+    async with serving(stalled_write_timeout_s=0.5, max_queued_response_bytes=4096) as (app, server, port):
+        hits: list[str] = []
+        server.on_limit = hits.append
+        original = app.__call__
+
+        async def handler(request: Request, respond: Responder) -> None:
+            try:
+                await original(request, respond)
+            except ConnectionError:
+                app.cancelled.set()
+                raise
+
+        server.handler = handler
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(post("/stream", extra="X-Chunks: 100000\r\nX-Pad: 65536\r\n"))  # ~6.5 GB, never read
+        await asyncio.wait_for(app.cancelled.wait(), 20)
+        assert hits == ["stalledWriteTimeoutSeconds"]
+        assert not server._connections
+        sock.close()
+
+
+async def test_pipelined_answers_wait_for_the_client_to_read() -> None:
+    """Answers are not queued without bound for a client that pipelines and does not read: once
+    ``max_queued_response_bytes`` wait, answering (and past the pipelining bound, reading) stops."""
+    async with serving(max_queued_response_bytes=4096, max_pipelined_requests=2) as (_, server, port):
+        hits: list[str] = []
+        server.on_limit = hits.append
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.setblocking(False)
+        request = b"GET /" + b"p" * 2000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(TimeoutError):
+            for _ in range(20_000):  # 40 MB at most; the server stops reading long before
+                await asyncio.wait_for(loop.sock_sendall(sock, request * 16), 0.5)
+        await asyncio.sleep(0.2)
+        (conn,) = server._connections
+        assert conn.transport is not None and conn.transport.get_write_buffer_size() < 64 * 1024
+        # Parsed ahead: the pipelining bound, plus what one slice of a read held.
+        assert len(conn._queue) <= 2 + 1 + 16 * 1024 // len(request)
+        assert "maxQueuedResponseBytes" in hits
+        sock.close()

@@ -58,6 +58,7 @@ _STATUS_TEXT = {
 
 
 _date: tuple[int, bytes] = (0, b"")
+_SLICE = 16 * 1024  # larger reads are parsed in slices of this, checking the read-ahead bound between them
 
 
 def _head(status: int, headers: dict[str, str], framing: str, close: bool) -> bytes:
@@ -145,7 +146,10 @@ class _HTTPConnection(asyncio.Protocol):
         self._worker: asyncio.Task[None] | None = None
         self._writable: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._reading_paused = False
+        self._timer_limit: str | None = None  # the limit _timer enforces (None: the keep-alive timeout)
+        self._reading_paused = False  # no more data is parsed (past the read-ahead bound, or refused)
+        self._transport_paused = False
+        self._pending = b""  # received, not yet parsed: past the read-ahead bound within one read
         self._in_head = True  # the next bytes are a request head: idle, or a head begun and not complete
         self._in_message = False  # a request begun and not complete
         self._heads = 0  # request heads completed, to tell whether one ended in a chunk of data
@@ -182,6 +186,20 @@ class _HTTPConnection(asyncio.Protocol):
         self._arm(limits.request_header_timeout_s, "requestHeaderTimeoutSeconds")
 
     def data_received(self, data: bytes) -> None:
+        if len(data) <= _SLICE:
+            self._feed(data)
+            return
+        # Parsed a slice at a time, so that a read full of small pipelined requests (uvloop reads up to
+        # 256 KiB) stops at the read-ahead bound: the rest waits, unparsed, until the server catches up.
+        view = memoryview(data)
+        for start in range(0, len(data), _SLICE):
+            if self._reading_paused or self.closed:
+                if self._failure is None and not self.closed:
+                    self._pending = bytes(view[start:])
+                return
+            self._feed(view[start : start + _SLICE])
+
+    def _feed(self, data: bytes | memoryview) -> None:
         in_head, heads = self._in_head, self._heads
         try:
             self.parser.feed_data(data)
@@ -208,6 +226,11 @@ class _HTTPConnection(asyncio.Protocol):
             if self._raw_head_bytes > self.server.limits.max_head_bytes:
                 limit = self.server.limits.max_head_bytes
                 self._fail(431, f"request head exceeds {limit} bytes", "maxHeadBytes")
+                return
+        if self._in_message and not self.busy and not self._queue and not self.closed:
+            # A request left incomplete by this chunk: its head's or its whole time runs. (Armed here, not in
+            # the callbacks, so that a request that arrives in one chunk costs no timer.)
+            self._arm_idle(keep=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -234,8 +257,6 @@ class _HTTPConnection(asyncio.Protocol):
         self._in_message = True
         self._raw_head_bytes = 0
         self._begun = asyncio.get_running_loop().time()
-        if not self.busy and not self._queue:
-            self._arm_idle()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -250,8 +271,6 @@ class _HTTPConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._heads += 1
-        if not self.busy and not self._queue:
-            self._arm_idle()  # the head is in: the rest of the request timeout applies to the body
         length = self._headers.get("content-length")
         if (
             length is not None
@@ -299,11 +318,30 @@ class _HTTPConnection(asyncio.Protocol):
         self._disarm()
         # The socket keeps being read while a request is served, or a client that leaves would go unnoticed;
         # only a client that pipelines many requests (or large bodies) ahead is made to wait.
-        if self._read_ahead_too_far() and self.transport is not None and not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pause_reading()
+        if self._read_ahead_too_far():
+            self._pause_reading()
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._serve())
+
+    def _pause_reading(self) -> None:
+        self._reading_paused = True
+        if not self._transport_paused and self.transport is not None and not self.closed:
+            self._transport_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        pending, self._pending = self._pending, b""
+        if pending:
+            self.data_received(pending)  # may reach the bound again
+        if (
+            not self._reading_paused
+            and self._transport_paused
+            and self.transport is not None
+            and not self.closed
+        ):
+            self._transport_paused = False
+            self.transport.resume_reading()
 
     def _read_ahead_too_far(self) -> bool:
         limits = self.server.limits
@@ -344,9 +382,8 @@ class _HTTPConnection(asyncio.Protocol):
                 if responder.closes or self.server.draining:  # closes: too large, or not keep-alive
                     self._close()
                     return
-                if self._reading_paused and not self._read_ahead_too_far() and self.transport is not None:
-                    self._reading_paused = False
-                    self.transport.resume_reading()
+                if self._reading_paused and self._failure is None and not self._read_ahead_too_far():
+                    self._resume_reading()
             if self._failure is not None:
                 self._send_failure()
             elif not self.closed:
@@ -391,9 +428,8 @@ class _HTTPConnection(asyncio.Protocol):
         log.debug("refused a request with %d: %s", status, message)
         self._failure = (status, message)
         self._in_message = False
-        if self.transport is not None and not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pause_reading()
+        self._pending = b""
+        self._pause_reading()
         if self._worker is None:
             self._send_failure()
 
@@ -435,22 +471,27 @@ class _HTTPConnection(asyncio.Protocol):
         if not self.busy and not self._queue:
             self._close()
 
-    def _arm_idle(self) -> None:
+    def _arm_idle(self, keep: bool = False) -> None:
         """The timer of a connection with nothing to answer: the rest of the head's or the request's time
-        when a request is on its way, else the keep-alive timeout."""
+        when a request is on its way, else the keep-alive timeout. ``keep``: a timer already armed for the
+        same limit stays (the first head's time counts from the connection's opening)."""
         limits = self.server.limits
         if not self._in_message:
-            self._arm(limits.keepalive_timeout_s, None)
-            return
-        elapsed = asyncio.get_running_loop().time() - self._begun
-        if self._in_head and limits.request_header_timeout_s < limits.request_timeout_s:
-            self._arm(limits.request_header_timeout_s - elapsed, "requestHeaderTimeoutSeconds")
+            seconds, limit = limits.keepalive_timeout_s, None
+        elif self._in_head and limits.request_header_timeout_s < limits.request_timeout_s:
+            seconds, limit = limits.request_header_timeout_s, "requestHeaderTimeoutSeconds"
         else:
-            self._arm(limits.request_timeout_s - elapsed, "requestReadTimeoutSeconds")
+            seconds, limit = limits.request_timeout_s, "requestReadTimeoutSeconds"
+        if keep and self._timer is not None and self._timer_limit == limit:
+            return
+        if limit is not None:
+            seconds -= asyncio.get_running_loop().time() - self._begun
+        self._arm(seconds, limit)
 
     def _arm(self, seconds: float, limit: str | None) -> None:
         self._disarm()
         self._timer = asyncio.get_running_loop().call_later(max(seconds, 0.0), self._expire, limit)
+        self._timer_limit = limit
 
     def _expire(self, limit: str | None) -> None:
         self._timer = None
