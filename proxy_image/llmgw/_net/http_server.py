@@ -6,19 +6,30 @@ bound by the CPU of its one event loop; this server costs a fraction of aiohttp'
 aiohttp. What it does, bounded by one :class:`~llmgw_common.limits.HTTPServerLimits`:
 
 - HTTP/1.1 keep-alive (HTTP/1.0 gets one request per connection); pipelined requests are answered in
-  order, one at a time (a client more than ``max_pipelined_requests`` ahead is not read until the server
-  catches up);
-- limits: the request head (``max_head_bytes``, else 431), the body (``max_body_bytes``: the handler gets
-  the request marked ``too_large`` and answers 413; the connection closes after), a request's arrival
-  (``request_timeout_s``: a client that trickles a request is disconnected) and idle keep-alive connections
-  (``keepalive_timeout_s``);
+  order, one at a time (a client more than ``max_pipelined_requests`` ahead, or with more than
+  ``max_body_bytes`` of bodies waiting, is not read until the server catches up; a large read is parsed a
+  slice at a time so that this holds within one read too);
+- limits: the request head (``max_head_bytes``, counted as it arrives, so a header that never ends is refused
+  too: 431), the body (``max_body_bytes``: the handler gets the request marked ``too_large`` and answers 413;
+  the connection closes after), the head's arrival (``request_header_timeout_s``, from the connection's
+  opening for the first request) and the whole request's (``request_timeout_s``: a client that trickles
+  gets 408), idle keep-alive connections (``keepalive_timeout_s``) and open connections (``max_connections``:
+  more are answered 503 and closed at once);
+- answers wait for the client: once ``max_queued_response_bytes`` are unread, the next pipelined answer and
+  the next chunk of a stream wait until it reads; a client that reads nothing for ``stalled_write_timeout_s``
+  has its connection aborted, which cancels its handler (and with it the admission slot and upstream call);
 - ``Expect: 100-continue`` (curl sends it for bodies over 1 KiB) is answered before the body is read;
 - a client that disconnects cancels its handler, so an upstream call in flight is cancelled too;
-- streamed responses use chunked transfer encoding and wait while the client reads slower than they write;
+- streamed responses use chunked transfer encoding;
 - draining: ``stop_accepting`` closes the listener and idle connections; a connection busy with a request
   closes after its response, which carries ``Connection: close``.
 
-Malformed requests get 400 and a closed connection; upgrades (``h2c``, WebSocket) are refused with 400.
+Each limit a client runs into is reported to ``on_limit`` with its configuration key (``maxHeadBytes``,
+``requestHeaderTimeoutSeconds``, ``requestReadTimeoutSeconds``, ``maxQueuedResponseBytes``,
+``stalledWriteTimeoutSeconds``, ``maxConnections``); the proxy counts them.
+
+Malformed requests get 400 (after the answers to the requests before them) and a closed connection, logged
+at debug level only; upgrades (``h2c``, WebSocket, CONNECT) are refused with 400.
 """
 
 from __future__ import annotations
