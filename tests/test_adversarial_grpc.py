@@ -576,7 +576,7 @@ async def test_a_client_that_stops_reading_gives_back_its_calls_and_admission_sl
     only until stalledWriteTimeoutSeconds: then they end with RESOURCE_EXHAUSTED and an honest call is
     answered again."""
     proxy = await start(
-        proxy_process, fakes, maxConcurrentRequests=4, grpcServer={"stalledWriteTimeoutSeconds": 1}
+        proxy_process, fakes, maxConcurrentRequests=4, grpcServer={"stalledWriteTimeoutSeconds": 2}
     )
     async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.grpc_port}") as channel:
         chat = channel.unary_unary(f"{SERVICE}/ChatCompletion")
@@ -591,15 +591,14 @@ async def test_a_client_that_stops_reading_gives_back_its_calls_and_admission_sl
                 for sid in (1, 3, 5, 7)
             )
         )
-        refused = None
-        for _ in range(50):  # the four stalled streams hold the four slots
-            try:
-                await chat(chat_request(), timeout=5)
-            except grpc.aio.AioRpcError as exc:
-                refused = exc.code()
+        answering = set()  # the response headers of a stream: its handler has its slot and a chunk
+        async for kind, _, sid, _ in attacker.frames(5):
+            answering |= {sid} if kind == HEADERS else set()
+            if len(answering) == 4:
                 break
-            await asyncio.sleep(0.01)
-        assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # the four stalled streams hold the slots
+            await chat(chat_request(), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         ended = await statuses(attacker, 4)
         released = time.monotonic() - started
         assert sorted(ended) == [1, 3, 5, 7]
@@ -609,10 +608,33 @@ async def test_a_client_that_stops_reading_gives_back_its_calls_and_admission_sl
         await chat(chat_request(), timeout=5)  # the slots are back
         grown = rss(proxy.proc.pid) - before
         attacker.close()
-    print(f"stalled streams released after {released:.2f} s (timeout 1 s), RSS growth {grown / MiB:.1f} MiB")
-    assert 0.9 < released < 3.5
+    print(f"stalled streams released after {released:.2f} s (timeout 2 s), RSS growth {grown / MiB:.1f} MiB")
+    assert 1.9 < released < 5
     assert grown < MEMORY_BOUND
     assert (await limit_hits(proxy)).get("stalledWriteTimeoutSeconds") == 4
+
+
+async def test_a_client_that_trickles_its_window_is_reset(serve: ServerFactory) -> None:
+    """100 bytes of window every 0.1 s: a stream must get a frame's worth (16 KiB) per stall timeout."""
+    port, hits = await serve(stalled_write_timeout_s=0.5)
+    attacker = await Raw.connect(port, settings={INITIAL_WINDOW_SIZE: 0})
+    attacker.send(
+        frame(HEADERS, END_HEADERS, 1, request_block(FLOOD)), frame(DATA, END_STREAM, 1, message(b""))
+    )
+    started = time.monotonic()
+    reset = None
+    async with Honest(port):
+        while reset is None and time.monotonic() - started < 10:
+            attacker.send(window_update(1, 100))
+            async for kind, _, sid, payload in attacker.frames(0.1):
+                if kind == RST_STREAM and sid == 1:
+                    reset = ErrorCode(struct.unpack(">I", payload)[0])
+                    break
+        elapsed = time.monotonic() - started
+    attacker.close()
+    assert reset == ErrorCode.CANCEL  # within a message: no status can follow
+    assert 0.4 < elapsed < 3, elapsed
+    assert hits == ["stalledWriteTimeoutSeconds"]
 
 
 async def test_a_client_that_reads_nothing_at_all_is_disconnected(serve: ServerFactory) -> None:

@@ -334,6 +334,8 @@ class Stream:
         "reset",
         "send_blocked",
         "send_window",
+        "stall_progress",
+        "stalled_since",
         "trailers",
         "unacked",
         "waiter",
@@ -355,6 +357,9 @@ class Stream:
         self.error: RpcError | None = None  # why this end gave up on the stream (a client's deadline, say)
         self.send_window = send_window
         self.send_blocked = False  # a send waits for this stream's or the connection's window
+        # loop time a send first waited for a window, until a frame's worth (stall_progress) went out since
+        self.stalled_since: float | None = None
+        self.stall_progress = 0
         self.unacked = 0  # bytes received and consumed but not yet returned to the peer's window
         self.waiter: asyncio.Future[None] | None = None
 
@@ -955,16 +960,24 @@ class Connection(asyncio.Protocol):
         self.send_window -= size
         stream.send_window -= size
         self._window_update_rate.give(2.0)
+        if stream.stalled_since is not None:
+            self._progress(stream, size)
         self.write(prefix + frame(DATA, 0, stream.id, payload) + suffix, control=False)
         return True
+
+    @staticmethod
+    def _progress(stream: Stream, size: int) -> None:
+        """``size`` bytes of a stream that had waited for a window went out: once a frame's worth has (a
+        peer must open that much per ``stall_timeout``, across messages), the stream is no longer stalled."""
+        stream.stall_progress += size
+        if stream.stall_progress >= DEFAULT_FRAME_SIZE:
+            stream.stalled_since, stream.stall_progress = None, 0
 
     async def send_data(self, stream: Stream, payload: bytes) -> None:
         """Send ``payload`` as DATA frames as the windows allow; raises ConnectionError if the stream ends,
         or if the windows stay shut for ``stall_timeout`` (the stream, or the connection if its window
         is the one shut, is ended then)."""
         view = memoryview(payload)
-        stalled_since: float | None = None  # loop time the windows shut, until a frame's worth went out
-        progress = 0
         while view:
             if self.closed or stream.reset is not None or stream.trailers is not None:
                 raise ConnectionError("stream closed")
@@ -979,9 +992,10 @@ class Connection(asyncio.Protocol):
                     if self.stall_timeout is None:
                         await waiter
                     else:
-                        if stalled_since is None:
-                            stalled_since = loop.time()
-                        await asyncio.wait_for(waiter, stalled_since + self.stall_timeout - loop.time())
+                        if stream.stalled_since is None:
+                            stream.stalled_since = loop.time()
+                        remaining = stream.stalled_since + self.stall_timeout - loop.time()
+                        await asyncio.wait_for(waiter, remaining)
                 except TimeoutError:
                     self._send_stalled(stream, len(view) < len(payload))
                     raise ConnectionError("the peer opened no window") from None
@@ -993,9 +1007,8 @@ class Connection(asyncio.Protocol):
             self._window_update_rate.give(2.0)
             self.write(frame(DATA, 0, stream.id, bytes(view[:allowed])), control=False)
             view = view[allowed:]
-            progress += allowed
-            if progress >= DEFAULT_FRAME_SIZE:  # a peer must open a frame's worth to keep a send waiting
-                stalled_since, progress = None, 0
+            if stream.stalled_since is not None:
+                self._progress(stream, allowed)
         await self.drain()
 
     def _send_stalled(self, stream: Stream, mid_message: bool) -> None:
