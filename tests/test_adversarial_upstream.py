@@ -606,8 +606,18 @@ async def test_channel_receives_messages_up_to_max_message_bytes_beyond_the_wind
     async def handler(request: bytes, context: Any) -> bytes:
         return big if request == b"big" else b"x" * (3 * MiB)
 
+    async def stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        for size in (5 * MiB, 100, 6 * MiB, 5 * MiB):
+            yield b"y" * size
+
     server = grpc.aio.server()
-    generic = grpc.method_handlers_generic_handler("t.S", {"M": grpc.unary_unary_rpc_method_handler(handler)})
+    generic = grpc.method_handlers_generic_handler(
+        "t.S",
+        {
+            "M": grpc.unary_unary_rpc_method_handler(handler),
+            "S": grpc.unary_stream_rpc_method_handler(stream),
+        },
+    )
     server.add_generic_rpc_handlers((generic,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -616,6 +626,8 @@ async def test_channel_receives_messages_up_to_max_message_bytes_beyond_the_wind
         channel = grpc_channel.Channel(f"127.0.0.1:{port}", on_limit=hits.append)
         for _ in range(3):  # the windows stay right: no double credit, no stall
             assert await channel.unary("/t.S/M", b"big", timeout=5) == big
+            sizes = [len(m) async for m in channel.server_stream("/t.S/S", b"", timeout=5)]
+            assert sizes == [5 * MiB, 100, 6 * MiB, 5 * MiB]
         await channel.close()
         limits = parse_grpc_channel(Reader({"maxMessageBytes": 4 * MiB}, "limits.grpcClient"))
         channel = grpc_channel.Channel(f"127.0.0.1:{port}", limits=limits, on_limit=hits.append)
