@@ -13,9 +13,11 @@ import contextlib
 import gzip
 import logging
 import os
+import pathlib
 import random
 import re
 import socket
+import ssl
 import struct
 import time
 import zlib
@@ -467,6 +469,25 @@ async def test_a_silent_connection_is_closed_after_the_preface_timeout(serve: Se
     assert code == ErrorCode.PROTOCOL_ERROR and closed
     assert 0.25 < time.monotonic() - started < 3
     assert hits == ["prefaceTimeoutSeconds"]
+
+
+async def test_a_silent_tls_connection_is_closed_after_the_preface_timeout(
+    certificate: tuple[pathlib.Path, pathlib.Path],
+) -> None:
+    """No ClientHello: the TLS handshake gets the preface's time, not asyncio's 60 s."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certificate)
+    server = Server({}, HTTP2Limits(preface_timeout_s=0.3))
+    port = await server.start("127.0.0.1", 0, context)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert 0.25 < time.monotonic() - started < 3
+        writer.close()
+    finally:
+        await server.stop(0)
 
 
 async def test_an_idle_connection_gets_goaway_and_the_honest_client_reconnects(serve: ServerFactory) -> None:

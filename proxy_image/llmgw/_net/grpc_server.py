@@ -642,7 +642,13 @@ class Server:
             )
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _GrpcServerConnection(self), host, port, ssl=ssl_context, reuse_address=True
+            lambda: _GrpcServerConnection(self),
+            host,
+            port,
+            ssl=ssl_context,
+            # a TLS client has as long for its handshake as a client in the clear for its preface
+            ssl_handshake_timeout=self.limits.preface_timeout_s if ssl_context is not None else None,
+            reuse_address=True,
         )
         return int(self._server.sockets[0].getsockname()[1])
 
