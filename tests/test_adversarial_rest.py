@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pathlib
 import re
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -363,6 +365,32 @@ async def test_silent_connections_are_capped_and_time_out(rest_proxy: Any) -> No
     assert most_fds < fds + 60
     assert elapsed < 1 + 5
     assert grown < MEMORY_BOUND, f"{grown / MiB:.0f} MiB"
+
+
+async def test_a_tls_client_that_never_finishes_its_handshake_is_closed(
+    fakes: Fakes, proxy_process: Any, certificate: tuple[pathlib.Path, pathlib.Path]
+) -> None:
+    """Over TLS a connection is the server's only after the handshake: one that never sends a ClientHello (or
+    stops halfway) is closed after ``requestHeaderTimeoutSeconds`` too, not asyncio's 60 s."""
+    cert, key = certificate
+    config = proxy_config(
+        fakes,
+        tls={"certFile": str(cert), "keyFile": str(key)},
+        limits={"restServer": {"requestHeaderTimeoutSeconds": 0.5}},
+    )
+    proxy = proxy_process(config)
+    await asyncio.to_thread(proxy.wait_ready)
+    silent = await connect(proxy.rest_port)
+    halfway = await connect(proxy.rest_port)
+    halfway[1].write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # the start of a ClientHello
+    started = time.monotonic()
+    ends = await asyncio.gather(closed_within(silent[0], 10), closed_within(halfway[0], 10))
+    elapsed = time.monotonic() - started
+    assert all(end is not None for end in ends) and 0.3 < elapsed < 5, (ends, elapsed)
+    context = ssl.create_default_context(cafile=str(cert))
+    async with aiohttp.ClientSession() as session:  # an honest TLS client is served
+        resp = await session.get(f"https://127.0.0.1:{proxy.rest_port}/v1/models", ssl=context)
+        assert resp.status == 200
 
 
 # --- 5. malformed input ---------------------------------------------------------------------------------
