@@ -48,6 +48,7 @@ from google.protobuf import __version__ as protobuf_version
 from google.protobuf.internal import api_implementation
 
 from llmgateway.v1 import llm_service_pb2 as pb
+from llmgw.chat import FINISH_BY_NAME
 from llmgw.codecs import openai_chat
 
 SEED = 20240501
@@ -243,6 +244,33 @@ def _request_from_json(body: Any) -> pb.ChatRequest:
     return openai_chat.request_from_json(body)[0]
 
 
+def _simple_response_from_json(body: Any) -> pb.ChatResponse:
+    """The reply as a gRPC client of the simple fields reads it (the corpus's protobuf side)."""
+    full = openai_chat.response_from_json(body)
+    return pb.ChatResponse(
+        id=full.id,
+        model=full.model,
+        content=full.content,
+        finish_reason=full.finish_reason,
+        usage=full.usage,
+        created=full.created,
+    )
+
+
+def _simple_chunk_from_json(body: Any) -> pb.ChatChunk:
+    """The chunk in StreamingChat's simple layout (the corpus's protobuf side), as the gateway turns an
+    OpenAI chunk into it."""
+    full = openai_chat.chunk_from_json(body)
+    chunk = pb.ChatChunk(id=full.id, model=full.model, created=full.created)
+    for choice in full.choices:
+        chunk.delta += choice.delta.content
+        if choice.HasField("finish_reason"):
+            chunk.finish_reason = FINISH_BY_NAME[choice.finish_reason]
+    if full.HasField("usage"):
+        chunk.usage.CopyFrom(full.usage)
+    return chunk
+
+
 @dataclass
 class Category:
     name: str
@@ -283,7 +311,7 @@ def build_corpus() -> list[Category]:
             resps,
             [openai_chat.response_to_json(r) for r in resps],
             lambda m, _i: openai_chat.response_to_json(m),
-            openai_chat.response_from_json,
+            _simple_response_from_json,
             _read_response,
         )
     )
@@ -294,7 +322,7 @@ def build_corpus() -> list[Category]:
             chunks,
             [openai_chat.chunk_to_json(c, first=f) for c, f in zip(chunks, first, strict=True)],
             lambda m, i: openai_chat.chunk_to_json(m, first=first[i]),
-            openai_chat.chunk_from_json,
+            _simple_chunk_from_json,
             _read_chunk,
         )
     )
@@ -305,7 +333,7 @@ def build_corpus() -> list[Category]:
             finals,
             [openai_chat.chunk_to_json(c, first=False) for c in finals],
             lambda m, _i: openai_chat.chunk_to_json(m, first=False),
-            openai_chat.chunk_from_json,
+            _simple_chunk_from_json,
             _read_chunk,
         )
     )

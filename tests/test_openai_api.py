@@ -411,6 +411,12 @@ async def test_tools_through_the_grpc_front(fakes: Fakes, start_proxy: Any) -> N
             assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
             assert not chunks[-1].choices and chunks[-1].usage.total_tokens > 0, "the usage chunk comes last"
 
+            # The simple layout keeps what its delta cannot say in the chunks' choices.
+            legacy = [c async for c in stub.StreamingChat(request)]
+            fragments = [d.arguments for c in legacy for ch in c.choices for d in ch.delta.tool_calls]
+            assert orjson.loads("".join(fragments)) == orjson.loads(call.arguments)
+            assert legacy[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS and legacy[-1].usage.total_tokens
+
             # A gRPC client of the simple layout still gets text chunks and one final chunk with the usage.
             plain = pb.ChatRequest(model=model, messages=[pb.ChatMessage(role=pb.ROLE_USER, content="hi")])
             simple = [c async for c in stub.StreamingChat(plain)]

@@ -192,9 +192,21 @@ async def to_openai_layout(
                 yield _like(chunk, usage=chunk.usage)
 
 
+def _text_only(choice: pb.ChunkChoice) -> bool:
+    """Whether a choice's part of a chunk is nothing but choice 0's text (what ``delta`` can say alone)."""
+    d = choice.delta
+    return (
+        choice.index == 0
+        and not (d.tool_calls or d.reasoning_content or d.refusal or choice.HasField("logprobs_json"))
+        and not choice.extra_json
+    )
+
+
 async def to_simple_layout(chunks: AsyncIterable[pb.ChatChunk]) -> AsyncGenerator[pb.ChatChunk, None]:
     """The chunks in the simple layout: choice 0's text as ``delta`` chunks, then one final chunk with its
-    finish reason and the usage. Raises ValueError if the stream ends without a finish reason."""
+    finish reason and the usage. What ``delta`` cannot say (tool-call fragments, reasoning, logprobs, other
+    choices) is not dropped: such a chunk keeps its ``choices`` beside the ``delta``. Raises ValueError if
+    the stream ends without a finish reason."""
     final: pb.ChatChunk | None = None
     usage: pb.Usage | None = None
     async for chunk in chunks:
@@ -206,18 +218,21 @@ async def to_simple_layout(chunks: AsyncIterable[pb.ChatChunk]) -> AsyncGenerato
             else:
                 yield chunk
             continue
+        text = "".join(c.delta.content for c in chunk.choices if c.index == 0)
         for choice in chunk.choices:
-            if choice.index != 0:
-                continue
-            if choice.delta.content:
-                yield pb.ChatChunk(
-                    id=chunk.id, model=chunk.model, created=chunk.created, delta=choice.delta.content
-                )
-            if choice.HasField("finish_reason") and final is None:
+            if choice.index == 0 and choice.HasField("finish_reason") and final is None:
                 reason = FINISH_BY_NAME.get(choice.finish_reason, pb.FINISH_REASON_STOP)
-                final = pb.ChatChunk(
-                    id=chunk.id, model=chunk.model, created=chunk.created, finish_reason=reason
-                )
+                final = _like(chunk, finish_reason=reason)
+        if all(_text_only(c) for c in chunk.choices):
+            if text:
+                yield _like(chunk, delta=text)
+        else:
+            out = pb.ChatChunk()
+            out.CopyFrom(chunk)
+            out.ClearField("usage")
+            out.usage_null = False
+            out.delta = text
+            yield out
     if final is None:
         raise ValueError("the stream ended without a finish_reason")
     if usage is not None:

@@ -234,7 +234,10 @@ class LLMService(GrpcApi):
             chunk_id = new_id("chatcmpl-")
             created = int(time.time())
             if answer is not None:
-                include_usage = request.stream_options.include_usage
+                # The simple layout always ends with the usage; OpenAI's only when asked for.
+                include_usage = (
+                    request.stream_options.include_usage or request.chunk_layout != pb.CHUNK_LAYOUT_OPENAI
+                )
                 dicts = answer.chunks(chunk_id, created, request.model, include_usage)
                 chunks = [openai_chat.chunk_from_json(c) for c in dicts]
             else:

@@ -4,9 +4,10 @@ Used by the REST front (clients speak OpenAI's API), by the ``openai`` provider 
 the client library. Request parsing names the offending field in every error, so that a client sees
 ``messages[2].role: unknown role 'robot'`` and not a stack trace.
 
-Lossless both ways: every object is read into its typed fields, written back, and whatever the typed fields do
-not reproduce exactly (an unknown key, a vendor extra such as ``top_k``, a key sent as null, a float that
-float32 would round) is kept verbatim in the object's ``extra_json`` and merged back when it is written out.
+Lossless both ways: every object is read into its typed fields in one pass over its keys, and whatever the typed
+fields would not write back exactly (an unknown key, a vendor extra such as ``top_k``, a key sent as null, a float
+that float32 would round, an integer where a float field is) is kept verbatim in the object's ``extra_json`` and
+merged back when it is written out.
 Small objects with several shapes (a content part, a tool, a tool call, ``tool_choice``, ``response_format``)
 are kept whole in their ``json`` field when their shape is not the typed one. So a request reaches an
 OpenAI-compatible provider, and its answer the client, unchanged but for the model name and key order.
@@ -30,6 +31,7 @@ from llmgw.chat import (
     invalid,
     to_simple_layout,
 )
+from llmgw.errors import GatewayError
 
 _INT32_MAX = 2**31 - 1
 _INT64 = 2**63
@@ -38,10 +40,7 @@ _INT64 = 2**63
 # -- JSON helpers ---------------------------------------------------------------------------------------
 
 
-def _extra(obj: dict[str, Any], typed: dict[str, Any]) -> str:
-    """The keys of ``obj`` that ``typed`` (what the typed fields write back) does not reproduce, as JSON."""
-    extra = {k: v for k, v in obj.items() if k not in typed or typed[k] != v or type(typed[k]) is not type(v)}
-    return orjson.dumps(extra).decode() if extra else ""
+_MISSING: Any = object()
 
 
 def _merge(body: dict[str, Any], extra_json: str) -> dict[str, Any]:
@@ -56,36 +55,6 @@ def _dumps(value: Any) -> str:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(body: dict[str, Any], key: str) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise invalid(f"{key}: must be a number, got {type(value).__name__}")
-    return float(value)
-
-
-def _int(body: dict[str, Any], key: str, low: int, high: int) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not _is_int(value):
-        raise invalid(f"{key}: must be an integer, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise invalid(f"{key}: {value} must be between {low} and {high}")
-    return int(value)
-
-
-def _typed(body: dict[str, Any], key: str, kind: type, where: str = "") -> Any:
-    value = body.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        name = {str: "a string", bool: "true or false", dict: "an object", list: "a list"}[kind]
-        raise invalid(f"{where}{key}: must be {name}, got {type(value).__name__}")
-    return value
 
 
 def _float32(value: float) -> float:
@@ -273,57 +242,220 @@ def response_format_to_json(fmt: pb.ResponseFormat) -> dict[str, Any]:
 # -- messages ---------------------------------------------------------------------------------------------
 
 
+_MESSAGE_STRINGS = frozenset({"name", "tool_call_id", "refusal", "reasoning_content"})
+
+
 def message_from_json(m: Any, where: str) -> pb.ChatMessage:
-    """One message of a request, or a reply's message."""
+    """One message of a request, or a reply's message; keys it has no field for go to ``extra_json``."""
     if not isinstance(m, dict):
         raise invalid(f"{where}: must be an object with role and content")
     role = m.get("role")
     if not isinstance(role, str) or role not in ROLE_BY_NAME:
         raise invalid(f"{where}.role: unknown role {clip(role)} (expected one of {', '.join(ROLE_BY_NAME)})")
     msg = pb.ChatMessage(role=ROLE_BY_NAME[role])
-    content = m.get("content")
-    if isinstance(content, str):
-        msg.content = content
-    elif isinstance(content, list):
-        msg.parts.extend(_part_from_json(p, f"{where}.content[{j}]") for j, p in enumerate(content))
-    elif content is not None:
-        raise invalid(f"{where}.content: must be a string or a list of content parts")
-    for key in ("name", "tool_call_id", "refusal", "reasoning_content"):
-        value = _typed(m, key, str, f"{where}.")
-        if value is not None:
+    extra: dict[str, Any] | None = None
+    for key, value in m.items():
+        if key == "role":
+            continue
+        if value is None:
+            pass  # kept as an extra: null is not absent for every provider
+        elif key == "content":
+            if type(value) is str:
+                msg.content = value
+                continue
+            if type(value) is list and value:
+                msg.parts.extend(_part_from_json(p, f"{where}.content[{j}]") for j, p in enumerate(value))
+                continue
+            if type(value) is not list:
+                raise invalid(f"{where}.content: must be a string or a list of content parts")
+        elif key in _MESSAGE_STRINGS:
+            if type(value) is not str:
+                raise invalid(f"{where}.{key}: must be a string, got {type(value).__name__}")
             setattr(msg, key, value)
-    calls = _typed(m, "tool_calls", list, f"{where}.")
-    if calls:
-        msg.tool_calls.extend(
-            _tool_call_from_json(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)
-        )
-    msg.extra_json = _extra(m, message_to_json(msg))
+            continue
+        elif key == "tool_calls":
+            if type(value) is not list:
+                raise invalid(f"{where}.tool_calls: must be a list, got {type(value).__name__}")
+            if value:
+                msg.tool_calls.extend(
+                    _tool_call_from_json(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(value)
+                )
+                continue
+        if extra is None:
+            extra = {}
+        extra[key] = value
+    if extra:
+        msg.extra_json = _dumps(extra)
     return msg
 
 
 def message_to_json(m: pb.ChatMessage) -> dict[str, Any]:
     item: dict[str, Any] = {"role": ROLE_NAME.get(m.role, "user")}
-    if m.parts:
-        item["content"] = [part_to_json(p) for p in m.parts]
-    elif m.HasField("content"):
-        item["content"] = m.content
-    elif m.role != pb.ROLE_ASSISTANT:
+    extra = ""
+    for field, value in m.ListFields():
+        name = field.name
+        if name == "content":
+            if not m.parts:
+                item["content"] = value
+        elif name == "parts":
+            item["content"] = [part_to_json(p) for p in value]
+        elif name == "tool_calls":
+            item["tool_calls"] = [tool_call_to_json(c) for c in value]
+        elif name == "extra_json":
+            extra = value
+        elif name != "role":
+            item[name] = value
+    if "content" not in item and m.role != pb.ROLE_ASSISTANT and '"content"' not in extra:
         item["content"] = ""  # a message of a gRPC client that left its text empty
-    if m.HasField("name"):
-        item["name"] = m.name
-    if m.tool_calls:
-        item["tool_calls"] = [tool_call_to_json(c) for c in m.tool_calls]
-    for key in ("tool_call_id", "refusal", "reasoning_content"):
-        if m.HasField(key):
-            item[key] = getattr(m, key)
-    return _merge(item, m.extra_json)
+    return _merge(item, extra)
 
 
 # -- requests ---------------------------------------------------------------------------------------------
 
-# Request fields with a scalar protobuf field of the same name.
-_BOOLS = ("parallel_tool_calls", "logprobs", "store")
-_STRINGS = ("user", "reasoning_effort", "service_tier")
+# Each request field the gateway knows: a function that sets it on the request from its JSON value (checked,
+# naming the field) and returns whether writing the field back gives that value exactly (else the value is
+# also kept in extra_json, e.g. a temperature float32 would round, an integer penalty, a stop string).
+
+
+def _set_number(req: pb.ChatRequest, key: str, value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise invalid(f"{key}: must be a number, got {type(value).__name__}")
+    setattr(req, key, float(value))
+    written = getattr(req, key)
+    if key in ("temperature", "top_p"):
+        written = _float32(written)
+    return type(value) is float and written == value
+
+
+def _ranged(low: int, high: int) -> Callable[[pb.ChatRequest, str, Any], bool]:
+    def set_int(req: pb.ChatRequest, key: str, value: Any) -> bool:
+        if not _is_int(value):
+            raise invalid(f"{key}: must be an integer, got {type(value).__name__}")
+        if not low <= value <= high:
+            raise invalid(f"{key}: {value} must be between {low} and {high}")
+        setattr(req, key, value)
+        return True
+
+    return set_int
+
+
+def _typed_setter(kind: type) -> Callable[[pb.ChatRequest, str, Any], bool]:
+    name = {str: "a string", bool: "true or false"}[kind]
+
+    def set_value(req: pb.ChatRequest, key: str, value: Any) -> bool:
+        if type(value) is not kind:
+            raise invalid(f"{key}: must be {name}, got {type(value).__name__}")
+        setattr(req, key, value)
+        return True
+
+    return set_value
+
+
+def _set_stop(req: pb.ChatRequest, key: str, value: Any) -> bool:
+    if isinstance(value, str):
+        req.stop.append(value)
+        return False  # written back as a list
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise invalid("stop: must be a string or a list of strings")
+    if len(value) > MAX_STOP_SEQUENCES:
+        raise invalid(f"stop: at most {MAX_STOP_SEQUENCES} sequences, got {len(value)}")
+    req.stop.extend(value)
+    return bool(value)
+
+
+def _set_metadata(req: pb.ChatRequest, key: str, value: Any) -> bool:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise invalid("metadata: must be an object of string values")
+    req.metadata.update(value)
+    return bool(value)
+
+
+def _set_tools(req: pb.ChatRequest, key: str, value: Any) -> bool:
+    if not isinstance(value, list):
+        raise invalid(f"tools: must be a list, got {type(value).__name__}")
+    req.tools.extend(_tool_from_json(t, f"tools[{i}]") for i, t in enumerate(value))
+    return bool(value)
+
+
+def _set_tool_choice(req: pb.ChatRequest, key: str, value: Any) -> bool:
+    req.tool_choice.CopyFrom(_tool_choice_from_json(value))
+    return True
+
+
+def _set_response_format(req: pb.ChatRequest, key: str, value: Any) -> bool:
+    req.response_format.CopyFrom(_response_format_from_json(value))
+    return True
+
+
+def _set_logit_bias(req: pb.ChatRequest, key: str, value: Any) -> bool:
+    if not isinstance(value, dict):
+        raise invalid(f"logit_bias: must be an object, got {type(value).__name__}")
+    exact = bool(value)
+    for token, bias in value.items():
+        if isinstance(bias, bool) or not isinstance(bias, int | float):
+            raise invalid(f"logit_bias[{clip(token)}]: must be a number")
+        req.logit_bias[token] = float(bias)
+        written = _num(float(bias))
+        exact = exact and type(written) is type(bias) and written == bias
+    return exact
+
+
+def _set_stream_options(req: pb.ChatRequest, key: str, value: Any) -> bool:
+    if not isinstance(value, dict):
+        raise invalid(f"stream_options: must be an object, got {type(value).__name__}")
+    options = req.stream_options
+    options.SetInParent()
+    include_usage = value.get("include_usage")
+    if include_usage is not None:
+        if type(include_usage) is not bool:
+            raise invalid("stream_options.include_usage: must be true or false")
+        options.include_usage = include_usage
+    others = {k: v for k, v in value.items() if k != "include_usage" or v is None}
+    if others:
+        options.extra_json = _dumps(others)
+    return True
+
+
+def _set_prediction(req: pb.ChatRequest, key: str, value: Any) -> bool:
+    if not isinstance(value, dict):
+        raise invalid(f"prediction: must be an object, got {type(value).__name__}")
+    req.prediction_json = _dumps(value)
+    return True
+
+
+def _set_modalities(req: pb.ChatRequest, key: str, value: Any) -> bool:
+    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+        raise invalid("modalities: must be a list of strings")
+    req.modalities.extend(value)
+    return bool(value)
+
+
+_REQUEST_FIELDS: dict[str, Callable[[pb.ChatRequest, str, Any], bool]] = {
+    "temperature": _set_number,
+    "top_p": _set_number,
+    "presence_penalty": _set_number,
+    "frequency_penalty": _set_number,
+    "max_tokens": _ranged(1, _INT32_MAX),
+    "max_completion_tokens": _ranged(1, _INT32_MAX),
+    "n": _ranged(1, 128),
+    "top_logprobs": _ranged(0, 20),
+    "seed": _ranged(-_INT64, _INT64 - 1),
+    "stop": _set_stop,
+    "user": _typed_setter(str),
+    "reasoning_effort": _typed_setter(str),
+    "service_tier": _typed_setter(str),
+    "parallel_tool_calls": _typed_setter(bool),
+    "logprobs": _typed_setter(bool),
+    "store": _typed_setter(bool),
+    "metadata": _set_metadata,
+    "tools": _set_tools,
+    "tool_choice": _set_tool_choice,
+    "response_format": _set_response_format,
+    "logit_bias": _set_logit_bias,
+    "stream_options": _set_stream_options,
+    "prediction": _set_prediction,
+    "modalities": _set_modalities,
+}
 
 
 def request_from_json(body: Any) -> tuple[pb.ChatRequest, bool]:
@@ -342,84 +474,27 @@ def request_from_json(body: Any) -> tuple[pb.ChatRequest, bool]:
         raise invalid("messages: required, a list of messages")
     req = pb.ChatRequest(model=model)
     req.messages.extend(message_from_json(m, f"messages[{i}]") for i, m in enumerate(raw_messages))
-    temperature = _number(body, "temperature")
-    if temperature is not None:
-        req.temperature = temperature
-    top_p = _number(body, "top_p")
-    if top_p is not None:
-        req.top_p = top_p
-    for key in ("max_tokens", "max_completion_tokens"):
-        value = _int(body, key, 1, _INT32_MAX)
-        if value is not None:
-            setattr(req, key, value)
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        req.stop.append(stop)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        if len(stop) > MAX_STOP_SEQUENCES:
-            raise invalid(f"stop: at most {MAX_STOP_SEQUENCES} sequences, got {len(stop)}")
-        req.stop.extend(stop)
-    elif stop is not None:
-        raise invalid("stop: must be a string or a list of strings")
-    for key in _STRINGS:
-        value = _typed(body, key, str)
-        if value is not None:
-            setattr(req, key, value)
-    for key in _BOOLS:
-        value = _typed(body, key, bool)
-        if value is not None:
-            setattr(req, key, value)
-    metadata = _typed(body, "metadata", dict)
-    if metadata is not None:
-        if not all(isinstance(v, str) for v in metadata.values()):
-            raise invalid("metadata: must be an object of string values")
-        req.metadata.update(metadata)
-    tools = _typed(body, "tools", list)
-    if tools is not None:
-        req.tools.extend(_tool_from_json(t, f"tools[{i}]") for i, t in enumerate(tools))
-    if body.get("tool_choice") is not None:
-        req.tool_choice.CopyFrom(_tool_choice_from_json(body["tool_choice"]))
-    if body.get("response_format") is not None:
-        req.response_format.CopyFrom(_response_format_from_json(body["response_format"]))
-    for key, low, high in (("n", 1, 128), ("top_logprobs", 0, 20)):
-        value = _int(body, key, low, high)
-        if value is not None:
-            setattr(req, key, value)
-    seed = _int(body, "seed", -_INT64, _INT64 - 1)
-    if seed is not None:
-        req.seed = seed
-    for key in ("presence_penalty", "frequency_penalty"):
-        penalty = _number(body, key)
-        if penalty is not None:
-            setattr(req, key, penalty)
-    logit_bias = _typed(body, "logit_bias", dict)
-    if logit_bias is not None:
-        for token, bias in logit_bias.items():
-            if isinstance(bias, bool) or not isinstance(bias, int | float):
-                raise invalid(f"logit_bias[{clip(token)}]: must be a number")
-            req.logit_bias[token] = float(bias)
-    options = _typed(body, "stream_options", dict)
-    if options is not None:
-        include_usage = _typed(options, "include_usage", bool, "stream_options.")
-        if include_usage is not None:
-            req.stream_options.include_usage = include_usage
-        req.stream_options.extra_json = _extra(options, _stream_options_to_json(req.stream_options))
-    prediction = _typed(body, "prediction", dict)
-    if prediction is not None:
-        req.prediction_json = _dumps(prediction)
-    modalities = _typed(body, "modalities", list)
-    if modalities is not None:
-        if not all(isinstance(m, str) for m in modalities):
-            raise invalid("modalities: must be a list of strings")
-        req.modalities.extend(modalities)
-    stream = body.get("stream", False)
-    if stream is not None and not isinstance(stream, bool):
-        raise invalid("stream: must be true or false")
-    typed = _request_fields(req)
-    if stream:
-        typed["stream"] = True  # the front's business; an explicit false or null is kept as an extra
-    req.extra_json = _extra(body, typed)
-    return req, bool(stream)
+    stream = False
+    extra: dict[str, Any] | None = None
+    for key, value in body.items():
+        if key in ("model", "messages"):
+            continue
+        if key == "stream":
+            if value is True:
+                stream = True  # the front's business; an explicit false or null is kept as an extra
+                continue
+            if value is not None and value is not False:
+                raise invalid("stream: must be true or false")
+        elif value is not None:
+            setter = _REQUEST_FIELDS.get(key)
+            if setter is not None and setter(req, key, value):
+                continue
+        if extra is None:
+            extra = {}
+        extra[key] = value
+    if extra:
+        req.extra_json = _dumps(extra)
+    return req, stream
 
 
 def _stream_options_to_json(options: pb.StreamOptions) -> dict[str, Any]:
@@ -429,37 +504,44 @@ def _stream_options_to_json(options: pb.StreamOptions) -> dict[str, Any]:
     return _merge(body, options.extra_json)
 
 
+def _emit_float32(value: Any) -> Any:
+    return _float32(value)
+
+
+def _emit_list(value: Any) -> Any:
+    return list(value)
+
+
+_REQUEST_EMIT: dict[str, tuple[str, Callable[[Any], Any]] | None] = {
+    "model": None,  # set by request_to_json
+    "extra_json": None,
+    "chunk_layout": None,
+    "messages": ("messages", lambda v: [message_to_json(m) for m in v]),
+    "temperature": ("temperature", _emit_float32),
+    "top_p": ("top_p", _emit_float32),
+    "stop": ("stop", _emit_list),
+    "modalities": ("modalities", _emit_list),
+    "metadata": ("metadata", dict),
+    "tools": ("tools", lambda v: [tool_to_json(t) for t in v]),
+    "tool_choice": ("tool_choice", tool_choice_to_json),
+    "response_format": ("response_format", response_format_to_json),
+    "logit_bias": ("logit_bias", lambda v: {k: _num(b) for k, b in v.items()}),
+    "stream_options": ("stream_options", _stream_options_to_json),
+    "prediction_json": ("prediction", orjson.loads),
+}
+
+
 def _request_fields(req: pb.ChatRequest) -> dict[str, Any]:
     """Every field of ``req`` as OpenAI's JSON, extras not merged."""
-    body: dict[str, Any] = {"model": req.model, "messages": [message_to_json(m) for m in req.messages]}
-    if req.HasField("temperature"):
-        body["temperature"] = _float32(req.temperature)
-    if req.HasField("top_p"):
-        body["top_p"] = _float32(req.top_p)
-    for key in ("max_tokens", "max_completion_tokens", "n", "top_logprobs", "seed"):
-        if req.HasField(key):
-            body[key] = getattr(req, key)
-    if req.stop:
-        body["stop"] = list(req.stop)
-    for key in (*_STRINGS, *_BOOLS, "presence_penalty", "frequency_penalty"):
-        if req.HasField(key):
-            body[key] = getattr(req, key)
-    if req.metadata:
-        body["metadata"] = dict(req.metadata)
-    if req.tools:
-        body["tools"] = [tool_to_json(t) for t in req.tools]
-    if req.HasField("tool_choice"):
-        body["tool_choice"] = tool_choice_to_json(req.tool_choice)
-    if req.HasField("response_format"):
-        body["response_format"] = response_format_to_json(req.response_format)
-    if req.logit_bias:
-        body["logit_bias"] = {k: _num(v) for k, v in req.logit_bias.items()}
-    if req.HasField("stream_options"):
-        body["stream_options"] = _stream_options_to_json(req.stream_options)
-    if req.HasField("prediction_json"):
-        body["prediction"] = orjson.loads(req.prediction_json)
-    if req.modalities:
-        body["modalities"] = list(req.modalities)
+    body: dict[str, Any] = {"model": req.model}
+    for field, value in req.ListFields():
+        name = field.name
+        if name in _REQUEST_EMIT:
+            emit = _REQUEST_EMIT[name]
+            if emit is not None:
+                body[emit[0]] = emit[1](value)
+        else:
+            body[name] = value
     return body
 
 
@@ -483,27 +565,44 @@ def request_to_json(req: pb.ChatRequest, *, model: str | None = None, stream: bo
 # -- answers ----------------------------------------------------------------------------------------------
 
 
-def _details_from_json(value: Any, details: Any, keys: tuple[str, ...]) -> None:
-    if not isinstance(value, dict):
-        raise TypeError("token details: not an object")
-    for key in keys:
-        if _is_int(value.get(key)):
-            setattr(details, key, value[key])
-    details.extra_json = _extra(value, _details_to_json(details, keys))
-
-
-def _details_to_json(details: Any, keys: tuple[str, ...]) -> dict[str, Any]:
-    body = {k: getattr(details, k) for k in keys if details.HasField(k)}
-    return _merge(body, details.extra_json)
-
-
-_PROMPT_DETAILS = ("cached_tokens", "audio_tokens")
-_COMPLETION_DETAILS = (
-    "reasoning_tokens",
-    "audio_tokens",
-    "accepted_prediction_tokens",
-    "rejected_prediction_tokens",
+_PROMPT_DETAILS = frozenset({"cached_tokens", "audio_tokens"})
+_COMPLETION_DETAILS = frozenset(
+    {"reasoning_tokens", "audio_tokens", "accepted_prediction_tokens", "rejected_prediction_tokens"}
 )
+_USAGE_NUMBERS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens"})
+
+
+def _add_extra(extra: dict[str, Any] | None, key: str, value: Any) -> dict[str, Any]:
+    if extra is None:
+        extra = {}
+    extra[key] = value
+    return extra
+
+
+def _details_from_json(value: dict[str, Any], cls: Any, keys: frozenset[str]) -> Any:
+    fields: dict[str, Any] = {}
+    extra = None
+    for k, v in value.items():
+        if k in keys and type(v) is int:
+            fields[k] = v
+        else:
+            extra = _add_extra(extra, k, v)
+    details = cls(**fields)
+    if extra:
+        details.extra_json = _dumps(extra)
+    return details
+
+
+def _fields_to_json(message: Any) -> dict[str, Any]:
+    """A message of scalar fields and ``extra_json`` as JSON (token details)."""
+    body: dict[str, Any] = {}
+    extra = ""
+    for field, value in message.ListFields():
+        if field.name == "extra_json":
+            extra = value
+        else:
+            body[field.name] = value
+    return _merge(body, extra)
 
 
 def usage_to_json(usage: pb.Usage) -> dict[str, Any]:
@@ -512,56 +611,79 @@ def usage_to_json(usage: pb.Usage) -> dict[str, Any]:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
     }
-    if usage.HasField("prompt_tokens_details"):
-        body["prompt_tokens_details"] = _details_to_json(usage.prompt_tokens_details, _PROMPT_DETAILS)
-    if usage.HasField("completion_tokens_details"):
-        body["completion_tokens_details"] = _details_to_json(
-            usage.completion_tokens_details, _COMPLETION_DETAILS
-        )
-    return _merge(body, usage.extra_json)
+    extra = ""
+    for field, value in usage.ListFields():
+        name = field.name
+        if name in ("prompt_tokens_details", "completion_tokens_details"):
+            body[name] = _fields_to_json(value)
+        elif name == "extra_json":
+            extra = value
+    return _merge(body, extra)
 
 
 def usage_from_json(usage: Any) -> pb.Usage | None:
     if not isinstance(usage, dict):
         return None
-    prompt = int(usage.get("prompt_tokens") or 0)
-    completion = int(usage.get("completion_tokens") or 0)
-    result = pb.Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=int(usage.get("total_tokens") or prompt + completion),
-    )
-    if usage.get("prompt_tokens_details") is not None:
-        _details_from_json(usage["prompt_tokens_details"], result.prompt_tokens_details, _PROMPT_DETAILS)
-    if usage.get("completion_tokens_details") is not None:
-        _details_from_json(
-            usage["completion_tokens_details"], result.completion_tokens_details, _COMPLETION_DETAILS
-        )
-    result.extra_json = _extra(usage, usage_to_json(result))
+    fields: dict[str, Any] = {}
+    extra = None
+    for k, v in usage.items():
+        if k in _USAGE_NUMBERS and type(v) is int:
+            fields[k] = v
+        elif k == "prompt_tokens_details" and type(v) is dict:
+            fields[k] = _details_from_json(v, pb.PromptTokensDetails, _PROMPT_DETAILS)
+        elif k == "completion_tokens_details" and type(v) is dict:
+            fields[k] = _details_from_json(v, pb.CompletionTokensDetails, _COMPLETION_DETAILS)
+        else:
+            extra = _add_extra(extra, k, v)
+    if "total_tokens" not in fields:
+        fields["total_tokens"] = fields.get("prompt_tokens", 0) + fields.get("completion_tokens", 0)
+    result = pb.Usage(**fields)
+    if extra:
+        result.extra_json = _dumps(extra)
     return result
 
 
 def _choice_to_json(choice: pb.Choice) -> dict[str, Any]:
-    body = {
-        "index": choice.index,
-        "message": message_to_json(choice.message),
-        "logprobs": orjson.loads(choice.logprobs_json) if choice.HasField("logprobs_json") else None,
-        "finish_reason": choice.finish_reason if choice.HasField("finish_reason") else None,
-    }
-    return _merge(body, choice.extra_json)
+    body: dict[str, Any] = {"index": choice.index, "message": None, "logprobs": None, "finish_reason": None}
+    extra = ""
+    for field, value in choice.ListFields():
+        name = field.name
+        if name == "message":
+            body["message"] = message_to_json(value)
+        elif name == "logprobs_json":
+            body["logprobs"] = orjson.loads(value)
+        elif name == "finish_reason":
+            body["finish_reason"] = value
+        elif name == "extra_json":
+            extra = value
+    if body["message"] is None:
+        body["message"] = message_to_json(choice.message)
+    return _merge(body, extra)
 
 
 def _choice_from_json(c: Any, i: int) -> pb.Choice:
-    choice = pb.Choice(index=int(c.get("index", i)))
+    if not isinstance(c, dict):
+        raise TypeError(f"choices[{i}]: not an object")
     try:
-        choice.message.CopyFrom(message_from_json(c["message"], f"choices[{i}].message"))
-    except Exception as exc:  # a GatewayError here is the provider's fault, not the client's
-        raise ValueError(str(exc)) from None
-    if isinstance(c.get("finish_reason"), str):
-        choice.finish_reason = c["finish_reason"]
-    if c.get("logprobs") is not None:
-        choice.logprobs_json = _dumps(c["logprobs"])
-    choice.extra_json = _extra(c, _choice_to_json(choice))
+        message = message_from_json(c["message"], f"choices[{i}].message")
+    except GatewayError as exc:  # the provider's fault, not the client's
+        raise ValueError(exc.message) from None
+    fields: dict[str, Any] = {"index": i, "message": message}
+    extra = None
+    for k, v in c.items():
+        if k == "message":
+            continue
+        if k == "index" and type(v) is int:
+            fields["index"] = v
+        elif k == "finish_reason" and type(v) is str:
+            fields["finish_reason"] = v
+        elif k == "logprobs" and v is not None:
+            fields["logprobs_json"] = _dumps(v)
+        elif not (k in ("finish_reason", "logprobs") and v is None):  # written back as null
+            extra = _add_extra(extra, k, v)
+    choice = pb.Choice(**fields)
+    if extra:
+        choice.extra_json = _dumps(extra)
     return choice
 
 
@@ -571,30 +693,56 @@ def _finish_enum(reason: str | None) -> pb.FinishReason:
 
 def response_from_json(body: Any) -> pb.ChatResponse:
     """Parse an upstream OpenAI chat completion; raises KeyError/TypeError/ValueError on a malformed one."""
-    choices = [_choice_from_json(c, i) for i, c in enumerate(body["choices"])]
-    resp = pb.ChatResponse(
-        id=str(body.get("id", "")), model=str(body.get("model", "")), created=int(body.get("created") or 0)
-    )
-    resp.choices.extend(choices)
+    raw_choices = body["choices"]
+    if not isinstance(raw_choices, list):
+        raise TypeError("choices: not a list")
+    choices = [_choice_from_json(c, i) for i, c in enumerate(raw_choices)]
+    fields: dict[str, Any] = {"choices": choices}
+    extra = None
+    for k, v in body.items():
+        if k == "choices" or (k == "object" and v == "chat.completion"):
+            continue
+        if (k in ("id", "model", "system_fingerprint", "service_tier") and type(v) is str) or (
+            k == "created" and type(v) is int
+        ):
+            fields[k] = v
+        elif k == "usage" and type(v) is dict:
+            fields["usage"] = usage_from_json(v)
+        else:
+            extra = _add_extra(extra, k, v)
     if choices:
         first = choices[0]
-        resp.content = first.message.content
-        resp.finish_reason = _finish_enum(first.finish_reason if first.HasField("finish_reason") else None)
-    usage = usage_from_json(body.get("usage"))
-    if usage is not None:
-        resp.usage.CopyFrom(usage)
-    for key in ("system_fingerprint", "service_tier"):
-        if isinstance(body.get(key), str):
-            setattr(resp, key, body[key])
-    resp.extra_json = _extra(body, response_to_json(resp, merge=False))
+        fields["content"] = first.message.content
+        fields["finish_reason"] = _finish_enum(
+            first.finish_reason if first.HasField("finish_reason") else None
+        )
+    resp = pb.ChatResponse(**fields)
+    if extra:
+        resp.extra_json = _dumps(extra)
     return resp
 
 
-def response_to_json(resp: pb.ChatResponse, *, merge: bool = True) -> dict[str, Any]:
-    if resp.choices:
-        choices = [_choice_to_json(c) for c in resp.choices]
-    else:  # a provider that fills only the first choice's fields (anthropic, a simple gRPC upstream)
-        choices = [
+def response_to_json(resp: pb.ChatResponse) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": resp.id,
+        "object": "chat.completion",
+        "created": resp.created,
+        "model": resp.model,
+        "choices": None,
+    }
+    extra = ""
+    for field, value in resp.ListFields():
+        name = field.name
+        if name == "choices":
+            body["choices"] = [_choice_to_json(c) for c in value]
+        elif name == "usage":
+            body["usage"] = usage_to_json(value)
+        elif name in ("system_fingerprint", "service_tier"):
+            body[name] = value
+        elif name == "extra_json":
+            extra = value
+    if body["choices"] is None:  # a provider that fills only the first choice's fields (anthropic, ...)
+        body["choices"] = [
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": resp.content, "refusal": None},
@@ -602,19 +750,8 @@ def response_to_json(resp: pb.ChatResponse, *, merge: bool = True) -> dict[str, 
                 "finish_reason": FINISH_NAME.get(resp.finish_reason, "stop"),
             }
         ]
-    body: dict[str, Any] = {
-        "id": resp.id,
-        "object": "chat.completion",
-        "created": resp.created,
-        "model": resp.model,
-        "choices": choices,
-    }
-    if resp.HasField("usage") or not resp.choices:
-        body["usage"] = usage_to_json(resp.usage)
-    for key in ("system_fingerprint", "service_tier"):
-        if resp.HasField(key):
-            body[key] = getattr(resp, key)
-    return _merge(body, resp.extra_json) if merge else body
+        body.setdefault("usage", usage_to_json(resp.usage))
+    return _merge(body, extra)
 
 
 # -- stream chunks ----------------------------------------------------------------------------------------
@@ -651,45 +788,74 @@ def _tool_delta_to_json(delta: pb.ToolCallDelta) -> dict[str, Any]:
     return body
 
 
-_DELTA_STRINGS = ("role", "content", "refusal", "reasoning_content")
+_DELTA_STRINGS = frozenset({"role", "content", "refusal", "reasoning_content"})
 
 
 def _delta_to_json(delta: pb.ChunkDelta) -> dict[str, Any]:
-    body: dict[str, Any] = {k: getattr(delta, k) for k in _DELTA_STRINGS if delta.HasField(k)}
-    if delta.tool_calls:
-        body["tool_calls"] = [_tool_delta_to_json(d) for d in delta.tool_calls]
-    return _merge(body, delta.extra_json)
+    body: dict[str, Any] = {}
+    extra = ""
+    for field, value in delta.ListFields():
+        name = field.name
+        if name == "tool_calls":
+            body["tool_calls"] = [_tool_delta_to_json(d) for d in value]
+        elif name == "extra_json":
+            extra = value
+        else:
+            body[name] = value
+    return _merge(body, extra)
 
 
-def _delta_from_json(d: Any, delta: pb.ChunkDelta) -> None:
-    if not isinstance(d, dict):
-        raise TypeError("delta: not an object")
-    for key in _DELTA_STRINGS:
-        if isinstance(d.get(key), str):
-            setattr(delta, key, d[key])
-    if isinstance(d.get("tool_calls"), list):
-        delta.tool_calls.extend(_tool_delta_from_json(t) for t in d["tool_calls"])
-    delta.extra_json = _extra(d, _delta_to_json(delta))
+def _delta_from_json(d: dict[str, Any]) -> pb.ChunkDelta:
+    fields: dict[str, Any] = {}
+    extra = None
+    for k, v in d.items():
+        if k in _DELTA_STRINGS and type(v) is str:
+            fields[k] = v
+        elif k == "tool_calls" and type(v) is list and v:
+            fields["tool_calls"] = [_tool_delta_from_json(t) for t in v]
+        else:
+            extra = _add_extra(extra, k, v)
+    delta = pb.ChunkDelta(**fields)
+    if extra:
+        delta.extra_json = _dumps(extra)
+    return delta
 
 
 def _chunk_choice_to_json(choice: pb.ChunkChoice) -> dict[str, Any]:
-    body = {
-        "index": choice.index,
-        "delta": _delta_to_json(choice.delta),
-        "logprobs": orjson.loads(choice.logprobs_json) if choice.HasField("logprobs_json") else None,
-        "finish_reason": choice.finish_reason if choice.HasField("finish_reason") else None,
-    }
-    return _merge(body, choice.extra_json)
+    body: dict[str, Any] = {"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": None}
+    extra = ""
+    for field, value in choice.ListFields():
+        name = field.name
+        if name == "delta":
+            body["delta"] = _delta_to_json(value)
+        elif name == "logprobs_json":
+            body["logprobs"] = orjson.loads(value)
+        elif name == "finish_reason":
+            body["finish_reason"] = value
+        elif name == "extra_json":
+            extra = value
+    return _merge(body, extra)
 
 
 def _chunk_choice_from_json(c: Any, i: int) -> pb.ChunkChoice:
-    choice = pb.ChunkChoice(index=int(c.get("index", i)))
-    _delta_from_json(c.get("delta") or {}, choice.delta)
-    if isinstance(c.get("finish_reason"), str):
-        choice.finish_reason = c["finish_reason"]
-    if c.get("logprobs") is not None:
-        choice.logprobs_json = _dumps(c["logprobs"])
-    choice.extra_json = _extra(c, _chunk_choice_to_json(choice))
+    if not isinstance(c, dict):
+        raise TypeError(f"choices[{i}]: not an object")
+    fields: dict[str, Any] = {"index": i}
+    extra = None
+    for k, v in c.items():
+        if k == "index" and type(v) is int:
+            fields["index"] = v
+        elif k == "delta" and type(v) is dict:
+            fields["delta"] = _delta_from_json(v)
+        elif k == "finish_reason" and type(v) is str:
+            fields["finish_reason"] = v
+        elif k == "logprobs" and v is not None:
+            fields["logprobs_json"] = _dumps(v)
+        elif not (k in ("finish_reason", "logprobs") and v is None):  # written back as null
+            extra = _add_extra(extra, k, v)
+    choice = pb.ChunkChoice(**fields)
+    if extra:
+        choice.extra_json = _dumps(extra)
     return choice
 
 
@@ -702,11 +868,27 @@ def chunk_to_json(chunk: pb.ChatChunk, *, first: bool = False) -> dict[str, Any]
         "created": chunk.created,
         "model": chunk.model,
     }
-    for key in ("service_tier", "system_fingerprint"):
-        if chunk.HasField(key):
-            body[key] = getattr(chunk, key)
-    if chunk.choices or not (chunk.delta or chunk.finish_reason):
-        body["choices"] = [_chunk_choice_to_json(c) for c in chunk.choices]
+    choices = None
+    simple = False
+    usage: Any = _MISSING
+    extra = ""
+    for field, value in chunk.ListFields():
+        name = field.name
+        if name == "choices":
+            choices = [_chunk_choice_to_json(c) for c in value]
+        elif name in ("delta", "finish_reason"):
+            simple = True
+        elif name in ("service_tier", "system_fingerprint"):
+            body[name] = value
+        elif name == "usage":
+            usage = usage_to_json(value)
+        elif name == "usage_null":
+            if usage is _MISSING:
+                usage = None
+        elif name == "extra_json":
+            extra = value
+    if choices is not None or not simple:
+        body["choices"] = choices or []
     else:
         delta: dict[str, Any] = {"content": chunk.delta}
         if first:
@@ -719,31 +901,31 @@ def chunk_to_json(chunk: pb.ChatChunk, *, first: bool = False) -> dict[str, Any]
                 "finish_reason": FINISH_NAME.get(chunk.finish_reason),
             }
         ]
-    if chunk.HasField("usage"):
-        body["usage"] = usage_to_json(chunk.usage)
-    elif chunk.usage_null:
-        body["usage"] = None
-    return _merge(body, chunk.extra_json)
+    if usage is not _MISSING:
+        body["usage"] = usage
+    return _merge(body, extra)
 
 
 def chunk_from_json(body: Any) -> pb.ChatChunk:
     """Parse one upstream ``chat.completion.chunk`` into the OpenAI layout (``choices``)."""
-    chunk = pb.ChatChunk(
-        id=str(body.get("id", "")), model=str(body.get("model", "")), created=int(body.get("created") or 0)
-    )
-    chunk.choices.extend(_chunk_choice_from_json(c, i) for i, c in enumerate(body.get("choices") or ()))
-    for key in ("system_fingerprint", "service_tier"):
-        if isinstance(body.get(key), str):
-            setattr(chunk, key, body[key])
-    if "usage" in body:
-        usage = usage_from_json(body["usage"])
-        if usage is not None:
-            chunk.usage.CopyFrom(usage)
-        elif body["usage"] is None:
-            chunk.usage_null = True
-    extra = _extra(body, chunk_to_json(chunk))
+    fields: dict[str, Any] = {}
+    extra = None
+    for k, v in body.items():
+        if (k in ("id", "model", "system_fingerprint", "service_tier") and type(v) is str) or (
+            k == "created" and type(v) is int
+        ):
+            fields[k] = v
+        elif k == "choices" and type(v) is list:
+            fields["choices"] = [_chunk_choice_from_json(c, i) for i, c in enumerate(v)]
+        elif k == "usage" and v is None:
+            fields["usage_null"] = True
+        elif k == "usage" and type(v) is dict:
+            fields["usage"] = usage_from_json(v)
+        elif not (k == "object" and v == "chat.completion.chunk"):
+            extra = _add_extra(extra, k, v)
+    chunk = pb.ChatChunk(**fields)
     if extra:
-        chunk.extra_json = extra
+        chunk.extra_json = _dumps(extra)
     return chunk
 
 
