@@ -128,6 +128,39 @@ def test_a_rollout_past_its_progress_deadline_is_on_the_gateway(
     assert deployment["metadata"]["name"] == "gw-proxy"
 
 
+def test_an_image_that_cannot_be_pulled_is_on_the_gateway(
+    fast: Operator, kubectl: Kubectl, namespace: str
+) -> None:
+    """A proxy container waiting in ImagePullBackOff (what the kubelet reports; written here through the pod's
+    status subresource, as no kubelet runs) gives Degraded=True, reason ImagePullFailed, with the kubelet's
+    message, long before the Deployment's progress deadline."""
+    kubectl.apply(secret(), namespace)
+    kubectl.apply(gateway(replicas=1, proxy={"replicas": 1, "image": "llmgw-proxy:nope"}), namespace)
+    pod = wait_for(
+        "a proxy pod",
+        lambda: kubectl.json("get", "pods", "-n", namespace, "-l", "llmgateway.io/gateway=gw")["items"],
+        operator=fast,
+    )[0]
+    waiting = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "llmgw-proxy:nope"'}
+    container = {
+        "name": "proxy", "image": "llmgw-proxy:nope", "imageID": "", "ready": False, "restartCount": 0,
+        "state": {"waiting": waiting},
+    }  # fmt: skip
+    kubectl("patch", "-n", namespace, "pod", pod["metadata"]["name"], "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": {"containerStatuses": [container]}}))  # fmt: skip
+    cond = wait_for(
+        "Degraded=True reason ImagePullFailed",
+        lambda: degraded(kubectl, namespace, "ImagePullFailed"),
+        timeout=30,
+        operator=fast,
+    )
+    assert cond["message"] == (
+        f"proxy pod {pod['metadata']['name']} container proxy cannot run: ImagePullBackOff: "
+        'Back-off pulling image "llmgw-proxy:nope"'
+    )
+    assert warnings(kubectl, namespace, "ImagePullFailed")
+
+
 @pytest.fixture
 def lax_crd(kubectl: Kubectl) -> Iterator[None]:
     """The CRD without the gateway-name rules nor the Secret-name pattern, as a CRD from before them had it;

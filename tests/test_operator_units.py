@@ -761,3 +761,45 @@ async def test_commands_without_a_migration_are_reported_once() -> None:
     kube.gateway["metadata"]["annotations"]["llmgateway.io/promote"] = "again"
     await _sync(kube)
     assert [r for _, r, _ in kube.events[count:]] == ["CommandIgnored"]
+
+
+def _pod(name: str, waiting: dict[str, str] | None, deleting: bool = False) -> dict[str, Any]:
+    state = {"waiting": waiting} if waiting else {"running": {"startedAt": "t"}}
+    meta: dict[str, Any] = {"name": name, **({"deletionTimestamp": "t"} if deleting else {})}
+    return {"metadata": meta, "status": {"containerStatuses": [{"name": "proxy", "state": state}]}}
+
+
+PULL_FAILED = {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "llmgw-proxy:nope"'}
+
+
+def test_proxy_containers_that_cannot_run_are_degraded() -> None:
+    from llmgw_operator.status import pods_problem
+
+    assert pods_problem(None) is None and pods_problem([_pod("a", None)]) is None
+    assert pods_problem([_pod("a", {"reason": "ContainerCreating"})]) is None  # on its way
+    assert pods_problem([_pod("a", PULL_FAILED, deleting=True)]) is None  # going away
+    reason, message = pods_problem([_pod("b", PULL_FAILED), _pod("a", PULL_FAILED)]) or ("", "")
+    assert reason == "ImagePullFailed"
+    assert message == (
+        'proxy pod a container proxy cannot run: ImagePullBackOff: Back-off pulling image "llmgw-proxy:nope"'
+        " (and 1 more)"
+    )
+    crash = {"reason": "CrashLoopBackOff", "message": "back-off 5m0s restarting failed container"}
+    assert (pods_problem([_pod("a", crash)]) or ("",))[0] == "ProxiesFailing"
+
+    pending = build_status({}, _observation(deployment=_deployment([])), "t0")
+    failing = build_status(
+        pending, _observation(deployment=_deployment([]), pods=[_pod("a", PULL_FAILED)]), "t1"
+    )
+    degraded = condition_of(failing, "Degraded")
+    assert (failing["phase"], degraded["status"], degraded["reason"]) == (
+        "Degraded",
+        "True",
+        "ImagePullFailed",
+    )
+    assert ("Warning", "ImagePullFailed", f"Degraded=True: {degraded['message']}") in condition_events(
+        pending, failing
+    )
+    # The Deployment's own conditions come first.
+    both = _observation(deployment=_deployment([REPLICA_FAILURE]), pods=[_pod("a", PULL_FAILED)])
+    assert condition_of(build_status({}, both, "t"), "Degraded")["reason"] == "ReplicaFailure"

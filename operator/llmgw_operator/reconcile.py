@@ -511,6 +511,18 @@ class Reconciler:
                 elif isinstance(result, BaseException):
                     raise result
 
+        pods = None
+        wanted = spec["proxy"]["replicas"]
+        if (
+            deployment is not None
+            and wanted
+            and (deployment.get("status") or {}).get("readyReplicas", 0) < wanted
+        ):
+            # Why proxies are not ready (an image that cannot be pulled, a crash loop) is in their pods only.
+            try:
+                pods = await self.kube.list_pods(namespace, manifests.selector(name))
+            except ApiError as exc:
+                log.debug("gateway %s/%s: cannot list its pods: %s", namespace, name, exc.status.message)
         status = build_status(
             previous,
             Observation(
@@ -526,6 +538,7 @@ class Reconciler:
                 deployment=deployment,
                 migration=migration_state if "migration" in spec else None,
                 ignored_commands=ignored,
+                pods=pods,
             ),
             _now(),
         )

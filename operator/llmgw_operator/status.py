@@ -12,7 +12,8 @@ gateway produces an identical status and the operator writes nothing.
 - ``Progressing``: a REST-to-gRPC migration is under way (set by the migration controller).
 - ``Degraded``: something needs a person: an invalid spec or gateway name, a missing Secret, an object the
   API server refused, proxies the Deployment cannot create or roll out (its ``ReplicaFailure`` condition,
-  or ``Progressing=False`` with ``ProgressDeadlineExceeded``), a rollback.
+  or ``Progressing=False`` with ``ProgressDeadlineExceeded``), proxy containers that cannot run (an image
+  that cannot be pulled, a crash loop), a rollback.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Observation:
     deployment: dict[str, Any] | None = None  # the live Deployment, or None if it does not exist
     migration: dict[str, Any] | None = None  # status.migration when spec.migration is set
     ignored_commands: dict[str, str] | None = None  # status.ignoredCommands: commands given with no migration
+    pods: list[dict[str, Any]] | None = None  # the proxy pods, read when they are not all ready
 
 
 def set_condition(
@@ -146,6 +148,40 @@ def deployment_problem(deployment: dict[str, Any] | None) -> tuple[str, str] | N
     return None
 
 
+_IMAGE_FAILURES = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+_CONTAINER_FAILURES = _IMAGE_FAILURES | {
+    "CrashLoopBackOff",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+}
+
+
+def pods_problem(pods: list[dict[str, Any]] | None) -> tuple[str, str] | None:
+    """(reason, message) when proxy containers wait for a reason that needs a person: an image that cannot
+    be pulled (reason ``ImagePullFailed``), or a container that cannot start or keeps crashing
+    (``ProxiesFailing``). The Deployment says only that its rollout does not progress, and that only after
+    its progress deadline (10 minutes); the pods' container states say why, at once."""
+    failures = []
+    for pod in sorted(pods or [], key=lambda p: str((p.get("metadata") or {}).get("name", ""))):
+        status = pod.get("status") or {}
+        if (pod.get("metadata") or {}).get("deletionTimestamp"):
+            continue
+        for container in (status.get("initContainerStatuses") or []) + (
+            status.get("containerStatuses") or []
+        ):
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in _CONTAINER_FAILURES:
+                failures.append((pod["metadata"].get("name", "?"), container.get("name", "?"), waiting))
+    if not failures:
+        return None
+    pod, container, waiting = failures[0]
+    reason = "ImagePullFailed" if waiting["reason"] in _IMAGE_FAILURES else "ProxiesFailing"
+    detail = f"{waiting['reason']}: {waiting.get('message') or 'no message'}"
+    others = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+    return reason, clip(f"proxy pod {pod} container {container} cannot run: {detail}{others}")
+
+
 def build_status(previous: dict[str, Any], seen: Observation, now: str) -> dict[str, Any]:
     """The gateway's new status. Fields the migration controller owns (``migration``) are kept."""
     conditions = [c for c in previous.get("conditions", []) if c.get("type") in CONDITION_TYPES]
@@ -168,7 +204,7 @@ def build_status(previous: dict[str, Any], seen: Observation, now: str) -> dict[
     proxies_ready, ready_replicas, rollout_message = _rollout(
         seen.deployment, deployment_generation, seen.replicas
     )
-    stuck = deployment_problem(seen.deployment)
+    stuck = deployment_problem(seen.deployment) or pods_problem(seen.pods)
     if seen.config_error:
         reason = seen.config_reason
         phase, ready_reason, ready_message = "Degraded", reason, "the spec is invalid: see ConfigValid"
