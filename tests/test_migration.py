@@ -408,6 +408,7 @@ def test_progress_deadline_when_checks_stay_inconclusive() -> None:
 
 
 def test_an_interval_longer_than_the_deadline_still_gets_its_check() -> None:
+    # The CRD now refuses a progressDeadline not longer than the interval; one stored before still behaves so.
     run = started(migration_spec(interval="1h", progressDeadline="10m"))
     assert run.tick(HEALTHY, after=timedelta(minutes=30)) == []
     assert run.tick(HEALTHY, after=timedelta(minutes=30)) == ["CheckPassed", "StepAdvanced"]

@@ -9,6 +9,12 @@ passes but a lock per gateway, so a restarted operator converges the same way.
 "Differs" means: a desired field is missing or has another value in the live object, or the spec hash
 the operator stamped on the object (``llmgateway.io/spec-hash``) is not that of the desired object (so a
 field removed from the spec is removed from the object). Fields others set are left alone.
+
+Every problem the operator can see ends up in the gateway's status (a condition with a reason naming it)
+and an event, never only in its log nor in a retry loop: a spec the proxy would refuse, a name a CRD without
+the name rules let through (``InvalidName``: nothing is requested under it), a missing Secret, an object the
+API server refuses, a Deployment that cannot create pods or stopped progressing, proxy containers that cannot
+run (read from the pods while the Deployment is not ready), migration commands given without a migration.
 """
 
 from __future__ import annotations
