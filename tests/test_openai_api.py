@@ -548,6 +548,19 @@ async def test_an_unknown_model_name_is_not_echoed_whole(fakes: Fakes, start_pro
         await sdk(server).chat.completions.create(model="m" * 100_000, messages=USER)  # type: ignore[arg-type]
     message = info.value.body["message"]  # type: ignore[index]
     assert len(message) < 600 and "unknown model 'mmmm" in message and "100002 characters" in message
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        request = pb.ChatRequest(
+            model="m" * 100_000, messages=[pb.ChatMessage(role=pb.ROLE_USER, content="hi")]
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as rpc_info:
+            await pb_grpc.LLMServiceStub(channel).ChatCompletion(request)
+    assert len(rpc_info.value.details() or "") < 600 and "100002 characters" in (
+        rpc_info.value.details() or ""
+    )
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(f"http://127.0.0.1:{server.rest_port}/v1/{'p' * 10_000}", json={})
+        error = (await resp.json())["error"]["message"]
+    assert resp.status == 404 and len(error) < 600 and "characters)" in error
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,11 @@ def invalid(message: str) -> GatewayError:
 def clip(value: object, limit: int = MAX_ECHO_CHARS) -> str:
     """``repr(value)`` for an error message, cut to ``limit`` characters (a client's 100 KB model name is
     not worth echoing whole)."""
-    text = repr(value)
+    return clip_text(repr(value), limit)
+
+
+def clip_text(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """``text`` (a name a client chose, a path) for an error message, cut to ``limit`` characters."""
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text)} characters)"

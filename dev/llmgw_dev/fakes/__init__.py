@@ -14,8 +14,11 @@ The official ``openai`` and ``anthropic`` SDKs work against it unchanged.
 
 What is not: the reply is a deterministic echo (:func:`make_reply`, in :mod:`.faults`), the same from all
 kinds. Sampling parameters are checked for type and range but do not change the answer; unknown request
-fields, tools, images and other non-text content blocks are accepted and ignored rather than rejected or
-acted on. Error messages resemble the real ones but are not copied verbatim for every case. ``token_delay_ms``
+fields, images and other non-text content blocks are accepted and ignored rather than rejected or acted on.
+Tools, structured outputs, reasoning, logprobs and ``n`` get deterministic answers of the real shapes
+(:mod:`.completions`: a tool call with arguments made from the tool's schema, streamed in fragments; a JSON
+reply that fits the schema; ``reasoning_content``; logprobs; n choices). Each kind keeps the latest requests
+it received in ``FakeProvider.received``. Error messages resemble the real ones but are not copied verbatim for every case. ``token_delay_ms``
 only paces streams; a unary answer is sent right after ``latency_ms``.
 
 Faults (:class:`Faults`) are injected per chat request after auth and request validation: rate limiting

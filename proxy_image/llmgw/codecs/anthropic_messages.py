@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from llmgateway.v1 import llm_service_pb2 as pb
-from llmgw.chat import message_text
+from llmgw.chat import clip, clip_text, message_text
 from llmgw.errors import GatewayError, Kind
 
 # Request fields of the Chat Completions API this translation does not carry yet: a request that sets one is
@@ -49,7 +49,7 @@ def _refuse_uncarried(req: pb.ChatRequest, provider: str) -> None:
     def refuse(field: str) -> GatewayError:
         return GatewayError(
             Kind.INVALID_ARGUMENT,
-            f"{field}: not supported with Anthropic provider {provider!r} (the gateway does not translate "
+            f"{clip_text(field)}: not supported with Anthropic provider {provider!r} (the gateway does not translate "
             "it to the Messages API yet)",
         )
 
@@ -76,7 +76,7 @@ def _refuse_uncarried(req: pb.ChatRequest, provider: str) -> None:
                 raise refuse(f"{where}.{field}")
         for j, part in enumerate(m.parts):
             if part.type != "text" or part.json:
-                raise refuse(f"{where}.content[{j}] of type {part.type!r}")
+                raise refuse(f"{where}.content[{j}] of type {clip(part.type)}")
         for key in _set_keys(m.extra_json):
             raise refuse(f"{where}.{key}")
 

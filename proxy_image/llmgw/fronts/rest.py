@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import orjson
 
 from llmgw._net.http_server import Request, Responder
+from llmgw.chat import clip_text
 from llmgw.codecs import openai_chat
 from llmgw.errors import GatewayError, Kind
 
@@ -50,7 +51,8 @@ class RestRouter:
         route = self.routes.get(request.path)
         if route is None:
             known = ", ".join(f"{m} {p}" for p, (m, _) in self.routes.items())
-            message = f"no route for {request.method} {request.path} (this gateway serves {known})"
+            asked = clip_text(f"{request.method} {request.path}")
+            message = f"no route for {asked} (this gateway serves {known})"
             send_error(respond, GatewayError(Kind.NOT_FOUND, message))
         elif request.method != route[0]:
             message = f"{request.path} accepts {route[0]}, not {request.method}"
