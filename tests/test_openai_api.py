@@ -22,6 +22,7 @@ import pytest
 from conftest import Fakes, proxy_config
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
+from llmgw.client import LLMGrpcClient, LLMHttpClient
 from llmgw.codecs import openai_chat
 from llmgw.server import ProxyServer
 
@@ -424,6 +425,101 @@ async def test_tools_through_the_grpc_front(fakes: Fakes, start_proxy: Any) -> N
             assert simple[-1].usage.completion_tokens == 20 and "".join(c.delta for c in simple).startswith(
                 "This is"
             )
+
+
+def _grpc_tool() -> pb.Tool:
+    parameters = orjson.dumps(WEATHER["function"]["parameters"]).decode()
+    return pb.Tool(
+        type="function", function=pb.FunctionDefinition(name="get_weather", parameters_json=parameters)
+    )
+
+
+async def _grpc_turn(stub: Any, request: pb.ChatRequest, stream: bool) -> pb.ChatMessage:
+    """One turn on the gRPC front; the assistant message to append to the conversation."""
+    if not stream:
+        reply = await stub.ChatCompletion(request)
+        return reply.choices[0].message  # type: ignore[no-any-return]
+    streamed = pb.ChatRequest()
+    streamed.CopyFrom(request)
+    streamed.chunk_layout = pb.CHUNK_LAYOUT_OPENAI
+    message = pb.ChatMessage(role=pb.ROLE_ASSISTANT)
+    calls: dict[int, pb.ToolCall] = {}
+    text = []
+    async for chunk in stub.StreamingChat(streamed):
+        for choice in chunk.choices:
+            text.append(choice.delta.content)
+            for d in choice.delta.tool_calls:
+                call = calls.setdefault(d.index, pb.ToolCall(type="function"))
+                call.id += d.id
+                call.name += d.name
+                call.arguments += d.arguments
+    if calls:
+        message.tool_calls.extend(calls[i] for i in sorted(calls))
+    else:
+        message.content = "".join(text)
+    return message
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("route", ["rest-only", "grpc-only"])
+async def test_tool_agent_loop_through_the_grpc_front(
+    fakes: Fakes, start_proxy: Any, route: str, stream: bool
+) -> None:
+    server = await start_proxy(proxy_config(fakes))
+    request = pb.ChatRequest(
+        model=route,
+        messages=[pb.ChatMessage(role=pb.ROLE_USER, content="weather in Rome")],
+        tools=[_grpc_tool()],
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = pb_grpc.LLMServiceStub(channel)
+        first = await _grpc_turn(stub, request, stream)
+        (call,) = first.tool_calls
+        assert call.name == "get_weather" and call.id.startswith("call_")
+        assert orjson.loads(call.arguments) == {"city": "weather in Rome", "days": 42}
+        request.messages.append(first)
+        request.messages.append(pb.ChatMessage(role=pb.ROLE_TOOL, tool_call_id=call.id, content="rainy"))
+        second = await _grpc_turn(stub, request, stream)
+        assert second.content.startswith("This is a fake reply to: rainy") and not second.tool_calls
+    received = upstream_json(fakes, route)
+    assert received["messages"][1]["tool_calls"] == [
+        {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": call.arguments}}
+    ]
+    assert received["messages"][2] == {"role": "tool", "tool_call_id": call.id, "content": "rainy"}
+
+
+@pytest.mark.parametrize("transport", ["grpc", "rest"])
+async def test_the_client_library_carries_tools(fakes: Fakes, start_proxy: Any, transport: str) -> None:
+    server = await start_proxy(proxy_config(fakes))
+    client: LLMGrpcClient | LLMHttpClient
+    if transport == "grpc":
+        client = LLMGrpcClient(f"127.0.0.1:{server.grpc_port}")
+    else:
+        client = LLMHttpClient(f"http://127.0.0.1:{server.rest_port}/v1")
+    async with client:
+        reply = await client.chat_completion(
+            model="rest-only",
+            messages=[{"role": "user", "content": "weather in Oslo"}],
+            tools=[WEATHER],
+            seed=3,
+        )
+    (call,) = reply.choices[0].message.tool_calls
+    assert reply.finish_reason == pb.FINISH_REASON_TOOL_CALLS and call.name == "get_weather"
+    assert fakes.openai.received[-1]["tools"] == [WEATHER] and fakes.openai.received[-1]["seed"] == 3
+
+
+async def test_content_parts_travel_typed(fakes: Fakes, start_proxy: Any) -> None:
+    """Images, audio and files cross the gRPC hop as typed parts, not as opaque JSON."""
+    server = await start_proxy(proxy_config(fakes))
+    client = sdk(server)
+    await client.chat.completions.create(model="grpc-only", **FIELDS["image"])
+    parts = fakes.grpc.received[-1].messages[0].parts
+    assert [p.type for p in parts] == ["text", "image_url", "image_url"] and not any(p.json for p in parts)
+    assert (parts[1].image_url.url, parts[1].image_url.detail) == (IMAGE, "high")
+    assert not parts[2].image_url.HasField("detail")
+    await client.chat.completions.create(model="grpc-only", **FIELDS["input_audio_and_file"])
+    audio, pdf, by_id = fakes.grpc.received[-1].messages[0].parts
+    assert (audio.input_audio.format, pdf.file.filename, by_id.file.file_id) == ("wav", "a.pdf", "file-abc")
 
 
 async def test_a_chain_of_gateways_is_lossless(fakes: Fakes, start_proxy: Any) -> None:
