@@ -254,3 +254,12 @@ def test_explain(kubectl: Kubectl, llmgateway_crd: str) -> None:
     text = explain(kubectl, "llmgateway.spec.providers.llmgateway")
     assert "target <string> -required-" in text
     assert "tls <boolean>" in text
+
+
+def test_explain_limits(kubectl: Kubectl, llmgateway_crd: str) -> None:
+    text = explain(kubectl, "llmgateway.spec.proxy.limits")
+    for block in ("restServer", "grpcServer", "restClient", "grpcClient"):
+        assert f"{block} <Object>" in text
+    text = explain(kubectl, "llmgateway.spec.proxy.limits.grpcClient")
+    assert "keepAliveProbes <integer>" in text and "unackedDataTimeoutSeconds <number>" in text
+    assert "give up after this many unanswered probes. Default 3." in text
