@@ -966,6 +966,69 @@ async def test_the_largest_allowed_message_is_received_with_the_default_windows(
         assert (await echo(request, timeout=10)).service == "a" * 100
 
 
+async def test_a_client_that_ignores_flow_control_cannot_fill_memory(serve: ServerFactory) -> None:
+    """60 MiB on one stream whose window is 4 MiB: RST_STREAM FLOW_CONTROL_ERROR; complete messages that
+    are never consumed beyond the connection's window: GOAWAY FLOW_CONTROL_ERROR."""
+    port, hits = await serve(max_message_bytes=4 * MiB)
+    async with Honest(port):
+        before = rss()
+        attacker = await Raw.connect(port)
+        attacker.send(frame(HEADERS, END_HEADERS, 1, request_block()))
+        chunk = message(b"y" * (MiB - 100))
+        for _ in range(60):
+            attacker.send(*(frame(DATA, 0, 1, c) for _, c in _chunks(chunk)))
+            await attacker.writer.drain()
+        reset = None
+        async for kind, _, sid, payload in attacker.frames(5):
+            if kind == RST_STREAM and sid == 1:
+                reset = ErrorCode(struct.unpack(">I", payload)[0])
+                break
+        grown = rss() - before
+        attacker.close()
+        assert reset == ErrorCode.FLOW_CONTROL_ERROR
+        # five calls, each one whole 3.9 MiB message and no end: nothing consumes them, 16 MiB is the end
+        attacker = await Raw.connect(port)
+        whole = message(b"z" * (4 * MiB - 100_000))
+        for sid in range(1, 11, 2):
+            attacker.send(
+                frame(HEADERS, END_HEADERS, sid, request_block()),
+                *(frame(DATA, 0, sid, c) for _, c in _chunks(whole)),
+            )
+        with contextlib.suppress(ConnectionError):
+            await attacker.writer.drain()
+        # the GOAWAY FLOW_CONTROL_ERROR may be lost to the reset of a connection closed with data unread
+        code, closed = await attacker.goaway()
+    print(f"RSS growth with 60 MiB sent beyond a stream's window: {grown / MiB:.1f} MiB")
+    assert code in (ErrorCode.FLOW_CONTROL_ERROR, None) and closed
+    assert grown < MEMORY_BOUND, f"{grown / MiB:.0f} MiB"
+    assert hits == ["streamWindowBytes", "connectionWindowBytes"]
+
+
+async def test_large_messages_of_concurrent_calls_do_not_jam_the_connection(serve: ServerFactory) -> None:
+    """grpcio interleaves the messages of concurrent calls: six of 3.5 MiB fit in the 16 MiB window, twelve
+    fill it with unfinished messages, and the largest are ended (RESOURCE_EXHAUSTED) instead of waiting
+    for their deadline."""
+    port, hits = await serve(max_message_bytes=4 * MiB)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        echo = channel.unary_unary(ECHO, Request.SerializeToString, Request.FromString)
+        big = Request(service="a" * (7 * MiB // 2))
+        assert all(
+            r.service == "a" * 100 for r in await asyncio.gather(*(echo(big, timeout=20) for _ in range(6)))
+        )
+        started = time.monotonic()
+        results = await asyncio.gather(*(echo(big, timeout=20) for _ in range(12)), return_exceptions=True)
+        elapsed = time.monotonic() - started
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert all(
+        isinstance(f, grpc.aio.AioRpcError)
+        and f.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and "filled the connection's window" in (f.details() or "")
+        for f in failures
+    ), failures
+    assert len(failures) < 12 and elapsed < 10, (len(failures), elapsed)
+    assert hits == ["connectionWindowBytes"] * len(failures)
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while value >= 0x80:

@@ -425,6 +425,20 @@ class _GrpcServerConnection(Connection):
             call._task.cancel()
         self.finish(call, grpc.StatusCode.INTERNAL, f"the client sent {reason}")
 
+    def window_full(self, stream: Stream) -> None:
+        call = self.calls.get(stream.id)
+        if call is None:
+            self.stream_error(stream, ErrorCode.CANCEL, by_peer=False)
+            return
+        if call._task is not None:
+            call._task.cancel()
+        self.finish(
+            call,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "unfinished request messages of several calls filled the connection's window "
+            f"({self.connection_window} bytes); this one, the largest, was given up",
+        )
+
     def send_stalled(self, stream: Stream, mid_message: bool) -> None:
         """The client read nothing of a response for ``stall_timeout``: the call ends (and with it its
         handler, which is the one sending). With a whole message unsent the client gets a status;

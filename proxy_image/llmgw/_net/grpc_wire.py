@@ -326,6 +326,7 @@ class Stream:
         "error",
         "expected_length",
         "headers",
+        "held",
         "id",
         "messages",
         "partial",
@@ -361,6 +362,7 @@ class Stream:
         self.stalled_since: float | None = None
         self.stall_progress = 0
         self.unacked = 0  # bytes received and consumed but not yet returned to the peer's window
+        self.held = 0  # bytes received and not yet returned to the peer's window (buffered or unacked)
         self.waiter: asyncio.Future[None] | None = None
 
     def wake(self) -> None:
@@ -386,9 +388,14 @@ class Connection(asyncio.Protocol):
         # least its largest message, or a client sending one would wait for window forever.
         self.stream_window = limits.stream_window_bytes
         self.connection_window = limits.connection_window_bytes
+        self._flush_below = 0  # credit is returned at once when less than this is left of a window
         if not self.is_client:
             self.stream_window = min(MAX_WINDOW, max(self.stream_window, self.max_message_bytes + 5))
             self.connection_window = max(self.connection_window, self.stream_window)
+            # A peer that waits for window to send the rest of a message must get it back, however little
+            # was consumed since the last WINDOW_UPDATE.
+            self._flush_below = self.max_message_bytes + 5
+        self._held = 0  # bytes received on the connection and not yet returned to the peer's window
         # servers: how long DATA may wait for a window or a socket that does not drain (clients have
         # TCP_USER_TIMEOUT for the socket)
         self.stall_timeout: float | None = None if self.is_client else limits.stalled_write_timeout_s
@@ -731,6 +738,13 @@ class Connection(asyncio.Protocol):
         if stream_id == 0:
             raise H2ProtocolError("DATA on stream 0")
         size = len(payload)
+        self._held += size
+        if self._held > self.connection_window:  # a peer that ignores flow control cannot fill memory
+            raise H2ProtocolError(
+                f"the {self._peer} sent more than the connection's window",
+                ErrorCode.FLOW_CONTROL_ERROR,
+                "connectionWindowBytes",
+            )
         payload = _unpad(flags, payload)
         stream = self.streams.get(stream_id)
         if stream is None or stream.ended:
@@ -740,12 +754,20 @@ class Connection(asyncio.Protocol):
             if stream_id > self.highest_stream:
                 raise H2ProtocolError(f"DATA on idle stream {stream_id}")
             raise H2ProtocolError(f"DATA on closed stream {stream_id}", ErrorCode.STREAM_CLOSED)
-        self.consumed(None, size - len(payload))  # padding is consumed on arrival
+        stream.held += size
+        if stream.held > self.stream_window:
+            self.limit_hit("streamWindowBytes")
+            self.consumed(None, size)
+            self.stream_error(stream, ErrorCode.FLOW_CONTROL_ERROR)
+            return
+        self.consumed(stream, size - len(payload))  # padding is consumed on arrival
         stream.received += len(payload)
         if stream.plain:
             self.consumed(stream, len(payload))
         else:
             self._messages(stream, payload)
+            if self.connection_window - self._held < DEFAULT_FRAME_SIZE and self._flush_below:
+                self._unjam()
         if stream.reset is not None:
             return
         if flags & END_STREAM:
@@ -755,6 +777,17 @@ class Connection(asyncio.Protocol):
                 return
         self.stream_changed(stream)
         stream.wake()
+
+    def _unjam(self) -> None:
+        """The connection's window is (nearly) shut. If nothing buffered is a whole message, the peer
+        cannot finish any and this end cannot consume any: unfinished messages of several streams have
+        filled the window. The stream holding most of it is given up, so the others can go on."""
+        if any(stream.messages for stream in self.streams.values()):
+            return  # they will be consumed, and the window reopens
+        largest = max(self.streams.values(), key=lambda stream: len(stream.partial), default=None)
+        if largest is not None and largest.partial:
+            self.limit_hit("connectionWindowBytes")
+            self.window_full(largest)
 
     def _messages(self, stream: Stream, payload: bytes) -> None:
         stream.partial += payload
@@ -834,6 +867,10 @@ class Connection(asyncio.Protocol):
         stream.error = RpcError(grpc.StatusCode.INTERNAL, f"the {self._peer} sent {reason}")
         self.stream_error(stream, ErrorCode.CANCEL, by_peer=False)
 
+    def window_full(self, stream: Stream) -> None:
+        """Unfinished messages, this stream's the largest, fill the connection's window: give up on it."""
+        self.stream_error(stream, ErrorCode.CANCEL, by_peer=False)
+
     def send_stalled(self, stream: Stream, mid_message: bool) -> None:
         """The peer opened no window for ``stream`` for ``stall_timeout`` (``mid_message``: part of a message
         was sent): give up on the stream."""
@@ -893,18 +930,26 @@ class Connection(asyncio.Protocol):
                 self._abort_timer = self._loop.call_later(self.stall_timeout, self.transport.abort)
 
     def consumed(self, stream: Stream | None, size: int) -> None:
-        """Give ``size`` consumed bytes back to the peer's windows, in batches of a quarter window."""
+        """Give ``size`` consumed bytes back to the peer's windows, in batches of a quarter window (at once
+        when less than a whole message is left of a window)."""
         if size <= 0:
             return
         out = b""
         if stream is not None and not stream.ended:
             stream.unacked += size
-            if stream.unacked >= self.stream_window // 4:
+            if stream.unacked >= self.stream_window // 4 or (
+                self.stream_window - stream.held < self._flush_below and not stream.plain
+            ):
                 out = window_update(stream.id, stream.unacked)
+                stream.held -= stream.unacked
                 stream.unacked = 0
         self._connection_unacked += size
-        if self._connection_unacked >= self.connection_window // 4:
+        if (
+            self._connection_unacked >= self.connection_window // 4
+            or self.connection_window - self._held < self._flush_below
+        ):
             out += window_update(0, self._connection_unacked)
+            self._held -= self._connection_unacked
             self._connection_unacked = 0
         if out:
             self.write(out)
