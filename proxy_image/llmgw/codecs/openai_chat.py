@@ -806,6 +806,8 @@ def _delta_to_json(delta: pb.ChunkDelta) -> dict[str, Any]:
 
 
 def _delta_from_json(d: dict[str, Any]) -> pb.ChunkDelta:
+    if d.keys() <= _DELTA_STRINGS and all(type(v) is str for v in d.values()):  # the common case
+        return pb.ChunkDelta(**d)
     fields: dict[str, Any] = {}
     extra = None
     for k, v in d.items():
@@ -840,6 +842,15 @@ def _chunk_choice_to_json(choice: pb.ChunkChoice) -> dict[str, Any]:
 def _chunk_choice_from_json(c: Any, i: int) -> pb.ChunkChoice:
     if not isinstance(c, dict):
         raise TypeError(f"choices[{i}]: not an object")
+    delta = c.get("delta")
+    if (  # the common case: a delta, no finish reason and no logprobs yet
+        len(c) == 4
+        and c.get("finish_reason", 0) is None
+        and c.get("logprobs", 0) is None
+        and type(delta) is dict
+        and type(c.get("index")) is int
+    ):
+        return pb.ChunkChoice(index=c["index"], delta=_delta_from_json(delta))
     fields: dict[str, Any] = {"index": i}
     extra = None
     for k, v in c.items():
@@ -868,27 +879,13 @@ def chunk_to_json(chunk: pb.ChatChunk, *, first: bool = False) -> dict[str, Any]
         "created": chunk.created,
         "model": chunk.model,
     }
-    choices = None
-    simple = False
-    usage: Any = _MISSING
-    extra = ""
-    for field, value in chunk.ListFields():
-        name = field.name
-        if name == "choices":
-            choices = [_chunk_choice_to_json(c) for c in value]
-        elif name in ("delta", "finish_reason"):
-            simple = True
-        elif name in ("service_tier", "system_fingerprint"):
-            body[name] = value
-        elif name == "usage":
-            usage = usage_to_json(value)
-        elif name == "usage_null":
-            if usage is _MISSING:
-                usage = None
-        elif name == "extra_json":
-            extra = value
-    if choices is not None or not simple:
-        body["choices"] = choices or []
+    if chunk.HasField("service_tier"):
+        body["service_tier"] = chunk.service_tier
+    if chunk.HasField("system_fingerprint"):
+        body["system_fingerprint"] = chunk.system_fingerprint
+    choices = chunk.choices
+    if choices or not (chunk.delta or chunk.finish_reason):
+        body["choices"] = [_chunk_choice_to_json(c) for c in choices]
     else:
         delta: dict[str, Any] = {"content": chunk.delta}
         if first:
@@ -901,9 +898,14 @@ def chunk_to_json(chunk: pb.ChatChunk, *, first: bool = False) -> dict[str, Any]
                 "finish_reason": FINISH_NAME.get(chunk.finish_reason),
             }
         ]
-    if usage is not _MISSING:
-        body["usage"] = usage
-    return _merge(body, extra)
+    if chunk.HasField("usage"):
+        body["usage"] = usage_to_json(chunk.usage)
+    elif chunk.usage_null:
+        body["usage"] = None
+    return _merge(body, chunk.extra_json)
+
+
+_CHUNK_STRINGS = frozenset({"id", "model", "system_fingerprint", "service_tier"})
 
 
 def chunk_from_json(body: Any) -> pb.ChatChunk:
@@ -911,9 +913,7 @@ def chunk_from_json(body: Any) -> pb.ChatChunk:
     fields: dict[str, Any] = {}
     extra = None
     for k, v in body.items():
-        if (k in ("id", "model", "system_fingerprint", "service_tier") and type(v) is str) or (
-            k == "created" and type(v) is int
-        ):
+        if (type(v) is str and k in _CHUNK_STRINGS) or (k == "created" and type(v) is int):
             fields[k] = v
         elif k == "choices" and type(v) is list:
             fields["choices"] = [_chunk_choice_from_json(c, i) for i, c in enumerate(v)]
