@@ -708,6 +708,42 @@ async def test_prometheus_errors(
     assert seen and all(r.headers["Authorization"] == "Bearer tok-secret-2" for r in seen)
 
 
+async def test_a_prometheus_url_pointing_elsewhere_reads_nothing_back(
+    fake_prometheus: tuple[str, list[Answer], list[web.Request]],
+) -> None:
+    """The operator fetches the URL from its own network position: a gateway pointing it at another service
+    (cloud metadata, an internal API) must not read that service's answer through its status, nor send its
+    token on to where a redirect points, nor make the operator hold an endless answer."""
+    url, answer, seen = fake_prometheus
+    answer.append(
+        lambda _: web.Response(text="AccessKeyId=ASIA-other-tenant-secret", content_type="text/plain")
+    )
+    async with PrometheusSource(url, bearer_token="tok") as source:
+        with pytest.raises(MetricsUnavailable) as caught:
+            await source.query("up")
+    assert "other-tenant-secret" not in str(caught.value)
+    assert "not with the Prometheus API's JSON" in str(caught.value)
+
+    answer[0] = lambda _: web.json_response({"status": "success", "secret": "other-tenant-secret"})
+    async with PrometheusSource(url) as source:
+        with pytest.raises(MetricsUnavailable) as caught:
+            await source.query("up")
+    assert "other-tenant-secret" not in str(caught.value)
+
+    answer[0] = lambda _: web.Response(
+        status=302, headers={"Location": f"{url}/api/v1/query?query=redirected"}
+    )
+    async with PrometheusSource(url, bearer_token="tok") as source:
+        with pytest.raises(MetricsUnavailable, match="HTTP 302"):
+            await source.query("up")
+    assert [r.query["query"] for r in seen[-1:]] == ["up"]  # the redirect was not followed
+
+    answer[0] = lambda _: web.Response(body=b"x" * (9 * 1024 * 1024), content_type="application/json")
+    async with PrometheusSource(url) as source:
+        with pytest.raises(MetricsUnavailable, match="answered more than"):
+            await source.query("up")
+
+
 async def test_prometheus_empty_and_nan_results(
     fake_prometheus: tuple[str, list[Answer], list[web.Request]],
 ) -> None:

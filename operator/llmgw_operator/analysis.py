@@ -338,6 +338,19 @@ class _Closing:
         raise NotImplementedError
 
 
+MAX_ANSWER_BYTES = 8 * 1024 * 1024  # a Prometheus query answer or a proxy's /metrics; larger is refused
+
+
+async def _bounded_text(response: aiohttp.ClientResponse, where: str) -> str:
+    """The answer's text, read up to :data:`MAX_ANSWER_BYTES` (a hostile URL cannot fill the operator)."""
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise MetricsUnavailable(f"{where} answered more than {MAX_ANSWER_BYTES} bytes")
+    return body.decode("utf-8", errors="replace")
+
+
 class _Proxies:
     """Reads proxies' ``/metrics``; both sources use it for the live state."""
 
@@ -358,8 +371,8 @@ class _Proxies:
     async def _read(self, endpoint: str) -> tuple[dict[Series, float], dict[Series, float]]:
         url = f"http://{endpoint}/metrics"
         try:
-            async with self.session().get(url) as response:
-                text = await response.text()
+            async with self.session().get(url, allow_redirects=False) as response:
+                text = await _bounded_text(response, url)
                 if response.status != 200:
                     raise MetricsUnavailable(f"GET {url} answered HTTP {response.status}: {text[:200]!r}")
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:  # ValueError: undecodable text
@@ -654,9 +667,13 @@ class PrometheusSource(_Closing):
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         try:
-            async with self._session.get(url, params=params, headers=headers) as response:
+            # No redirect: the token would follow it, and the URL is the only address the owner chose.
+            async with self._session.get(
+                url, params=params, headers=headers, allow_redirects=False
+            ) as response:
                 status = response.status
-                text = await response.text()
+                content_type = response.content_type if "Content-Type" in response.headers else ""
+                text = await _bounded_text(response, self.display_url)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise MetricsUnavailable(
                 self._scrub(f"cannot reach Prometheus at {self.display_url}: {exc or type(exc).__name__}")
@@ -667,24 +684,24 @@ class PrometheusSource(_Closing):
             body = None
         if not isinstance(body, dict) or "status" not in body:
             hint = " (check the bearer token)" if status in (401, 403) else ""
+            # Not the answer's body: the operator fetches this URL from its own network position, and a
+            # gateway pointing it at another service (cloud metadata, an internal API) must not read that
+            # service's answer back through its status.
             raise MetricsUnavailable(
-                self._scrub(
-                    f"Prometheus at {self.display_url} answered HTTP {status}{hint}, not with the Prometheus "
-                    f"API's JSON: {text[:200]!r}"
-                )
+                f"Prometheus at {self.display_url} answered HTTP {status}{hint}, not with the Prometheus "
+                f"API's JSON ({len(text)} characters, content type {content_type or 'none'!r})"
             )
         if body["status"] != "success":
             raise MetricsUnavailable(
                 self._scrub(
                     f"Prometheus at {self.display_url} refused query {params.get('query')!r} "
-                    f"(HTTP {status}): {body.get('errorType', 'error')}: {body.get('error', 'no message')}"
+                    f"(HTTP {status}): {str(body.get('errorType', 'error'))[:64]}: "
+                    f"{str(body.get('error', 'no message'))[:256]}"
                 )
             )
         data = body.get("data")
         if not isinstance(data, dict):
-            raise MetricsUnavailable(
-                self._scrub(f"Prometheus at {self.display_url} answered without data: {text[:200]!r}")
-            )
+            raise MetricsUnavailable(f"Prometheus at {self.display_url} answered its API's JSON without data")
         return data
 
     def _scrub(self, message: str) -> str:
