@@ -699,22 +699,22 @@ async def test_a_client_that_opens_no_connection_window_is_disconnected(serve: S
 async def test_connections_beyond_max_connections_are_closed_at_once(
     fakes: Fakes, proxy_process: Any
 ) -> None:
-    """200 silent connections against a cap of 16: the ones beyond it get GOAWAY and are closed, the
+    """100 silent connections against a cap of 16: the ones beyond it get GOAWAY and are closed, the
     process's file descriptors stay bounded, and a connection is accepted again once others went."""
     proxy = await start(proxy_process, fakes, grpcServer={"maxConnections": 16})
-    pid = proxy.grpc_port and proxy.proc.pid
+    pid = proxy.proc.pid
     async with Honest(proxy.grpc_port, f"{SERVICE}/ChatCompletion", chat_request()) as honest:
         while not honest.answers:  # its connection is one of the 16
             await asyncio.sleep(0.02)
         fds = open_fds(pid)
-        attackers = [await Raw.connect(proxy.grpc_port, preface=False) for _ in range(200)]
-        outcomes = await asyncio.gather(*(a.goaway(2) for a in attackers))
+        attackers = [await Raw.connect(proxy.grpc_port, preface=False) for _ in range(100)]
+        outcomes = await asyncio.gather(*(a.goaway(1.5) for a in attackers))
         held = open_fds(pid) - fds
         refused = sum(1 for code, closed in outcomes if code == ErrorCode.ENHANCE_YOUR_CALM and closed)
         for attacker in attackers:
             attacker.close()
         await asyncio.sleep(0.3)
-    assert 184 <= refused <= 185, refused  # 16 less the honest client's connection (grpcio may open one)
+    assert 84 <= refused <= 85, refused  # 16 less the honest client's connection (grpcio may open one)
     assert held <= 16, held
     assert (await limit_hits(proxy)).get("maxConnections") == refused
     again = await Raw.connect(proxy.grpc_port)
