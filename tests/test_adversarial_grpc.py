@@ -445,6 +445,21 @@ async def test_rapid_reset_ends_the_connection(serve: ServerFactory) -> None:
     assert hits == ["maxResetsPerSecond"]
 
 
+async def test_streams_opened_beyond_the_acknowledged_limit_count_as_resets(serve: ServerFactory) -> None:
+    """A client that acknowledged SETTINGS_MAX_CONCURRENT_STREAMS and opens streams beyond it anyway makes
+    the server refuse (reset) each: a rapid reset by other means, bounded by maxResetsPerSecond."""
+    port, hits = await serve(max_concurrent_streams=10)
+    async with Honest(port):
+        attacker = await Raw.connect(port)
+        attacker.send(
+            frame(SETTINGS, 1, 0),
+            *(frame(HEADERS, END_HEADERS, s, request_block()) for s in range(1, 2001, 2)),
+        )
+        code, closed = await attacker.goaway()
+        assert code == ErrorCode.ENHANCE_YOUR_CALM and closed
+    assert hits[-1] == "maxResetsPerSecond" and 200 <= hits.count("maxConcurrentStreams") < 990, hits[-3:]
+
+
 @pytest.mark.parametrize("kind", ["CONTINUATION", "DATA"])
 async def test_endless_empty_frames_end_the_connection(serve: ServerFactory, kind: str) -> None:
     port, hits = await serve()

@@ -263,6 +263,15 @@ class _GrpcServerConnection(Connection):
             return
         if len(self.streams) >= self.limits.max_concurrent_streams:  # RFC 9113 section 5.1.2
             self.limit_hit("maxConcurrentStreams")
+            if self.settings_acked and not self._reset_rate.take():
+                # A client that knows the limit and opens streams beyond it makes this end reset them:
+                # as costly as resetting them itself (rapid reset), and bounded alike.
+                raise H2ProtocolError(
+                    f"more than {self.limits.max_resets_per_second} streams refused a second beyond "
+                    f"SETTINGS_MAX_CONCURRENT_STREAMS ({self.limits.max_concurrent_streams})",
+                    ErrorCode.ENHANCE_YOUR_CALM,
+                    "maxResetsPerSecond",
+                )
             self.reset_stream(stream_id, ErrorCode.REFUSED_STREAM)
             return
         self._last_active = asyncio.get_running_loop().time()

@@ -418,6 +418,7 @@ class Connection(asyncio.Protocol):
         self._out: list[bytes] | None = None  # written this turn of the event loop, not yet sent
         self.highest_stream = 0  # streams above this one are idle: never opened
         self.peer_settings_seen = False
+        self.settings_acked = False  # the peer applies this end's SETTINGS (its stream limit among them)
         self._peer = "server" if self.is_client else "client"
         self.failure: str | None = None  # why this end ended the connection, for error messages
         self._reset_by_us: dict[int, None] = {}  # recent streams this end reset (frames may still come)
@@ -619,6 +620,7 @@ class Connection(asyncio.Protocol):
             if flags & ACK:
                 if payload:
                     raise H2ProtocolError("SETTINGS ACK with a payload", ErrorCode.FRAME_SIZE_ERROR)
+                self.settings_acked = True
                 return
             if len(payload) % 6 or stream_id:
                 raise H2ProtocolError("malformed SETTINGS", ErrorCode.FRAME_SIZE_ERROR)
