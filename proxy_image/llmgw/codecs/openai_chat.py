@@ -644,21 +644,13 @@ def usage_from_json(usage: Any) -> pb.Usage | None:
 
 
 def _choice_to_json(choice: pb.Choice) -> dict[str, Any]:
-    body: dict[str, Any] = {"index": choice.index, "message": None, "logprobs": None, "finish_reason": None}
-    extra = ""
-    for field, value in choice.ListFields():
-        name = field.name
-        if name == "message":
-            body["message"] = message_to_json(value)
-        elif name == "logprobs_json":
-            body["logprobs"] = orjson.loads(value)
-        elif name == "finish_reason":
-            body["finish_reason"] = value
-        elif name == "extra_json":
-            extra = value
-    if body["message"] is None:
-        body["message"] = message_to_json(choice.message)
-    return _merge(body, extra)
+    body = {
+        "index": choice.index,
+        "message": message_to_json(choice.message),
+        "logprobs": orjson.loads(choice.logprobs_json) if choice.HasField("logprobs_json") else None,
+        "finish_reason": choice.finish_reason if choice.HasField("finish_reason") else None,
+    }
+    return _merge(body, choice.extra_json)
 
 
 def _choice_from_json(c: Any, i: int) -> pb.Choice:
@@ -728,20 +720,12 @@ def response_to_json(resp: pb.ChatResponse) -> dict[str, Any]:
         "object": "chat.completion",
         "created": resp.created,
         "model": resp.model,
-        "choices": None,
     }
-    extra = ""
-    for field, value in resp.ListFields():
-        name = field.name
-        if name == "choices":
-            body["choices"] = [_choice_to_json(c) for c in value]
-        elif name == "usage":
-            body["usage"] = usage_to_json(value)
-        elif name in ("system_fingerprint", "service_tier"):
-            body[name] = value
-        elif name == "extra_json":
-            extra = value
-    if body["choices"] is None:  # a provider that fills only the first choice's fields (anthropic, ...)
+    if resp.choices:
+        body["choices"] = [_choice_to_json(c) for c in resp.choices]
+        if resp.HasField("usage"):
+            body["usage"] = usage_to_json(resp.usage)
+    else:  # a provider that fills only the first choice's fields (anthropic, a simple gRPC upstream)
         body["choices"] = [
             {
                 "index": 0,
@@ -750,8 +734,12 @@ def response_to_json(resp: pb.ChatResponse) -> dict[str, Any]:
                 "finish_reason": FINISH_NAME.get(resp.finish_reason, "stop"),
             }
         ]
-        body.setdefault("usage", usage_to_json(resp.usage))
-    return _merge(body, extra)
+        body["usage"] = usage_to_json(resp.usage)
+    if resp.HasField("system_fingerprint"):
+        body["system_fingerprint"] = resp.system_fingerprint
+    if resp.HasField("service_tier"):
+        body["service_tier"] = resp.service_tier
+    return _merge(body, resp.extra_json)
 
 
 # -- stream chunks ----------------------------------------------------------------------------------------
