@@ -3,7 +3,8 @@
 Every test sends raw HTTP/2 frames (what grpcio's client never sends) and checks the refusal or the
 GOAWAY with the code the limit promises, the limit counted through the server's ``on_limit``, the memory
 the attack was about (RSS from /proc), and that an honest grpcio client served at the same time keeps
-getting answers. One test runs against a real ``llmgw proxy`` process and reads its metrics.
+getting answers. The tests about admission slots, connections, descriptors and CPU run against a real
+``llmgw proxy`` process and read its metrics (``llmgw_limit_hits_total``) and /proc.
 """
 
 from __future__ import annotations
