@@ -14,16 +14,19 @@ from typing import Any
 
 import aiohttp
 import grpc
+import hypothesis
 import openai
 import orjson
 import pydantic
 import pytest
+from hypothesis import strategies as st
 
 from conftest import Fakes, proxy_config
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
 from llmgw.client import LLMGrpcClient, LLMHttpClient
 from llmgw.codecs import openai_chat
+from llmgw.errors import GatewayError
 from llmgw.server import ProxyServer
 
 USER = [{"role": "user", "content": "hello there"}]
@@ -689,3 +692,133 @@ async def test_anthropic_refuses_what_it_cannot_carry_yet(
         extra_body={"seed": None},  # type: ignore[arg-type]
     )
     assert reply.choices[0].finish_reason == "length"
+
+
+# -- the codec, property-tested: any JSON the typed fields do not hold survives the round trip -------------
+
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+)
+_JSON = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+_NUMBER = st.floats(min_value=-2, max_value=2) | st.integers(min_value=-2, max_value=2)
+_TEXT = st.text(max_size=6)
+_OBJECT = st.dictionaries(_TEXT, _JSON, max_size=3)
+# Every request field the gateway knows, with values mostly valid (or null), beside unknown keys.
+_KNOWN = {
+    "temperature": st.floats(min_value=0, max_value=2) | st.integers(min_value=0, max_value=2),
+    "top_p": st.floats(min_value=0, max_value=1) | st.just(1),
+    "max_tokens": st.integers(min_value=1, max_value=2**31 - 1),
+    "max_completion_tokens": st.integers(min_value=1, max_value=2**31 - 1),
+    "stop": _TEXT | st.lists(_TEXT, max_size=4),
+    "user": _TEXT,
+    "metadata": st.dictionaries(_TEXT, _TEXT, max_size=2),
+    "tools": st.lists(st.just(WEATHER) | _OBJECT.map(lambda o: {**o, "type": "custom"}), max_size=2),
+    "tool_choice": _TEXT | _OBJECT | st.just({"type": "function", "function": {"name": "f"}}),
+    "parallel_tool_calls": st.booleans(),
+    "response_format": _OBJECT.map(lambda o: {**o, "type": "json_schema"})
+    | st.just(FIELDS["response_format_json_schema"]["response_format"]),
+    "n": st.integers(min_value=1, max_value=128),
+    "seed": st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    "logprobs": st.booleans(),
+    "top_logprobs": st.integers(min_value=0, max_value=20),
+    "presence_penalty": _NUMBER,
+    "frequency_penalty": _NUMBER,
+    "logit_bias": st.dictionaries(_TEXT, _NUMBER, max_size=2),
+    "reasoning_effort": _TEXT,
+    "stream_options": _OBJECT | st.booleans().map(lambda b: {"include_usage": b}),
+    "service_tier": _TEXT,
+    "store": st.booleans(),
+    "prediction": _OBJECT,
+    "modalities": st.lists(_TEXT, max_size=2),
+}
+_REQUEST = st.fixed_dictionaries({}, optional={k: v | st.none() for k, v in _KNOWN.items()})
+_MESSAGE_KEYS = st.sampled_from(
+    ["content", "name", "tool_calls", "tool_call_id", "refusal", "reasoning_content", "audio", "annotations"]
+)
+
+
+def _accepted(parse: Any, body: Any) -> Any:
+    """``parse(body)``, or the test is skipped for a body the gateway refuses as invalid."""
+    try:
+        return parse(body)
+    except GatewayError:
+        hypothesis.assume(False)
+
+
+@hypothesis.settings(max_examples=100, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.given(
+    known=_REQUEST,
+    top=st.dictionaries(st.text(max_size=6), _JSON, max_size=3),
+    message=st.dictionaries(_MESSAGE_KEYS | st.text(max_size=6), _JSON, max_size=4),
+    role=st.sampled_from(["system", "user", "assistant", "tool", "developer"]),
+    stream=st.sampled_from([None, True, False]),
+)
+def test_any_request_json_survives_the_codec(
+    known: dict[str, Any], top: dict[str, Any], message: dict[str, Any], role: str, stream: bool | None
+) -> None:
+    message = {"content": "hi", **message, "role": role}
+    body = {**top, **known, "model": "m", "messages": [message, {"role": "user", "content": "x"}]}
+    if stream is not None:
+        body["stream"] = stream
+    request, streamed = _accepted(openai_chat.request_from_json, body)
+    if streamed:
+        request.chunk_layout = pb.CHUNK_LAYOUT_OPENAI
+    wire = pb.ChatRequest.FromString(request.SerializeToString())  # across a gRPC hop too
+    assert canonical(openai_chat.request_to_json(wire, stream=streamed)) == canonical(body)
+
+
+_CHOICE_KEYS = st.sampled_from(["logprobs", "finish_reason", "content_filter_results"])
+
+
+@hypothesis.settings(max_examples=100, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.given(
+    top=st.dictionaries(
+        st.sampled_from(["usage", "system_fingerprint", "service_tier"]) | st.text(max_size=6),
+        _JSON,
+        max_size=3,
+    ),
+    message=st.dictionaries(_MESSAGE_KEYS | st.text(max_size=6), _JSON, max_size=4),
+    choice=st.dictionaries(_CHOICE_KEYS | st.text(max_size=6), _JSON, max_size=3),
+    delta=st.dictionaries(_MESSAGE_KEYS | st.sampled_from(["role"]) | st.text(max_size=6), _JSON, max_size=3),
+)
+def test_any_answer_json_survives_the_codec(
+    top: dict[str, Any], message: dict[str, Any], choice: dict[str, Any], delta: dict[str, Any]
+) -> None:
+    head = {"id": "chatcmpl-1", "created": 1, "model": "m"}
+    fixed = {"index": 0, "logprobs": None, "finish_reason": None}
+    if isinstance(top.get("usage"), dict):  # the three counts are always there (and always written)
+        top["usage"] = {**top["usage"], "prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    response = {
+        **top,
+        **head,
+        "object": "chat.completion",
+        "choices": [{**fixed, **choice, "index": 0, "message": {**message, "role": "assistant"}}],
+    }
+    try:
+        parsed = openai_chat.response_from_json(response)
+    except (ValueError, TypeError, KeyError):
+        hypothesis.assume(False)
+    wire = pb.ChatResponse.FromString(parsed.SerializeToString())
+    assert canonical(openai_chat.response_to_json(wire)) == canonical(response)
+    chunk = {
+        **top,
+        **head,
+        "object": "chat.completion.chunk",
+        "choices": [{**fixed, **choice, "index": 0, "delta": delta}],
+    }
+    if "usage" in top and not isinstance(top["usage"], dict | None):
+        hypothesis.assume(False)
+    try:
+        parsed_chunk = openai_chat.chunk_from_json(chunk)
+    except (ValueError, TypeError, KeyError):
+        hypothesis.assume(False)
+    wire_chunk = pb.ChatChunk.FromString(parsed_chunk.SerializeToString())
+    assert canonical(openai_chat.chunk_to_json(wire_chunk)) == canonical(chunk)

@@ -40,9 +40,6 @@ _INT64 = 2**63
 # -- JSON helpers ---------------------------------------------------------------------------------------
 
 
-_MISSING: Any = object()
-
-
 def _merge(body: dict[str, Any], extra_json: str) -> dict[str, Any]:
     if extra_json:
         body.update(orjson.loads(extra_json))
@@ -58,7 +55,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _float32(value: float) -> float:
-    """A float32 field as JSON: the shortest decimal that reads back as the same float32."""
+    """A float32 field (temperature, top_p) as JSON: 6 decimals, so 0.7 is written 0.7, not 0.699999988
+    (a value with more digits than that is also kept whole in extra_json)."""
     return round(value, 6)
 
 
@@ -656,8 +654,11 @@ def _choice_to_json(choice: pb.Choice) -> dict[str, Any]:
 def _choice_from_json(c: Any, i: int) -> pb.Choice:
     if not isinstance(c, dict):
         raise TypeError(f"choices[{i}]: not an object")
+    raw = c["message"]
+    if isinstance(raw, dict) and "role" not in raw:
+        raw = {"role": "assistant", **raw}  # a provider that leaves the role out of its reply
     try:
-        message = message_from_json(c["message"], f"choices[{i}].message")
+        message = message_from_json(raw, f"choices[{i}].message")
     except GatewayError as exc:  # the provider's fault, not the client's
         raise ValueError(exc.message) from None
     fields: dict[str, Any] = {"index": i, "message": message}
