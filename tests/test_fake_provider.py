@@ -656,3 +656,83 @@ def test_cli_refuses_non_loopback_and_missing_key(
     monkeypatch.delenv("FAKE_MISSING_KEY", raising=False)
     assert fp.run(parser.parse_args(["--kind", "openai", "--api-key-env", "FAKE_MISSING_KEY"])) == 2
     assert "FAKE_MISSING_KEY" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ rich answers
+
+TOOL: Any = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "parameters": {
+            "type": "object",
+            "properties": {"q": {"type": "string"}, "k": {"type": "integer"}, "mode": {"enum": ["a", "b"]}},
+        },
+    },
+}
+
+
+async def test_openai_records_requests_and_calls_tools(sdk: Clients, oai: FakeProvider) -> None:
+    client = sdk.openai(oai)
+    body = {"model": "demo-model", "messages": MESSAGES, "tools": [TOOL], "top_k": 5}
+    reply = await client.chat.completions.create(
+        model="demo-model",
+        messages=MESSAGES,
+        tools=[TOOL],
+        extra_body={"top_k": 5},
+    )
+    assert oai.received[-1] == body, "the request's JSON as it arrived"
+    (call,) = reply.choices[0].message.tool_calls or []
+    assert reply.choices[0].finish_reason == "tool_calls" and reply.choices[0].message.content is None
+    assert call.function.name == "lookup"  # type: ignore[union-attr]
+    assert orjson.loads(call.function.arguments) == {"q": PROMPT, "k": 42, "mode": "a"}  # type: ignore[union-attr]
+
+    stream = await client.chat.completions.create(
+        model="demo-model", messages=MESSAGES, tools=[TOOL], stream=True
+    )
+    chunks = [c async for c in stream]
+    deltas = [t for c in chunks for t in c.choices[0].delta.tool_calls or ()]
+    assert deltas[0].id and deltas[0].function is not None and deltas[0].function.name == "lookup"
+    assert len(deltas) > 2 and all(d.index == 0 for d in deltas)
+    arguments = "".join(d.function.arguments or "" for d in deltas if d.function is not None)
+    assert orjson.loads(arguments) == {"q": PROMPT, "k": 42, "mode": "a"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    answer = [*MESSAGES, reply.choices[0].message.model_dump(exclude_unset=True)]
+    answer.append({"role": "tool", "tool_call_id": call.id, "content": "found it"})
+    final = await client.chat.completions.create(model="demo-model", messages=answer, tools=[TOOL])
+    assert final.choices[0].message.content == make_reply("found it").text
+
+
+async def test_openai_reasoning_logprobs_n_and_usage_details(sdk: Clients, oai: FakeProvider) -> None:
+    reply = await sdk.openai(oai).chat.completions.create(
+        model="demo-model", messages=MESSAGES, reasoning_effort="low", logprobs=True, top_logprobs=2, n=2
+    )
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert (reply.choices[0].message.model_extra or {})["reasoning_content"] == f"Thinking about: {PROMPT}"
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None
+    assert [t.token for t in logprobs.content] == list(EXPECTED.tokens)
+    assert len(logprobs.content[0].top_logprobs) == 2
+    usage = reply.usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens == 3  # the system prompt, before the last message
+    assert (
+        usage.completion_tokens_details is not None and usage.completion_tokens_details.reasoning_tokens == 6
+    )
+    assert usage.completion_tokens == 2 * 20 + 6
+
+
+async def test_grpc_fake_answers_the_openai_layout_and_records_requests(grpc_fake: FakeProvider) -> None:
+    async with grpc.aio.insecure_channel(grpc_fake.target) as channel:
+        stub = llm_service_pb2_grpc.LLMServiceStub(channel)
+        request = grpc_request(chunk_layout=pb.CHUNK_LAYOUT_OPENAI, reasoning_effort="low")
+        chunks = [c async for c in stub.StreamingChat(request, metadata=AUTH)]
+        assert grpc_fake.received[-1] == request
+        assert chunks[0].choices[0].delta.role == "assistant" and not chunks[-1].HasField("usage")
+        reasoning = "".join(c.choices[0].delta.reasoning_content for c in chunks if c.choices)
+        assert reasoning.strip() == f"Thinking about: {PROMPT}"
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        request.stream_options.include_usage = True
+        chunks = [c async for c in stub.StreamingChat(request, metadata=AUTH)]
+        assert not chunks[-1].choices and chunks[-1].usage.completion_tokens_details.reasoning_tokens == 6
