@@ -163,7 +163,10 @@ class _GrpcServerConnection(Connection):
         self._idle_armed = False
         self.calls: dict[int, ServerCall] = {}
         self._plain: dict[int, str] = {}  # non-gRPC requests waiting for their end: the status to answer
-        self._receiving: dict[int, asyncio.TimerHandle] = {}  # requests still arriving: their timeout
+        # requests still arriving: the loop time each must be complete by, in that order (one timeout for
+        # all), and one timer for the first of them rather than one per call
+        self._receiving: dict[int, float] = {}
+        self._receive_timer: asyncio.TimerHandle | None = None
         self.accepting_until = MAX_STREAM_ID  # after GOAWAY: the last stream this connection serves
         self.peer = ""
 
@@ -228,8 +231,8 @@ class _GrpcServerConnection(Connection):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        for timer in self._receiving.values():
-            timer.cancel()
+        if self._receive_timer is not None:
+            self._receive_timer.cancel()
         self._receiving.clear()
         super().connection_lost(exc)
         for call in list(self.calls.values()):
@@ -346,16 +349,28 @@ class _GrpcServerConnection(Connection):
         """Give a request ``request_receive_timeout_s`` to arrive in full: the whole request of a unary or
         server-streaming call, each message of a bidirectional one."""
         loop = asyncio.get_running_loop()
-        timeout = self.limits.request_receive_timeout_s
-        self._receiving[stream.id] = loop.call_later(timeout, self._receive_timeout, stream)
+        due = self._receiving[stream.id] = loop.time() + self.limits.request_receive_timeout_s
+        if self._receive_timer is None:
+            self._receive_timer = loop.call_at(due, self._receive_timeouts)
 
     def _stop_receiving(self, stream_id: int) -> None:
-        timer = self._receiving.pop(stream_id, None)
-        if timer is not None:
-            timer.cancel()
+        self._receiving.pop(stream_id, None)  # the timer stays: it finds nothing due
+
+    def _receive_timeouts(self) -> None:
+        self._receive_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._receiving and not self.closed:
+            stream_id, due = next(iter(self._receiving.items()))
+            if due > now:
+                self._receive_timer = loop.call_at(due, self._receive_timeouts)
+                return
+            del self._receiving[stream_id]
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                self._receive_timeout(stream)
 
     def _receive_timeout(self, stream: Stream) -> None:
-        self._receiving.pop(stream.id, None)
         if self.closed or self.streams.get(stream.id) is not stream or stream.ended:
             return
         call = self.calls.get(stream.id)
