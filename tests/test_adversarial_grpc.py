@@ -397,10 +397,15 @@ async def test_window_credit_is_the_bytes_received_not_what_they_inflate_to(serv
 # --- 3. floods ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["PING", "SETTINGS"])
+@pytest.mark.parametrize("kind", ["PING", "SETTINGS", "GOAWAY", "unknown"])
 async def test_a_control_frame_flood_hits_the_rate_limit(serve: ServerFactory, kind: str) -> None:
     port, hits = await serve()
-    flood = frame(PING, 0, 0, b"12345678") if kind == "PING" else settings_frame({})
+    flood = {
+        "PING": frame(PING, 0, 0, b"12345678"),
+        "SETTINGS": settings_frame({}),
+        "GOAWAY": frame(GOAWAY, 0, 0, struct.pack(">II", 0, ErrorCode.PROTOCOL_ERROR)),  # logged, each one
+        "unknown": frame(0xFA, 0, 0),
+    }[kind]
     async with Honest(port):
         attacker = await Raw.connect(port)
         attacker.send(flood * 5000)

@@ -54,7 +54,7 @@ class HTTP2Limits:
     # frames other than DATA (ACKs, RST_STREAM, WINDOW_UPDATE, headers) queued to a peer that has stopped
     # reading (the write buffer over its high-water mark); more: GOAWAY ENHANCE_YOUR_CALM, connection dropped
     max_queued_control_bytes: int = MiB
-    # PING and SETTINGS (not ACKs) and PRIORITY frames per second; more: GOAWAY ENHANCE_YOUR_CALM
+    # PING and SETTINGS (not ACKs), PRIORITY, GOAWAY and unknown frames per second; more: GOAWAY ENHANCE_YOUR_CALM
     max_control_frames_per_second: int = 1000
     # DATA, HEADERS, CONTINUATION frames in a row that carry nothing (no payload, no END_STREAM);
     # more: GOAWAY ENHANCE_YOUR_CALM

@@ -581,11 +581,13 @@ class Connection(asyncio.Protocol):
                         "maxEmptyFrames",
                     )
         elif (
-            kind == PRIORITY or (kind in (PING, SETTINGS) and not flags & ACK)
+            kind in (PRIORITY, GOAWAY)
+            or kind > CONTINUATION
+            or (kind in (PING, SETTINGS) and not flags & ACK)
         ) and not self._control_rate.take():
             raise H2ProtocolError(
-                f"more than {self.limits.max_control_frames_per_second} PING, SETTINGS and PRIORITY "
-                "frames a second",
+                f"more than {self.limits.max_control_frames_per_second} PING, SETTINGS, PRIORITY, GOAWAY and "
+                "unknown frames a second",
                 ErrorCode.ENHANCE_YOUR_CALM,
                 "maxControlFramesPerSecond",
             )
