@@ -25,7 +25,8 @@ def register_operator(sub: SubParsers) -> None:
         "operator",
         help="run the operator (kubeconfig from $KUBECONFIG or the pod's service account)",
         description="Run the operator. Settings come from LLMGW_* environment variables: "
-        "LLMGW_NAMESPACES, LLMGW_PROXY_IMAGE, LLMGW_RESYNC_SECONDS, LLMGW_HEALTH_LISTEN, LLMGW_PROMETHEUS_URL "
+        "LLMGW_NAMESPACES, LLMGW_PROXY_IMAGE, LLMGW_LOG_LEVEL, LLMGW_RESYNC_SECONDS, LLMGW_MIGRATION_TICK_SECONDS, "
+        "LLMGW_HEALTH_LISTEN, LLMGW_WATCHDOG_SECONDS, LLMGW_PROMETHEUS_URL "
         "(see the README).",
     )
     parser.set_defaults(run=_run_operator)

@@ -12,6 +12,10 @@
                            proxies to report a new weight, and due checks. Checks themselves
                            come each ``spec.migration.interval``.
 ``LLMGW_HEALTH_LISTEN``    HOST:PORT of kopf's liveness endpoint (``/healthz``); empty: off.
+``LLMGW_WATCHDOG_SECONDS`` The liveness endpoint fails (HTTP 500) when the operator has made no
+                           progress (a tick of the periodic loop, or a gateway's pass ended) for this
+                           long, or the periodic loop ended (default 120; at least 3 ticks). A pass is
+                           cut after 60 s, so a healthy operator never stalls that long.
 ``LLMGW_PROMETHEUS_URL``   Default Prometheus API for migration analysis (see ``spec.migration``).
 =========================  =====================================================================
 """
@@ -48,6 +52,7 @@ class Settings:
     migration_tick_seconds: float = 5.0
     health_listen: str = ""
     prometheus_url: str = ""
+    watchdog_seconds: float = 120.0
 
     @property
     def clusterwide(self) -> bool:
@@ -61,6 +66,11 @@ class Settings:
             raise SettingsError(f"LLMGW_LOG_LEVEL: must be debug, info, warning or error, got {log_level!r}")
         resync = _positive(env, "LLMGW_RESYNC_SECONDS", 300.0)
         tick = _positive(env, "LLMGW_MIGRATION_TICK_SECONDS", 5.0)
+        watchdog = _positive(env, "LLMGW_WATCHDOG_SECONDS", 120.0)
+        if watchdog < 3 * tick:
+            raise SettingsError(
+                f"LLMGW_WATCHDOG_SECONDS: must be at least 3 migration ticks ({3 * tick:g}), got {watchdog:g}"
+            )
         return cls(
             namespaces=namespaces,
             proxy_image=env.get("LLMGW_PROXY_IMAGE", DEFAULT_PROXY_IMAGE) or DEFAULT_PROXY_IMAGE,
@@ -69,4 +79,5 @@ class Settings:
             migration_tick_seconds=tick,
             health_listen=env.get("LLMGW_HEALTH_LISTEN", ""),
             prometheus_url=env.get("LLMGW_PROMETHEUS_URL", ""),
+            watchdog_seconds=watchdog,
         )
