@@ -469,12 +469,19 @@ class Connection(asyncio.Protocol):
             self._writable = asyncio.get_running_loop().create_future()
         if self.stall_timeout is not None and self._stall_timer is None:
             self._stall_timer = asyncio.get_running_loop().call_later(self.stall_timeout, self._write_stalled)
+            # A server reads no more requests from a client that does not read the answers: what it holds
+            # for it stays what one read brought. (A client keeps reading: two ends that both stopped could
+            # wait on each other.)
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._paused_bytes = 0
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
 
