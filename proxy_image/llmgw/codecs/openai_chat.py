@@ -243,14 +243,16 @@ def response_format_to_json(fmt: pb.ResponseFormat) -> dict[str, Any]:
 _MESSAGE_STRINGS = frozenset({"name", "tool_call_id", "refusal", "reasoning_content"})
 
 
-def message_from_json(m: Any, where: str) -> pb.ChatMessage:
-    """One message of a request, or a reply's message; keys it has no field for go to ``extra_json``."""
+def message_from_json(m: Any, where: str, into: pb.ChatMessage | None = None) -> pb.ChatMessage:
+    """One message of a request, or a reply's message (filled ``into`` when given); keys it has no field
+    for go to ``extra_json``."""
     if not isinstance(m, dict):
         raise invalid(f"{where}: must be an object with role and content")
     role = m.get("role")
     if not isinstance(role, str) or role not in ROLE_BY_NAME:
         raise invalid(f"{where}.role: unknown role {clip(role)} (expected one of {', '.join(ROLE_BY_NAME)})")
-    msg = pb.ChatMessage(role=ROLE_BY_NAME[role])
+    msg = pb.ChatMessage() if into is None else into
+    msg.role = ROLE_BY_NAME[role]
     extra: dict[str, Any] | None = None
     for key, value in m.items():
         if key == "role":
@@ -471,7 +473,8 @@ def request_from_json(body: Any) -> tuple[pb.ChatRequest, bool]:
     if not isinstance(raw_messages, list):
         raise invalid("messages: required, a list of messages")
     req = pb.ChatRequest(model=model)
-    req.messages.extend(message_from_json(m, f"messages[{i}]") for i, m in enumerate(raw_messages))
+    for i, m in enumerate(raw_messages):
+        message_from_json(m, f"messages[{i}]", req.messages.add())
     stream = False
     extra: dict[str, Any] | None = None
     for key, value in body.items():
@@ -651,33 +654,32 @@ def _choice_to_json(choice: pb.Choice) -> dict[str, Any]:
     return _merge(body, choice.extra_json)
 
 
-def _choice_from_json(c: Any, i: int) -> pb.Choice:
+def _choice_from_json(c: Any, i: int, choice: pb.Choice) -> None:
+    """Fill ``choice`` (built in place: copying nested messages costs more than reading them)."""
     if not isinstance(c, dict):
         raise TypeError(f"choices[{i}]: not an object")
     raw = c["message"]
     if isinstance(raw, dict) and "role" not in raw:
         raw = {"role": "assistant", **raw}  # a provider that leaves the role out of its reply
     try:
-        message = message_from_json(raw, f"choices[{i}].message")
+        message_from_json(raw, f"choices[{i}].message", choice.message)
     except GatewayError as exc:  # the provider's fault, not the client's
         raise ValueError(exc.message) from None
-    fields: dict[str, Any] = {"index": i, "message": message}
+    choice.index = i
     extra = None
     for k, v in c.items():
         if k == "message":
             continue
         if k == "index" and type(v) is int:
-            fields["index"] = v
+            choice.index = v
         elif k == "finish_reason" and type(v) is str:
-            fields["finish_reason"] = v
+            choice.finish_reason = v
         elif k == "logprobs" and v is not None:
-            fields["logprobs_json"] = _dumps(v)
+            choice.logprobs_json = _dumps(v)
         elif not (k in ("finish_reason", "logprobs") and v is None):  # written back as null
             extra = _add_extra(extra, k, v)
-    choice = pb.Choice(**fields)
     if extra:
         choice.extra_json = _dumps(extra)
-    return choice
 
 
 def _finish_enum(reason: str | None) -> pb.FinishReason:
@@ -689,8 +691,9 @@ def response_from_json(body: Any) -> pb.ChatResponse:
     raw_choices = body["choices"]
     if not isinstance(raw_choices, list):
         raise TypeError("choices: not a list")
-    choices = [_choice_from_json(c, i) for i, c in enumerate(raw_choices)]
-    fields: dict[str, Any] = {"choices": choices}
+    resp = pb.ChatResponse()
+    for i, c in enumerate(raw_choices):
+        _choice_from_json(c, i, resp.choices.add())
     extra = None
     for k, v in body.items():
         if k == "choices" or (k == "object" and v == "chat.completion"):
@@ -698,18 +701,17 @@ def response_from_json(body: Any) -> pb.ChatResponse:
         if (k in ("id", "model", "system_fingerprint", "service_tier") and type(v) is str) or (
             k == "created" and type(v) is int
         ):
-            fields[k] = v
+            setattr(resp, k, v)
         elif k == "usage" and type(v) is dict:
-            fields["usage"] = usage_from_json(v)
+            usage = usage_from_json(v)
+            assert usage is not None
+            resp.usage.CopyFrom(usage)
         else:
             extra = _add_extra(extra, k, v)
-    if choices:
-        first = choices[0]
-        fields["content"] = first.message.content
-        fields["finish_reason"] = _finish_enum(
-            first.finish_reason if first.HasField("finish_reason") else None
-        )
-    resp = pb.ChatResponse(**fields)
+    if resp.choices:
+        first = resp.choices[0]
+        resp.content = first.message.content
+        resp.finish_reason = _finish_enum(first.finish_reason if first.HasField("finish_reason") else None)
     if extra:
         resp.extra_json = _dumps(extra)
     return resp
@@ -794,22 +796,17 @@ def _delta_to_json(delta: pb.ChunkDelta) -> dict[str, Any]:
     return _merge(body, extra)
 
 
-def _delta_from_json(d: dict[str, Any]) -> pb.ChunkDelta:
-    if d.keys() <= _DELTA_STRINGS and all(type(v) is str for v in d.values()):  # the common case
-        return pb.ChunkDelta(**d)
-    fields: dict[str, Any] = {}
+def _delta_from_json(d: dict[str, Any], delta: pb.ChunkDelta) -> None:
     extra = None
     for k, v in d.items():
         if k in _DELTA_STRINGS and type(v) is str:
-            fields[k] = v
+            setattr(delta, k, v)
         elif k == "tool_calls" and type(v) is list and v:
-            fields["tool_calls"] = [_tool_delta_from_json(t) for t in v]
+            delta.tool_calls.extend(_tool_delta_from_json(t) for t in v)
         else:
             extra = _add_extra(extra, k, v)
-    delta = pb.ChunkDelta(**fields)
     if extra:
         delta.extra_json = _dumps(extra)
-    return delta
 
 
 def _chunk_choice_to_json(choice: pb.ChunkChoice) -> dict[str, Any]:
@@ -828,35 +825,25 @@ def _chunk_choice_to_json(choice: pb.ChunkChoice) -> dict[str, Any]:
     return _merge(body, extra)
 
 
-def _chunk_choice_from_json(c: Any, i: int) -> pb.ChunkChoice:
+def _chunk_choice_from_json(c: Any, i: int, choice: pb.ChunkChoice) -> None:
+    """Fill ``choice`` (built in place: copying nested messages costs more than reading them)."""
     if not isinstance(c, dict):
         raise TypeError(f"choices[{i}]: not an object")
-    delta = c.get("delta")
-    if (  # the common case: a delta, no finish reason and no logprobs yet
-        len(c) == 4
-        and c.get("finish_reason", 0) is None
-        and c.get("logprobs", 0) is None
-        and type(delta) is dict
-        and type(c.get("index")) is int
-    ):
-        return pb.ChunkChoice(index=c["index"], delta=_delta_from_json(delta))
-    fields: dict[str, Any] = {"index": i}
+    choice.index = i
     extra = None
     for k, v in c.items():
         if k == "index" and type(v) is int:
-            fields["index"] = v
+            choice.index = v
         elif k == "delta" and type(v) is dict:
-            fields["delta"] = _delta_from_json(v)
+            _delta_from_json(v, choice.delta)
         elif k == "finish_reason" and type(v) is str:
-            fields["finish_reason"] = v
+            choice.finish_reason = v
         elif k == "logprobs" and v is not None:
-            fields["logprobs_json"] = _dumps(v)
+            choice.logprobs_json = _dumps(v)
         elif not (k in ("finish_reason", "logprobs") and v is None):  # written back as null
             extra = _add_extra(extra, k, v)
-    choice = pb.ChunkChoice(**fields)
     if extra:
         choice.extra_json = _dumps(extra)
-    return choice
 
 
 def chunk_to_json(chunk: pb.ChatChunk, *, first: bool = False) -> dict[str, Any]:
@@ -899,20 +886,22 @@ _CHUNK_STRINGS = frozenset({"id", "model", "system_fingerprint", "service_tier"}
 
 def chunk_from_json(body: Any) -> pb.ChatChunk:
     """Parse one upstream ``chat.completion.chunk`` into the OpenAI layout (``choices``)."""
-    fields: dict[str, Any] = {}
+    chunk = pb.ChatChunk()
     extra = None
     for k, v in body.items():
         if (type(v) is str and k in _CHUNK_STRINGS) or (k == "created" and type(v) is int):
-            fields[k] = v
+            setattr(chunk, k, v)
         elif k == "choices" and type(v) is list:
-            fields["choices"] = [_chunk_choice_from_json(c, i) for i, c in enumerate(v)]
+            for i, c in enumerate(v):
+                _chunk_choice_from_json(c, i, chunk.choices.add())
         elif k == "usage" and v is None:
-            fields["usage_null"] = True
+            chunk.usage_null = True
         elif k == "usage" and type(v) is dict:
-            fields["usage"] = usage_from_json(v)
+            usage = usage_from_json(v)
+            assert usage is not None
+            chunk.usage.CopyFrom(usage)
         elif not (k == "object" and v == "chat.completion.chunk"):
             extra = _add_extra(extra, k, v)
-    chunk = pb.ChatChunk(**fields)
     if extra:
         chunk.extra_json = _dumps(extra)
     return chunk
