@@ -13,7 +13,7 @@ message, or the last message when it is a tool result. ``received`` keeps the JS
 
 from __future__ import annotations
 
-import contextlib
+import collections
 import dataclasses
 import hmac
 import time
@@ -127,9 +127,11 @@ def _text(content: Any, where: str) -> str:
     )
 
 
-def _parse(raw: bytes) -> Chat:
+def _parse(raw: bytes, received: collections.deque[Any]) -> Chat:
+    """The request; its JSON is appended to ``received`` before it is checked."""
     try:
         body = orjson.loads(raw)
+        received.append(body)
     except orjson.JSONDecodeError:
         raise BadRequest(
             "We could not parse the JSON body of your request. (HINT: This likely means you aren't using "
@@ -245,9 +247,7 @@ class OpenAI(HttpApi):
         )
 
     def _parse(self, raw: bytes) -> Chat:
-        with contextlib.suppress(orjson.JSONDecodeError):
-            self.fake.received.append(orjson.loads(raw))
-        return _parse(raw)
+        return _parse(raw, self.fake.received)
 
     def _unknown_model(self, model: str) -> BadRequest:
         return BadRequest(
