@@ -180,11 +180,7 @@ class _GrpcServerConnection(Connection):
         self.peer = f"{peername[0]}:{peername[1]}" if peername else ""
         if len(self.server.connections) >= self.limits.max_connections:
             self.limit_hit("maxConnections")
-            log.warning(
-                "gRPC listener at its limit of %d connections: refusing %s",
-                self.limits.max_connections,
-                self.peer,
-            )
+            self.server.refused_connection()
             self.write(goaway(0, ErrorCode.ENHANCE_YOUR_CALM, b"too many connections"))
             self.close()
             self.closed = True
@@ -663,6 +659,8 @@ class Server:
         self.on_limit = on_limit  # told the configuration key of each limit a client runs into
         self.connections: set[_GrpcServerConnection] = set()
         self.stopping = False
+        self._refused = 0  # connections refused (maxConnections) since the last log line about them
+        self._refused_logged = -60.0  # monotonic time of that line
         self._server: asyncio.Server | None = None
         self._changed: asyncio.Event | None = None
 
@@ -689,6 +687,18 @@ class Server:
             reuse_address=True,
         )
         return int(self._server.sockets[0].getsockname()[1])
+
+    def refused_connection(self) -> None:
+        """Log connections refused for ``max_connections``: one line a minute at most, with their count."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= 60.0:
+            log.warning(
+                "gRPC listener at its limit of %d connections: %d refused (limits.grpcServer.maxConnections)",
+                self.limits.max_connections,
+                self._refused,
+            )
+            self._refused, self._refused_logged = 0, now
 
     def changed(self) -> None:
         if self._changed is not None:
