@@ -44,8 +44,14 @@ class HTTPServerLimits:
 class HTTP2Limits:
     """What the peer of one HTTP/2 connection (gRPC) may make this end hold."""
 
-    stream_window_bytes: int = 4 * MiB  # SETTINGS_INITIAL_WINDOW_SIZE: unread data per stream
-    connection_window_bytes: int = 16 * MiB  # unread data per connection
+    # SETTINGS_INITIAL_WINDOW_SIZE: unread data per stream; a server's holds at least its largest message
+    # (max_message_bytes + 5), so that a message within the limit can arrive. More: RST_STREAM
+    # FLOW_CONTROL_ERROR
+    stream_window_bytes: int = 4 * MiB
+    # unread data per connection (a server's at least its stream window); more: GOAWAY FLOW_CONTROL_ERROR.
+    # A server whose window fills with unfinished messages of several calls ends the largest of those
+    # calls (RESOURCE_EXHAUSTED), so the others can finish
+    connection_window_bytes: int = 16 * MiB
     max_header_block_bytes: int = 64 * 1024  # SETTINGS_MAX_HEADER_LIST_SIZE; larger ends the connection
     max_message_bytes: int = 4 * MiB  # one gRPC message, after decompression; larger: RESOURCE_EXHAUSTED
     # SETTINGS_MAX_CONCURRENT_STREAMS (100, as Envoy and nghttp2 advertise): streams the peer may have open;
