@@ -671,8 +671,11 @@ async def test_an_unknown_model_name_is_not_echoed_whole(fakes: Fakes, start_pro
         (FIELDS["image"], "messages[0].content[1] of type 'image_url'"),
         ({"extra_body": {"top_k": 3}}, "top_k"),
         (FIELDS["tool_turn"], "tools"),
+        ({"logprobs": True}, "logprobs"),
+        ({"seed": 1}, "seed"),
+        ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
     ],
-    ids=["tools", "n", "response_format", "image", "vendor_extra", "tool_turn"],
+    ids=["tools", "n", "response_format", "image", "vendor_extra", "tool_turn", "logprobs", "seed", "name"],
 )
 async def test_anthropic_refuses_what_it_cannot_carry_yet(
     fakes: Fakes, start_proxy: Any, params: dict[str, Any], field: str
@@ -684,12 +687,22 @@ async def test_anthropic_refuses_what_it_cannot_carry_yet(
         )
     assert f"{field}: not supported with Anthropic provider 'anthropic-fake'" in info.value.body["message"]  # type: ignore[index]
     assert fakes.anthropic.stats["requests"] == 0
-    # null is the same as absent, and max_completion_tokens is Anthropic's max_tokens
+    # Values that ask for nothing pass (null is the same as absent, logprobs false, n 1, a zero penalty, an
+    # empty list), and max_completion_tokens is Anthropic's max_tokens.
     reply = await sdk(server).chat.completions.create(
         model="demo-claude",
-        messages=USER,
+        messages=[
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello", "refusal": None, "annotations": []},
+            *USER,
+        ],
         max_completion_tokens=3,
-        extra_body={"seed": None},  # type: ignore[arg-type]
+        temperature=0.123456789,
+        logprobs=False,
+        n=1,
+        presence_penalty=0,
+        stream=False,
+        extra_body={"seed": None, "tools": []},
     )
     assert reply.choices[0].finish_reason == "length"
 

@@ -17,32 +17,53 @@ from llmgateway.v1 import llm_service_pb2 as pb
 from llmgw.chat import clip, clip_text, message_text
 from llmgw.errors import GatewayError, Kind
 
-# Request fields of the Chat Completions API this translation does not carry yet: a request that sets one is
-# refused (400, naming the field and the provider), never sent without it.
-_UNCARRIED_FIELDS = (
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "response_format",
-    "seed",
-    "logprobs",
-    "top_logprobs",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "reasoning_effort",
-    "service_tier",
-    "store",
-    "metadata",
-    "prediction_json",
-    "modalities",
+# Request fields of the Chat Completions API this translation does not carry yet, each with the test of a
+# value that asks for something: such a request is refused (400, naming the field and the provider), never
+# sent without it. A value that asks for nothing beyond the provider's own behaviour (logprobs false, n 1, a
+# zero penalty, tool_choice "auto", response_format text, ...) is accepted.
+_UNCARRIED: tuple[tuple[str, Callable[[pb.ChatRequest], bool]], ...] = (
+    ("tools", lambda r: bool(r.tools)),
+    ("tool_choice", lambda r: r.HasField("tool_choice") and r.tool_choice.mode not in ("auto", "none")),
+    ("response_format", lambda r: r.HasField("response_format") and r.response_format.type != "text"),
+    ("n", lambda r: r.HasField("n") and r.n != 1),
+    ("seed", lambda r: r.HasField("seed")),
+    ("logprobs", lambda r: r.logprobs),
+    ("top_logprobs", lambda r: r.top_logprobs > 0),
+    ("presence_penalty", lambda r: r.presence_penalty != 0),
+    ("frequency_penalty", lambda r: r.frequency_penalty != 0),
+    ("logit_bias", lambda r: bool(r.logit_bias)),
+    ("reasoning_effort", lambda r: r.HasField("reasoning_effort")),
+    ("service_tier", lambda r: r.HasField("service_tier") and r.service_tier not in ("auto", "default")),
+    ("store", lambda r: r.store),
+    ("metadata", lambda r: bool(r.metadata)),
+    ("prediction", lambda r: r.HasField("prediction_json")),
+    ("modalities", lambda r: any(m != "text" for m in r.modalities)),
 )
 _UNCARRIED_MESSAGE_FIELDS = ("name", "tool_calls", "tool_call_id", "refusal", "reasoning_content")
 
 
-def _set_keys(extra_json: str) -> list[str]:
-    """The keys of an ``extra_json`` object whose value is not null (null is the same as absent)."""
-    return [k for k, v in orjson.loads(extra_json).items() if v is not None] if extra_json else []
+# What the OpenAI codec keeps in a request's extra_json besides unknown keys: the exact JSON of a field that
+# has its typed field (a temperature with more digits than float holds, a stop string, an explicit
+# "stream": false, an empty list), which the checks on the typed fields cover.
+_TYPED_REQUEST_KEYS = frozenset(
+    {
+        "model", "messages", "stream", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
+        "user", "metadata", "tools", "tool_choice", "parallel_tool_calls", "response_format", "n", "seed",
+        "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "reasoning_effort",
+        "stream_options", "service_tier", "store", "prediction", "modalities",
+    }
+)  # fmt: skip
+_TYPED_MESSAGE_KEYS = frozenset(
+    {"role", "content", "name", "tool_calls", "tool_call_id", "refusal", "reasoning_content"}
+)
+_NOTHING: tuple[Any, ...] = (None, [], {})  # values that ask for nothing (null is the same as absent)
+
+
+def _set_keys(extra_json: str, typed: frozenset[str] = frozenset()) -> list[str]:
+    """The keys of an ``extra_json`` object that ask for something: not null or empty, not a typed field's."""
+    if not extra_json:
+        return []
+    return [k for k, v in orjson.loads(extra_json).items() if k not in typed and v not in _NOTHING]
 
 
 def _refuse_uncarried(req: pb.ChatRequest, provider: str) -> None:
@@ -53,17 +74,10 @@ def _refuse_uncarried(req: pb.ChatRequest, provider: str) -> None:
             "it to the Messages API yet)",
         )
 
-    for field in _UNCARRIED_FIELDS:
-        present = (
-            req.HasField(field)
-            if field not in ("tools", "logit_bias", "metadata", "modalities")
-            else bool(getattr(req, field))
-        )
-        if present:
-            raise refuse(field.removesuffix("_json"))
-    if req.HasField("n") and req.n != 1:
-        raise refuse("n")
-    for key in _set_keys(req.extra_json):
+    for field, asks in _UNCARRIED:
+        if asks(req):
+            raise refuse(field)
+    for key in _set_keys(req.extra_json, _TYPED_REQUEST_KEYS):
         raise refuse(key)
     for key in _set_keys(req.stream_options.extra_json):
         raise refuse(f"stream_options.{key}")
@@ -77,7 +91,7 @@ def _refuse_uncarried(req: pb.ChatRequest, provider: str) -> None:
         for j, part in enumerate(m.parts):
             if part.type != "text" or part.json:
                 raise refuse(f"{where}.content[{j}] of type {clip(part.type)}")
-        for key in _set_keys(m.extra_json):
+        for key in _set_keys(m.extra_json, _TYPED_MESSAGE_KEYS):
             raise refuse(f"{where}.{key}")
 
 
