@@ -298,8 +298,8 @@ async def test_hpack_amplified_streams_beyond_the_limit_are_refused_by_a_proxy_p
         metrics = await (await session.get(f"http://127.0.0.1:{proxy.admin_port}/metrics")).text()
     print(f"proxy RSS growth with 4000 amplified streams: {grown / MiB:.1f} MiB")
     assert grown < MEMORY_BOUND, f"{grown / MiB:.0f} MiB"
-    hit = [line for line in metrics.splitlines() if line.startswith('llmgw_limit_hits_total{limit="max')]
-    assert hit == ['llmgw_limit_hits_total{limit="maxConcurrentStreams"} 3901.0'], hit
+    hit = [line for line in metrics.splitlines() if line.startswith("llmgw_limit_hits_total{")]
+    assert hit == ['llmgw_limit_hits_total{limit="grpcServer.maxConcurrentStreams"} 3901.0'], hit
 
 
 async def test_a_decoded_header_list_over_the_limit_ends_the_connection(serve: ServerFactory) -> None:
@@ -580,7 +580,7 @@ def chat_request(model: str = "rest-only") -> bytes:
 async def limit_hits(proxy: Any) -> dict[str, float]:
     async with aiohttp.ClientSession() as session:
         metrics = await (await session.get(f"http://127.0.0.1:{proxy.admin_port}/metrics")).text()
-    pattern = re.compile(r'^llmgw_limit_hits_total\{limit="(\w+)"\} (\S+)$', re.M)
+    pattern = re.compile(r'^llmgw_limit_hits_total\{limit="grpcServer\.(\w+)"\} (\S+)$', re.M)
     return {key: float(value) for key, value in pattern.findall(metrics)}
 
 

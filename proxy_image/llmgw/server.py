@@ -78,7 +78,9 @@ class ProxyServer:
                 BIDI, reflection_pb2.ServerReflectionRequest, reflector.ServerReflectionInfo
             ),
         }
-        return Server(methods, self.config.limits.grpc_server, self._limit_hit)
+        return Server(
+            methods, self.config.limits.grpc_server, lambda limit: self._limit_hit(f"grpcServer.{limit}")
+        )
 
     def _limit_hit(self, limit: str) -> None:
         self.metrics.child(self.metrics.limit_hits, limit).inc()
