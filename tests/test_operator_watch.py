@@ -309,6 +309,8 @@ def test_watchdog() -> None:
     assert watchdog.problems() == []
     with pytest.raises(SettingsError, match="LLMGW_WATCHDOG_SECONDS"):
         Settings.from_env({"LLMGW_WATCHDOG_SECONDS": "2", "LLMGW_MIGRATION_TICK_SECONDS": "1"})
+    assert Settings.from_env({}).watchdog_seconds == 120
+    assert Settings.from_env({"LLMGW_MIGRATION_TICK_SECONDS": "60"}).watchdog_seconds == 180
 
 
 def free_port() -> int:

@@ -14,8 +14,9 @@
 ``LLMGW_HEALTH_LISTEN``    HOST:PORT of kopf's liveness endpoint (``/healthz``); empty: off.
 ``LLMGW_WATCHDOG_SECONDS`` The liveness endpoint fails (HTTP 500) when the operator has made no
                            progress (a tick of the periodic loop, or a gateway's pass ended) for this
-                           long, or the periodic loop ended (default 120; at least 3 ticks). A pass is
-                           cut after 60 s, so a healthy operator never stalls that long.
+                           long, or the periodic loop ended (default 120, or 3 ticks if longer; at
+                           least 3 ticks). A pass is cut after 60 s, so a healthy operator never stalls
+                           that long.
 ``LLMGW_PROMETHEUS_URL``   Default Prometheus API for migration analysis (see ``spec.migration``).
 =========================  =====================================================================
 """
@@ -66,7 +67,7 @@ class Settings:
             raise SettingsError(f"LLMGW_LOG_LEVEL: must be debug, info, warning or error, got {log_level!r}")
         resync = _positive(env, "LLMGW_RESYNC_SECONDS", 300.0)
         tick = _positive(env, "LLMGW_MIGRATION_TICK_SECONDS", 5.0)
-        watchdog = _positive(env, "LLMGW_WATCHDOG_SECONDS", 120.0)
+        watchdog = _positive(env, "LLMGW_WATCHDOG_SECONDS", max(120.0, 3 * tick))
         if watchdog < 3 * tick:
             raise SettingsError(
                 f"LLMGW_WATCHDOG_SECONDS: must be at least 3 migration ticks ({3 * tick:g}), got {watchdog:g}"
