@@ -579,6 +579,7 @@ async def test_layer_limits_from_the_configuration_reach_both_fronts(fakes: Fake
     advertises in its SETTINGS (INITIAL_WINDOW_SIZE, MAX_HEADER_LIST_SIZE)."""
     config = proxy_config(fakes)
     config["limits"] = {
+        "maxRequestBytes": 65_536,  # below the window: a stream window is raised to hold one whole message
         "restServer": {"maxHeadBytes": 2048},
         "grpcServer": {"streamWindowBytes": 100_000, "maxHeaderBlockBytes": 9000},
     }
