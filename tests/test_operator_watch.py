@@ -30,11 +30,14 @@ from llmgw_operator.handlers import (
     Backoff,
     Children,
     DigestDiffBaseStorage,
+    Passes,
+    PassFailed,
     Slots,
     Watchdog,
     fingerprint,
 )
 from llmgw_operator.kube import Kube
+from llmgw_operator.reconcile import ApplyFailed
 from llmgw_operator.settings import Settings, SettingsError
 
 __all__ = ["operator"]  # the fixture, used by name
@@ -379,3 +382,45 @@ async def test_liveness_fails_when_the_operator_is_stuck(
         operator_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await operator_task
+
+
+class _Reconciler:
+    """Just enough of :class:`Reconciler` for :class:`Passes`: counts passes, holds "a" until released."""
+
+    def __init__(self) -> None:
+        self.passes: list[str] = []
+        self.release = asyncio.Event()
+        self.refuse = False
+        self.kube = None
+
+    async def sync(self, namespace: str, name: str) -> None:
+        self.passes.append(name)
+        if name == "a":
+            await self.release.wait()
+        if self.refuse:
+            raise ApplyFailed(f"{namespace}/{name}: Invalid: refused")
+
+
+async def test_passes_share_a_queued_pass_and_skip_routine_triggers_in_backoff() -> None:
+    reconciler = _Reconciler()
+    passes = Passes(reconciler, slots=1)  # type: ignore[arg-type]
+    holder = asyncio.create_task(passes.run("ns", "a"))
+    await asyncio.sleep(0)
+    triggers = [asyncio.create_task(passes.run("ns", "b", p)) for p in (ROUTINE, ROUTINE, PERIODIC)]
+    await asyncio.sleep(0.01)
+    assert passes.busy("ns", "b") and passes.slots.waiting == 1  # three triggers, one pass waiting
+    reconciler.release.set()
+    await asyncio.gather(holder, *triggers)
+    assert reconciler.passes == ["a", "b"]
+
+    reconciler.refuse = True
+    with pytest.raises(PassFailed) as failed:
+        await passes.run("ns", "b")
+    assert failed.value.refused and failed.value.delay == 10
+    await passes.triggered("ns", "b", "its Deployment's rollout moved", ROUTINE)  # in backoff: no pass
+    assert reconciler.passes == ["a", "b", "b"]
+    await passes.triggered("ns", "b", "its ConfigMap was edited", URGENT)  # a person's edit: a pass
+    assert reconciler.passes == ["a", "b", "b", "b"] and passes.backoff.waiting("ns", "b") > 10
+    reconciler.refuse = False
+    await passes.run("ns", "b")
+    assert passes.backoff.waiting("ns", "b") == 0
