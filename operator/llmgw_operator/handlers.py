@@ -22,14 +22,17 @@ No handler waits for another: there is no kopf index (kopf makes every handler o
 until each gateway listed at startup has been indexed, each in a worker of its own, so with a worker
 limit below the number of gateways nothing ever ran), no worker limit (a gateway whose pass is retried
 keeps its worker while it waits, and must not keep another gateway from getting one), and every pass has
-a time limit (:data:`PASS_TIMEOUT`). A failing gateway is reported by :meth:`Reconciler.sync` (a condition,
+a time limit (:data:`PASS_TIMEOUT`). Passes take one of :data:`PASS_SLOTS` slots (:class:`Slots`), a change
+someone made first, so that hundreds of gateways found at startup neither starve kopf's watch streams nor
+keep a gateway created meanwhile waiting. A failing gateway is reported by :meth:`Reconciler.sync` (a condition,
 an event, a log line); it never stops the others. A gateway whose objects the API server refuses
 (:class:`ApplyFailed`) is retried by the periodic loop with exponential backoff (:class:`Backoff`: 10 s,
 20 s, 40 s, ... 5 min), and routine triggers leave it alone meanwhile; a change of it is acted on at once.
 
 :class:`Watchdog` is what kopf's liveness endpoint reports (``kopf.on.probe``): it fails when the periodic
-loop has ended or has made no progress for ``LLMGW_WATCHDOG_SECONDS``, so that Kubernetes restarts a stuck
-operator.
+loop has ended, or neither a tick of it nor any pass has ended for ``LLMGW_WATCHDOG_SECONDS``, so that
+Kubernetes restarts a stuck operator. A watch stream the API server stops feeding is reopened by kopf
+(``settings.watching.client_timeout``).
 """
 
 from __future__ import annotations
