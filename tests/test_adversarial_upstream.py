@@ -644,6 +644,36 @@ async def test_channel_receives_messages_up_to_max_message_bytes_beyond_the_wind
         await server.stop(None)
 
 
+async def test_a_cancelled_stream_gives_back_its_bytes_once() -> None:
+    """Bytes of a message still arriving are given back to the windows early; when the call is cancelled
+    with that message incomplete, only the rest is given back (a second credit would let the server send
+    more than the connection window allows)."""
+
+    async def stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"y" * (5 * MiB)
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("t.S", {"S": grpc.unary_stream_rpc_method_handler(stream)}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc_channel.Channel(f"127.0.0.1:{port}")
+    try:
+        for _ in range(6):  # whether a message is partly received when the call ends varies with timing
+            replies = channel.server_stream("/t.S/S", b"", timeout=5)
+            assert len(await anext(replies)) == 5 * MiB
+            await asyncio.sleep(0.05)  # the next message is on its way, partly credited
+            await replies.aclose()
+            conn = channel._conn
+            assert conn is not None
+            assert 0 <= conn._held <= conn.connection_window, conn._held
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
 # --- values that do not parse, redaction, configuration keys -----------------------------------------------
 
 

@@ -210,6 +210,9 @@ class _ClientConnection(Connection):
         if early:
             self._early_credit[stream.id] = early
 
+    def credited_early(self, stream: Stream) -> int:
+        return self._early_credit.pop(stream.id, 0)
+
     def message_too_large(self, stream: Stream, length: int, decompressed: bool = False) -> None:
         size = f"more than {self.max_message_bytes} bytes decompressed" if decompressed else f"{length} bytes"
         if not decompressed:  # the inflating side counts its own hit
