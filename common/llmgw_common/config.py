@@ -83,10 +83,19 @@ class Provider:
     type: str  # the member set in the entry: a key of llmgw_common.providers.TYPES
     settings: Any  # that type's settings dataclass
     api_key: SecretRef | None = None
-    timeout_s: float = 120.0
+    timeout_s: float = (
+        120.0  # the wait for the answer's first byte (REST headers, a gRPC stream's first message)
+    )
     connect_timeout_s: float = 5.0
     retries: Retries = Retries()
     headers: tuple[tuple[str, str], ...] = ()
+    stream_idle_timeout_s: float | None = None  # the longest gap within an answer; None: timeout_s
+
+    @property
+    def idle_timeout_s(self) -> float:
+        """The longest wait for the next bytes of an answer once it began (``streamIdleTimeoutSeconds``,
+        else ``timeoutSeconds``)."""
+        return self.timeout_s if self.stream_idle_timeout_s is None else self.stream_idle_timeout_s
 
     @property
     def path(self) -> str:
@@ -251,6 +260,9 @@ def _provider(r: Reader) -> Provider:
         connect_timeout_s=r.number("connectTimeoutSeconds", 5.0),
         retries=r.section("retries", _retries, Retries()),
         headers=tuple(sorted(headers.items())),
+        stream_idle_timeout_s=(
+            r.number("streamIdleTimeoutSeconds", 0.0) if "streamIdleTimeoutSeconds" in r.data else None
+        ),
     )
 
 

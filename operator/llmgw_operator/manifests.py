@@ -106,6 +106,8 @@ def _provider_config(provider: dict[str, Any]) -> dict[str, Any]:
         out["apiKey"] = {"env": refs.pop()}
     out["timeoutSeconds"] = parse_duration(provider["timeout"])
     out["connectTimeoutSeconds"] = parse_duration(provider["connectTimeout"])
+    if "streamIdleTimeout" in provider:
+        out["streamIdleTimeoutSeconds"] = parse_duration(provider["streamIdleTimeout"])
     retries = provider.get("retries", {})
     out["retries"] = {
         "maxAttempts": retries.get("maxAttempts", 3),

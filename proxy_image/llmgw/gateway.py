@@ -390,8 +390,9 @@ class Gateway:
                 tracker = _Attempt(step.metrics)
                 self._lease(client)
                 try:
-                    timeout = min(self._remaining(deadline), client.provider.timeout_s)
-                    response = await client.complete(req, model, timeout, tracker.stats)
+                    # The provider bounds the wait for the first byte (timeoutSeconds) and the gaps within
+                    # the answer (streamIdleTimeoutSeconds) itself; the request's deadline bounds the whole.
+                    response = await client.complete(req, model, self._remaining(deadline), tracker.stats)
                 except GatewayError as exc:
                     tracker.done(exc.status_label)
                     if await self._recover(exc, step, attempt, deadline):
@@ -446,9 +447,8 @@ class Gateway:
                 usage: pb.Usage | None = None
                 self._lease(client)
                 try:
-                    timeout = min(self._remaining(deadline), client.provider.timeout_s)
                     async with contextlib.aclosing(
-                        client.stream(req, model, timeout, tracker.stats)
+                        client.stream(req, model, self._remaining(deadline), tracker.stats)
                     ) as chunks:
                         async for chunk in chunks:
                             if not sent_any:

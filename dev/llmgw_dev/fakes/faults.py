@@ -47,6 +47,9 @@ class Faults:
     rate_limit_every: int = 0  # every Nth request is answered 429 / RESOURCE_EXHAUSTED with Retry-After
     retry_after_s: float = 1.0  # the Retry-After value sent with rate limiting
     stream_error_after_tokens: int = -1  # >= 0: break a stream after this many tokens (provider-native error)
+    stream_stall_after_tokens: int = (
+        -1
+    )  # >= 0: a stream sends nothing more after this many tokens (held open)
 
     def update(self, changes: Mapping[str, Any]) -> None:
         """Apply a partial update (all or nothing); raises ValueError naming the first bad field."""
@@ -63,6 +66,7 @@ _INT_FAULTS: Final[dict[str, tuple[float, float | None]]] = {
     "fail_next": (0, None),
     "rate_limit_every": (0, None),
     "stream_error_after_tokens": (-1, None),
+    "stream_stall_after_tokens": (-1, None),
 }
 _FLOAT_FAULTS: Final[dict[str, tuple[float, float | None]]] = {
     "latency_ms": (0.0, None),

@@ -35,7 +35,7 @@ from llmgw.codecs import openai_chat
 from llmgw.errors import GatewayError
 from llmgw_dev.fakes.completions import Answer, prompt_of
 from llmgw_dev.fakes.faults import MODEL_CREATED, Reply, count_words, new_id, seconds
-from llmgw_dev.fakes.server import Api, FakeProvider
+from llmgw_dev.fakes.server import Api, FakeProvider, stall
 
 _CODES: Final = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -252,9 +252,12 @@ class LLMService(GrpcApi):
                 )
             delay = self._token_delay()
             break_after = self.fake.faults.stream_error_after_tokens
+            stall_after = self.fake.faults.stream_stall_after_tokens
             for i, chunk in enumerate(chunks[:-1]):
                 if i == break_after:
                     await self._break(context)
+                if i == stall_after:
+                    await stall()
                 if delay > 0 and i:
                     await asyncio.sleep(delay)
                 yield chunk

@@ -36,6 +36,10 @@ _FAULT_OPTIONS: Final = {
         "N",
         "break streams with a provider-native error after this many tokens (-1: never)",
     ),
+    "stream_stall_after_tokens": (
+        "N",
+        "streams send nothing more after this many tokens, the connection held open (-1: never)",
+    ),
 }
 _OPTION_NAMES: Final = {"retry_after_s": "--retry-after"}  # where the option is not named after the field
 

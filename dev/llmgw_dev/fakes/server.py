@@ -250,9 +250,10 @@ class HttpApi(Api):
         response = web.StreamResponse(headers=_SSE)
         delay = self._token_delay()
         break_after = self.fake.faults.stream_error_after_tokens
+        stall_after = self.fake.faults.stream_stall_after_tokens
         try:
             await response.prepare(request)
-            if delay <= 0 and break_after < 0:
+            if delay <= 0 and break_after < 0 and stall_after < 0:
                 chunks = [opening]
                 chunks.extend(frame(token) for token in reply.json_tokens)
             else:
@@ -261,6 +262,8 @@ class HttpApi(Api):
                 for i, token in enumerate(reply.json_tokens):
                     if i == break_after:
                         return await self._break(response)
+                    if i == stall_after:
+                        await stall()
                     if delay > 0 and i:
                         await asyncio.sleep(delay)
                     await response.write(frame(token))
@@ -281,6 +284,11 @@ class HttpApi(Api):
         await response.write(self._stream_error())
         await response.write_eof()
         return response
+
+
+async def stall() -> None:
+    """A stream that stalls: nothing more is sent until the client goes away (the handler is cancelled)."""
+    await asyncio.Event().wait()
 
 
 # ---------------------------------------------------------------------------------------------- control

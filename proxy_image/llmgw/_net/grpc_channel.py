@@ -12,7 +12,10 @@ Calls take and return serialized messages (``bytes``); failures raise
 :class:`LimitExceeded` (an RpcError too) when the server's answer runs into a bound of
 :class:`~llmgw_common.limits.GrpcChannelLimits` (a message over ``max_message_bytes``, a header list over
 ``max_header_block_bytes``, ...); ``on_limit`` is told the limit's configuration key. A call's
-timeout is sent as ``grpc-timeout`` and enforced here too; cancelling the awaiting task, or closing a
+timeout is sent as ``grpc-timeout`` and enforced here too; a call may also bound the wait for its first
+response message (``first_message_timeout``) and, on a stream, each wait for the next one
+(``idle_timeout``), both with :class:`CallTimeout` (DEADLINE_EXCEEDED), so that a long stream that keeps
+flowing is bounded only by its deadline. Cancelling the awaiting task, or closing a
 stream's iterator early, resets the stream (RST_STREAM), so the server stops working on it.
 """
 
@@ -63,6 +66,100 @@ class LimitExceeded(RpcError):
 # not hold calls until the kernel's defaults notice (hours idle, ~15 minutes of retransmits). TCP keepalive
 # and TCP_USER_TIMEOUT do it in the kernel, without HTTP/2 PINGs, which grpcio servers punish when they
 # come more often than every 5 minutes while no data flows (GOAWAY "too_many_pings").
+
+
+class CallTimeout(RpcError):
+    """A call's bound other than its deadline ran out (DEADLINE_EXCEEDED): ``which`` is ``"first"`` (no
+    response message within ``first_message_timeout``) or ``"idle"`` (none for ``idle_timeout`` after one)."""
+
+    def __init__(self, which: str, details: str) -> None:
+        super().__init__(grpc.StatusCode.DEADLINE_EXCEEDED, details)
+        self.which = which
+        self.llmgw_timeout = which
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    return a if b is None or a <= b else b
+
+
+class _Watch:
+    """The time bounds of one call, on one timer that is moved lazily: the call's deadline, its first
+    message's, and (once a message came) how long the reader has been waiting for the next one."""
+
+    __slots__ = (
+        "conn",
+        "deadline",
+        "first",
+        "got_message",
+        "idle",
+        "loop",
+        "stream",
+        "timer",
+        "waiting_since",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        conn: _ClientConnection,
+        stream: Stream,
+        deadline: float | None,
+        first_message_timeout: float | None,
+        idle_timeout: float | None,
+    ) -> None:
+        self.loop, self.conn, self.stream = loop, conn, stream
+        self.deadline = deadline
+        self.first = None if first_message_timeout is None else loop.time() + first_message_timeout
+        self.idle = idle_timeout
+        self.got_message = False
+        self.waiting_since: float | None = None
+        due = _earliest(deadline, self.first)
+        self.timer = None if due is None else loop.call_at(due, self.check)
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def message_taken(self) -> None:
+        """The first message was taken: from now on the gaps between messages are what is bounded."""
+        self.got_message = True
+        if self.idle is not None and self.timer is not None:
+            due = self.loop.time() + self.idle
+            if due < self.timer.when():
+                self.timer.cancel()
+                self.timer = self.loop.call_at(due, self.check)
+
+    def check(self) -> None:
+        self.timer = None
+        stream = self.stream
+        if stream.error is not None or stream.trailers is not None:
+            return
+        now = self.loop.time()
+        if self.deadline is not None and now >= self.deadline:
+            self._fail(RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+            return
+        due = self.deadline
+        if not (self.got_message or stream.messages):
+            if self.first is not None:
+                if now >= self.first:
+                    self._fail(CallTimeout("first", "no response message in time"))
+                    return
+                due = _earliest(due, self.first)
+        elif self.idle is not None:
+            since = self.waiting_since
+            if since is not None and now - since >= self.idle:
+                self._fail(CallTimeout("idle", f"no response message for {self.idle:g} s"))
+                return
+            due = _earliest(due, (now if since is None else since) + self.idle)
+        if due is not None:
+            self.timer = self.loop.call_at(due, self.check)
+
+    def _fail(self, error: RpcError) -> None:
+        self.stream.error = error
+        self.conn.cancel(self.stream)
 
 
 def _os_reason(exc: OSError) -> str:
@@ -395,8 +492,13 @@ class Channel:
         return conn
 
     async def _call(
-        self, path: str, request: bytes, timeout: float | None
-    ) -> tuple[_ClientConnection, Stream, asyncio.TimerHandle | None]:
+        self,
+        path: str,
+        request: bytes,
+        timeout: float | None,
+        first_message_timeout: float | None = None,
+        idle_timeout: float | None = None,
+    ) -> tuple[_ClientConnection, Stream, _Watch]:
         """Start a call and wait for its response to begin (headers) or the call to end.
 
         The deadline covers every step: connecting, waiting for a stream slot, sending the request as flow
@@ -414,7 +516,7 @@ class Channel:
             await conn.wait_for_slot(deadline)
             remaining = None if deadline is None else max(0.001, deadline - loop.time())
             stream, sent = conn.open(self._header_block(path, remaining), body)
-            timer = None if deadline is None else loop.call_at(deadline, self._expire, conn, stream)
+            timer = _Watch(loop, conn, stream, deadline, first_message_timeout, idle_timeout)
             try:
                 if not sent:
                     await conn.send_request(stream, body)
@@ -422,30 +524,29 @@ class Channel:
                     stream.waiter = loop.create_future()
                     await stream.waiter
             except asyncio.CancelledError:
-                if timer is not None:
-                    timer.cancel()
+                timer.cancel()
                 conn.cancel(stream)
                 raise
             refused = stream.reset == ErrorCode.REFUSED_STREAM and stream.headers is None
             if not refused or stream.error is not None or attempt == self.limits.refused_stream_attempts:
                 return conn, stream, timer
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
             pause = 0.005 * 2 ** (attempt - 1)
             if deadline is not None and loop.time() + pause >= deadline:
                 raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
             await asyncio.sleep(pause)
             attempt += 1
 
-    @staticmethod
-    def _expire(conn: _ClientConnection, stream: Stream) -> None:
-        if stream.error is None and stream.trailers is None:
-            stream.error = RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-            conn.cancel(stream)
-
-    async def unary(self, path: str, request: bytes, timeout: float | None = None) -> bytes:
-        """One request, one response."""
-        conn, stream, timer = await self._call(path, request, timeout)
+    async def unary(
+        self,
+        path: str,
+        request: bytes,
+        timeout: float | None = None,
+        *,
+        first_message_timeout: float | None = None,
+    ) -> bytes:
+        """One request, one response (within ``first_message_timeout``, if given, and the deadline)."""
+        conn, stream, timer = await self._call(path, request, timeout, first_message_timeout)
         loop = asyncio.get_running_loop()
         try:
             while not _finished(stream):
@@ -455,8 +556,7 @@ class Channel:
             conn.cancel(stream)
             raise
         finally:
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
         error = _outcome(stream)
         if error is not None:
             raise error
@@ -467,23 +567,35 @@ class Channel:
         return conn.take_message(stream)
 
     async def server_stream(
-        self, path: str, request: bytes, timeout: float | None = None
+        self,
+        path: str,
+        request: bytes,
+        timeout: float | None = None,
+        *,
+        first_message_timeout: float | None = None,
+        idle_timeout: float | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        """One request, a stream of responses; closing the iterator early cancels the call."""
-        conn, stream, timer = await self._call(path, request, timeout)
+        """One request, a stream of responses; closing the iterator early cancels the call.
+
+        ``first_message_timeout`` bounds the wait for the first message, ``idle_timeout`` each wait for the
+        next one (the time the caller spends between two messages does not count)."""
+        conn, stream, timer = await self._call(path, request, timeout, first_message_timeout, idle_timeout)
         loop = asyncio.get_running_loop()
         try:
             while True:
                 if stream.messages:
+                    if not timer.got_message:
+                        timer.message_taken()
                     yield conn.take_message(stream)
                 elif _finished(stream):
                     break
                 else:
                     stream.waiter = loop.create_future()
+                    timer.waiting_since = loop.time()
                     await stream.waiter
+                    timer.waiting_since = None
         finally:
-            if timer is not None:
-                timer.cancel()
+            timer.cancel()
             if stream.trailers is None:
                 conn.cancel(stream)  # we were cancelled, or stopped reading: the server should stop too
         error = _outcome(stream)

@@ -8,8 +8,11 @@ has its own network stacks"). What it does, bounded by one :class:`~llmgw_common
 - keeps up to ``max_connections`` connections to the URL's origin, reusing idle ones (newest first) and
   dropping those idle longer than ``limits.idle_timeout_s`` or closed by the server;
 - bounds the whole exchange, from taking a connection to the last body byte, by one deadline, and the
-  connect by its own timeout; a timeout, a cancelled caller or a response left unread closes its connection
-  rather than reusing it mid-message;
+  connect by its own timeout; optionally the wait for the response's head (``first_byte_timeout``:
+  :class:`FirstByteTimeout`) and each wait of a reader for more body bytes (``idle_timeout``:
+  :class:`IdleTimeout`), so that a long stream that keeps flowing is bounded only by the deadline; a
+  timeout, a cancelled caller or a response left unread closes its connection rather than reusing it
+  mid-message;
 - retries once, on a new connection, a request whose reused connection was closed before any byte of the
   response arrived (the server's keep-alive timer and our reuse raced; uvicorn's default is 5 seconds);
 - applies back-pressure: it stops reading from the socket while a stream's unread body exceeds 1 MiB;
@@ -58,6 +61,14 @@ class ConnectionLost(ConnectionError):
     """The connection closed before the response was complete."""
 
 
+class FirstByteTimeout(TimeoutError):
+    """No response head within the call's ``first_byte_timeout``."""
+
+
+class IdleTimeout(TimeoutError):
+    """A reader waited ``idle_timeout`` for more of the body and nothing came."""
+
+
 class Response:
     """One response: status and headers at once, the body as it arrives."""
 
@@ -76,6 +87,8 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self._headers_seen = False
         self._reading_all = False  # read() buffers the whole body by design: no back-pressure then
+        self._loop = asyncio.get_running_loop()
+        self._waiting_since: float | None = None  # when the reader began to wait for more (None: not waiting)
 
     # -- fed by the connection -------------------------------------------------------------------
 
@@ -102,11 +115,14 @@ class Response:
     # -- read by the caller ------------------------------------------------------------------------
 
     async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        self._waiter = loop.create_future()
+        self._waiting_since = loop.time()
         try:
             await self._waiter
         finally:
             self._waiter = None
+            self._waiting_since = None
 
     async def _wait_headers(self) -> None:
         while not self._headers_seen and not self._done:
@@ -218,6 +234,10 @@ class _Connection(asyncio.Protocol):
         self._since_body = 0  # bytes fed after the head without a body byte (trailers, chunk framing)
         self._body_seen = False
         self._limit: LimitExceeded | None = None  # raised inside a parser callback
+        # The exchange's bounds (see send): its deadline, the head's, and a reader's longest wait.
+        self._deadline = 0.0
+        self._first_byte_timeout: float | None = None
+        self._idle_timeout: float | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------------
 
@@ -332,6 +352,13 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         response.headers = headers
         response._headers_seen = True
+        idle = self._idle_timeout
+        if idle is not None and self._timer is not None:  # from now on a reader's wait is what is bounded
+            loop = response._loop
+            due = min(self._deadline, loop.time() + idle)
+            if due < self._timer.when():
+                self._timer.cancel()
+                self._timer = loop.call_at(due, self._expire)
         response._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -358,15 +385,53 @@ class _Connection(asyncio.Protocol):
         headers = response.headers
         return "content-length" not in headers and "chunked" not in headers.get("transfer-encoding", "")
 
-    def send(self, data: bytes, response: Response, deadline: float) -> None:
+    def send(
+        self,
+        data: bytes,
+        response: Response,
+        deadline: float,
+        first_byte_timeout: float | None = None,
+        idle_timeout: float | None = None,
+    ) -> None:
         assert self.transport is not None
         self.response = response
         self.parser = httptools.HttpResponseParser(self)
         self._head_bytes = self._header_count = self._since_body = 0
         self._limit = None
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_at(deadline, self.abort, TimeoutError("the upstream did not answer in time"))
+        loop = response._loop
+        self._deadline = deadline
+        self._first_byte_timeout = first_byte_timeout
+        self._idle_timeout = idle_timeout
+        due = deadline if first_byte_timeout is None else min(deadline, loop.time() + first_byte_timeout)
+        self._timer = loop.call_at(due, self._expire)
         self.transport.write(data)
+
+    def _expire(self) -> None:
+        """The exchange's timer: fail it past a bound, else arm the timer for the next bound that may pass.
+
+        One timer per exchange, moved lazily: a reader's waits are not timed one by one, the timer looks at
+        how long the current wait has lasted when it fires."""
+        self._timer = None
+        response = self.response
+        if response is None:
+            return
+        loop = response._loop
+        now = loop.time()
+        if now >= self._deadline:
+            self.abort(TimeoutError("the upstream did not answer in time (the request's deadline passed)"))
+            return
+        if not response._headers_seen:
+            self.abort(FirstByteTimeout(f"no response within {self._first_byte_timeout:g} s"))
+            return
+        due = self._deadline
+        idle = self._idle_timeout
+        if idle is not None:
+            since = response._waiting_since
+            if since is not None and now - since >= idle:
+                self.abort(IdleTimeout(f"nothing more of the response for {idle:g} s"))
+                return
+            due = min(due, (now if since is None else since) + idle)
+        self._timer = loop.call_at(due, self._expire)
 
     def abort(self, error: BaseException) -> None:
         """Close the connection and fail its response (if any) with ``error``."""
@@ -425,12 +490,14 @@ class HTTPClient:
         if parts.port is not None:
             host_header += f":{parts.port}"
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        lines = [f"POST {target} HTTP/1.1", f"Host: {host_header}"]
+        lines = [f"Host: {host_header}"]
         for name, value in headers.items():
             if any(c in name or c in value for c in "\r\n\0") or not name.strip():
                 raise ValueError(f"header {name!r}: names and values cannot contain line breaks")
             lines.append(f"{name}: {value}")
-        self._head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
+        self._rest_of_head = ("\r\n".join(lines) + "\r\nContent-Length: ").encode("latin-1")
+        self._head = f"POST {target} HTTP/1.1\r\n".encode("latin-1") + self._rest_of_head
+        self._heads: dict[str, bytes] = {}
         self.connect_timeout = connect_timeout
         self.limits = limits or HTTPClientLimits()
         self.on_limit = on_limit  # told the configuration key of each limit an upstream runs into
@@ -439,14 +506,26 @@ class HTTPClient:
         self._busy: set[_Connection] = set()
         self._closed = False
 
-    async def post(self, body: bytes, timeout: float) -> Response:
-        """Send ``body``; returns once the response's status and headers are in. The caller reads the body
-        (``read``, ``chunks``, ``lines``) or calls ``close``; either way within ``timeout`` of this call."""
+    async def post(
+        self,
+        body: bytes,
+        timeout: float,
+        *,
+        path: str | None = None,
+        first_byte_timeout: float | None = None,
+        idle_timeout: float | None = None,
+    ) -> Response:
+        """Send ``body`` (to the client's URL, or to ``path`` on its origin, e.g. ``/v1/embeddings``); returns once the
+        response's status and headers are in. The caller reads the body (``read``, ``chunks``, ``lines``) or
+        calls ``close``; either way within ``timeout`` of this call. ``first_byte_timeout`` bounds the wait
+        for the response's head (:class:`FirstByteTimeout`), ``idle_timeout`` each wait of the reader for
+        more of the body (:class:`IdleTimeout`)."""
         if self._closed:
             raise ConnectionLost("the client is closed")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        data = self._head + b"%d\r\n\r\n" % len(body) + body
+        head = self._head if path is None else self._head_for(path)
+        data = head + b"%d\r\n\r\n" % len(body) + body
         for attempt in (1, 2):
             await self._acquire(deadline)
             try:
@@ -456,7 +535,7 @@ class HTTPClient:
                 raise
             response = Response(conn)
             self._busy.add(conn)
-            conn.send(data, response, deadline)
+            conn.send(data, response, deadline, first_byte_timeout, idle_timeout)
             try:
                 await response._wait_headers()
             except ConnectionLost:
@@ -468,6 +547,17 @@ class HTTPClient:
                 raise
             return response
         raise AssertionError("unreachable")
+
+    def _head_for(self, path: str) -> bytes:
+        """The request head for ``path`` on the URL's origin (``/v1/embeddings``)."""
+        head = self._heads.get(path)
+        if head is None:
+            if not path.startswith("/") or any(c in path for c in " \r\n\0?#"):
+                raise ValueError(f"not a path: {path!r}")
+            head = f"POST {path} HTTP/1.1\r\n".encode("latin-1") + self._rest_of_head
+            if len(self._heads) < 64:
+                self._heads[path] = head
+        return head
 
     async def _acquire(self, deadline: float) -> None:
         """A slot under ``max_connections``, waiting for one until ``deadline`` at most."""

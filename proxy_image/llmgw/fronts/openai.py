@@ -26,6 +26,27 @@ from llmgw.gateway import Gateway
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+TIMEOUT_HEADER = "x-llmgw-timeout-seconds"
+
+
+def client_timeout(request: Request) -> float | None:
+    """The deadline the client asks for in ``x-llmgw-timeout-seconds`` (seconds, a positive number), if
+    any; ``limits.requestTimeoutSeconds`` stays the cap."""
+    value = request.headers.get(TIMEOUT_HEADER)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise GatewayError(
+            Kind.INVALID_ARGUMENT,
+            f"{TIMEOUT_HEADER}: must be a positive number of seconds, got {value[:32]!r}",
+        )
+    return seconds
+
+
 def _sse(payload: object) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
@@ -65,12 +86,13 @@ class OpenAIFront:
         try:
             self.gateway.authenticate(request.headers.get("authorization"), "rest")
             req, stream = self._parse(request)
+            timeout = client_timeout(request)
             if not stream:
-                response = await self.gateway.complete(req, front="rest")
+                response = await self.gateway.complete(req, front="rest", timeout=timeout)
                 respond.send(200, orjson.dumps(openai_chat.response_to_json(response)), JSON_HEADERS)
                 return
             req.chunk_layout = pb.CHUNK_LAYOUT_OPENAI
-            upstream = self.gateway.stream(req, front="rest")
+            upstream = self.gateway.stream(req, front="rest", timeout=timeout)
             chunks = to_openai_layout(upstream, req.stream_options.include_usage)
             try:
                 first = await anext(chunks)

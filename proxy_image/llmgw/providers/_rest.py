@@ -13,13 +13,21 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
 from llmgw._net import http_client
 from llmgw.codecs import error_envelopes, retry_after, sse
 from llmgw.errors import GatewayError, Kind, from_upstream_http
-from llmgw.providers.base import MAX_RELAYED_CHARS, CallStats, OnLimit, limit_exceeded, malformed_response
+from llmgw.providers.base import (
+    MAX_RELAYED_CHARS,
+    CallStats,
+    OnLimit,
+    limit_exceeded,
+    malformed_response,
+    timed_out,
+)
 from llmgw.redact import redact
 from llmgw_common.config import Provider
 from llmgw_common.limits import HTTPClientLimits
@@ -50,6 +58,7 @@ class RestClient:
         self.provider = provider
         self.limits = limits
         self.base_url = base_url
+        self._base_path = urlsplit(base_url).path.rstrip("/")  # what a path of post() is appended to
         self.on_limit = on_limit
         self._logged_unreachable = float("-inf")
         self.headers = {
@@ -95,12 +104,7 @@ class RestClient:
     def unreachable(self, exc: BaseException) -> GatewayError:
         name = self.provider.name
         if isinstance(exc, TimeoutError):
-            return GatewayError(
-                Kind.DEADLINE_EXCEEDED,
-                f"provider {name!r} did not answer in time",
-                retryable=True,
-                upstream_status=504,
-            )
+            return timed_out(self.provider, exc)
         if isinstance(exc, http_client.LimitExceeded):
             return limit_exceeded(self.provider, f"restClient.{exc.limit}", str(exc))
         if isinstance(exc, http_client.MalformedResponse):
@@ -116,12 +120,26 @@ class RestClient:
             upstream_status=503,
         )
 
-    async def post(self, body: dict[str, Any], timeout: float, stats: CallStats) -> http_client.Response:
-        """Send the request; returns a response with status 200, else raises GatewayError."""
-        data = orjson.dumps(body)
+    async def post(
+        self, body: dict[str, Any] | bytes, timeout: float, stats: CallStats, path: str | None = None
+    ) -> http_client.Response:
+        """Send the request (to ``path`` below the base URL, else to the type's own path); returns a
+        response with status 200, else raises GatewayError.
+
+        ``timeout`` bounds the whole exchange (the request's deadline); the provider's ``timeoutSeconds``
+        the wait for the answer's head and its ``streamIdleTimeoutSeconds`` each wait for more of the body.
+        """
+        data = body if isinstance(body, bytes) else orjson.dumps(body)
         stats.sent += len(data)
+        provider = self.provider
         try:
-            resp = await self.client.post(data, timeout)
+            resp = await self.client.post(
+                data,
+                timeout,
+                path=None if path is None else self._base_path + path,
+                first_byte_timeout=provider.timeout_s,
+                idle_timeout=provider.idle_timeout_s,
+            )
         except _TRANSPORT_ERRORS as exc:
             raise self.unreachable(exc) from None
         if resp.status != 200:

@@ -31,6 +31,10 @@ class CallStats:
 
 
 class ProviderClient(Protocol):
+    """``timeout`` is what is left of the request's deadline: it bounds the whole call. The client bounds
+    the wait for the answer's first byte by its provider's ``timeout_s`` and each gap within the answer by
+    its ``idle_timeout_s`` itself (:func:`timed_out` names the bound that ran out)."""
+
     provider: Provider
 
     async def complete(
@@ -69,3 +73,23 @@ def limit_exceeded(provider: Provider, limit: str, detail: str) -> GatewayError:
         retryable=True,
         upstream_status=502,
     )
+
+
+def timed_out(provider: Provider, exc: BaseException) -> GatewayError:
+    """A bound of time ran out: the answer's first byte (``timeoutSeconds``), a gap within it
+    (``streamIdleTimeoutSeconds``) or the request's whole deadline. Retryable (before anything reached the
+    client): another attempt, or the other path, may be faster."""
+    name = provider.name
+    which = getattr(exc, "llmgw_timeout", None) or type(exc).__name__
+    if which in ("FirstByteTimeout", "first"):
+        message = f"provider {name!r} sent no answer within its timeoutSeconds ({provider.timeout_s:g} s)"
+    elif which in ("IdleTimeout", "idle"):
+        message = (
+            f"provider {name!r} stalled: nothing more of its answer for streamIdleTimeoutSeconds "
+            f"({provider.idle_timeout_s:g} s)"
+        )
+    else:
+        message = f"provider {name!r} did not answer in time"
+        if "deadline" in str(exc):
+            message += " (the request's deadline passed)"
+    return GatewayError(Kind.DEADLINE_EXCEEDED, message, retryable=True, upstream_status=504)

@@ -20,7 +20,14 @@ from llmgw._net.grpc_wire import RpcError
 from llmgw.chat import chunk_carries, chunk_finishes
 from llmgw.codecs import retry_after
 from llmgw.errors import GatewayError, from_upstream_grpc
-from llmgw.providers.base import MAX_RELAYED_CHARS, CallStats, OnLimit, limit_exceeded, malformed_response
+from llmgw.providers.base import (
+    MAX_RELAYED_CHARS,
+    CallStats,
+    OnLimit,
+    limit_exceeded,
+    malformed_response,
+    timed_out,
+)
 from llmgw.redact import redact
 from llmgw_common.config import Limits, Provider
 from llmgw_common.providers.llmgateway import LLMGatewaySettings
@@ -60,6 +67,10 @@ class LLMGatewayClient:
                 log.warning("provider %r: %s", name, details)
             details = details.replace(target, "the provider")
         details = details[:MAX_RELAYED_CHARS]
+        if isinstance(exc, grpc_channel.CallTimeout):
+            return timed_out(self.provider, exc)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and details == "Deadline Exceeded":
+            return timed_out(self.provider, TimeoutError("the request's deadline passed"))
         if isinstance(exc, grpc_channel.LimitExceeded):
             return limit_exceeded(self.provider, f"grpcClient.{exc.limit}", details)
         if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
@@ -90,7 +101,12 @@ class LLMGatewayClient:
         upstream = self.upstream_request(req, model)
         stats.sent += len(upstream)
         try:
-            body = await self.channel.unary(f"/{_SERVICE}/ChatCompletion", upstream, timeout)
+            body = await self.channel.unary(
+                f"/{_SERVICE}/ChatCompletion",
+                upstream,
+                timeout,
+                first_message_timeout=self.provider.timeout_s,
+            )
             resp = pb.ChatResponse.FromString(body)
         except RpcError as exc:
             raise self.error(exc) from None
@@ -104,7 +120,13 @@ class LLMGatewayClient:
     ) -> AsyncGenerator[pb.ChatChunk, None]:
         upstream = self.upstream_request(req, model)
         stats.sent += len(upstream)
-        chunks = self.channel.server_stream(f"/{_SERVICE}/StreamingChat", upstream, timeout)
+        chunks = self.channel.server_stream(
+            f"/{_SERVICE}/StreamingChat",
+            upstream,
+            timeout,
+            first_message_timeout=self.provider.timeout_s,
+            idle_timeout=self.provider.idle_timeout_s,
+        )
         finished = False
         try:
             async for body in chunks:
