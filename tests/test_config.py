@@ -91,6 +91,17 @@ BAD = [
     ("providers.0.llmgateway", {"target": "h:1"}, "providers[0]: set exactly one of openai, anthropic"),
     ("providers.0.openai.baseURL", _DELETE, "providers[0].openai.baseURL: required"),
     ("providers.0.openai.baseURL", "127.0.0.1:1", "providers[0].openai.baseURL: must start with http://"),
+    (
+        "providers.0.openai.baseURL",
+        "http://[::1/v1",
+        "providers[0].openai.baseURL: not a valid URL (Invalid IPv6 URL)",
+    ),
+    (
+        "providers.0.openai.baseURL",
+        "http://h:99999/v1",
+        "providers[0].openai.baseURL: not a valid URL (Port out of range",
+    ),
+    ("providers.0.openai.baseURL", "https:///v1", "providers[0].openai.baseURL: names no host"),
     ("providers.0.openai.target", "h:1", "providers[0].openai.target: unknown key"),
     ("providers.2.llmgateway.target", _DELETE, "providers[2].llmgateway.target: required"),
     ("providers.2.llmgateway.target", "nohost", "providers[2].llmgateway.target: must be HOST:PORT"),

@@ -26,7 +26,16 @@ def base_url(r: Reader) -> str:
     value: str = r.get("baseURL", str, required=True)
     if not value.startswith(("http://", "https://")):
         raise ConfigError(f"{r.path('baseURL')}: must start with http:// or https://, got {value!r}")
-    if "@" in urllib.parse.urlsplit(value).netloc:
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018  (raises for a port that is not a number from 0 to 65535)
+    except (
+        ValueError
+    ) as exc:  # "Invalid IPv6 URL", "Port out of range", ...: not echoed (may hold a password)
+        raise ConfigError(f"{r.path('baseURL')}: not a valid URL ({exc})") from None
+    if not parts.hostname:
+        raise ConfigError(f"{r.path('baseURL')}: names no host")
+    if "@" in parts.netloc:
         # Not echoed: the part before '@' is a password.
         raise ConfigError(
             f"{r.path('baseURL')}: credentials belong in apiKey (apiKeySecretRef in an LLMGateway), "
