@@ -28,6 +28,13 @@ class ChunkLayout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     CHUNK_LAYOUT_UNSPECIFIED: _ClassVar[ChunkLayout]
     CHUNK_LAYOUT_OPENAI: _ClassVar[ChunkLayout]
+
+class EmbeddingInputShape(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EMBEDDING_INPUT_SHAPE_UNSPECIFIED: _ClassVar[EmbeddingInputShape]
+    EMBEDDING_INPUT_SHAPE_TEXTS: _ClassVar[EmbeddingInputShape]
+    EMBEDDING_INPUT_SHAPE_TOKENS: _ClassVar[EmbeddingInputShape]
+    EMBEDDING_INPUT_SHAPE_TOKEN_ARRAYS: _ClassVar[EmbeddingInputShape]
 ROLE_UNSPECIFIED: Role
 ROLE_SYSTEM: Role
 ROLE_USER: Role
@@ -41,6 +48,10 @@ FINISH_REASON_CONTENT_FILTER: FinishReason
 FINISH_REASON_TOOL_CALLS: FinishReason
 CHUNK_LAYOUT_UNSPECIFIED: ChunkLayout
 CHUNK_LAYOUT_OPENAI: ChunkLayout
+EMBEDDING_INPUT_SHAPE_UNSPECIFIED: EmbeddingInputShape
+EMBEDDING_INPUT_SHAPE_TEXTS: EmbeddingInputShape
+EMBEDDING_INPUT_SHAPE_TOKENS: EmbeddingInputShape
+EMBEDDING_INPUT_SHAPE_TOKEN_ARRAYS: EmbeddingInputShape
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content", "name", "parts", "tool_calls", "tool_call_id", "refusal", "reasoning_content", "extra_json")
@@ -425,3 +436,63 @@ class ListModelsResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[Model]
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class EmbeddingRequest(_message.Message):
+    __slots__ = ("model", "texts", "token_arrays", "input_shape", "encoding_format", "dimensions", "user", "extra_json")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ARRAYS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_JSON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    token_arrays: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    input_shape: EmbeddingInputShape
+    encoding_format: str
+    dimensions: int
+    user: str
+    extra_json: str
+    def __init__(self, model: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., token_arrays: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ..., input_shape: _Optional[_Union[EmbeddingInputShape, str]] = ..., encoding_format: _Optional[str] = ..., dimensions: _Optional[int] = ..., user: _Optional[str] = ..., extra_json: _Optional[str] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("index", "values", "base64", "extra_json")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    BASE64_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_JSON_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    values: _containers.RepeatedScalarFieldContainer[float]
+    base64: str
+    extra_json: str
+    def __init__(self, index: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ..., base64: _Optional[str] = ..., extra_json: _Optional[str] = ...) -> None: ...
+
+class EmbeddingUsage(_message.Message):
+    __slots__ = ("prompt_tokens", "total_tokens", "extra_json")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_JSON_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    total_tokens: int
+    extra_json: str
+    def __init__(self, prompt_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ..., extra_json: _Optional[str] = ...) -> None: ...
+
+class EmbeddingResponse(_message.Message):
+    __slots__ = ("model", "data", "usage", "extra_json")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_JSON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    data: _containers.RepeatedCompositeFieldContainer[Embedding]
+    usage: EmbeddingUsage
+    extra_json: str
+    def __init__(self, model: _Optional[str] = ..., data: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., usage: _Optional[_Union[EmbeddingUsage, _Mapping]] = ..., extra_json: _Optional[str] = ...) -> None: ...

@@ -50,6 +50,11 @@ class LLMServiceStub:
                 request_serializer=llmgateway_dot_v1_dot_llm__service__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=llmgateway_dot_v1_dot_llm__service__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/llmgateway.v1.LLMService/Embed',
+                request_serializer=llmgateway_dot_v1_dot_llm__service__pb2.EmbeddingRequest.SerializeToString,
+                response_deserializer=llmgateway_dot_v1_dot_llm__service__pb2.EmbeddingResponse.FromString,
+                _registered_method=True)
 
 
 class LLMServiceServicer:
@@ -78,6 +83,13 @@ class LLMServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embed returns the embedding vectors of its inputs (OpenAI's Embeddings API).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LLMServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +107,11 @@ def add_LLMServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=llmgateway_dot_v1_dot_llm__service__pb2.ListModelsRequest.FromString,
                     response_serializer=llmgateway_dot_v1_dot_llm__service__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=llmgateway_dot_v1_dot_llm__service__pb2.EmbeddingRequest.FromString,
+                    response_serializer=llmgateway_dot_v1_dot_llm__service__pb2.EmbeddingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +196,33 @@ class LLMService:
             '/llmgateway.v1.LLMService/ListModels',
             llmgateway_dot_v1_dot_llm__service__pb2.ListModelsRequest.SerializeToString,
             llmgateway_dot_v1_dot_llm__service__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmgateway.v1.LLMService/Embed',
+            llmgateway_dot_v1_dot_llm__service__pb2.EmbeddingRequest.SerializeToString,
+            llmgateway_dot_v1_dot_llm__service__pb2.EmbeddingResponse.FromString,
             options,
             channel_credentials,
             insecure,
