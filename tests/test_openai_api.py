@@ -665,17 +665,15 @@ async def test_an_unknown_model_name_is_not_echoed_whole(fakes: Fakes, start_pro
 @pytest.mark.parametrize(
     ("params", "field"),
     [
-        ({"tools": [WEATHER]}, "tools"),
+        ({"tools": [{"type": "custom", "custom": {"name": "grep"}}]}, "tools[0] of type 'custom'"),
         ({"n": 2}, "n"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        (FIELDS["image"], "messages[0].content[1] of type 'image_url'"),
-        ({"extra_body": {"top_k": 3}}, "top_k"),
-        (FIELDS["tool_turn"], "tools"),
+        ({"extra_body": {"min_p": 0.1}}, "min_p"),
+        (FIELDS["tool_turn"], "messages[1].tool_calls[1] of type 'custom'"),
         ({"logprobs": True}, "logprobs"),
         ({"seed": 1}, "seed"),
         ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
     ],
-    ids=["tools", "n", "response_format", "image", "vendor_extra", "tool_turn", "logprobs", "seed", "name"],
+    ids=["custom_tool", "n", "vendor_extra", "custom_tool_call", "logprobs", "seed", "name"],
 )
 async def test_anthropic_refuses_what_it_cannot_carry_yet(
     fakes: Fakes, start_proxy: Any, params: dict[str, Any], field: str

@@ -1,6 +1,6 @@
 """The fake of Anthropic's Messages API (kind ``anthropic``).
 
-``POST /v1/messages`` answers JSON, or the real Server-Sent Events sequence with ``"stream": true``
+``POST /v1/messages/count_tokens`` answers ``{"input_tokens"}``; ``POST /v1/messages`` answers JSON, or the real Server-Sent Events sequence with ``"stream": true``
 (``message_start``, ``content_block_start``, ``ping``, one ``content_block_delta`` a token,
 ``content_block_stop``, ``message_delta``, ``message_stop``); ``GET /v1/models`` lists the models. The key
 comes in ``x-api-key`` (or, as newer SDKs send it, ``Authorization: Bearer``) and the ``anthropic-version``
@@ -8,19 +8,33 @@ header is required. Errors use Anthropic's envelope (``{"type": "error", "error"
 "request_id"}``), ``overloaded_error`` is HTTP 529 and a 429 carries ``retry-after``. Ids start ``msg_``;
 ``stop_reason`` is ``end_turn``, ``max_tokens`` or ``stop_sequence``. A stream broken midway ends with an
 ``error`` event. ``max_tokens`` is required; ``temperature`` and ``top_p`` are checked for range but change
-nothing; the system prompt counts toward the prompt's tokens.
+nothing; the system prompt counts toward the prompt's tokens. ``received`` keeps the JSON of each request.
+
+Rich answers (:class:`_Rich`), in the real JSON and event shapes: with ``tools`` (and ``tool_choice`` not
+``none``, and the last user turn not a ``tool_result``) the model calls the forced tool of ``tool_choice``
+``tool`` (else the first) once, with input made from its ``input_schema`` (:func:`.completions.example`),
+``stop_reason`` ``tool_use``, the input streamed as ``input_json_delta`` fragments of at most 8 characters;
+after a tool result the reply answers it. With ``thinking`` enabled a ``thinking`` block comes first
+("Thinking about: <prompt>", streamed as ``thinking_delta``s and a ``signature_delta``), signed: a replayed
+thinking block whose signature is not the one given is refused, as Anthropic does. When any block, tool or
+the system prompt has ``cache_control``, the prompt's words before the last message count as
+``cache_read_input_tokens`` and only the rest as ``input_tokens``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import hmac
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
 
+from llmgw_dev.fakes.completions import example
 from llmgw_dev.fakes.faults import Chat, Reply, count_words, new_id, seconds
 from llmgw_dev.fakes.server import BadRequest, HttpApi, json_response
 
@@ -80,13 +94,34 @@ def _text(content: Any, where: str) -> str:
                 if not isinstance(text, str):
                     raise BadRequest(f"{where}.{j}.text: Field required")
                 parts.append(text)
+            elif block["type"] == "tool_result":
+                if not isinstance(block.get("tool_use_id"), str):
+                    raise BadRequest(f"{where}.{j}.tool_use_id: Field required")
+                parts.append(_text(block.get("content", ""), f"{where}.{j}.content"))
+            elif block["type"] == "tool_use":
+                if not isinstance(block.get("id"), str) or not isinstance(block.get("input"), dict):
+                    raise BadRequest(f"{where}.{j}: a tool_use block needs an id and an input object")
+            elif block["type"] == "thinking":
+                thinking = block.get("thinking")
+                if not isinstance(thinking, str) or block.get("signature") != signature(thinking):
+                    raise BadRequest(f"{where}.{j}: Invalid `signature` in `thinking` block")
+            elif block["type"] == "image":
+                source = block.get("source")
+                if not isinstance(source, dict) or source.get("type") not in ("base64", "url"):
+                    raise BadRequest(f"{where}.{j}.source: Input should be a base64 or url source")
         return "".join(parts)
     raise BadRequest(f"{where}: Input should be a valid string or a list of content blocks")
 
 
-def _parse(raw: bytes) -> Chat:
+def signature(thinking: str) -> str:
+    """The signature the fake gives a thinking block (and checks when it is sent back)."""
+    return "sig_" + hashlib.sha256(thinking.encode()).hexdigest()[:32]
+
+
+def _parse(raw: bytes, received: Any) -> Chat:
     try:
         body = orjson.loads(raw)
+        received.append(body)
     except orjson.JSONDecodeError:
         raise BadRequest("There was an error parsing the body of your request: invalid JSON") from None
     if not isinstance(body, dict):
@@ -137,7 +172,7 @@ def _parse(raw: bytes) -> Chat:
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise BadRequest("stream: Input should be a valid boolean")
-    return Chat(model, last_user, prompt_tokens, max_tokens, stops, stream)
+    return Chat(model, last_user, prompt_tokens, max_tokens, stops, stream, body=body)
 
 
 def _usage(chat: Chat, output_tokens: int) -> dict[str, Any]:
@@ -154,11 +189,158 @@ def _event(name: bytes, data: Any) -> bytes:
     return b"event: " + name + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
+def _has_cache_control(value: Any) -> bool:
+    if isinstance(value, dict):
+        return "cache_control" in value or any(_has_cache_control(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_cache_control(v) for v in value)
+    return False
+
+
+def _tool_to_call(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    tools = [t for t in body.get("tools") or () if isinstance(t, dict) and "input_schema" in t]
+    choice = body.get("tool_choice") or {}
+    messages = body.get("messages") or []
+    last = messages[-1].get("content") if messages else None
+    answered = isinstance(last, list) and any(
+        isinstance(b, dict) and b.get("type") == "tool_result" for b in last
+    )
+    if not tools or choice.get("type") == "none" or answered:
+        return None
+    if choice.get("type") == "tool":
+        tools = [t for t in tools if t.get("name") == choice.get("name")] or tools
+    return tools[0]
+
+
+def _is_rich(body: Mapping[str, Any]) -> bool:
+    thinking = body.get("thinking")
+    return bool(body.get("tools")) or (isinstance(thinking, dict) and thinking.get("type") == "enabled")
+
+
+class _Rich:
+    """A rich answer: its content blocks, stop reason and usage, as JSON and as the event sequence."""
+
+    def __init__(self, chat: Chat, reply: Reply, message: dict[str, Any]) -> None:
+        body = chat.body
+        self.message = message
+        thinking = body.get("thinking")
+        self.thinking = (
+            f"Thinking about: {chat.prompt}"
+            if isinstance(thinking, dict) and thinking.get("type") == "enabled"
+            else None
+        )
+        self.tool = _tool_to_call(body)
+        self.tool_id = "toolu_01" + os.urandom(11).hex()
+        self.input = example(self.tool.get("input_schema") or {}, chat.prompt) if self.tool else None
+        self.text = reply.text if self.tool is None else ""
+        self.tokens = list(reply.tokens) if self.tool is None else []
+        self.stop_reason = (
+            "tool_use"
+            if self.tool is not None
+            else ("stop_sequence" if reply.stop_sequence is not None else _STOP[reply.finish])
+        )
+        self.stop_sequence = reply.stop_sequence if self.tool is None else None
+        output = count_words(self.thinking or "") + (
+            len(self.tokens) if self.tool is None else count_words(orjson.dumps(self.input).decode()) + 1
+        )
+        usage = _usage(chat, output)
+        if _has_cache_control(body):
+            messages = body.get("messages") or []
+            last = _text(messages[-1].get("content", ""), "last") if messages else ""
+            cached = max(0, chat.prompt_tokens - count_words(last))
+            usage["cache_read_input_tokens"] = cached
+            usage["input_tokens"] = chat.prompt_tokens - cached
+        self.usage = usage
+
+    def blocks(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if self.thinking is not None:
+            out.append({"type": "thinking", "thinking": self.thinking, "signature": signature(self.thinking)})
+        if self.tool is None:
+            out.append({"type": "text", "text": self.text})
+        else:
+            out.append(
+                {"type": "tool_use", "id": self.tool_id, "name": self.tool["name"], "input": self.input}
+            )
+        return out
+
+    def completion(self) -> dict[str, Any]:
+        return {
+            **self.message,
+            "content": self.blocks(),
+            "stop_reason": self.stop_reason,
+            "stop_sequence": self.stop_sequence,
+            "usage": self.usage,
+        }
+
+    def events(self) -> list[bytes]:
+        start_usage = {**self.usage, "output_tokens": 1}
+        frames = [
+            _event(
+                b"message_start",
+                {
+                    "type": "message_start",
+                    "message": {
+                        **self.message, "content": [], "stop_reason": None, "stop_sequence": None,
+                        "usage": start_usage,
+                    },
+                },
+            )
+        ]  # fmt: skip
+        index = 0
+
+        def delta(d: dict[str, Any]) -> bytes:
+            return _event(b"content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
+
+        def start(block: dict[str, Any]) -> bytes:
+            return _event(
+                b"content_block_start",
+                {"type": "content_block_start", "index": index, "content_block": block},
+            )
+
+        def stop() -> bytes:
+            return _event(b"content_block_stop", {"type": "content_block_stop", "index": index})
+
+        if self.thinking is not None:
+            frames.append(start({"type": "thinking", "thinking": "", "signature": ""}) + _PING)
+            frames.extend(
+                # joined, the words give back the signed text
+                delta({"type": "thinking_delta", "thinking": w})
+                for w in re.findall(r"\S+\s*", self.thinking)
+            )
+            frames.append(delta({"type": "signature_delta", "signature": signature(self.thinking)}) + stop())
+            index += 1
+        if self.tool is None:
+            frames.append(start({"type": "text", "text": ""}) + (b"" if index else _PING))
+            frames.extend(delta({"type": "text_delta", "text": t}) for t in self.tokens)
+        else:
+            frames.append(
+                start({"type": "tool_use", "id": self.tool_id, "name": self.tool["name"], "input": {}})
+                + (b"" if index else _PING)
+            )
+            arguments = orjson.dumps(self.input).decode()
+            frames.extend(
+                delta({"type": "input_json_delta", "partial_json": arguments[i : i + 8]})
+                for i in range(0, len(arguments), 8)
+            )
+        message_delta = {
+            "type": "message_delta",
+            "delta": {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence},
+            "usage": {"output_tokens": self.usage["output_tokens"]},
+        }
+        frames.append(stop() + _event(b"message_delta", message_delta) + _MESSAGE_STOP)
+        return frames
+
+
 class Anthropic(HttpApi):
     """Anthropic's Messages API; see the module docstring."""
 
     def _routes(self) -> list[web.RouteDef]:
-        return [web.post("/v1/messages", self._chat), web.get("/v1/models", self._models)]
+        return [
+            web.post("/v1/messages", self._chat),
+            web.post("/v1/messages/count_tokens", self._count_tokens),
+            web.get("/v1/models", self._models),
+        ]
 
     async def _not_found(self, request: web.Request) -> web.Response:
         return _error(404, "Not Found")
@@ -182,7 +364,7 @@ class Anthropic(HttpApi):
         return None
 
     def _parse(self, raw: bytes) -> Chat:
-        return _parse(raw)
+        return _parse(raw, self.fake.received)
 
     def _unknown_model(self, model: str) -> BadRequest:
         return BadRequest(f"model: {model}", status=404)
@@ -207,6 +389,13 @@ class Anthropic(HttpApi):
         message_id = "msg_01" + os.urandom(11).hex()
         stop_reason = "stop_sequence" if reply.stop_sequence is not None else _STOP[reply.finish]
         message = {"id": message_id, "type": "message", "role": "assistant", "model": chat.model}
+        if _is_rich(chat.body):
+            rich = _Rich(chat, reply, message)
+            if not chat.stream:
+                return self._completed(rich.completion())
+            frames = rich.events()
+            paced = dataclasses.replace(reply, json_tokens=tuple(frames[1:-1]))
+            return await self._stream(request, paced, frames[0], lambda frame: frame, frames[-1])
         if not chat.stream:
             return self._completed(
                 {
@@ -239,6 +428,20 @@ class Anthropic(HttpApi):
             lambda token: _DELTA + token + b"}}\n\n",
             _BLOCK_STOP + _event(b"message_delta", delta) + _MESSAGE_STOP,
         )
+
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        denied = self._check(request)
+        if denied is not None:
+            return denied
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+            if isinstance(body, dict):
+                body.setdefault("max_tokens", 1)  # count_tokens takes no max_tokens
+            chat = _parse(orjson.dumps(body), self.fake.received)
+        except BadRequest as exc:
+            return self._invalid(exc)
+        return json_response({"input_tokens": chat.prompt_tokens})
 
     async def _models(self, request: web.Request) -> web.Response:
         denied = self._check(request)

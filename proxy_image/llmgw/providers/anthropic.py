@@ -1,10 +1,13 @@
 """The ``anthropic`` provider type's client: Anthropic's Messages API, converted both ways by
-:mod:`llmgw.codecs.anthropic_messages`, including its streaming events."""
+:mod:`llmgw.codecs.anthropic_messages` (tools, images, thinking, JSON output by a forced tool, cache usage),
+including its streaming events, which become chunks in OpenAI's layout."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from typing import Any
+
+import orjson
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgw.codecs import anthropic_messages
@@ -49,13 +52,20 @@ class AnthropicClient(RestClient):
             provider=self.provider.name,
         )
 
+    async def count_tokens(self, body: dict[str, Any], timeout: float, stats: CallStats) -> bytes:
+        """``POST /v1/messages/count_tokens`` with ``body`` as it is: the answer's JSON, else GatewayError."""
+        resp = await self.post(body, timeout, stats, path="/v1/messages/count_tokens")
+        return orjson.dumps(await self.read_json(resp, stats))
+
     async def complete(
         self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats
     ) -> pb.ChatResponse:
         resp = await self.post(self.request_body(req, model, False), timeout, stats)
         body = await self.read_json(resp, stats)
         try:
-            return anthropic_messages.response_from_json(body, model)
+            return anthropic_messages.response_from_json(
+                body, model, anthropic_messages.format_tool_name(req)
+            )
         except _MALFORMED as exc:
             raise malformed_response(self.provider, exc) from None
 
@@ -70,7 +80,13 @@ class AnthropicClient(RestClient):
         resp = await self.post(self.request_body(req, model, True), timeout, stats)
         try:
             async for chunk in anthropic_messages.read_stream(
-                self.sse_events(resp, stats), model, self._stream_error
+                self.sse_events(resp, stats),
+                model,
+                self._stream_error,
+                format_tool=anthropic_messages.format_tool_name(req),
+                include_usage=(
+                    req.stream_options.include_usage or req.chunk_layout != pb.CHUNK_LAYOUT_OPENAI
+                ),
             ):
                 yield chunk
         except _MALFORMED as exc:
