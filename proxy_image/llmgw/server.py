@@ -29,6 +29,7 @@ from llmgw._net.grpc_server import BIDI, Method, Server
 from llmgw._net.http_server import HTTPServer
 from llmgw.fronts import grpc_health, llmservice
 from llmgw.fronts.admin import admin_app
+from llmgw.fronts.anthropic import AnthropicFront
 from llmgw.fronts.openai import OpenAIFront
 from llmgw.fronts.rest import RestRouter
 from llmgw.gateway import Gateway
@@ -52,7 +53,10 @@ class ProxyServer:
         self.health = grpc_health.HealthService()
         self.grpc_server = self._grpc_server()
         self.rest_server = HTTPServer(
-            RestRouter(OpenAIFront(self.gateway, self.config.limits.max_request_bytes).routes()).handle,
+            RestRouter(
+                OpenAIFront(self.gateway, self.config.limits.max_request_bytes).routes(),
+                AnthropicFront(self.gateway, self.config.limits.max_request_bytes).routes(),
+            ).handle,
             self.config.limits.rest_server,
             lambda limit: self._limit_hit(f"restServer.{limit}"),  # distinct from the gRPC front's keys
         )
