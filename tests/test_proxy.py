@@ -447,9 +447,9 @@ async def test_bad_grpc_requests_and_size_limits(fakes: Fakes, start_proxy: Any)
         assert "exceeds the limit of 4096" in (await resp.json())["error"]["message"]
         resp = await session.post(f"http://127.0.0.1:{server.rest_port}/v1/chat/completions", data=b"{nope")
         assert resp.status == 400 and "not valid JSON" in (await resp.json())["error"]["message"]
-        resp = await session.post(f"http://127.0.0.1:{server.rest_port}/v1/completions", json={})
+        resp = await session.post(f"http://127.0.0.1:{server.rest_port}/v1/audio/speech", json={})
         error = (await resp.json())["error"]
-        assert resp.status == 404 and "no route for POST /v1/completions" in error["message"]
+        assert resp.status == 404 and "no route for POST /v1/audio/speech" in error["message"]
         assert "POST /v1/chat/completions" in error["message"]
         resp = await session.get(f"http://127.0.0.1:{server.rest_port}/v1/chat/completions")
         assert resp.status == 405 and resp.headers["Allow"] == "POST"

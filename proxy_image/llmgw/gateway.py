@@ -19,11 +19,12 @@ import asyncio
 import collections
 import contextlib
 import hmac
+import inspect
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Iterator
-from typing import NamedTuple
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from typing import Any, NamedTuple, TypeVar
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgw.chat import clip, is_deterministic, validate_request
@@ -35,6 +36,8 @@ from llmgw.retry import backoff_delay
 from llmgw_common.config import ProxyConfig, Retries, Route
 
 log = logging.getLogger("llmgw.gateway")
+
+_T = TypeVar("_T")
 
 
 class ResponseCache:
@@ -471,3 +474,194 @@ class Gateway:
                     self._unlease(client)
                 tracker.done("200", usage)
                 return
+
+    # -- the other endpoints: embeddings, and OpenAI's Responses and Completions APIs relayed ------------
+
+    def _capable_paths(self, runtime: Runtime, route: Route, capability: str, what: str) -> list[str]:
+        """The request's paths whose provider client has ``capability`` (a method name), in the order the
+        split picks; a clear 400 naming the route and its providers when none has."""
+        paths = [
+            p for p in self._paths(route) if hasattr(runtime.clients[self._provider(route, p)], capability)
+        ]
+        if paths:
+            return paths
+        names = ", ".join(
+            f"{name!r} (type {runtime.config.providers[name].type})"
+            for name in (route.rest, route.grpc)
+            if name
+        )
+        raise GatewayError(
+            Kind.INVALID_ARGUMENT,
+            f"route {clip(route.model)}: {what} is not served by its provider {names}"
+            + (" (Anthropic has no embeddings API)" if capability == "embed" and "anthropic" in names else "")
+            + (
+                "; it needs an openai provider"
+                if capability != "embed"
+                else "; it needs an openai or llmgateway provider"
+            ),
+        )
+
+    @staticmethod
+    def _provider(route: Route, path: str) -> str:
+        name = route.rest if path == "rest" else route.grpc
+        assert name is not None
+        return name
+
+    def _begin_other(
+        self, model: str, front: str, capability: str, what: str
+    ) -> tuple[Runtime, Route, list[str]]:
+        runtime = self.runtime
+        try:
+            route = runtime.route(model)
+            return runtime, route, self._capable_paths(runtime, route, capability, what)
+        except GatewayError:
+            self.metrics.child(self.metrics.rejected, front, "invalid").inc()
+            raise
+
+    async def _unary_call(
+        self,
+        runtime: Runtime,
+        route: Route,
+        paths: list[str],
+        deadline: float,
+        call: Callable[[ProviderClient, str, float, CallStats], Awaitable[_T]],
+        model: str,
+    ) -> _T:
+        """One unary request over ``paths`` with the retries and fallback of :meth:`_complete`."""
+        upstream_model = route.upstream_model or model
+        for step in self._steps(runtime, route, paths):
+            client = step.client
+            attempt = 0
+            while True:
+                attempt += 1
+                tracker = _Attempt(step.metrics)
+                self._lease(client)
+                try:
+                    result = await call(client, upstream_model, self._remaining(deadline), tracker.stats)
+                except GatewayError as exc:
+                    tracker.done(exc.status_label)
+                    if await self._recover(exc, step, attempt, deadline):
+                        continue
+                    break
+                except asyncio.CancelledError:
+                    tracker.done("499")
+                    raise
+                finally:
+                    self._unlease(client)
+                tracker.done("200")
+                return result
+        raise AssertionError("unreachable: the last path either returns or raises")
+
+    async def _counted(self, front: str, route: Route, work: Awaitable[_T]) -> _T:
+        """``work`` under admission, counted in llmgw_requests_total by outcome."""
+        code = "500"
+        try:
+            self.admission.acquire(front)
+            try:
+                result = await work
+            finally:
+                self.admission.release(front)
+            code = "200"
+            return result
+        except GatewayError as exc:
+            code = exc.status_label
+            raise
+        except asyncio.CancelledError:
+            code = "499"
+            raise
+        finally:
+            if inspect.iscoroutine(work):
+                work.close()  # never started when admission refused it
+            self.metrics.child(self.metrics.requests, front, route.model, code).inc()
+
+    async def embed(
+        self, req: pb.EmbeddingRequest, *, front: str, timeout: float | None = None
+    ) -> pb.EmbeddingResponse:
+        """Embeddings, from an openai or llmgateway provider; the caller has authenticated the client."""
+        runtime, route, paths = self._begin_other(req.model, front, "embed", "POST /v1/embeddings (Embed)")
+
+        async def call(client: Any, model: str, remaining: float, stats: CallStats) -> pb.EmbeddingResponse:
+            response: pb.EmbeddingResponse = await client.embed(req, model, remaining, stats)
+            return response
+
+        deadline = self._deadline(runtime, timeout)
+        return await self._counted(
+            front, route, self._unary_call(runtime, route, paths, deadline, call, req.model)
+        )
+
+    async def relay(
+        self, endpoint: str, body: dict[str, Any], *, front: str, timeout: float | None = None
+    ) -> Any:
+        """A request of another OpenAI API (``endpoint``: ``/responses``, ``/completions``) passed to an
+        openai provider as it is but for the model name; its JSON answer as the provider sent it."""
+        model = str(body.get("model"))
+        runtime, route, paths = self._begin_other(model, front, "relay", f"POST /v1{endpoint}")
+
+        async def call(client: Any, upstream: str, remaining: float, stats: CallStats) -> Any:
+            return await client.relay(endpoint, {**body, "model": upstream}, remaining, stats)
+
+        deadline = self._deadline(runtime, timeout)
+        return await self._counted(
+            front, route, self._unary_call(runtime, route, paths, deadline, call, model)
+        )
+
+    async def relay_stream(
+        self, endpoint: str, body: dict[str, Any], *, front: str, timeout: float | None = None
+    ) -> AsyncGenerator[tuple[str, bytes], None]:
+        """The Server-Sent Events (name, data) of a streamed request of another OpenAI API, relayed as the
+        provider sends them. Errors before the first event are raised before anything is yielded (and
+        retried as a chat stream's are)."""
+        model = str(body.get("model"))
+        runtime, route, paths = self._begin_other(model, front, "relay", f"POST /v1{endpoint}")
+        deadline = self._deadline(runtime, timeout)
+        code = "500"
+        try:
+            self.admission.acquire(front)
+            try:
+                for step in self._steps(runtime, route, paths):
+                    client: Any = step.client
+                    upstream = {**body, "model": route.upstream_model or model}
+                    attempt = 0
+                    done = False
+                    while not done:
+                        attempt += 1
+                        tracker = _Attempt(step.metrics)
+                        sent_any = False
+                        self._lease(client)
+                        try:
+                            events = client.relay_stream(
+                                endpoint, upstream, self._remaining(deadline), tracker.stats
+                            )
+                            async with contextlib.aclosing(events) as events:
+                                async for event in events:
+                                    if not sent_any:
+                                        sent_any = True
+                                        tracker.first_token()
+                                    yield event
+                        except GatewayError as exc:
+                            tracker.done(exc.status_label)
+                            if sent_any:
+                                raise
+                            if await self._recover(exc, step, attempt, deadline):
+                                continue
+                            break
+                        except (asyncio.CancelledError, GeneratorExit):
+                            tracker.done("499")
+                            raise
+                        finally:
+                            self._unlease(client)
+                        tracker.done("200")
+                        done = True
+                    if done:
+                        break
+            finally:
+                self.admission.release(front)
+            code = "200"
+        except GatewayError as exc:
+            code = exc.status_label
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "499"
+            raise
+        finally:
+            self.metrics.child(self.metrics.requests, front, route.model, code).inc()

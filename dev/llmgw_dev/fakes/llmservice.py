@@ -1,7 +1,7 @@
 """The fake of the gateway's own gRPC API, ``llmgateway.v1.LLMService`` (kind ``grpc``).
 
 ``ChatCompletion`` (unary), ``StreamingChat`` (one ``ChatChunk`` a token, then one with the finish reason and
-usage) and ``ListModels`` over grpc.aio, beside the standard ``grpc.health.v1.Health`` service (SERVING for
+usage), ``ListModels`` and ``Embed`` (the deterministic vectors of :mod:`.endpoints`) over grpc.aio, beside the standard ``grpc.health.v1.Health`` service (SERVING for
 "" and ``llmgateway.v1.LLMService``). The key comes as ``authorization: Bearer ...`` metadata; requests are
 validated as the gateway validates them (``llmgw.chat.validate_request``). An injected fault is the gRPC
 status :func:`grpc_code_for` maps its HTTP status to; rate limiting is ``RESOURCE_EXHAUSTED`` with a
@@ -31,9 +31,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc
 from llmgw.chat import clip, message_text, validate_request
-from llmgw.codecs import openai_chat
+from llmgw.codecs import openai_chat, openai_embeddings
 from llmgw.errors import GatewayError
 from llmgw_dev.fakes.completions import Answer, prompt_of
+from llmgw_dev.fakes.endpoints import embedding_inputs, embeddings_answer
 from llmgw_dev.fakes.faults import MODEL_CREATED, Reply, count_words, new_id, seconds
 from llmgw_dev.fakes.server import Api, FakeProvider, stall
 
@@ -140,6 +141,7 @@ class _Servicer:
         self.ChatCompletion = api._unary
         self.StreamingChat = api._stream
         self.ListModels = api._list_models
+        self.Embed = api._embed
 
 
 class LLMService(GrpcApi):
@@ -163,6 +165,31 @@ class LLMService(GrpcApi):
     ) -> pb.ListModelsResponse:
         await self._auth(context)
         return self._models
+
+    async def _embed(
+        self, request: pb.EmbeddingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EmbeddingResponse:
+        """The vectors of :mod:`.endpoints`, the same as the openai fake's."""
+        with self._counted():
+            self.fake.received.append(request)
+            await self._auth(context)
+            try:
+                body = openai_embeddings.request_to_json(request)
+            except GatewayError as exc:
+                self.fake.stats["rejected"] += 1
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+            if not self._known(request.model):
+                self.fake.stats["rejected"] += 1
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"model {clip(request.model)} not found")
+            fault = await self._admit()
+            if fault is not None:
+                await self._abort(context, *fault)
+            inputs = embedding_inputs(body["input"]) or []
+            fmt = request.encoding_format if request.HasField("encoding_format") else "float"
+            dimensions = request.dimensions if request.HasField("dimensions") else None
+            answer = embeddings_answer(request.model, inputs, fmt, dimensions)
+            self.fake.stats["completed"] += 1
+            return openai_embeddings.response_from_json(answer)
 
     async def _answer(
         self, request: pb.ChatRequest, context: grpc.aio.ServicerContext

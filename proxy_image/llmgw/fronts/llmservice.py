@@ -9,7 +9,7 @@ Its methods are served on llmgw's own gRPC server (:mod:`llmgw._net.grpc_server`
 reflection. One wrapper maps every exception of the handlers to a gRPC status, so the handlers stay plain:
 :class:`~llmgw.errors.GatewayError` becomes its status code and message (plus a ``retry-after`` trailer
 when known); anything unexpected becomes INTERNAL with a message that points at the logs. The service needs
-an API key when client auth is on.
+an API key when client auth is on. ``Embed`` serves embeddings from openai and llmgateway providers.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from llmgateway.v1 import llm_service_pb2 as pb
 from llmgw._net.grpc_server import SERVER_STREAM, UNARY, Method, ServerCall
 from llmgw._net.grpc_wire import RpcError
 from llmgw.chat import to_openai_layout, to_simple_layout
+from llmgw.codecs import openai_embeddings
 from llmgw.errors import GatewayError, Kind
 from llmgw.gateway import Gateway
 
@@ -94,6 +95,15 @@ class LLMServiceFront:
             await chunks.aclose()
             await upstream.aclose()
 
+    async def embed(self, request: pb.EmbeddingRequest, call: ServerCall) -> pb.EmbeddingResponse:
+        self.gateway.authenticate(_authorization(call), "grpc")
+        try:
+            openai_embeddings.validate(request)
+        except GatewayError:
+            self.gateway.metrics.rejected.labels("grpc", "invalid").inc()
+            raise
+        return await self.gateway.embed(request, front="grpc", timeout=call.time_remaining())
+
     async def list_models(self, request: pb.ListModelsRequest, call: ServerCall) -> pb.ListModelsResponse:
         self.gateway.authenticate(_authorization(call), "grpc")
         return pb.ListModelsResponse(models=self.gateway.list_models())
@@ -110,4 +120,5 @@ class LLMServiceFront:
             f"/{SERVICE_NAME}/ListModels": Method(
                 UNARY, pb.ListModelsRequest, _mapped_unary(self.list_models)
             ),
+            f"/{SERVICE_NAME}/Embed": Method(UNARY, pb.EmbeddingRequest, _mapped_unary(self.embed)),
         }

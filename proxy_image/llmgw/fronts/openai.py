@@ -9,16 +9,27 @@ separate last chunk with no choices only when ``stream_options.include_usage`` a
 response headers go out only once the first token is there, so a failure before it is still a proper
 HTTP error (and the gateway may still fall back to the other path); a failure after it ends the stream
 with an OpenAI-style ``{"error": ...}`` event. A client that disconnects cancels its upstream call.
+
+``POST /v1/embeddings`` goes through the protobuf messages too (:mod:`llmgw.codecs.openai_embeddings`), to an
+openai provider or an llmgateway provider's ``Embed``. ``POST /v1/responses`` and ``POST /v1/completions``
+(OpenAI's Responses and legacy Completions APIs, which vLLM serves too) are relayed to openai providers as
+they are but for the model name, their Server-Sent Events event for event; a failure after the first event
+ends the stream with the API's own error event. ``GET /v1/models/{id}`` answers OpenAI's model object, or
+its 404. ``x-llmgw-timeout-seconds`` sets a request's deadline (``limits.requestTimeoutSeconds`` stays the
+cap).
 """
 
 from __future__ import annotations
+
+import urllib.parse
+from typing import Any
 
 import orjson
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgw._net.http_server import Request, Responder
-from llmgw.chat import to_openai_layout
-from llmgw.codecs import openai_chat
+from llmgw.chat import clip_text, to_openai_layout
+from llmgw.codecs import openai_chat, openai_embeddings
 from llmgw.errors import GatewayError, Kind
 from llmgw.fronts.rest import JSON_HEADERS, Routes, error_json, send_error
 from llmgw.gateway import Gateway
@@ -52,7 +63,8 @@ def _sse(payload: object) -> bytes:
 
 
 class OpenAIFront:
-    """``POST /v1/chat/completions`` and ``GET /v1/models``."""
+    """``POST /v1/chat/completions``, ``/v1/embeddings``, ``/v1/responses``, ``/v1/completions``,
+    ``GET /v1/models`` and ``GET /v1/models/{id}``."""
 
     def __init__(self, gateway: Gateway, max_request_bytes: int) -> None:
         self.gateway = gateway
@@ -62,6 +74,10 @@ class OpenAIFront:
         return {
             "/v1/chat/completions": ("POST", self.chat_completions),
             "/v1/models": ("GET", self.models),
+            "/v1/models/{id}": ("GET", self.model),
+            "/v1/embeddings": ("POST", self.embeddings),
+            "/v1/responses": ("POST", self.responses),
+            "/v1/completions": ("POST", self.completions),
         }
 
     def _parse(self, request: Request) -> tuple[pb.ChatRequest, bool]:
@@ -128,3 +144,103 @@ class OpenAIFront:
             for m in self.gateway.list_models()
         ]
         respond.send(200, orjson.dumps({"object": "list", "data": data}), JSON_HEADERS)
+
+    async def model(self, request: Request, respond: Responder) -> None:
+        try:
+            self.gateway.authenticate(request.headers.get("authorization"), "rest")
+        except GatewayError as exc:
+            send_error(respond, exc)
+            return
+        model_id = urllib.parse.unquote(request.path[len("/v1/models/") :])
+        for m in self.gateway.list_models():
+            if m.id == model_id:
+                body = {"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by}
+                respond.send(200, orjson.dumps(body), JSON_HEADERS)
+                return
+        message = f"The model {clip_text(model_id)!r} does not exist or you do not have access to it."
+        error = openai_chat.error_body(message, "invalid_request_error", code="model_not_found")
+        respond.send(404, orjson.dumps(error), JSON_HEADERS)
+
+    def _json_object(self, request: Request) -> dict[str, Any]:
+        try:
+            body = self._body(request)
+        except GatewayError as exc:
+            reason = "too_large" if exc.kind is Kind.PAYLOAD_TOO_LARGE else "invalid"
+            self.gateway.metrics.rejected.labels("rest", reason).inc()
+            raise
+        if not isinstance(body, dict):
+            self.gateway.metrics.rejected.labels("rest", "invalid").inc()
+            raise GatewayError(Kind.INVALID_ARGUMENT, "request body: must be a JSON object")
+        return body
+
+    async def embeddings(self, request: Request, respond: Responder) -> None:
+        try:
+            self.gateway.authenticate(request.headers.get("authorization"), "rest")
+            body = self._json_object(request)
+            try:
+                req = openai_embeddings.request_from_json(body)
+            except GatewayError:
+                self.gateway.metrics.rejected.labels("rest", "invalid").inc()
+                raise
+            response = await self.gateway.embed(req, front="rest", timeout=client_timeout(request))
+        except GatewayError as exc:
+            send_error(respond, exc)
+            return
+        respond.send(200, orjson.dumps(openai_embeddings.response_to_json(response)), JSON_HEADERS)
+
+    async def responses(self, request: Request, respond: Responder) -> None:
+        await self._relay(request, respond, "/responses")
+
+    async def completions(self, request: Request, respond: Responder) -> None:
+        await self._relay(request, respond, "/completions")
+
+    async def _relay(self, request: Request, respond: Responder, endpoint: str) -> None:
+        """An API the gateway relays to openai providers as it is (but for the model name)."""
+        try:
+            self.gateway.authenticate(request.headers.get("authorization"), "rest")
+            body = self._json_object(request)
+            model = body.get("model")
+            if not isinstance(model, str) or not model:
+                self.gateway.metrics.rejected.labels("rest", "invalid").inc()
+                raise GatewayError(Kind.INVALID_ARGUMENT, "model: required, a non-empty string")
+            timeout = client_timeout(request)
+            if body.get("stream") is not True:
+                answer = await self.gateway.relay(endpoint, body, front="rest", timeout=timeout)
+                respond.send(200, orjson.dumps(answer), JSON_HEADERS)
+                return
+            events = self.gateway.relay_stream(endpoint, body, front="rest", timeout=timeout)
+            try:
+                first = await anext(events)
+            except BaseException:
+                await events.aclose()
+                raise
+        except StopAsyncIteration:
+            first = None
+        except GatewayError as exc:
+            send_error(respond, exc)
+            return
+        respond.start(200, _SSE_HEADERS)
+        try:
+            if first is not None:
+                await respond.write(_event(*first))
+                async for event in events:
+                    await respond.write(_event(*event))
+        except GatewayError as exc:
+            await respond.write(_relay_error(endpoint, exc))
+        finally:
+            await events.aclose()
+        await respond.end()
+
+
+def _event(name: str, data: bytes) -> bytes:
+    if name:
+        return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
+    return b"data: " + data + b"\n\n"
+
+
+def _relay_error(endpoint: str, exc: GatewayError) -> bytes:
+    """The event a relayed stream ends with when it fails midway, in the API's own shape."""
+    if endpoint == "/responses":
+        error = {"type": "error", "code": exc.kind.name.lower(), "message": exc.message, "param": None}
+        return _event("error", orjson.dumps(error))
+    return _sse(error_json(exc))

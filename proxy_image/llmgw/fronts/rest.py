@@ -1,8 +1,10 @@
 """The REST port: one router over the routes every REST front exports, and the JSON error answers.
 
 Each REST front (today :mod:`llmgw.fronts.openai`) exports a mapping of path to (method, handler); the
-router serves their union on :class:`~llmgw._net.http_server.HTTPServer`. A path no front serves gets a 404
-naming those that exist; a known path with another method gets a 405 with ``Allow``.
+router serves their union on :class:`~llmgw._net.http_server.HTTPServer`. A path that ends in a parameter
+(``/v1/models/{id}``) serves every path that starts with what comes before it (its handler reads the rest
+from ``request.path``). A path no front serves gets a 404 naming those that exist; a known path with
+another method gets a 405 with ``Allow``.
 """
 
 from __future__ import annotations
@@ -41,14 +43,22 @@ class RestRouter:
 
     def __init__(self, *fronts: Routes) -> None:
         self.routes: dict[str, tuple[str, Handler]] = {}
+        self.prefixed: list[tuple[str, tuple[str, Handler]]] = []  # (prefix, route) of "/v1/models/{id}"
         for routes in fronts:
             for path, route in routes.items():
                 if path in self.routes:
                     raise ValueError(f"two REST fronts serve {path}")
                 self.routes[path] = route
+                if path.endswith("}") and "{" in path:
+                    self.prefixed.append((path[: path.index("{")], route))
 
     async def handle(self, request: Request, respond: Responder) -> None:
         route = self.routes.get(request.path)
+        if route is None:
+            for prefix, candidate in self.prefixed:
+                if request.path.startswith(prefix) and len(request.path) > len(prefix):
+                    route = candidate
+                    break
         if route is None:
             known = ", ".join(f"{m} {p}" for p, (m, _) in self.routes.items())
             asked = clip_text(f"{request.method} {request.path}")

@@ -144,5 +144,27 @@ class LLMGatewayClient:
         if not finished:
             raise malformed_response(self.provider, ValueError("stream ended without a finish_reason"))
 
+    async def embed(
+        self, req: pb.EmbeddingRequest, model: str, timeout: float, stats: CallStats
+    ) -> pb.EmbeddingResponse:
+        if model != req.model:
+            renamed = pb.EmbeddingRequest()
+            renamed.CopyFrom(req)
+            renamed.model = model
+            req = renamed
+        upstream = req.SerializeToString()
+        stats.sent += len(upstream)
+        try:
+            body = await self.channel.unary(
+                f"/{_SERVICE}/Embed", upstream, timeout, first_message_timeout=self.provider.timeout_s
+            )
+            resp = pb.EmbeddingResponse.FromString(body)
+        except RpcError as exc:
+            raise self.error(exc) from None
+        except DecodeError as exc:
+            raise malformed_response(self.provider, exc) from None
+        stats.received += len(body)
+        return resp
+
     async def close(self) -> None:
         await self.channel.close()

@@ -1,13 +1,19 @@
-"""The ``openai`` provider type's client: any OpenAI-compatible Chat Completions API (OpenAI, vLLM, LiteLLM, ...)."""
+"""The ``openai`` provider type's client: any OpenAI-compatible API (OpenAI, vLLM, LiteLLM, ...).
+
+Chat Completions through the protobuf messages (:mod:`llmgw.codecs.openai_chat`), Embeddings too
+(:mod:`llmgw.codecs.openai_embeddings`), and the Responses and (legacy) Completions APIs relayed as they
+are: the request's JSON with the upstream's model name, the answer's JSON or Server-Sent Events unchanged.
+"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import orjson
 
 from llmgateway.v1 import llm_service_pb2 as pb
-from llmgw.codecs import openai_chat
+from llmgw.codecs import openai_chat, openai_embeddings
 from llmgw.providers._rest import RestClient
 from llmgw.providers.base import CallStats, OnLimit, malformed_response
 from llmgw_common.config import Limits, Provider
@@ -47,3 +53,31 @@ class OpenAIClient(RestClient):
                 yield chunk
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise malformed_response(self.provider, exc) from None
+
+    async def embed(
+        self, req: pb.EmbeddingRequest, model: str, timeout: float, stats: CallStats
+    ) -> pb.EmbeddingResponse:
+        resp = await self.post(openai_embeddings.request_to_json(req, model), timeout, stats, "/embeddings")
+        body = await self.read_json(resp, stats)
+        try:
+            return openai_embeddings.response_from_json(body)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            raise malformed_response(self.provider, exc) from None
+
+    async def relay(self, endpoint: str, body: dict[str, Any], timeout: float, stats: CallStats) -> Any:
+        """``POST {baseURL}{endpoint}`` with ``body``; the JSON answer as it is."""
+        resp = await self.post(body, timeout, stats, endpoint)
+        return await self.read_json(resp, stats)
+
+    async def relay_stream(
+        self, endpoint: str, body: dict[str, Any], timeout: float, stats: CallStats
+    ) -> AsyncGenerator[tuple[str, bytes], None]:
+        """``POST {baseURL}{endpoint}`` with ``body`` (which asks for a stream); its events as they come."""
+        resp = await self.post(body, timeout, stats, endpoint)
+        if not resp.headers.get("content-type", "").startswith("text/event-stream"):
+            resp.close()
+            raise malformed_response(
+                self.provider, ValueError("a streamed answer that is not text/event-stream")
+            )
+        async for event in self.sse_events(resp, stats):
+            yield event
