@@ -263,7 +263,7 @@ def test_documented_tool_use_reply_with_thinking_and_cache_usage() -> None:
             {"type": "tool_use", "id": "toolu_01A09q90qw90lq917835lq9", "name": "get_weather", "input": {"location": "San Francisco, CA"}},
         ],
         "stop_reason": "tool_use", "stop_sequence": None,
-        "usage": {"input_tokens": 50, "cache_creation_input_tokens": 20, "cache_read_input_tokens": 100, "output_tokens": 30},
+        "usage": {"input_tokens": 50, "cache_creation_input_tokens": 20, "cache_read_input_tokens": 100, "output_tokens": 30, "service_tier": "standard"},
     }  # fmt: skip
     out = openai_chat.response_to_json(am.response_from_json(reply, "claude"))
     choice = out["choices"][0]
@@ -664,3 +664,50 @@ async def test_errors_in_anthropics_shape(fakes: Fakes, start_proxy: Any, tmp_pa
     assert counted.input_tokens == 3
     with pytest.raises(anthropic.BadRequestError, match="not served by an Anthropic provider"):
         await good.messages.count_tokens(model="rest-only", messages=[{"role": "user", "content": "hi"}])
+
+
+def _masked(value: Any) -> Any:
+    """``value`` without what differs between two answers of the fake: ids."""
+    if isinstance(value, dict):
+        return {k: ("*" if k in ("id", "tool_use_id") else _masked(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    return value
+
+
+async def _raw(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Any:
+    headers = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
+    async with session.post(url, json=body, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        if not body.get("stream"):
+            return await resp.json()
+        return [orjson.loads(line[6:]) async for line in resp.content if line.startswith(b"data: ")]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_answers_reach_the_anthropic_client_unchanged(
+    fakes: Fakes, start_proxy: Any, stream: bool
+) -> None:
+    """What an anthropic provider answers reaches a Messages API client as it was (ids aside); a stream's
+    only difference is that input_tokens come with message_delta rather than message_start."""
+    server = await start_proxy(proxy_config(fakes))
+    body = {
+        "model": "demo-claude",
+        "max_tokens": 2048,
+        "stream": stream,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "tools": [WEATHER_TOOL],
+        "system": [{"type": "text", "text": "a cached prompt", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": "weather in Paris"}],
+    }
+    async with aiohttp.ClientSession() as session:
+        direct = await _raw(session, f"{fakes.anthropic.base_url}/v1/messages", body)
+        via = await _raw(session, f"http://127.0.0.1:{server.rest_port}/v1/messages", body)
+    if not stream:
+        assert _masked(via) == _masked(direct)
+        return
+    assert [e["type"] for e in via] == [e["type"] for e in direct]
+    assert _masked(via[1:-2]) == _masked(direct[1:-2])  # every block's events
+    assert via[-2]["delta"] == direct[-2]["delta"]
+    assert via[-2]["usage"]["output_tokens"] == direct[-2]["usage"]["output_tokens"]
+    assert via[-2]["usage"]["input_tokens"] == direct[0]["message"]["usage"]["input_tokens"]

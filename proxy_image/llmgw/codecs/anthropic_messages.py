@@ -450,6 +450,11 @@ def _finish(stop_reason: str | None, format_tool: str | None) -> str:
     return "stop" if reason == "tool_calls" and format_tool is not None else reason
 
 
+_USAGE_KEYS = frozenset(
+    {"input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"}
+)
+
+
 def usage_from_json(usage: dict[str, Any]) -> pb.Usage:
     """Anthropic's usage as OpenAI counts it: the cache's tokens are part of the prompt."""
     read = int(usage.get("cache_read_input_tokens") or 0)
@@ -460,6 +465,9 @@ def usage_from_json(usage: dict[str, Any]) -> pb.Usage:
     out.prompt_tokens_details.cached_tokens = read
     if written:
         out.prompt_tokens_details.extra_json = orjson.dumps({"cache_creation_input_tokens": written}).decode()
+    others = {k: v for k, v in usage.items() if k not in _USAGE_KEYS}  # service_tier, cache_creation, ...
+    if others:
+        out.extra_json = orjson.dumps(others).decode()
     return out
 
 
@@ -732,7 +740,7 @@ def _assistant_turn(req: pb.ChatRequest, content: Any, where: str, native: bool)
         m.content = "".join(text)
     if reasoning:
         m.reasoning_content = "".join(reasoning)
-    if extra:
+    if extra and native:  # a signature means nothing to other providers
         m.extra_json = orjson.dumps(extra).decode()
 
 
@@ -876,12 +884,16 @@ def usage_to_json(usage: pb.Usage | None) -> dict[str, Any]:
         return {"input_tokens": 0, "output_tokens": 0}
     read = usage.prompt_tokens_details.cached_tokens
     written = int(_extra(usage.prompt_tokens_details.extra_json).get("cache_creation_input_tokens") or 0)
-    return {
+    body = {
         "input_tokens": max(0, usage.prompt_tokens - read - written),
         "cache_creation_input_tokens": written,
         "cache_read_input_tokens": read,
         "output_tokens": usage.completion_tokens,
     }
+    for key, value in _extra(usage.extra_json).items():  # an Anthropic provider's own keys
+        if key not in body and key not in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            body[key] = value
+    return body
 
 
 def _arguments(text: str) -> Any:
