@@ -5,7 +5,9 @@ one chunk a token, a finish chunk, a usage chunk with ``stream_options.include_u
 ``data: [DONE]``); ``GET /v1/models`` lists the models. Auth is ``Authorization: Bearer``; errors use
 OpenAI's envelope (``{"error": {"message", "type", "param", "code"}}``) and a 429 carries ``Retry-After``
 and OpenAI's ``x-ratelimit-*`` headers. Ids start ``chatcmpl-``. A stream broken midway ends with an error
-``data:`` event. ``max_completion_tokens`` wins over ``max_tokens``; ``temperature`` and ``top_p`` are
+``data:`` event. ``POST /v1/embeddings``, ``POST /v1/responses`` and ``POST /v1/completions`` answer as
+:mod:`.endpoints` describes, streams paced and broken or stalled by the same faults as chat's, and
+``GET /v1/models/{id}`` one model. ``max_completion_tokens`` wins over ``max_tokens``; ``temperature`` and ``top_p`` are
 checked for range but change nothing; messages of any role count toward the prompt's tokens. Tools, structured
 outputs, reasoning, logprobs and ``n`` get the answers of :mod:`.completions`; the reply answers the last user
 message, or the last message when it is a tool result. ``received`` keeps the JSON of each request.
@@ -23,6 +25,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
+from llmgw_dev.fakes import endpoints
 from llmgw_dev.fakes.completions import Answer, is_rich, prompt_of
 from llmgw_dev.fakes.faults import MODEL_CREATED, Chat, Reply, count_words, new_id, seconds
 from llmgw_dev.fakes.server import BadRequest, HttpApi, json_response
@@ -218,7 +221,14 @@ class OpenAI(HttpApi):
     base_path = "/v1"
 
     def _routes(self) -> list[web.RouteDef]:
-        return [web.post("/v1/chat/completions", self._chat), web.get("/v1/models", self._models)]
+        return [
+            web.post("/v1/chat/completions", self._chat),
+            web.get("/v1/models", self._models),
+            web.get("/v1/models/{model:.+}", self._model),
+            web.post("/v1/embeddings", self._embeddings),
+            web.post("/v1/responses", self._responses),
+            web.post("/v1/completions", self._completions),
+        ]
 
     async def _not_found(self, request: web.Request) -> web.Response:
         return _error(404, f"Invalid URL ({request.method} {request.path})", "invalid_request_error")
@@ -364,3 +374,130 @@ class OpenAI(HttpApi):
             for m in self.fake.models
         ]
         return json_response({"object": "list", "data": data})
+
+    async def _model(self, request: web.Request) -> web.Response:
+        denied = self._check(request)
+        if denied is not None:
+            return denied
+        model = request.match_info["model"]
+        if not self._known(model):
+            return self._invalid(self._unknown_model(model))
+        return json_response({"id": model, "object": "model", "created": MODEL_CREATED, "owned_by": "system"})
+
+    async def _other(self, request: web.Request) -> tuple[dict[str, Any] | None, web.StreamResponse | None]:
+        """An embeddings, responses or completions request through auth, JSON, model and faults: its body,
+        or the error response to answer with."""
+        denied = self._check(request)
+        if denied is not None:
+            return None, denied
+        try:
+            body = orjson.loads(await request.read())
+            self.fake.received.append(body)
+        except orjson.JSONDecodeError:
+            self.fake.stats["rejected"] += 1
+            return None, self._invalid(BadRequest("We could not parse the JSON body of your request."))
+        if not isinstance(body, dict):
+            self.fake.stats["rejected"] += 1
+            return None, self._invalid(BadRequest("Invalid type for request body: expected an object."))
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            self.fake.stats["rejected"] += 1
+            return None, self._invalid(BadRequest("you must provide a model parameter", param="model"))
+        if not self._known(model):
+            self.fake.stats["rejected"] += 1
+            return None, self._invalid(self._unknown_model(model))
+        fault = await self._admit()
+        if fault is not None:
+            return None, self._injected(*fault)
+        return body, None
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        with self._counted():
+            body, error = await self._other(request)
+            if body is None:
+                assert error is not None
+                return error
+            inputs = endpoints.embedding_inputs(body.get("input"))
+            if inputs is None:
+                self.fake.stats["rejected"] += 1
+                return self._invalid(
+                    BadRequest("'$.input' is invalid. Please check the API reference.", param="input")
+                )
+            fmt = body.get("encoding_format") or "float"
+            if fmt not in ("float", "base64"):
+                self.fake.stats["rejected"] += 1
+                return self._invalid(
+                    BadRequest(
+                        f"Invalid value: {fmt!r}. Supported values are: 'float' and 'base64'.",
+                        param="encoding_format",
+                    )
+                )
+            dimensions = body.get("dimensions")
+            if dimensions is not None and (
+                not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1
+            ):
+                self.fake.stats["rejected"] += 1
+                return self._invalid(
+                    BadRequest("Invalid 'dimensions': expected a positive integer.", param="dimensions")
+                )
+            return self._completed(endpoints.embeddings_answer(body["model"], inputs, fmt, dimensions))
+
+    def _reply_to(self, text: str, body: dict[str, Any], max_key: str) -> tuple[Reply, int]:
+        max_tokens = body.get(max_key)
+        reply = self.fake.reply(text, max_tokens if isinstance(max_tokens, int) else None)
+        return reply, count_words(text)
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        with self._counted():
+            body, error = await self._other(request)
+            if body is None:
+                assert error is not None
+                return error
+            reply, prompt_tokens = self._reply_to(
+                endpoints.input_text(body.get("input")), body, "max_output_tokens"
+            )
+            response_id = new_id("resp_")
+            created = int(time.time())
+            if body.get("stream") is not True:
+                return self._completed(
+                    endpoints.response_object(response_id, created, body, reply, prompt_tokens)
+                )
+            frames = [
+                b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+                for kind, event in endpoints.response_events(response_id, created, body, reply, prompt_tokens)
+            ]
+            # Paced, broken and stalled at the deltas: 4 frames open the stream, 5 close it.
+            paced = dataclasses.replace(reply, json_tokens=tuple(frames[4:-5]))
+            return await self._stream(
+                request, paced, b"".join(frames[:4]), lambda f: f, b"".join(frames[-5:])
+            )
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        with self._counted():
+            body, error = await self._other(request)
+            if body is None:
+                assert error is not None
+                return error
+            prompt = body.get("prompt")
+            text = (
+                prompt if isinstance(prompt, str) else " ".join(p for p in prompt or () if isinstance(p, str))
+            )
+            reply, prompt_tokens = self._reply_to(text, body, "max_tokens")
+            completion_id = new_id("cmpl-")
+            created = int(time.time())
+            model = body["model"]
+            if body.get("stream") is not True:
+                return self._completed(
+                    endpoints.completion_object(completion_id, created, model, reply, prompt_tokens)
+                )
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and options.get("include_usage") is True
+            frames = [
+                b"data: " + orjson.dumps(c) + b"\n\n"
+                for c in endpoints.completion_chunks(
+                    completion_id, created, model, reply, prompt_tokens, include_usage
+                )
+            ]
+            tail = 2 if include_usage else 1
+            paced = dataclasses.replace(reply, json_tokens=tuple(frames[:-tail]))
+            return await self._stream(request, paced, b"", lambda f: f, b"".join(frames[-tail:]) + _DONE)
