@@ -14,11 +14,14 @@ from typing import Any
 
 import aiohttp
 import anthropic
+import grpc
 import openai
 import orjson
 import pytest
 
 from conftest import Fakes, proxy_config
+from llmgateway.v1 import llm_service_pb2 as pb
+from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
 from llmgw.codecs import anthropic_messages as am
 from llmgw.codecs import openai_chat
 from llmgw.errors import GatewayError
@@ -524,7 +527,9 @@ async def test_openai_sdk_json_schema_and_cache_usage_against_anthropic(
 # -- end to end: the anthropic SDK on the Messages front ------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["demo-claude", "rest-only"], ids=["to-anthropic", "to-openai"])
+@pytest.mark.parametrize(
+    "model", ["demo-claude", "rest-only", "grpc-only"], ids=["to-anthropic", "to-openai", "to-llmgateway"]
+)
 async def test_anthropic_sdk_create_with_tools_and_thinking(
     fakes: Fakes, start_proxy: Any, model: str
 ) -> None:
@@ -544,8 +549,10 @@ async def test_anthropic_sdk_create_with_tools_and_thinking(
     assert tool_use.name == "get_weather" and tool_use.input == {"location": "weather in Paris"}  # type: ignore[union-attr]
     if model == "demo-claude":  # the body reached the provider unchanged but for the model name
         assert fakes.anthropic.received[-1] == {**params, "model": "demo-claude"}
-    else:
+    elif model == "rest-only":
         assert fakes.openai.received[-1]["reasoning_effort"] == "minimal"
+    else:
+        assert fakes.grpc.received[-1].reasoning_effort == "minimal"
     params["messages"] += [
         {"role": "assistant", "content": [b.model_dump(exclude_none=True) for b in msg.content]},
         {
@@ -560,7 +567,9 @@ async def test_anthropic_sdk_create_with_tools_and_thinking(
         assert fakes.anthropic.received[-1] == {**params, "model": "demo-claude"}
 
 
-@pytest.mark.parametrize("model", ["demo-claude", "rest-only"], ids=["to-anthropic", "to-openai"])
+@pytest.mark.parametrize(
+    "model", ["demo-claude", "rest-only", "grpc-only"], ids=["to-anthropic", "to-openai", "to-llmgateway"]
+)
 async def test_anthropic_sdk_stream_with_tools_and_thinking(
     fakes: Fakes, start_proxy: Any, model: str
 ) -> None:
@@ -711,3 +720,29 @@ async def test_answers_reach_the_anthropic_client_unchanged(
     assert via[-2]["delta"] == direct[-2]["delta"]
     assert via[-2]["usage"]["output_tokens"] == direct[-2]["usage"]["output_tokens"]
     assert via[-2]["usage"]["input_tokens"] == direct[0]["message"]["usage"]["input_tokens"]
+
+
+async def test_grpc_front_tools_against_anthropic(fakes: Fakes, start_proxy: Any) -> None:
+    """A gRPC client's tools reach an anthropic provider; its stream comes back in either chunk layout."""
+    server = await start_proxy(proxy_config(fakes))
+    request, _ = openai_chat.request_from_json(
+        {
+            "model": "demo-claude",
+            "messages": [{"role": "user", "content": "weather in Paris"}],
+            "tools": [WEATHER],
+        }
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = pb_grpc.LLMServiceStub(channel)
+        reply = await stub.ChatCompletion(request)
+        assert reply.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+        assert reply.choices[0].message.tool_calls[0].arguments == '{"location":"weather in Paris"}'
+        chunks = [c async for c in stub.StreamingChat(request)]  # the simple layout
+        assert chunks[-1].finish_reason == pb.FINISH_REASON_TOOL_CALLS and chunks[-1].usage.prompt_tokens == 3
+        fragments = [d.arguments for c in chunks for ch in c.choices for d in ch.delta.tool_calls]
+        assert "".join(fragments) == '{"location":"weather in Paris"}'
+        request.chunk_layout = pb.CHUNK_LAYOUT_OPENAI
+        chunks = [c async for c in stub.StreamingChat(request)]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls" and not any(
+            c.HasField("usage") for c in chunks
+        )
