@@ -391,7 +391,7 @@ def request_to_json(
         choice = {"type": "tool", "name": name}
     if tools:
         body["tools"] = tools
-    if choice is not None and (tools or choice["type"] == "none"):
+    if choice is not None and tools:  # Anthropic refuses a tool_choice without tools
         body["tool_choice"] = choice
     thinking = extra.get("thinking")
     if thinking is None and req.HasField("reasoning_effort") and req.reasoning_effort != "none":
