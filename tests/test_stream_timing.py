@@ -154,3 +154,36 @@ async def test_the_clients_deadline_bounds_the_whole_stream(upstreams: Upstreams
         assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     with pytest.raises(openai.BadRequestError, match="x-llmgw-timeout-seconds"):
         await sdk_stream(server, "rest-only", **{"x-llmgw-timeout-seconds": "soon"})
+
+
+def test_the_crds_stream_idle_timeout_reaches_the_proxy_config() -> None:
+    """``streamIdleTimeout`` in an LLMGateway becomes the provider's ``streamIdleTimeoutSeconds``; unset, the
+    proxy uses the provider's ``timeoutSeconds``."""
+    from llmgw_common import config as proxy_config
+    from llmgw_operator import manifests
+    from llmgw_operator.spec import with_defaults
+
+    spec = with_defaults(
+        {
+            "providers": [
+                {
+                    "name": "a",
+                    "openai": {"baseURL": "https://api.openai.com/v1"},
+                    "streamIdleTimeout": "1m30s",
+                },
+                {"name": "b", "llmgateway": {"target": "vllm:50051"}, "timeout": "45s"},
+            ],
+            "routes": [{"model": "m", "rest": "a", "grpc": "b"}],
+        }
+    )
+    rendered = manifests.build_proxy_config(spec, 0, 1)
+    assert rendered["providers"][0]["streamIdleTimeoutSeconds"] == 90
+    assert "streamIdleTimeoutSeconds" not in rendered["providers"][1]
+    parsed = proxy_config.parse(rendered).providers
+    assert (parsed["a"].timeout_s, parsed["a"].idle_timeout_s) == (120, 90)
+    assert (parsed["b"].timeout_s, parsed["b"].idle_timeout_s) == (45, 45)
+    rendered["providers"][0]["streamIdleTimeoutSeconds"] = 0
+    with pytest.raises(
+        proxy_config.ConfigError, match=r"providers\[0\]\.streamIdleTimeoutSeconds: must be > 0"
+    ):
+        proxy_config.parse(rendered)
