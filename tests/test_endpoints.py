@@ -141,8 +141,14 @@ async def test_endpoints_a_provider_cannot_serve_are_a_clear_400(fakes: Fakes, s
 
 
 async def test_models_retrieve(fakes: Fakes, start_proxy: Any) -> None:
-    server = await start_proxy(proxy_config(fakes))
+    config = proxy_config(fakes)
+    config["routes"].append({"model": "fake-*", "rest": "openai-fake", "upstreamModel": "demo-model"})
+    config["routes"].append({"model": "org/model:v1", "rest": "openai-fake", "upstreamModel": "demo-model"})
+    server = await start_proxy(config)
     client = sdk(server)
+    assert (await client.models.retrieve("fake-large")).owned_by == "openai-fake"  # served by a pattern
+    assert (await client.models.retrieve("org/model:v1")).id == "org/model:v1"  # ids may hold '/' and ':'
+
     model = await client.models.retrieve("rest-only")
     assert (model.id, model.object, model.owned_by) == ("rest-only", "model", "openai-fake")
     assert (await client.models.retrieve("demo-model")).owned_by == "openai-fake,grpc-fake"

@@ -265,6 +265,14 @@ class Gateway:
             if not r.model.endswith("*")
         ]
 
+    def find_model(self, model_id: str) -> pb.Model | None:
+        """The model ``model_id`` as ListModels would describe it, if a route serves it (a pattern route
+        serves every name it matches), else None."""
+        route = self.runtime.config.route_for(model_id)
+        if route is None:
+            return None
+        return pb.Model(id=model_id, owned_by=",".join(p for p in (route.rest, route.grpc) if p), created=0)
+
     def _paths(self, route: Route) -> list[str]:
         if route.rest is None:
             return ["grpc"]
@@ -485,14 +493,15 @@ class Gateway:
         ]
         if paths:
             return paths
-        names = ", ".join(
+        providers = [
             f"{name!r} (type {runtime.config.providers[name].type})"
             for name in (route.rest, route.grpc)
             if name
-        )
+        ]
+        names = ("provider " if len(providers) == 1 else "providers ") + " and ".join(providers)
         raise GatewayError(
             Kind.INVALID_ARGUMENT,
-            f"route {clip(route.model)}: {what} is not served by its provider {names}"
+            f"route {clip(route.model)}: {what} is not served by its {names}"
             + (" (Anthropic has no embeddings API)" if capability == "embed" and "anthropic" in names else "")
             + (
                 "; it needs an openai provider"

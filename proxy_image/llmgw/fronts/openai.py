@@ -152,11 +152,11 @@ class OpenAIFront:
             send_error(respond, exc)
             return
         model_id = urllib.parse.unquote(request.path[len("/v1/models/") :])
-        for m in self.gateway.list_models():
-            if m.id == model_id:
-                body = {"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by}
-                respond.send(200, orjson.dumps(body), JSON_HEADERS)
-                return
+        m = self.gateway.find_model(model_id)
+        if m is not None:
+            body = {"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by}
+            respond.send(200, orjson.dumps(body), JSON_HEADERS)
+            return
         message = f"The model {clip_text(model_id)!r} does not exist or you do not have access to it."
         error = openai_chat.error_body(message, "invalid_request_error", code="model_not_found")
         respond.send(404, orjson.dumps(error), JSON_HEADERS)
