@@ -170,11 +170,13 @@ async def to_openai_layout(
 ) -> AsyncGenerator[pb.ChatChunk, None]:
     """The chunks in OpenAI's layout: chunks already in it pass unchanged; a simple-layout stream (an
     anthropic provider's, a simple gRPC upstream's) gets its text as choice 0's content with the role on
-    the first, a finish chunk, and the usage as a separate chunk with no choices when ``include_usage``."""
+    the first, a finish chunk, and the usage as a separate chunk with no choices when ``include_usage``
+    (without it, a usage chunk with no choices is left out)."""
     first = True
     async for chunk in chunks:
         if not is_simple_chunk(chunk):
-            yield chunk
+            if include_usage or chunk.choices or not chunk.HasField("usage"):
+                yield chunk  # (a usage chunk nobody asked for: an anthropic provider's, counted upstream)
             continue
         if chunk.delta:
             out = _like(chunk)

@@ -522,11 +522,11 @@ async def read_stream(
     on_error: Callable[[dict[str, Any]], Exception],
     *,
     format_tool: str | None = None,
-    include_usage: bool = True,
 ) -> AsyncIterator[pb.ChatChunk]:
     """The chunks of a Messages API event stream ((event name, data) pairs) in OpenAI's layout: a role chunk,
     content, reasoning (its signature as ``reasoning_signature`` in the delta's extra_json) and tool-call
-    fragments, a finish chunk, and a usage chunk with no choices when ``include_usage``.
+    fragments, a finish chunk, and a usage chunk with no choices (always: the gateway counts its tokens, and
+    :func:`llmgw.chat.to_openai_layout` leaves it out for a client that did not ask for it).
 
     An ``error`` event raises ``on_error(its error object)``; malformed data or a stream that ends without
     ``message_delta`` raises ValueError (or KeyError/TypeError/AttributeError for a wrong shape).
@@ -607,8 +607,7 @@ async def read_stream(
     out = pb.ChatChunk(id=msg_id, model=msg_model, created=created)
     out.choices.add(index=0, finish_reason=finish)
     yield out
-    if include_usage:
-        yield pb.ChatChunk(id=msg_id, model=msg_model, created=created, usage=usage_from_json(usage))
+    yield pb.ChatChunk(id=msg_id, model=msg_model, created=created, usage=usage_from_json(usage))
 
 
 # -- Messages API requests -> hub (the Messages front) -------------------------------------------------

@@ -84,9 +84,6 @@ class AnthropicClient(RestClient):
                 model,
                 self._stream_error,
                 format_tool=anthropic_messages.format_tool_name(req),
-                include_usage=(
-                    req.stream_options.include_usage or req.chunk_layout != pb.CHUNK_LAYOUT_OPENAI
-                ),
             ):
                 yield chunk
         except _MALFORMED as exc:
