@@ -216,3 +216,28 @@ async def test_a_relayed_stream_that_breaks_ends_with_an_error_event(fakes: Fake
     assert last.startswith("event: error\ndata: ")
     error = orjson.loads(last.split("data: ", 1)[1])
     assert error["type"] == "error" and "openai-fake" in error["message"]
+
+
+async def test_embeddings_through_a_chain_of_gateways_stay_exact(fakes: Fakes, start_proxy: Any) -> None:
+    """REST front -> llmgateway provider -> another gateway's Embed -> openai provider: the answer is the
+    upstream's JSON, base64 text and float digits alike."""
+    first = await start_proxy(proxy_config(fakes))
+    second = await start_proxy(
+        {
+            "listen": {"grpc": "127.0.0.1:0", "rest": "127.0.0.1:0", "admin": "127.0.0.1:0"},
+            "providers": [{"name": "first", "llmgateway": {"target": f"127.0.0.1:{first.grpc_port}"}}],
+            "routes": [{"model": "chained", "grpc": "first", "upstreamModel": "rest-only"}],
+        }
+    )
+    async with aiohttp.ClientSession() as session:
+        for extra in ({}, {"encoding_format": "base64"}, {"dimensions": 3, "extra": {"k": None}}):
+            body = {"input": ["one", "two three"], **extra}
+            status, via = await _post(
+                session, f"http://127.0.0.1:{second.rest_port}/v1/embeddings", {"model": "chained", **body}
+            )
+            assert status == 200, via
+            assert canonical(fakes.openai.received[-1]) == canonical({"model": "demo-model", **body})
+            _, expected = await _post(
+                session, f"{fakes.openai.base_url}/embeddings", {"model": "demo-model", **body}
+            )
+            assert canonical(via) == canonical(expected), extra
