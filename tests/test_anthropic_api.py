@@ -406,6 +406,28 @@ def test_a_messages_request_crosses_the_hub_unchanged() -> None:
     as_openai = openai_chat.request_to_json(req)
     assert as_openai["messages"][1]["content"][0]["image_url"]["url"] == f"data:image/png;base64,{PNG}"
     assert as_openai["messages"][3] == {"role": "tool", "tool_call_id": "toolu_01", "content": "15 degrees"}
+    # A server tool's turn (documented web search example) reaches an Anthropic provider as it was.
+    searched = {
+        "model": "demo-claude",
+        "max_tokens": 1024,
+        "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 5}],
+        "messages": [
+            {"role": "user", "content": "How do I update a web app to TypeScript 5.5?"},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "I'll search for that."},
+                    {"type": "server_tool_use", "id": "srvtoolu_01", "name": "web_search", "input": {"query": "TypeScript 5.5"}},
+                    {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_01", "content": [{"type": "web_search_result", "url": "https://devblogs.microsoft.com", "title": "TS 5.5", "encrypted_content": "EqgfCioIARgB"}]},
+                    {"type": "text", "text": "TypeScript 5.5 adds inferred type predicates."},
+                ],
+            },
+            {"role": "user", "content": "thanks"},
+        ],
+    }  # fmt: skip
+    req, _ = am.request_from_json(copy.deepcopy(searched), native=True)
+    sent = am.request_to_json(req, model="demo-claude", stream=False, default_max_tokens=1, provider="p")
+    assert sent == searched
     server_tool = {**copy.deepcopy(body), "tools": [{"type": "web_search_20250305", "name": "web_search"}]}
     with pytest.raises(GatewayError, match=r"tools\.0: tools of type 'web_search_20250305'"):
         am.request_from_json(server_tool, native=False)

@@ -71,9 +71,12 @@ PASSED_KEYS = frozenset(
 # Message keys carried in extra_json that this translation reads (the rest is refused if it asks for something).
 SIGNATURE, REDACTED, IS_ERROR = "reasoning_signature", "redacted_reasoning", "is_error"
 CACHE_CONTROL = "cache_control"
+CONTENT = (
+    "anthropic_content"  # an assistant turn's blocks as they were, when the hub's fields cannot order them
+)
 _MESSAGE_KEYS = frozenset(
     {"role", "content", "name", "tool_calls", "tool_call_id", "refusal", "reasoning_content"}
-    | {SIGNATURE, REDACTED, IS_ERROR, CACHE_CONTROL, "annotations", "audio", "function_call"}
+    | {SIGNATURE, REDACTED, IS_ERROR, CACHE_CONTROL, CONTENT, "annotations", "audio", "function_call"}
 )
 _NOTHING: tuple[Any, ...] = (None, [], {})  # values that ask for nothing (null is the same as absent)
 
@@ -175,6 +178,8 @@ def _tool_input(arguments: str, where: str) -> Any:
 
 
 def _assistant_blocks(m: pb.ChatMessage, extra: dict[str, Any], where: str, provider: str) -> list[Any]:
+    if isinstance(extra.get(CONTENT), list):  # the Messages front's turn with server tool blocks, as it was
+        return list(extra[CONTENT])
     blocks: list[dict[str, Any]] = []
     signature = extra.get(SIGNATURE)
     if m.HasField("reasoning_content") and isinstance(signature, str) and signature:
@@ -733,8 +738,12 @@ def _assistant_turn(req: pb.ChatRequest, content: Any, where: str, native: bool)
                 id=_string(block.get("id"), f"{at}.id"), type="function", name=_string(block.get("name"), f"{at}.name"),
                 arguments=orjson.dumps(_object(block.get("input"), f"{at}.input")).decode(),
             )  # fmt: skip
+        elif native:  # a server tool's blocks (server_tool_use, web_search_tool_result, ...): kept whole
+            extra[CONTENT] = content
         else:
-            raise _invalid(f"{at}: assistant content blocks of type {clip(kind)} are not carried yet")
+            raise _invalid(
+                f"{at}: assistant content blocks of type {clip(kind)} can only be sent to Anthropic providers"
+            )
     if text or not m.tool_calls:
         m.content = "".join(text)
     if reasoning:
