@@ -114,24 +114,22 @@ def part_to_json(part: pb.ContentPart) -> dict[str, Any]:
     return body
 
 
-def _tool_call_from_json(c: Any, where: str) -> pb.ToolCall:
+def _tool_call_from_json(c: Any, where: str) -> dict[str, Any]:
+    """A tool call as the fields of ``pb.ToolCall``: typed when that writes it back exactly, else whole."""
     if not isinstance(c, dict):
         raise invalid(f"{where}: must be an object")
-    call = pb.ToolCall()
     function = c.get("function")
     if (
-        c.get("type") == "function"
-        and isinstance(c.get("id"), str)
-        and isinstance(function, dict)
-        and isinstance(function.get("name"), str)
-        and isinstance(function.get("arguments"), str)
+        len(c) == 3
+        and c.get("type") == "function"
+        and type(call_id := c.get("id")) is str
+        and type(function) is dict
+        and len(function) == 2
+        and type(name := function.get("name")) is str
+        and type(arguments := function.get("arguments")) is str
     ):
-        call = pb.ToolCall(
-            id=c["id"], type="function", name=function["name"], arguments=function["arguments"]
-        )
-        if tool_call_to_json(call) == c:
-            return call
-    return pb.ToolCall(type=str(c.get("type", "")), json=_dumps(c))
+        return {"id": call_id, "type": "function", "name": name, "arguments": arguments}
+    return {"type": str(c.get("type", "")), "json": _dumps(c)}
 
 
 def tool_call_to_json(call: pb.ToolCall) -> dict[str, Any]:
@@ -243,16 +241,20 @@ def response_format_to_json(fmt: pb.ResponseFormat) -> dict[str, Any]:
 _MESSAGE_STRINGS = frozenset({"name", "tool_call_id", "refusal", "reasoning_content"})
 
 
-def message_from_json(m: Any, where: str, into: pb.ChatMessage | None = None) -> pb.ChatMessage:
-    """One message of a request, or a reply's message (filled ``into`` when given); keys it has no field
-    for go to ``extra_json``."""
+def message_from_json(m: Any, where: str) -> pb.ChatMessage:
+    """One message of a request, or a reply's message; keys it has no field for go to ``extra_json``."""
+    return pb.ChatMessage(**_message_fields(m, where))
+
+
+def _message_fields(m: Any, where: str) -> dict[str, Any]:
+    """A message's fields as keyword arguments of ``pb.ChatMessage`` (the message is built once, by its
+    constructor: a protobuf field set one by one costs more than the whole message built at once)."""
     if not isinstance(m, dict):
         raise invalid(f"{where}: must be an object with role and content")
     role = m.get("role")
     if not isinstance(role, str) or role not in ROLE_BY_NAME:
         raise invalid(f"{where}.role: unknown role {clip(role)} (expected one of {', '.join(ROLE_BY_NAME)})")
-    msg = pb.ChatMessage() if into is None else into
-    msg.role = ROLE_BY_NAME[role]
+    fields: dict[str, Any] = {"role": ROLE_BY_NAME[role]}
     extra: dict[str, Any] | None = None
     for key, value in m.items():
         if key == "role":
@@ -261,32 +263,32 @@ def message_from_json(m: Any, where: str, into: pb.ChatMessage | None = None) ->
             pass  # kept as an extra: null is not absent for every provider
         elif key == "content":
             if type(value) is str:
-                msg.content = value
+                fields["content"] = value
                 continue
             if type(value) is list and value:
-                msg.parts.extend(_part_from_json(p, f"{where}.content[{j}]") for j, p in enumerate(value))
+                fields["parts"] = [_part_from_json(p, f"{where}.content[{j}]") for j, p in enumerate(value)]
                 continue
             if type(value) is not list:
                 raise invalid(f"{where}.content: must be a string or a list of content parts")
         elif key in _MESSAGE_STRINGS:
             if type(value) is not str:
                 raise invalid(f"{where}.{key}: must be a string, got {type(value).__name__}")
-            setattr(msg, key, value)
+            fields[key] = value
             continue
         elif key == "tool_calls":
             if type(value) is not list:
                 raise invalid(f"{where}.tool_calls: must be a list, got {type(value).__name__}")
             if value:
-                msg.tool_calls.extend(
+                fields["tool_calls"] = [
                     _tool_call_from_json(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(value)
-                )
+                ]
                 continue
         if extra is None:
             extra = {}
         extra[key] = value
     if extra:
-        msg.extra_json = _dumps(extra)
-    return msg
+        fields["extra_json"] = _dumps(extra)
+    return fields
 
 
 def message_to_json(m: pb.ChatMessage) -> dict[str, Any]:
@@ -472,9 +474,9 @@ def request_from_json(body: Any) -> tuple[pb.ChatRequest, bool]:
     raw_messages = body.get("messages")
     if not isinstance(raw_messages, list):
         raise invalid("messages: required, a list of messages")
-    req = pb.ChatRequest(model=model)
-    for i, m in enumerate(raw_messages):
-        message_from_json(m, f"messages[{i}]", req.messages.add())
+    req = pb.ChatRequest(
+        model=model, messages=[_message_fields(m, f"messages[{i}]") for i, m in enumerate(raw_messages)]
+    )
     stream = False
     extra: dict[str, Any] | None = None
     for key, value in body.items():
@@ -566,11 +568,19 @@ def request_to_json(req: pb.ChatRequest, *, model: str | None = None, stream: bo
 # -- answers ----------------------------------------------------------------------------------------------
 
 
-_PROMPT_DETAILS = frozenset({"cached_tokens", "audio_tokens"})
-_COMPLETION_DETAILS = frozenset(
-    {"reasoning_tokens", "audio_tokens", "accepted_prediction_tokens", "rejected_prediction_tokens"}
-)
 _USAGE_NUMBERS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens"})
+_PROMPT_DETAIL_KEYS = ("cached_tokens", "audio_tokens")
+_COMPLETION_DETAIL_KEYS = (
+    "reasoning_tokens",
+    "audio_tokens",
+    "accepted_prediction_tokens",
+    "rejected_prediction_tokens",
+)
+
+# Decoding builds each answer as nested dicts of keyword arguments and makes the protobuf message with one
+# constructor call: with upb, setting fields one by one (or copying sub-messages in) costs several times
+# more than the whole message built at once. An empty sub-message is left out of the dicts, since a dict,
+# even an empty one, marks its field present.
 
 
 def _add_extra(extra: dict[str, Any] | None, key: str, value: Any) -> dict[str, Any]:
@@ -580,7 +590,7 @@ def _add_extra(extra: dict[str, Any] | None, key: str, value: Any) -> dict[str, 
     return extra
 
 
-def _details_from_json(value: dict[str, Any], cls: Any, keys: frozenset[str]) -> Any:
+def _details_fields(value: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     extra = None
     for k, v in value.items():
@@ -588,22 +598,16 @@ def _details_from_json(value: dict[str, Any], cls: Any, keys: frozenset[str]) ->
             fields[k] = v
         else:
             extra = _add_extra(extra, k, v)
-    details = cls(**fields)
     if extra:
-        details.extra_json = _dumps(extra)
-    return details
+        fields["extra_json"] = _dumps(extra)
+    return fields
 
 
-def _fields_to_json(message: Any) -> dict[str, Any]:
-    """A message of scalar fields and ``extra_json`` as JSON (token details)."""
-    body: dict[str, Any] = {}
-    extra = ""
-    for field, value in message.ListFields():
-        if field.name == "extra_json":
-            extra = value
-        else:
-            body[field.name] = value
-    return _merge(body, extra)
+def _details_to_json(details: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Token details as JSON: its fields that are set (read by name: cheaper than ``ListFields`` for a
+    few) and its ``extra_json``."""
+    body = {key: getattr(details, key) for key in keys if details.HasField(key)}
+    return _merge(body, details.extra_json)
 
 
 def usage_to_json(usage: pb.Usage) -> dict[str, Any]:
@@ -612,36 +616,39 @@ def usage_to_json(usage: pb.Usage) -> dict[str, Any]:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
     }
-    extra = ""
-    for field, value in usage.ListFields():
-        name = field.name
-        if name in ("prompt_tokens_details", "completion_tokens_details"):
-            body[name] = _fields_to_json(value)
-        elif name == "extra_json":
-            extra = value
-    return _merge(body, extra)
+    if usage.HasField("prompt_tokens_details"):
+        body["prompt_tokens_details"] = _details_to_json(usage.prompt_tokens_details, _PROMPT_DETAIL_KEYS)
+    if usage.HasField("completion_tokens_details"):
+        body["completion_tokens_details"] = _details_to_json(
+            usage.completion_tokens_details, _COMPLETION_DETAIL_KEYS
+        )
+    return _merge(body, usage.extra_json)
 
 
-def usage_from_json(usage: Any) -> pb.Usage | None:
-    if not isinstance(usage, dict):
-        return None
+def _usage_fields(usage: dict[str, Any]) -> dict[str, Any]:
+    """An upstream's usage object as the keyword arguments of ``pb.Usage``."""
     fields: dict[str, Any] = {}
     extra = None
     for k, v in usage.items():
         if k in _USAGE_NUMBERS and type(v) is int:
             fields[k] = v
         elif k == "prompt_tokens_details" and type(v) is dict:
-            fields[k] = _details_from_json(v, pb.PromptTokensDetails, _PROMPT_DETAILS)
+            fields[k] = _details_fields(v, _PROMPT_DETAIL_KEYS)
         elif k == "completion_tokens_details" and type(v) is dict:
-            fields[k] = _details_from_json(v, pb.CompletionTokensDetails, _COMPLETION_DETAILS)
+            fields[k] = _details_fields(v, _COMPLETION_DETAIL_KEYS)
         else:
             extra = _add_extra(extra, k, v)
     if "total_tokens" not in fields:
         fields["total_tokens"] = fields.get("prompt_tokens", 0) + fields.get("completion_tokens", 0)
-    result = pb.Usage(**fields)
     if extra:
-        result.extra_json = _dumps(extra)
-    return result
+        fields["extra_json"] = _dumps(extra)
+    return fields
+
+
+def usage_from_json(usage: Any) -> pb.Usage | None:
+    if not isinstance(usage, dict):
+        return None
+    return pb.Usage(**_usage_fields(usage))
 
 
 def _choice_to_json(choice: pb.Choice) -> dict[str, Any]:
@@ -654,36 +661,40 @@ def _choice_to_json(choice: pb.Choice) -> dict[str, Any]:
     return _merge(body, choice.extra_json)
 
 
-def _choice_from_json(c: Any, i: int, choice: pb.Choice) -> None:
-    """Fill ``choice`` (built in place: copying nested messages costs more than reading them)."""
+def _choice_fields(c: Any, i: int) -> dict[str, Any]:
+    """A reply's choice as the keyword arguments of ``pb.Choice``."""
     if not isinstance(c, dict):
         raise TypeError(f"choices[{i}]: not an object")
     raw = c["message"]
     if isinstance(raw, dict) and "role" not in raw:
         raw = {"role": "assistant", **raw}  # a provider that leaves the role out of its reply
     try:
-        message_from_json(raw, f"choices[{i}].message", choice.message)
+        message = _message_fields(raw, f"choices[{i}].message")
     except GatewayError as exc:  # the provider's fault, not the client's
         raise ValueError(exc.message) from None
-    choice.index = i
+    fields: dict[str, Any] = {"index": i, "message": message}
     extra = None
     for k, v in c.items():
         if k == "message":
             continue
         if k == "index" and type(v) is int:
-            choice.index = v
+            fields["index"] = v
         elif k == "finish_reason" and type(v) is str:
-            choice.finish_reason = v
+            fields["finish_reason"] = v
         elif k == "logprobs" and v is not None:
-            choice.logprobs_json = _dumps(v)
+            fields["logprobs_json"] = _dumps(v)
         elif not (k in ("finish_reason", "logprobs") and v is None):  # written back as null
             extra = _add_extra(extra, k, v)
     if extra:
-        choice.extra_json = _dumps(extra)
+        fields["extra_json"] = _dumps(extra)
+    return fields
 
 
 def _finish_enum(reason: str | None) -> pb.FinishReason:
     return FINISH_BY_NAME.get(reason or "stop", pb.FINISH_REASON_STOP)
+
+
+_RESPONSE_STRINGS = frozenset({"id", "model", "system_fingerprint", "service_tier"})
 
 
 def response_from_json(body: Any) -> pb.ChatResponse:
@@ -691,30 +702,25 @@ def response_from_json(body: Any) -> pb.ChatResponse:
     raw_choices = body["choices"]
     if not isinstance(raw_choices, list):
         raise TypeError("choices: not a list")
-    resp = pb.ChatResponse()
-    for i, c in enumerate(raw_choices):
-        _choice_from_json(c, i, resp.choices.add())
+    choices = [_choice_fields(c, i) for i, c in enumerate(raw_choices)]
+    fields: dict[str, Any] = {"choices": choices}
     extra = None
     for k, v in body.items():
         if k == "choices" or (k == "object" and v == "chat.completion"):
             continue
-        if (k in ("id", "model", "system_fingerprint", "service_tier") and type(v) is str) or (
-            k == "created" and type(v) is int
-        ):
-            setattr(resp, k, v)
+        if (type(v) is str and k in _RESPONSE_STRINGS) or (k == "created" and type(v) is int):
+            fields[k] = v
         elif k == "usage" and type(v) is dict:
-            usage = usage_from_json(v)
-            assert usage is not None
-            resp.usage.CopyFrom(usage)
+            fields["usage"] = _usage_fields(v)
         else:
             extra = _add_extra(extra, k, v)
-    if resp.choices:
-        first = resp.choices[0]
-        resp.content = first.message.content
-        resp.finish_reason = _finish_enum(first.finish_reason if first.HasField("finish_reason") else None)
+    if choices:
+        first = choices[0]
+        fields["content"] = first["message"].get("content", "")
+        fields["finish_reason"] = _finish_enum(first.get("finish_reason"))
     if extra:
-        resp.extra_json = _dumps(extra)
-    return resp
+        fields["extra_json"] = _dumps(extra)
+    return pb.ChatResponse(**fields)
 
 
 def response_to_json(resp: pb.ChatResponse) -> dict[str, Any]:
@@ -748,33 +754,46 @@ def response_to_json(resp: pb.ChatResponse) -> dict[str, Any]:
 # -- stream chunks ----------------------------------------------------------------------------------------
 
 
-def _tool_delta_from_json(d: Any) -> pb.ToolCallDelta:
+def _tool_delta_fields(d: Any) -> dict[str, Any]:
+    """A tool-call fragment as the keyword arguments of ``pb.ToolCallDelta``: typed when that writes it
+    back exactly, else whole in ``json``."""
     if not isinstance(d, dict):
         raise TypeError("tool call delta: not an object")
-    delta = pb.ToolCallDelta(index=int(d.get("index") or 0))
+    index = int(d.get("index") or 0)
+    fields: dict[str, Any] = {"index": index}
+    written: dict[str, Any] = {"index": index}  # what _tool_delta_to_json will write
     for key in ("id", "type"):
-        if isinstance(d.get(key), str):
-            setattr(delta, key, d[key])
+        value = d.get(key)
+        if isinstance(value, str):
+            fields[key] = written[key] = value
     function = d.get("function")
     if isinstance(function, dict):
-        if isinstance(function.get("name"), str):
-            delta.name = function["name"]
-        if isinstance(function.get("arguments"), str):
-            delta.arguments = function["arguments"]
-    if _tool_delta_to_json(delta) != d:
-        return pb.ToolCallDelta(index=delta.index, json=_dumps(d))
-    return delta
+        parts = {}
+        for key in ("name", "arguments"):
+            value = function.get(key)
+            if isinstance(value, str):
+                fields[key] = parts[key] = value
+        if parts:
+            written["function"] = parts
+    if written != d:
+        return {"index": index, "json": _dumps(d)}
+    return fields
 
 
 def _tool_delta_to_json(delta: pb.ToolCallDelta) -> dict[str, Any]:
     if delta.json:
         return orjson.loads(delta.json)
     body: dict[str, Any] = {"index": delta.index}
-    for key in ("id", "type"):
-        if delta.HasField(key):
-            body[key] = getattr(delta, key)
-    function = {k: getattr(delta, k) for k in ("name", "arguments") if delta.HasField(k)}
-    if function:
+    function: dict[str, Any] | None = None
+    for field, value in delta.ListFields():
+        name = field.name
+        if name in ("id", "type"):
+            body[name] = value
+        elif name in ("name", "arguments"):
+            if function is None:
+                function = {}
+            function[name] = value
+    if function is not None:
         body["function"] = function
     return body
 
@@ -796,17 +815,19 @@ def _delta_to_json(delta: pb.ChunkDelta) -> dict[str, Any]:
     return _merge(body, extra)
 
 
-def _delta_from_json(d: dict[str, Any], delta: pb.ChunkDelta) -> None:
+def _delta_fields(d: dict[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
     extra = None
     for k, v in d.items():
         if k in _DELTA_STRINGS and type(v) is str:
-            setattr(delta, k, v)
+            fields[k] = v
         elif k == "tool_calls" and type(v) is list and v:
-            delta.tool_calls.extend(_tool_delta_from_json(t) for t in v)
+            fields["tool_calls"] = [_tool_delta_fields(t) for t in v]
         else:
             extra = _add_extra(extra, k, v)
     if extra:
-        delta.extra_json = _dumps(extra)
+        fields["extra_json"] = _dumps(extra)
+    return fields
 
 
 def _chunk_choice_to_json(choice: pb.ChunkChoice) -> dict[str, Any]:
@@ -825,25 +846,28 @@ def _chunk_choice_to_json(choice: pb.ChunkChoice) -> dict[str, Any]:
     return _merge(body, extra)
 
 
-def _chunk_choice_from_json(c: Any, i: int, choice: pb.ChunkChoice) -> None:
-    """Fill ``choice`` (built in place: copying nested messages costs more than reading them)."""
+def _chunk_choice_fields(c: Any, i: int) -> dict[str, Any]:
+    """A chunk's choice as the keyword arguments of ``pb.ChunkChoice``."""
     if not isinstance(c, dict):
         raise TypeError(f"choices[{i}]: not an object")
-    choice.index = i
+    fields: dict[str, Any] = {"index": i}
     extra = None
     for k, v in c.items():
-        if k == "index" and type(v) is int:
-            choice.index = v
-        elif k == "delta" and type(v) is dict:
-            _delta_from_json(v, choice.delta)
+        if k == "delta" and type(v) is dict:
+            delta = _delta_fields(v)
+            if delta:
+                fields["delta"] = delta
+        elif k == "index" and type(v) is int:
+            fields["index"] = v
         elif k == "finish_reason" and type(v) is str:
-            choice.finish_reason = v
+            fields["finish_reason"] = v
         elif k == "logprobs" and v is not None:
-            choice.logprobs_json = _dumps(v)
+            fields["logprobs_json"] = _dumps(v)
         elif not (k in ("finish_reason", "logprobs") and v is None):  # written back as null
             extra = _add_extra(extra, k, v)
     if extra:
-        choice.extra_json = _dumps(extra)
+        fields["extra_json"] = _dumps(extra)
+    return fields
 
 
 def chunk_to_json(chunk: pb.ChatChunk, *, first: bool = False) -> dict[str, Any]:
@@ -886,25 +910,22 @@ _CHUNK_STRINGS = frozenset({"id", "model", "system_fingerprint", "service_tier"}
 
 def chunk_from_json(body: Any) -> pb.ChatChunk:
     """Parse one upstream ``chat.completion.chunk`` into the OpenAI layout (``choices``)."""
-    chunk = pb.ChatChunk()
+    fields: dict[str, Any] = {}
     extra = None
     for k, v in body.items():
         if (type(v) is str and k in _CHUNK_STRINGS) or (k == "created" and type(v) is int):
-            setattr(chunk, k, v)
+            fields[k] = v
         elif k == "choices" and type(v) is list:
-            for i, c in enumerate(v):
-                _chunk_choice_from_json(c, i, chunk.choices.add())
+            fields["choices"] = [_chunk_choice_fields(c, i) for i, c in enumerate(v)]
         elif k == "usage" and v is None:
-            chunk.usage_null = True
+            fields["usage_null"] = True
         elif k == "usage" and type(v) is dict:
-            usage = usage_from_json(v)
-            assert usage is not None
-            chunk.usage.CopyFrom(usage)
+            fields["usage"] = _usage_fields(v)
         elif not (k == "object" and v == "chat.completion.chunk"):
             extra = _add_extra(extra, k, v)
     if extra:
-        chunk.extra_json = _dumps(extra)
-    return chunk
+        fields["extra_json"] = _dumps(extra)
+    return pb.ChatChunk(**fields)
 
 
 def error_body(
