@@ -768,3 +768,23 @@ async def test_grpc_front_tools_against_anthropic(fakes: Fakes, start_proxy: Any
         assert chunks[-1].choices[0].finish_reason == "tool_calls" and not any(
             c.HasField("usage") for c in chunks
         )
+
+
+def test_a_reply_with_server_tool_blocks_and_citations_is_kept_whole() -> None:
+    reply = {
+        "id": "msg_01", "type": "message", "role": "assistant", "model": "claude",
+        "content": [
+            {"type": "text", "text": "I'll search."},
+            {"type": "server_tool_use", "id": "srvtoolu_01", "name": "web_search", "input": {"query": "claude shannon birth date"}},
+            {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_01", "content": [{"type": "web_search_result", "url": "https://en.wikipedia.org/wiki/Claude_Shannon", "title": "Claude Shannon", "encrypted_content": "EqgfCioIARgB", "page_age": "April 30, 2025"}]},
+            {"type": "text", "text": "Claude Shannon was born on April 30, 1916.", "citations": [{"type": "web_search_result_location", "url": "https://en.wikipedia.org/wiki/Claude_Shannon", "title": "Claude Shannon", "encrypted_index": "Eo8BCioIAhgB", "cited_text": "Claude Elwood Shannon (April 30, 1916"}]},
+        ],
+        "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 6039, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 931, "server_tool_use": {"web_search_requests": 1}},
+    }  # fmt: skip
+    resp = am.response_from_json(reply, "claude")
+    assert am.response_to_json(resp) == reply
+    message = openai_chat.response_to_json(resp)["choices"][0]["message"]
+    assert message["content"] == "I'll search.Claude Shannon was born on April 30, 1916."
+    again = to_anthropic({"model": "m", "messages": [{"role": "user", "content": "when?"}, message]})
+    assert again["messages"][1]["content"] == reply["content"]

@@ -476,6 +476,24 @@ def usage_from_json(usage: dict[str, Any]) -> pb.Usage:
     return out
 
 
+_PLAIN_BLOCKS = {
+    "text": {"type", "text"},
+    "thinking": {"type", "thinking", "signature"},
+    "redacted_thinking": {"type", "data"},
+    "tool_use": {"type", "id", "name", "input"},
+}
+
+
+def _plain(block: dict[str, Any]) -> bool:
+    """Whether a reply's block is all the hub's fields say (else the blocks travel whole)."""
+    keys = _PLAIN_BLOCKS.get(block.get("type"))  # type: ignore[arg-type]
+    return (
+        keys is not None
+        and set(block) <= keys
+        and (block.get("type") != "text" or block.get("citations") is None)
+    )
+
+
 def response_from_json(body: Any, model: str, format_tool: str | None = None) -> pb.ChatResponse:
     """A Messages API reply; KeyError, TypeError, ValueError or AttributeError for a malformed one.
     ``format_tool``: the forced tool that carries response_format, whose input becomes the content."""
@@ -503,6 +521,8 @@ def response_from_json(body: Any, model: str, format_tool: str | None = None) ->
         message.content = "".join(text)
     if reasoning:
         message.reasoning_content = "".join(reasoning)
+    if not all(_plain(b) for b in body["content"]):  # server tool blocks, citations, ...: kept whole
+        extra[CONTENT] = body["content"]
     if extra:
         message.extra_json = orjson.dumps(extra).decode()
     finish = _finish(body.get("stop_reason"), format_tool)
@@ -559,7 +579,7 @@ async def read_stream(
                 d.content = delta["text"]
             elif dtype == "input_json_delta" and btype == "format":
                 d.content = delta["partial_json"]
-            elif dtype == "input_json_delta":
+            elif dtype == "input_json_delta" and btype == "tool_use":
                 d.tool_calls.add(index=call, arguments=delta["partial_json"])
             elif dtype == "thinking_delta":
                 d.reasoning_content = delta["thinking"]
@@ -923,7 +943,22 @@ def response_to_json(resp: pb.ChatResponse) -> dict[str, Any]:
         m = pb.ChatMessage(role=pb.ROLE_ASSISTANT, content=resp.content)
         finish = FINISH_NAME.get(resp.finish_reason, "stop")
         stop_sequence = None
+    return {
+        "id": resp.id,
+        "type": "message",
+        "role": "assistant",
+        "model": resp.model,
+        "content": _reply_blocks(m),
+        "stop_reason": STOP_REASON_BY_FINISH.get(finish, "end_turn"),
+        "stop_sequence": stop_sequence,
+        "usage": usage_to_json(resp.usage if resp.HasField("usage") else None),
+    }
+
+
+def _reply_blocks(m: pb.ChatMessage) -> list[dict[str, Any]]:
     extra = _extra(m.extra_json)
+    if isinstance(extra.get(CONTENT), list):  # an Anthropic provider's blocks, kept whole
+        return list(extra[CONTENT])
     content: list[dict[str, Any]] = []
     if m.HasField("reasoning_content"):
         content.append(
@@ -940,16 +975,7 @@ def response_to_json(resp: pb.ChatResponse) -> dict[str, Any]:
         content.append(
             {"type": "tool_use", "id": call.id, "name": call.name, "input": _arguments(call.arguments)}
         )
-    return {
-        "id": resp.id,
-        "type": "message",
-        "role": "assistant",
-        "model": resp.model,
-        "content": content,
-        "stop_reason": STOP_REASON_BY_FINISH.get(finish, "end_turn"),
-        "stop_sequence": stop_sequence,
-        "usage": usage_to_json(resp.usage if resp.HasField("usage") else None),
-    }
+    return content
 
 
 def event(name: str, data: Any) -> bytes:
