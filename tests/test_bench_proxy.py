@@ -39,6 +39,10 @@ def test_quick_run_prints_the_tables(tmp_path: pathlib.Path) -> None:
         "gRPC front, streaming TTFT, c=1, p50",
         "REST front, unary throughput, c=64",
         "gRPC front, unary throughput, c=32",
+        "REST front, paced stream (20 tokens, 5 ms apart), whole stream, c=1, p50",
+        "gRPC front, paced stream (20 tokens, 5 ms apart), whole stream, c=1, p50",
+        "REST front, tool call, unary, c=1, p50",
+        "gRPC front, tool call, streamed, first fragment, c=1, p50",
     ):
         assert row in out, f"missing row {row!r} in:\n{out}"
     assert "| comparison | candidate | result | relative to the first |" in out
@@ -49,7 +53,13 @@ def test_quick_run_prints_the_tables(tmp_path: pathlib.Path) -> None:
     assert all(b["completed"] > 0 for b in data["blocks"])
 
     # The fakes and the proxy were stopped (and reaped): none of them is still alive.
-    assert set(data["child_pids"]) == {"proxy", "upstream (openai fake)", "upstream (grpc fake)"}
+    assert set(data["child_pids"]) == {
+        "proxy",
+        "upstream (openai fake)",
+        "upstream (grpc fake)",
+        "upstream (openai fake, paced)",
+        "upstream (grpc fake, paced)",
+    }
     for name, pid in data["child_pids"].items():
         try:
             cmdline = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
