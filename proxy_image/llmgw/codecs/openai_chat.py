@@ -815,19 +815,19 @@ def _delta_to_json(delta: pb.ChunkDelta) -> dict[str, Any]:
     return _merge(body, extra)
 
 
-def _delta_fields(d: dict[str, Any]) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
+def _delta_from_json(d: dict[str, Any], delta: pb.ChunkDelta) -> None:
     extra = None
     for k, v in d.items():
         if k in _DELTA_STRINGS and type(v) is str:
-            fields[k] = v
+            setattr(delta, k, v)
         elif k == "tool_calls" and type(v) is list and v:
-            fields["tool_calls"] = [_tool_delta_fields(t) for t in v]
+            calls = delta.tool_calls
+            for t in v:
+                calls.add(**_tool_delta_fields(t))
         else:
             extra = _add_extra(extra, k, v)
     if extra:
-        fields["extra_json"] = _dumps(extra)
-    return fields
+        delta.extra_json = _dumps(extra)
 
 
 def _chunk_choice_to_json(choice: pb.ChunkChoice) -> dict[str, Any]:
@@ -846,40 +846,40 @@ def _chunk_choice_to_json(choice: pb.ChunkChoice) -> dict[str, Any]:
     return _merge(body, extra)
 
 
-def _chunk_choice_fields(c: Any, i: int) -> dict[str, Any]:
-    """A chunk's choice as the keyword arguments of ``pb.ChunkChoice``."""
+def _chunk_choice_from_json(c: Any, i: int, choice: pb.ChunkChoice) -> None:
+    """Fill ``choice`` in place. (A chunk is small: set field by field, it costs less than built from
+    nested dicts by its constructor, unlike a reply.)"""
     if not isinstance(c, dict):
         raise TypeError(f"choices[{i}]: not an object")
-    fields: dict[str, Any] = {"index": i}
+    choice.index = i
     extra = None
     for k, v in c.items():
-        if k == "delta" and type(v) is dict:
-            delta = _delta_fields(v)
-            if delta:
-                fields["delta"] = delta
-        elif k == "index" and type(v) is int:
-            fields["index"] = v
+        if k == "index" and type(v) is int:
+            choice.index = v
+        elif k == "delta" and type(v) is dict:
+            _delta_from_json(v, choice.delta)
         elif k == "finish_reason" and type(v) is str:
-            fields["finish_reason"] = v
+            choice.finish_reason = v
         elif k == "logprobs" and v is not None:
-            fields["logprobs_json"] = _dumps(v)
+            choice.logprobs_json = _dumps(v)
         elif not (k in ("finish_reason", "logprobs") and v is None):  # written back as null
             extra = _add_extra(extra, k, v)
     if extra:
-        fields["extra_json"] = _dumps(extra)
-    return fields
+        choice.extra_json = _dumps(extra)
 
 
-# -- writing chunks from their wire bytes -----------------------------------------------------------------
+# -- the text chunk's fast path ---------------------------------------------------------------------------
 #
-# The chunks of one stream share their id, model, created, system_fingerprint and service_tier, and most
-# carry nothing but text deltas, tool-call fragments or a finish reason. Such a chunk is written out by
-# reading its serialized form (SerializeToString is one C call, where reading its fields one by one from
-# Python costs a protobuf call each, each several times a byte comparison): the head's wire bytes and JSON
-# are made once per stream (cached by the general path, which every stream's first chunk takes), the rest
-# is read from the wire. A chunk with anything else (usage, logprobs, extras, the simple layout), or whose
-# wire does not match exactly, takes the general path: the fast path writes the same JSON, or none.
-# (Building a chunk from wire bytes the same way costs as much as its constructor does.)
+# Most chunks of a stream are one choice's text delta, and the chunks of one stream share their id, model,
+# created, system_fingerprint and service_tier. Such a chunk is written out by reading its serialized form
+# (SerializeToString is one C call, where reading its ten fields one by one from Python costs ten, each
+# several times a byte comparison): the head's wire bytes and JSON are made once per stream (cached by the
+# general path, which every stream's first chunk takes), the text is read from the wire, inline (a helper
+# function call per field would cost what it saves). The "usage": null that OpenAI puts in every chunk when
+# the usage is asked for is read too. A chunk of any other shape (tool-call fragments, finish, usage,
+# logprobs, extras, strings of 128 bytes or more), or whose wire does not match exactly, takes the general
+# path: the fast path writes the same JSON, or none. (Building a chunk from wire bytes the same way costs
+# as much as its constructor does.)
 
 
 class _Head:
@@ -926,122 +926,65 @@ def _head(values: tuple[Any, ...]) -> _Head:
     return head
 
 
-def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
-    """The varint at ``pos`` and the position after it (IndexError past the end)."""
-    byte = data[pos]
-    if byte < 0x80:
-        return byte, pos + 1
-    value, shift = byte & 0x7F, 7
-    while True:
-        pos += 1
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos + 1
-        shift += 7
-
-
-def _strings_at(
-    data: bytes, pos: int, end: int, fields: tuple[tuple[int, str], ...], into: dict[str, Any]
-) -> int:
-    """Read the string fields of ``fields`` (tag, key; in field order) that come next; the position after."""
-    for tag, key in fields:
-        if pos < end and data[pos] == tag:
-            size, pos = _varint_at(data, pos + 1)
-            into[key] = data[pos : pos + size].decode()
-            pos += size
-    return pos
-
-
-_DELTA_WIRE = ((0x0A, "role"), (0x12, "content"), (0x1A, "refusal"), (0x22, "reasoning_content"))
-_TOOL_ID_WIRE = ((0x12, "id"), (0x1A, "type"))
-_TOOL_FUNCTION_WIRE = ((0x22, "name"), (0x2A, "arguments"))
-
-
-def _tool_delta_wire(data: bytes, pos: int, end: int) -> dict[str, Any] | None:
-    index = 0
-    if pos < end and data[pos] == 0x08:
-        index, pos = _varint_at(data, pos + 1)
-        if index > 0x7FFFFFFF:  # negative
-            return None
-    body: dict[str, Any] = {"index": index}
-    pos = _strings_at(data, pos, end, _TOOL_ID_WIRE, body)
-    function: dict[str, Any] = {}
-    pos = _strings_at(data, pos, end, _TOOL_FUNCTION_WIRE, function)
-    if function:
-        body["function"] = function
-    return body if pos == end else None  # kept whole (json), or unknown fields
-
-
-def _choice_wire(data: bytes, pos: int, end: int) -> dict[str, Any] | None:
-    index = 0
-    if pos < end and data[pos] == 0x08:
-        index, pos = _varint_at(data, pos + 1)
-        if index > 0x7FFFFFFF:
-            return None
-    delta: dict[str, Any] = {}
-    if pos < end and data[pos] == 0x12:
-        size, pos = _varint_at(data, pos + 1)
-        delta_end = pos + size
-        pos = _strings_at(data, pos, delta_end, _DELTA_WIRE, delta)
-        if pos < delta_end and data[pos] == 0x2A:
-            calls = []
-            while pos < delta_end and data[pos] == 0x2A:
-                size, pos = _varint_at(data, pos + 1)
-                call = _tool_delta_wire(data, pos, pos + size)
-                if call is None:
-                    return None
-                calls.append(call)
-                pos += size
-            delta["tool_calls"] = calls
-        if pos != delta_end:  # extra_json, unknown fields
-            return None
-    finish = None
-    if pos < end and data[pos] == 0x1A:
-        size, pos = _varint_at(data, pos + 1)
-        finish = data[pos : pos + size].decode()
-        pos += size
-    if pos != end:  # logprobs, extra_json, unknown fields
-        return None
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-
-
-def _wire_chunk_to_json(chunk: pb.ChatChunk) -> dict[str, Any] | None:
-    """The JSON of a chunk of the OpenAI layout whose head was seen before, read from its wire bytes; None
-    for any chunk with what this does not read (usage, logprobs, extras, the simple layout, ...)."""
+def _text_chunk_to_json(chunk: pb.ChatChunk) -> dict[str, Any] | None:
+    """The JSON of a text delta chunk whose head was seen before, read from its wire bytes; None for any
+    other chunk."""
     data = chunk.SerializeToString()
     end = len(data)
+    pos = 0
     try:
-        pos = 0
-        for tag in (0x0A, 0x12):  # the head's fields before the choices: id (1), model (2), created (6)
-            if pos < end and data[pos] == tag:
-                size, pos = _varint_at(data, pos + 1)
-                pos += size
-        if pos < end and data[pos] == 0x30:
-            _, pos = _varint_at(data, pos + 1)
+        # the head's fields before the choices: id (1), model (2), created (6)
+        for tag in (0x0A, 0x12):
+            if data[pos] == tag:
+                n = data[pos + 1]
+                if n >= 0x80:
+                    return None
+                pos += 2 + n
+        if data[pos] == 0x30:
+            pos += 1
+            while data[pos] & 0x80:
+                pos += 1
+            pos += 1
+        # one choice (index 0, nothing but a delta), its length in one byte
         start = pos
-        choices = []
-        while pos < end and data[pos] == 0x3A:
-            size, pos = _varint_at(data, pos + 1)
-            choice = _choice_wire(data, pos, pos + size)
-            if choice is None:
-                return None
-            choices.append(choice)
-            pos += size
-    except (IndexError, UnicodeDecodeError):
+        if data[pos] != 0x3A:
+            return None
+        size = data[pos + 1]
+        choice_end = pos + 2 + size
+        if size < 2 or size >= 0x80 or choice_end > end or data[pos + 2] != 0x12:
+            return None
+        if data[pos + 3] != choice_end - pos - 4:
+            return None
+        pos += 4
+        delta: dict[str, Any] = {}
+        for tag, key in ((0x0A, "role"), (0x12, "content")):
+            if pos < choice_end and data[pos] == tag:
+                n = data[pos + 1]
+                if n >= 0x80 or pos + 2 + n > choice_end:
+                    return None
+                delta[key] = data[pos + 2 : pos + 2 + n].decode()
+                pos += 2 + n
+    except IndexError:
         return None
-    if not choices:
+    if pos != choice_end:
         return None
-    head = _wire_heads.get((data[:start], data[pos:]))
+    tail = data[choice_end:]
+    usage_null = tail.endswith(b"\x50\x01")  # usage_null (10) = true: OpenAI's "usage": null
+    if usage_null:
+        tail = tail[:-2]  # (a string field that ended in these bytes would leave no head's suffix)
+    head = _wire_heads.get((data[:start], tail))
     if head is None:
         return None
-    return {**head.json, "choices": choices}
+    body = {**head.json, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}]}
+    if usage_null:
+        body["usage"] = None
+    return body
 
 
 def chunk_to_json(chunk: pb.ChatChunk, *, first: bool = False) -> dict[str, Any]:
     """One ``chat.completion.chunk``. A chunk of the simple layout (``delta``/``finish_reason``, no
     ``choices``) becomes one choice; ``first`` adds the assistant role to it."""
-    fast = _wire_chunk_to_json(chunk)
+    fast = _text_chunk_to_json(chunk)
     if fast is not None:
         return fast
     chunk_id, created, model = chunk.id, chunk.created, chunk.model
@@ -1085,22 +1028,23 @@ _CHUNK_STRINGS = frozenset({"id", "model", "system_fingerprint", "service_tier"}
 
 def chunk_from_json(body: Any) -> pb.ChatChunk:
     """Parse one upstream ``chat.completion.chunk`` into the OpenAI layout (``choices``)."""
-    fields: dict[str, Any] = {}
+    chunk = pb.ChatChunk()
     extra = None
     for k, v in body.items():
         if (type(v) is str and k in _CHUNK_STRINGS) or (k == "created" and type(v) is int):
-            fields[k] = v
+            setattr(chunk, k, v)
         elif k == "choices" and type(v) is list:
-            fields["choices"] = [_chunk_choice_fields(c, i) for i, c in enumerate(v)]
+            for i, c in enumerate(v):
+                _chunk_choice_from_json(c, i, chunk.choices.add())
         elif k == "usage" and v is None:
-            fields["usage_null"] = True
+            chunk.usage_null = True
         elif k == "usage" and type(v) is dict:
-            fields["usage"] = _usage_fields(v)
+            chunk.usage.CopyFrom(pb.Usage(**_usage_fields(v)))
         elif not (k == "object" and v == "chat.completion.chunk"):
             extra = _add_extra(extra, k, v)
     if extra:
-        fields["extra_json"] = _dumps(extra)
-    return pb.ChatChunk(**fields)
+        chunk.extra_json = _dumps(extra)
+    return chunk
 
 
 def error_body(
