@@ -13,10 +13,8 @@ import asyncio
 import contextlib
 import gzip
 import logging
-import os
 import pathlib
 import random
-import re
 import socket
 import ssl
 import struct
@@ -29,6 +27,7 @@ import aiohttp
 import grpc
 import hpack
 import pytest
+from adversary import MEMORY_BOUND, HonestClient, cpu_seconds, limit_hits, open_fds, rss
 from grpc_health.v1 import health_pb2
 
 from conftest import Fakes, proxy_config
@@ -61,18 +60,9 @@ from llmgw_common.limits import HTTP2Limits, MiB, parse_grpc_server
 from llmgw_common.reader import ConfigError, Reader
 
 Request = health_pb2.HealthCheckRequest
-MEMORY_BOUND = 64 * MiB
 ECHO = "/t.S/Echo"
 FLOOD = "/t.S/Flood"  # server streaming: 64 KiB messages for as long as the client reads them
 SERVICE = "/llmgateway.v1.LLMService"
-
-
-def rss(pid: int | None = None) -> int:
-    with open(f"/proc/{pid or 'self'}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def _hpack_int(value: int, prefix_bits: int, first: int) -> bytes:
@@ -165,46 +155,29 @@ class Raw:
         self.writer.close()
 
 
-class Honest:
+class Honest(HonestClient):
     """A grpcio client calling Echo (or ``path`` with ``request``) all along: the attacks must not stop its
     answers."""
 
+    latency_bound = None
+
     def __init__(self, port: int, path: str = ECHO, request: bytes | None = None) -> None:
-        self.port = port
+        super().__init__()
         self.path = path
         self.request = request if request is not None else Request(service="hi").SerializeToString()
-        self.answers = 0
-        self.failures: list[str] = []
-        self._task: asyncio.Task[None] | None = None
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.call = self.channel.unary_unary(path)
 
-    async def __aenter__(self) -> Honest:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
+    async def teardown(self) -> None:
+        await self.channel.close()
 
-    async def _run(self) -> None:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-            call = channel.unary_unary(self.path)
-            while True:
-                try:
-                    reply = await call(self.request, timeout=5)
-                    assert self.path != ECHO or Request.FromString(reply).service == "hi"
-                    self.answers += 1
-                except grpc.aio.AioRpcError as exc:
-                    self.failures.append(f"{exc.code()}: {exc.details()}")
-                await asyncio.sleep(0.02)
-
-    async def __aexit__(self, *exc: object) -> None:
-        before = self.answers
-        for _ in range(200):  # one more answer, after the attack
-            if self.answers > before:
-                break
-            await asyncio.sleep(0.025)
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        assert self.answers > before, f"the honest client got no answer after the attack: {self.failures}"
-        assert not self.failures, self.failures
+    async def ask(self) -> str | None:
+        try:
+            reply = await self.call(self.request, timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code()}: {exc.details()}"
+        assert self.path != ECHO or Request.FromString(reply).service == "hi"
+        return None
 
 
 ServerFactory = Callable[..., Awaitable[tuple[int, list[str]]]]
@@ -577,23 +550,6 @@ def chat_request(model: str = "rest-only") -> bytes:
     ).SerializeToString()
 
 
-async def limit_hits(proxy: Any) -> dict[str, float]:
-    async with aiohttp.ClientSession() as session:
-        metrics = await (await session.get(f"http://127.0.0.1:{proxy.admin_port}/metrics")).text()
-    pattern = re.compile(r'^llmgw_limit_hits_total\{limit="grpcServer\.(\w+)"\} (\S+)$', re.M)
-    return {key: float(value) for key, value in pattern.findall(metrics)}
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def statuses(raw: Raw, count: int, timeout: float = 10.0) -> dict[int, tuple[str, str]]:
     """(grpc-status, grpc-message) of the first ``count`` streams that end with one."""
     decoder = hpack.Decoder()
@@ -658,7 +614,7 @@ async def test_a_client_that_stops_reading_gives_back_its_calls_and_admission_sl
     print(f"stalled streams released after {released:.2f} s (timeout 2 s), RSS growth {grown / MiB:.1f} MiB")
     assert 1.9 < released < 5
     assert grown < MEMORY_BOUND
-    assert (await limit_hits(proxy)).get("stalledWriteTimeoutSeconds") == 4
+    assert (await limit_hits(proxy.admin_port, "grpcServer")).get("stalledWriteTimeoutSeconds") == 4
 
 
 async def test_a_client_that_trickles_its_window_is_reset(serve: ServerFactory) -> None:
@@ -742,7 +698,7 @@ async def test_connections_beyond_max_connections_are_closed_at_once(
         await asyncio.sleep(0.3)
     assert 84 <= refused <= 85, refused  # 16 less the honest client's connection (grpcio may open one)
     assert held <= 16, held
-    assert (await limit_hits(proxy)).get("maxConnections") == refused
+    assert (await limit_hits(proxy.admin_port, "grpcServer")).get("maxConnections") == refused
     again = await Raw.connect(proxy.grpc_port)
     again.send(frame(PING, 0, 0, b"12345678"))
     answer = None
@@ -795,7 +751,7 @@ async def test_a_request_that_never_completes_is_ended_and_its_data_released(
     assert credited >= 8 * MiB, credited  # back in quarter-window batches: 8 of the 10 MiB so far
     assert elapsed < 3
     assert grown < MEMORY_BOUND
-    assert (await limit_hits(proxy)).get("requestReceiveTimeoutSeconds") == 10
+    assert (await limit_hits(proxy.admin_port, "grpcServer")).get("requestReceiveTimeoutSeconds") == 10
 
 
 async def test_a_bidirectional_message_that_never_completes_ends_the_call(serve: ServerFactory) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import pathlib
 import re
 import socket
@@ -22,36 +21,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from adversary import MEMORY_BOUND, HonestClient, limit_hits, open_fds, rss
 
 from conftest import Fakes, proxy_config
 from llmgw_common.limits import HTTPServerLimits, MiB, parse_http_server
 from llmgw_common.reader import ConfigError, Reader
 from llmgw_dev.fakes import FakeProvider
 
-MEMORY_BOUND = 64 * MiB
-HONEST_LATENCY = 2.0  # seconds: a loose bound, on a loaded 2-core machine
 USER = [{"role": "user", "content": "hello"}]
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-async def limit_hits(admin_port: int) -> dict[str, float]:
-    async with aiohttp.ClientSession() as session:
-        text = await (await session.get(f"http://127.0.0.1:{admin_port}/metrics")).text()
-    return {
-        m[1]: float(m[2])
-        for m in re.finditer(r'^llmgw_limit_hits_total\{limit="([^"]+)"\} (\S+)$', text, re.M)
-    }
 
 
 async def connect(port: int, rcvbuf: int | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -94,60 +71,32 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes |
     return data
 
 
-class Honest:
+class Honest(HonestClient):
     """An honest client all along: ``GET /v1/models`` (or a chat completion) on a keep-alive connection, each
     answer timed. The attacks must not stop its answers nor make them slow."""
 
     def __init__(self, port: int, chat: bool = False) -> None:
+        super().__init__()
         self.url = f"http://127.0.0.1:{port}/v1/" + ("chat/completions" if chat else "models")
         self.chat = chat
-        self.answers = 0
-        self.slowest = 0.0
-        self.failures: list[str] = []
-        self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> Honest:
+    async def setup(self) -> None:
         self.session = aiohttp.ClientSession()
         await self._once()  # its connection is open before the attack
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
 
-    async def _once(self) -> None:
-        started = time.monotonic()
+    async def teardown(self) -> None:
+        await self.session.close()
+
+    async def ask(self) -> str | None:
         try:
             if self.chat:
                 resp = await self.session.post(self.url, json={"model": "rest-only", "messages": USER})
             else:
                 resp = await self.session.get(self.url)
             await resp.read()
-            if resp.status == 200:
-                self.answers += 1
-            else:
-                self.failures.append(f"{resp.status}")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            self.failures.append(repr(exc))
-        self.slowest = max(self.slowest, time.monotonic() - started)
-
-    async def _run(self) -> None:
-        while True:
-            await self._once()
-            await asyncio.sleep(0.02)
-
-    async def __aexit__(self, *exc: object) -> None:
-        before = self.answers
-        for _ in range(200):  # one more answer, after the attack
-            if self.answers > before:
-                break
-            await asyncio.sleep(0.025)
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        await self.session.close()
-        print(f"honest client: {self.answers} answers, slowest {self.slowest:.3f}s")
-        assert self.answers > before, f"the honest client got no answer after the attack: {self.failures}"
-        assert not self.failures, self.failures[:5]
-        assert self.slowest < HONEST_LATENCY, f"an answer took {self.slowest:.2f}s"
+            return repr(exc)
+        return None if resp.status == 200 else f"{resp.status}"
 
 
 @pytest.fixture

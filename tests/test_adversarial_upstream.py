@@ -27,6 +27,7 @@ import grpc
 import hpack
 import orjson
 import pytest
+from adversary import MEMORY_BOUND, HonestClient, limit_hits, rss
 
 from conftest import ProxyProcess
 from llmgateway.v1 import llm_service_pb2 as pb
@@ -62,17 +63,8 @@ from llmgw_dev.fakes import FakeProvider
 
 PROVIDER_KEY = "sk-hostile-provider-key-5b2f8e0a91c4"
 CLIENT_KEY = "llmgw-client-key-7c1e93b2d4aa"
-MEMORY_BOUND = 64 * MiB
 ROUNDS = 5  # of the attacks on the REST client's bounds
 USER = [{"role": "user", "content": "hello"}]
-
-
-def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def free_port() -> int:
@@ -309,51 +301,24 @@ def _hostile_config(honest: str, rest_port: int, grpc_port: int, closed_port: in
     }  # fmt: skip
 
 
-class Honest:
+class Honest(HonestClient):
     """Requests to the honest provider all along; the slowest answer is what the attacks cost it."""
 
+    pause = 0.05
+    latency_bound = None  # the test bounds it
+
     def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        super().__init__()
         self.session, self.url = session, url
-        self.answers = 0
-        self.slowest = 0.0
-        self.failures: list[str] = []
-        self._task: asyncio.Task[None] | None = None
 
-    async def _run(self) -> None:
-        while True:
-            start = time.monotonic()
-            resp = await self.session.post(
-                self.url,
-                json={"model": "honest", "messages": USER},
-                headers={"Authorization": f"Bearer {CLIENT_KEY}"},
-            )
-            await resp.read()
-            self.slowest = max(self.slowest, time.monotonic() - start)
-            if resp.status == 200:
-                self.answers += 1
-            else:
-                self.failures.append(str(resp.status))
-            await asyncio.sleep(0.05)
-
-    async def __aenter__(self) -> Honest:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-
-
-async def _limit_hits(session: aiohttp.ClientSession, port: int) -> dict[str, float]:
-    text = await (await session.get(f"http://127.0.0.1:{port}/metrics")).text()
-    hits = {}
-    for line in text.splitlines():
-        if line.startswith("llmgw_limit_hits_total{"):
-            labels, value = line.rsplit(" ", 1)
-            hits[labels.split('"')[1]] = float(value)
-    return hits
+    async def ask(self) -> str | None:
+        resp = await self.session.post(
+            self.url,
+            json={"model": "honest", "messages": USER},
+            headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+        )
+        await resp.read()
+        return None if resp.status == 200 else str(resp.status)
 
 
 async def test_hostile_upstreams_against_a_proxy_process(proxy_process: Callable[..., ProxyProcess]) -> None:
@@ -454,7 +419,7 @@ async def test_hostile_upstreams_against_a_proxy_process(proxy_process: Callable
                 await asyncio.sleep(0.02)
             answered_after = honest.answers - answered_during_attacks
 
-        hits = await _limit_hits(session, proxy.admin_port)
+        hits = await limit_hits(proxy.admin_port)
         proxy.terminate()
         await asyncio.to_thread(proxy.proc.wait, 15)
 

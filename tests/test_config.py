@@ -175,6 +175,11 @@ BAD = [
     ("auth", {}, "auth: set apiKeysFile or apiKeysEnv"),
     ("routes", [], "routes: at least one route is required"),
     ("surprise", 1, "surprise: unknown key"),
+    (
+        "providers.0.vendorExtras",
+        "ignore",
+        "providers[0].vendorExtras: must be one of passThrough, drop, reject, got 'ignore'",
+    ),
 ]
 
 

@@ -705,6 +705,99 @@ async def test_anthropic_refuses_what_it_cannot_carry_yet(
     assert reply.choices[0].finish_reason == "length"
 
 
+# -- vendor extras: each provider passes them on, drops them or refuses them ---------------------------------
+
+
+def test_the_openai_request_keys_are_the_sdks() -> None:
+    """What counts as a vendor extra is what the official SDK does not know as a chat request field."""
+    import typing
+
+    from openai.types.chat import completion_create_params
+
+    sdk_keys = set(typing.get_type_hints(completion_create_params.CompletionCreateParamsBase)) | {"stream"}
+    assert set(openai_chat.OPENAI_REQUEST_KEYS) == sdk_keys
+
+
+def _with_policy(fakes: Fakes, policy: str) -> dict[str, Any]:
+    config = proxy_config(fakes)
+    for provider in config["providers"]:
+        provider["vendorExtras"] = policy
+    return config
+
+
+VENDOR = {"top_k": 20, "min_p": 0.05, "chat_template_kwargs": {"enable_thinking": False}}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_vendor_extras_pass_through_by_default(fakes: Fakes, start_proxy: Any, stream: bool) -> None:
+    server = await start_proxy(proxy_config(fakes))
+    params = {"model": "rest-only", "messages": USER, "extra_body": {**VENDOR, "verbosity": "low"}}
+    if stream:
+        async for _ in await sdk(server).chat.completions.create(stream=True, **params):
+            pass
+    else:
+        await sdk(server).chat.completions.create(**params)
+    received = fakes.openai.received[-1]
+    assert {k: received[k] for k in (*VENDOR, "verbosity")} == {**VENDOR, "verbosity": "low"}
+
+
+@pytest.mark.parametrize("route", ["rest-only", "grpc-only", "demo-claude"])
+async def test_vendor_extras_dropped_are_logged_once_and_counted(
+    fakes: Fakes, start_proxy: Any, route: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start_proxy(_with_policy(fakes, "drop"))
+    client = sdk(server)
+    native = {"top_k": 3} if route == "demo-claude" else {}  # Anthropic's own field: never an extra to it
+    for stream in (False, True, False):
+        params = {
+            "model": route,
+            "messages": USER,
+            "max_completion_tokens": 5,
+            "extra_body": {"min_p": 0.05, "chat_template_kwargs": {"x": 1}, "verbosity": "low", **native},
+        }
+        if route == "demo-claude":
+            params["extra_body"].pop("verbosity")  # an OpenAI field Anthropic cannot carry
+        if stream:
+            async for _ in await client.chat.completions.create(stream=True, **params):
+                pass
+        else:
+            await client.chat.completions.create(**params)
+        if route == "rest-only":
+            received = fakes.openai.received[-1]
+            assert "min_p" not in received and "chat_template_kwargs" not in received
+            assert received["verbosity"] == "low"  # part of the OpenAI API: never a vendor extra
+        elif route == "grpc-only":
+            extra = orjson.loads(fakes.grpc.received[-1].extra_json or "{}")
+            assert extra == {"verbosity": "low"}
+        else:
+            received = fakes.anthropic.received[-1]
+            assert received["top_k"] == 3 and "min_p" not in received
+    dropped = [r.getMessage() for r in caplog.records if "vendorExtras: drop" in r.getMessage()]
+    assert len(dropped) == 2 and any("'min_p'" in m for m in dropped), dropped
+    provider = {"rest-only": "openai-fake", "grpc-only": "grpc-fake", "demo-claude": "anthropic-fake"}[route]
+    counted = server.metrics.dropped_fields.labels(provider)._value.get()
+    assert counted == 6
+
+
+@pytest.mark.parametrize("route", ["rest-only", "grpc-only"])
+async def test_vendor_extras_refused_name_the_field_and_the_policy(
+    fakes: Fakes, start_proxy: Any, route: str
+) -> None:
+    server = await start_proxy(_with_policy(fakes, "reject"))
+    requests_before = fakes.openai.stats["requests"]
+    with pytest.raises(openai.BadRequestError) as info:
+        await sdk(server).chat.completions.create(model=route, messages=USER, extra_body={"top_k": 5})
+    message = info.value.body["message"]  # type: ignore[index]
+    provider = "openai-fake" if route == "rest-only" else "grpc-fake"
+    assert message == (
+        f"'top_k': not a field of the OpenAI chat API, and provider '{provider}' takes none "
+        "(its vendorExtras is reject)"
+    )
+    assert fakes.openai.stats["requests"] == requests_before
+    # OpenAI's own fields, even those the gateway has no typed field for, are not vendor extras.
+    await sdk(server).chat.completions.create(model=route, messages=USER, extra_body={"verbosity": "low"})
+
+
 # -- the codec, property-tested: any JSON the typed fields do not hold survives the round trip -------------
 
 _SCALARS = (

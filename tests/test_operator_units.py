@@ -114,6 +114,7 @@ def test_provider_blocks_reach_the_proxy_config() -> None:
         "timeoutSeconds": 120.0,
         "connectTimeoutSeconds": 5.0,
         "retries": {"maxAttempts": 3, "initialBackoffSeconds": 0.1, "maxBackoffSeconds": 5.0},
+        "vendorExtras": "passThrough",
     }
     assert vllm["llmgateway"] == {"target": "vllm.models:50051", "tls": True}
     assert claude["anthropic"] == {
@@ -133,6 +134,7 @@ def test_provider_blocks_through_the_proxy_parser() -> None:
     spec = sample_spec()
     spec["providers"][1]["llmgateway"]["tls"] = True
     spec["providers"][2]["anthropic"].update(version="2024-10-22", defaultMaxTokens=1024)
+    spec["providers"][1]["vendorExtras"] = "drop"
     parsed = proxy_config.parse(manifests.build_proxy_config(spec, 0, 1)).providers
     assert {name: p.type for name, p in parsed.items()} == {
         "openai": "openai",
@@ -142,6 +144,7 @@ def test_provider_blocks_through_the_proxy_parser() -> None:
     assert parsed["vllm"].settings.tls is True
     assert parsed["claude"].settings.version == "2024-10-22"
     assert parsed["claude"].settings.default_max_tokens == 1024
+    assert (parsed["vllm"].vendor_extras, parsed["openai"].vendor_extras) == ("drop", "passThrough")
 
 
 def test_the_crds_provider_blocks_are_the_proxys_provider_types() -> None:

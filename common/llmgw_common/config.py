@@ -90,6 +90,7 @@ class Provider:
     retries: Retries = Retries()
     headers: tuple[tuple[str, str], ...] = ()
     stream_idle_timeout_s: float | None = None  # the longest gap within an answer; None: timeout_s
+    vendor_extras: str = "passThrough"  # what becomes of request fields outside the API: one of VENDOR_EXTRAS
 
     @property
     def idle_timeout_s(self) -> float:
@@ -237,6 +238,13 @@ def _check_header(where: str, name: str, value: str) -> None:
         raise ConfigError(f"{where}: a header value must not contain CR, LF or NUL")
 
 
+# What a provider does with the fields of a chat request that are not part of the OpenAI API (vLLM's top_k,
+# min_p, chat_template_kwargs, ...): pass them on as they are, drop them (logged once, counted), or refuse
+# the request with a 400 naming the field. Fields the provider's own API has (Anthropic's top_k, thinking)
+# are never vendor extras to it.
+VENDOR_EXTRAS = ("passThrough", "drop", "reject")
+
+
 def _provider(r: Reader) -> Provider:
     name = r.get("name", str, required=True)
     members = [key for key in TYPES if key in r.data]
@@ -263,7 +271,17 @@ def _provider(r: Reader) -> Provider:
         stream_idle_timeout_s=(
             r.number("streamIdleTimeoutSeconds", 0.0) if "streamIdleTimeoutSeconds" in r.data else None
         ),
+        vendor_extras=_vendor_extras(r),
     )
+
+
+def _vendor_extras(r: Reader) -> str:
+    value: str = r.get("vendorExtras", str, "passThrough")
+    if value not in VENDOR_EXTRAS:
+        raise ConfigError(
+            f"{r.path('vendorExtras')}: must be one of {', '.join(VENDOR_EXTRAS)}, got {value!r}"
+        )
+    return value
 
 
 def _route(r: Reader, providers: dict[str, Provider]) -> Route:

@@ -116,6 +116,7 @@ def _provider_config(provider: dict[str, Any]) -> dict[str, Any]:
     }
     if "headers" in provider:
         out["headers"] = provider["headers"]
+    out["vendorExtras"] = provider.get("vendorExtras", "passThrough")
     return out
 
 

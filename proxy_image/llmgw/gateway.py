@@ -28,6 +28,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgw.chat import clip, is_deterministic, validate_request
+from llmgw.codecs import openai_chat
 from llmgw.errors import GatewayError, Kind
 from llmgw.metrics import PRECREATED_CODES, Metrics, PathMetrics
 from llmgw.providers import CallStats, ProviderClient, connect
@@ -186,6 +187,9 @@ class Gateway:
             },
         )
         self._rng = random.Random(seed)
+        self._dropped_logged: set[tuple[str, str]] = (
+            set()
+        )  # (provider, field) pairs logged as dropped, bounded
         self._uses: collections.Counter[int] = collections.Counter()
         self._retired: dict[int, ProviderClient] = {}
         self._publish(config)
@@ -403,7 +407,9 @@ class Gateway:
                 try:
                     # The provider bounds the wait for the first byte (timeoutSeconds) and the gaps within
                     # the answer (streamIdleTimeoutSeconds) itself; the request's deadline bounds the whole.
-                    response = await client.complete(req, model, self._remaining(deadline), tracker.stats)
+                    response = await client.complete(
+                        self._vendor_extras(req, client), model, self._remaining(deadline), tracker.stats
+                    )
                 except GatewayError as exc:
                     tracker.done(exc.status_label)
                     if await self._recover(exc, step, attempt, deadline):
@@ -426,12 +432,58 @@ class Gateway:
         """The reply's chunks; the caller has authenticated the client. Errors before the first chunk are
         raised before anything is yielded."""
         runtime, route = self._begin(req, front)
+
+        def open_stream(client: Any, model: str, remaining: float, stats: CallStats) -> Any:
+            return client.stream(self._vendor_extras(req, client), model, remaining, stats)
+
+        calls = self._stream_call(
+            runtime,
+            route,
+            self._paths(route),
+            self._deadline(runtime, timeout),
+            open_stream,
+            req.model,
+            _usage,
+        )
+        async with contextlib.aclosing(self._counted_stream(front, route, calls)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    def _vendor_extras(self, req: pb.ChatRequest, client: ProviderClient) -> pb.ChatRequest:
+        """``req`` as ``client``'s provider takes it under its vendorExtras policy: as it is (passThrough),
+        without the fields outside the OpenAI API (drop; each field logged once), or refused (reject)."""
+        provider = client.provider
+        if provider.vendor_extras == "passThrough" or not req.extra_json:
+            return req
+        extras = openai_chat.vendor_extras(req, client.native_fields)
+        if not extras:
+            return req
+        if provider.vendor_extras == "reject":
+            raise GatewayError(
+                Kind.INVALID_ARGUMENT,
+                f"{clip(extras[0])}: not a field of the OpenAI chat API, and provider {provider.name!r} "
+                "takes none (its vendorExtras is reject)",
+            )
+        self.metrics.child(self.metrics.dropped_fields, provider.name).inc(len(extras))
+        for key in extras:
+            if (provider.name, key) not in self._dropped_logged and len(self._dropped_logged) < 1024:
+                self._dropped_logged.add((provider.name, key))
+                log.warning(
+                    "provider %r: dropped the request field %s (vendorExtras: drop)", provider.name, clip(key)
+                )
+        return openai_chat.without_fields(req, extras)
+
+    async def _counted_stream(
+        self, front: str, route: Route, items: AsyncGenerator[_T, None]
+    ) -> AsyncGenerator[_T, None]:
+        """``items`` under admission, counted in llmgw_requests_total by outcome."""
         code = "500"
         try:
             self.admission.acquire(front)
             try:
-                async for chunk in self._stream(runtime, route, req, self._deadline(runtime, timeout)):
-                    yield chunk
+                async with contextlib.aclosing(items) as items:
+                    async for item in items:
+                        yield item
             finally:
                 self.admission.release(front)
             code = "200"
@@ -444,11 +496,20 @@ class Gateway:
         finally:
             self.metrics.child(self.metrics.requests, front, route.model, code).inc()
 
-    async def _stream(
-        self, runtime: Runtime, route: Route, req: pb.ChatRequest, deadline: float
-    ) -> AsyncGenerator[pb.ChatChunk, None]:
-        model = route.upstream_model or req.model
-        for step in self._steps(runtime, route, self._paths(route)):
+    async def _stream_call(
+        self,
+        runtime: Runtime,
+        route: Route,
+        paths: list[str],
+        deadline: float,
+        open_stream: Callable[[Any, str, float, CallStats], AsyncGenerator[_T, None]],
+        model: str,
+        usage_of: Callable[[_T], pb.Usage | None] | None = None,
+    ) -> AsyncGenerator[_T, None]:
+        """One streamed request over ``paths`` with the retries and fallback of :meth:`_complete`, while
+        nothing has been sent; an error after the first item ends the stream."""
+        upstream_model = route.upstream_model or model
+        for step in self._steps(runtime, route, paths):
             client = step.client
             attempt = 0
             while True:
@@ -458,16 +519,15 @@ class Gateway:
                 usage: pb.Usage | None = None
                 self._lease(client)
                 try:
-                    async with contextlib.aclosing(
-                        client.stream(req, model, self._remaining(deadline), tracker.stats)
-                    ) as chunks:
-                        async for chunk in chunks:
+                    items = open_stream(client, upstream_model, self._remaining(deadline), tracker.stats)
+                    async with contextlib.aclosing(items) as items:
+                        async for item in items:
                             if not sent_any:
                                 sent_any = True
                                 tracker.first_token()
-                            if chunk.HasField("usage"):
-                                usage = chunk.usage
-                            yield chunk
+                            if usage_of is not None:
+                                usage = usage_of(item) or usage
+                            yield item
                 except GatewayError as exc:
                     tracker.done(exc.status_label)
                     if sent_any:
@@ -622,55 +682,15 @@ class Gateway:
         retried as a chat stream's are)."""
         model = str(body.get("model"))
         runtime, route, paths = self._begin_other(model, front, "relay", f"POST /v1{endpoint}")
-        deadline = self._deadline(runtime, timeout)
-        code = "500"
-        try:
-            self.admission.acquire(front)
-            try:
-                for step in self._steps(runtime, route, paths):
-                    client: Any = step.client
-                    upstream = {**body, "model": route.upstream_model or model}
-                    attempt = 0
-                    done = False
-                    while not done:
-                        attempt += 1
-                        tracker = _Attempt(step.metrics)
-                        sent_any = False
-                        self._lease(client)
-                        try:
-                            events = client.relay_stream(
-                                endpoint, upstream, self._remaining(deadline), tracker.stats
-                            )
-                            async with contextlib.aclosing(events) as events:
-                                async for event in events:
-                                    if not sent_any:
-                                        sent_any = True
-                                        tracker.first_token()
-                                    yield event
-                        except GatewayError as exc:
-                            tracker.done(exc.status_label)
-                            if sent_any:
-                                raise
-                            if await self._recover(exc, step, attempt, deadline):
-                                continue
-                            break
-                        except (asyncio.CancelledError, GeneratorExit):
-                            tracker.done("499")
-                            raise
-                        finally:
-                            self._unlease(client)
-                        tracker.done("200")
-                        done = True
-                    if done:
-                        break
-            finally:
-                self.admission.release(front)
-            code = "200"
-        except GatewayError as exc:
-            code = exc.status_label
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            code = "499"
-            raise
-        finally:
-            self.metrics.child(self.metrics.requests, front, route.model, code).inc()
+
+        def open_stream(client: Any, upstream: str, remaining: float, stats: CallStats) -> Any:
+            return client.relay_stream(endpoint, {**body, "model": upstream}, remaining, stats)
+
+        calls = self._stream_call(runtime, route, paths, self._deadline(runtime, timeout), open_stream, model)
+        async with contextlib.aclosing(self._counted_stream(front, route, calls)) as events:
+            async for event in events:
+                yield event
+
+
+def _usage(chunk: pb.ChatChunk) -> pb.Usage | None:
+    return chunk.usage if chunk.HasField("usage") else None

@@ -116,6 +116,12 @@ class Metrics:
             ("limit",),
             registry=r,
         )
+        self.dropped_fields = Counter(
+            "llmgw_dropped_fields",
+            "Request fields outside the OpenAI API that a provider set to vendorExtras: drop did not receive.",
+            ("provider",),
+            registry=r,
+        )
         self._children: dict[tuple[Any, ...], Any] = {}
         self._paths: dict[tuple[str, str, str], PathMetrics] = {}
 

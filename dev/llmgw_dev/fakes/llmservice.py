@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final
 
 import grpc
@@ -172,18 +172,8 @@ class LLMService(GrpcApi):
         """The vectors of :mod:`.endpoints`, the same as the openai fake's."""
         with self._counted():
             self.fake.received.append(request)
-            await self._auth(context)
-            try:
-                body = openai_embeddings.request_to_json(request)
-            except GatewayError as exc:
-                self.fake.stats["rejected"] += 1
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
-            if not self._known(request.model):
-                self.fake.stats["rejected"] += 1
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"model {clip(request.model)} not found")
-            fault = await self._admit()
-            if fault is not None:
-                await self._abort(context, *fault)
+            await self._admit_request(request, context, openai_embeddings.request_to_json)
+            body = openai_embeddings.request_to_json(request)
             inputs = embedding_inputs(body["input"]) or []
             fmt = request.encoding_format if request.HasField("encoding_format") else "float"
             dimensions = request.dimensions if request.HasField("dimensions") else None
@@ -191,15 +181,13 @@ class LLMService(GrpcApi):
             self.fake.stats["completed"] += 1
             return openai_embeddings.response_from_json(answer)
 
-    async def _answer(
-        self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
-    ) -> tuple[Reply, pb.Usage, pb.FinishReason, Answer | None]:
-        """Auth, validation, faults and latency, then the reply (aborts the RPC unless it is answered); the
-        rich answer of :mod:`.completions` when the request needs one."""
-        self.fake.received.append(request)
+    async def _admit_request(
+        self, request: Any, context: grpc.aio.ServicerContext, validate: Callable[[Any], object]
+    ) -> None:
+        """Auth, ``validate``, the model known, then faults and latency; aborts the RPC on any of them."""
         await self._auth(context)
         try:
-            validate_request(request)
+            validate(request)
         except GatewayError as exc:
             self.fake.stats["rejected"] += 1
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
@@ -209,6 +197,14 @@ class LLMService(GrpcApi):
         fault = await self._admit()
         if fault is not None:
             await self._abort(context, *fault)
+
+    async def _answer(
+        self, request: pb.ChatRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[Reply, pb.Usage, pb.FinishReason, Answer | None]:
+        """Auth, validation, faults and latency, then the reply (aborts the RPC unless it is answered); the
+        rich answer of :mod:`.completions` when the request needs one."""
+        self.fake.received.append(request)
+        await self._admit_request(request, context, validate_request)
         body = openai_chat.request_to_json(request) if _is_rich(request) else None
         prompt = ""
         prompt_tokens = 0

@@ -144,14 +144,7 @@ def _tool_from_json(t: Any, where: str) -> pb.Tool:
     function = t.get("function")
     if t["type"] == "function" and isinstance(function, dict) and isinstance(function.get("name"), str):
         tool = pb.Tool(type="function")
-        f = tool.function
-        f.name = function["name"]
-        if isinstance(function.get("description"), str):
-            f.description = function["description"]
-        if isinstance(function.get("parameters"), dict):
-            f.parameters_json = _dumps(function["parameters"])
-        if isinstance(function.get("strict"), bool):
-            f.strict = function["strict"]
+        _read_named_schema(tool.function, function, "parameters")
         if tool_to_json(tool) == t:
             return tool
     elif t["type"] == "function":
@@ -162,15 +155,30 @@ def _tool_from_json(t: Any, where: str) -> pb.Tool:
 def tool_to_json(tool: pb.Tool) -> dict[str, Any]:
     if tool.json:
         return orjson.loads(tool.json)
-    f = tool.function
-    function: dict[str, Any] = {"name": f.name}
-    if f.HasField("description"):
-        function["description"] = f.description
-    if f.HasField("parameters_json"):
-        function["parameters"] = orjson.loads(f.parameters_json)
-    if f.HasField("strict"):
-        function["strict"] = f.strict
-    return {"type": tool.type, "function": function}
+    return {"type": tool.type, "function": _named_schema_to_json(tool.function, "parameters")}
+
+
+def _read_named_schema(target: Any, source: dict[str, Any], schema_key: str) -> None:
+    """``name``, ``description``, the JSON Schema at ``schema_key`` and ``strict``: what a function and a
+    json_schema response format share (``target`` is a pb.Function or a pb.JsonSchema)."""
+    target.name = source["name"]
+    if isinstance(source.get("description"), str):
+        target.description = source["description"]
+    if isinstance(source.get(schema_key), dict):
+        setattr(target, f"{schema_key}_json", _dumps(source[schema_key]))
+    if isinstance(source.get("strict"), bool):
+        target.strict = source["strict"]
+
+
+def _named_schema_to_json(source: Any, schema_key: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": source.name}
+    if source.HasField("description"):
+        out["description"] = source.description
+    if source.HasField(f"{schema_key}_json"):
+        out[schema_key] = orjson.loads(getattr(source, f"{schema_key}_json"))
+    if source.HasField("strict"):
+        out["strict"] = source.strict
+    return out
 
 
 def _tool_choice_from_json(value: Any) -> pb.ToolChoice:
@@ -205,14 +213,7 @@ def _response_format_from_json(value: Any) -> pb.ResponseFormat:
     fmt = pb.ResponseFormat(type=value["type"])
     schema = value.get("json_schema")
     if value["type"] == "json_schema" and isinstance(schema, dict) and isinstance(schema.get("name"), str):
-        js = fmt.json_schema
-        js.name = schema["name"]
-        if isinstance(schema.get("description"), str):
-            js.description = schema["description"]
-        if isinstance(schema.get("schema"), dict):
-            js.schema_json = _dumps(schema["schema"])
-        if isinstance(schema.get("strict"), bool):
-            js.strict = schema["strict"]
+        _read_named_schema(fmt.json_schema, schema, "schema")
     if response_format_to_json(fmt) != value:
         return pb.ResponseFormat(type=value["type"], json=_dumps(value))
     return fmt
@@ -223,15 +224,7 @@ def response_format_to_json(fmt: pb.ResponseFormat) -> dict[str, Any]:
         return orjson.loads(fmt.json)
     body: dict[str, Any] = {"type": fmt.type}
     if fmt.HasField("json_schema"):
-        js = fmt.json_schema
-        schema: dict[str, Any] = {"name": js.name}
-        if js.HasField("description"):
-            schema["description"] = js.description
-        if js.HasField("schema_json"):
-            schema["schema"] = orjson.loads(js.schema_json)
-        if js.HasField("strict"):
-            schema["strict"] = js.strict
-        body["json_schema"] = schema
+        body["json_schema"] = _named_schema_to_json(fmt.json_schema, "schema")
     return body
 
 
@@ -458,6 +451,42 @@ _REQUEST_FIELDS: dict[str, Callable[[pb.ChatRequest, str, Any], bool]] = {
     "prediction": _set_prediction,
     "modalities": _set_modalities,
 }
+
+
+# Every field of OpenAI's chat request (the openai SDK's CompletionCreateParams, and stream; a test holds the
+# two equal). Any other field of a request is a vendor extra (vLLM's top_k, min_p, chat_template_kwargs, ...),
+# which each provider's vendorExtras setting passes on, drops or refuses.
+OPENAI_REQUEST_KEYS = frozenset(
+    {
+        "model", "messages", "stream", "audio", "frequency_penalty", "function_call", "functions",
+        "logit_bias", "logprobs", "max_completion_tokens", "max_tokens", "metadata", "modalities", "moderation",
+        "n", "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key",
+        "prompt_cache_options", "prompt_cache_retention", "reasoning_effort", "response_format",
+        "safety_identifier", "seed", "service_tier", "stop", "store", "stream_options", "temperature",
+        "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity", "web_search_options",
+    }
+)  # fmt: skip
+
+
+def vendor_extras(req: pb.ChatRequest, native: frozenset[str] = frozenset()) -> list[str]:
+    """The fields of ``req`` outside OpenAI's chat API, but for ``native`` ones (the provider's own API's)."""
+    if not req.extra_json:
+        return []
+    return [
+        key for key in orjson.loads(req.extra_json) if key not in OPENAI_REQUEST_KEYS and key not in native
+    ]
+
+
+def without_fields(req: pb.ChatRequest, keys: list[str]) -> pb.ChatRequest:
+    """A copy of ``req`` without the extra fields ``keys``."""
+    out = pb.ChatRequest()
+    out.CopyFrom(req)
+    kept = {key: value for key, value in orjson.loads(req.extra_json).items() if key not in keys}
+    if kept:
+        out.extra_json = _dumps(kept)
+    else:
+        out.ClearField("extra_json")
+    return out
 
 
 def request_from_json(body: Any) -> tuple[pb.ChatRequest, bool]:

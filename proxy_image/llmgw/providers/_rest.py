@@ -45,6 +45,7 @@ class RestClient:
     """One REST provider: ``base_url + path_suffix`` over a pool of keep-alive connections."""
 
     path_suffix = ""
+    native_fields: frozenset[str] = frozenset()
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ _MALFORMED = (KeyError, TypeError, ValueError, AttributeError)  # orjson.JSONDec
 
 class AnthropicClient(RestClient):
     path_suffix = "/v1/messages"
+    native_fields = anthropic_messages.PASSED_KEYS
 
     def __init__(
         self, provider: Provider, api_key: str | None, limits: Limits, on_limit: OnLimit | None = None

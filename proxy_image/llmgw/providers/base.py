@@ -36,6 +36,8 @@ class ProviderClient(Protocol):
     its ``idle_timeout_s`` itself (:func:`timed_out` names the bound that ran out)."""
 
     provider: Provider
+    # Request fields outside the OpenAI API that the provider's own API has (never vendor extras to it).
+    native_fields: frozenset[str]
 
     async def complete(
         self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats

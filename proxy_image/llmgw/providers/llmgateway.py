@@ -39,6 +39,8 @@ log = logging.getLogger("llmgw.providers")
 
 
 class LLMGatewayClient:
+    native_fields: frozenset[str] = frozenset()
+
     def __init__(
         self, provider: Provider, api_key: str | None, limits: Limits, on_limit: OnLimit | None = None
     ) -> None:
