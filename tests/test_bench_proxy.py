@@ -43,6 +43,8 @@ def test_quick_run_prints_the_tables(tmp_path: pathlib.Path) -> None:
         "gRPC front, paced stream (20 tokens, 5 ms apart), whole stream, c=1, p50",
         "REST front, tool call, unary, c=1, p50",
         "gRPC front, tool call, streamed, first fragment, c=1, p50",
+        "Messages front, to an anthropic provider, unary, c=1, p50",
+        "Messages front, to an anthropic provider, streamed, TTFT, c=1, p50",
     ):
         assert row in out, f"missing row {row!r} in:\n{out}"
     assert "| comparison | candidate | result | relative to the first |" in out
@@ -59,6 +61,7 @@ def test_quick_run_prints_the_tables(tmp_path: pathlib.Path) -> None:
         "upstream (grpc fake)",
         "upstream (openai fake, paced)",
         "upstream (grpc fake, paced)",
+        "upstream (anthropic fake)",
     }
     for name, pid in data["child_pids"].items():
         try:
