@@ -84,7 +84,15 @@ def render_chat_template(
         raise ChatTemplateError(f"the chat template refused the conversation: {exc}") from exc
     except jinja2.exceptions.TemplateError as exc:
         raise ChatTemplateError(f"the chat template failed: {exc}") from exc
-    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError, RecursionError) as exc:
+    except (
+        TypeError,
+        ValueError,
+        KeyError,
+        AttributeError,
+        IndexError,
+        OverflowError,
+        RecursionError,
+    ) as exc:
         raise ChatTemplateError(f"the chat template failed: {type(exc).__name__}: {exc}") from exc
     if continue_final_message:
         rendered = _cut_after_final_message(rendered, prepared)
@@ -117,8 +125,8 @@ def _flatten_parts(parts: list[Any], position: int) -> str:
             texts.append(part)
             continue
         kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind in ("text", "input_text") and isinstance(part.get("text"), str):  # type: ignore[union-attr]
-            texts.append(part["text"])  # type: ignore[index]
+        if kind in ("text", "input_text") and isinstance(part.get("text"), str):
+            texts.append(part["text"])
         else:
             raise ChatTemplateError(
                 f"message {position} has a content part of type {kind!r}: this provider sends text to "
@@ -176,7 +184,9 @@ def _tojson(
 ) -> str:
     # transformers' filter, not Jinja's: Jinja's escapes <, >, & and ' for HTML, which would change the
     # prompt the model was trained on.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(format: str) -> str:
@@ -206,4 +216,6 @@ def _compile(template: str) -> jinja2.Template:
     try:
         return environment.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as exc:
-        raise ChatTemplateError(f"the chat template does not compile (line {exc.lineno}): {exc.message}") from exc
+        raise ChatTemplateError(
+            f"the chat template does not compile (line {exc.lineno}): {exc.message}"
+        ) from exc

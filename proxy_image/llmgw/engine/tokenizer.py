@@ -100,7 +100,9 @@ class EngineTokenizer:
         model has one, else the default (transformers' choice)."""
         if name is None:
             name = (
-                TOOL_USE_TEMPLATE if with_tools and TOOL_USE_TEMPLATE in self.chat_templates else DEFAULT_TEMPLATE
+                TOOL_USE_TEMPLATE
+                if with_tools and TOOL_USE_TEMPLATE in self.chat_templates
+                else DEFAULT_TEMPLATE
             )
         try:
             return self.chat_templates[name]
@@ -174,7 +176,9 @@ def read_tokenizer_archive(
                             )
                         parts.append(chunk)
             except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as exc:
-                raise TokenizerError(f"the tokenizer archive's entry {entry.filename!r} is unreadable: {exc}") from exc
+                raise TokenizerError(
+                    f"the tokenizer archive's entry {entry.filename!r} is unreadable: {exc}"
+                ) from exc
             files[base] = b"".join(parts)
     return files
 

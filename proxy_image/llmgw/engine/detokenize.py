@@ -1,0 +1,254 @@
+"""From the engine's token ids to text that may be sent now: incremental decoding, then stop conditions.
+
+**Decoding one token at a time** (:class:`IncrementalDetokenizer`) cannot decode each token alone: a
+byte-level token may hold half a UTF-8 character (it decodes to U+FFFD until the next token completes
+it), and a SentencePiece decoder drops the leading space of the first token it is given, so " world"
+alone decodes as "world". It uses the method of vLLM and text-generation-inference: decode a short window
+of the latest tokens twice, up to the last point already sent (``read``) and up to the newest token, and
+send the difference. The window starts a few tokens back (``prefix``), so the decoder sees each token in
+context and writes its spaces as the whole text would. Text that ends in U+FFFD is held (the character
+is not finished); the window moves on once the text is clean, so each token costs a decode of a few
+tokens, not of the whole text.
+
+**Stop conditions** (:class:`StopChecker`) run on the decoded text: a stop string may span tokens, so
+text that could be the start of one is held back, never sent and then retracted; on a match the text is
+cut before it (or after it with ``include_stop_str_in_output``). Stop token ids and the end-of-sequence
+ids end the choice too (unless ``ignore_eos``). :class:`ChoiceDecoder` is both, for one choice: fed token
+ids, it returns the text to send and, at the end, why the choice finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Iterable, Sequence
+from typing import Literal
+
+from llmgw.engine.tokenizer import EngineTokenizer
+
+REPLACEMENT = "\ufffd"
+CONTEXT_TOKENS = 5  # tokens of context before the read point: enough for every tokenizer's space rules
+# A window that grows past this without clean text (a model writing invalid bytes on and on) is sent as
+# it is, replacement characters included, to keep each step's decode short.
+MAX_WINDOW_TOKENS = 64
+
+
+class IncrementalDetokenizer:
+    """Text deltas of a stream of token ids whose concatenation is the decode of all of them.
+
+    ``skip_special_tokens`` drops special tokens (``<|im_end|>``) from the text; with
+    ``spaces_between_special_tokens``, special tokens that are kept are set apart from their neighbours by
+    one space, as transformers' slow tokenizers do (fast tokenizers, and vLLM with them, do not: hence
+    the default). ``context_ids`` are ids decoded before these (the prompt's last tokens), for a decoder
+    whose first space depends on what precedes.
+    """
+
+    def __init__(
+        self,
+        tokenizer: EngineTokenizer,
+        *,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = False,
+        context_ids: Sequence[int] = (),
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        self._spaced = spaces_between_special_tokens and not skip_special_tokens
+        self._window: list[int] = list(context_ids[-CONTEXT_TOKENS:])
+        self._read = len(self._window)  # window[:read] is decoded text already sent (or context)
+        self._read_text = self._decode(self._window)
+        self._sent_past_read = 0  # characters sent beyond read_text, while the window is not clean
+
+    def feed(self, token_id: int) -> str:
+        """The text that ``token_id`` makes final (often "", while a character or space is pending)."""
+        if self._skip_special and token_id in self._tokenizer.special_token_ids:
+            return ""  # left out of the window too, as a decode of the whole leaves it out
+        self._window.append(token_id)
+        text = self._decode(self._window)
+        sent = len(self._read_text) + self._sent_past_read
+        clean = not text.endswith(REPLACEMENT)
+        if not clean and len(self._window) < MAX_WINDOW_TOKENS:
+            # Send what precedes the unfinished character: it cannot change any more.
+            stable = text.rstrip(REPLACEMENT)
+            delta = stable[sent:]
+            self._sent_past_read += len(delta)
+            return delta
+        if len(text) <= len(self._read_text) and len(self._window) < MAX_WINDOW_TOKENS:
+            return ""  # nothing new yet (a skipped special token, a lone SentencePiece space)
+        delta = text[sent:]
+        # The text is clean up to the newest token: the window moves on to start at the old read point.
+        self._window = self._window[self._read :][-MAX_WINDOW_TOKENS // 2 :]
+        self._read = len(self._window)
+        self._read_text = self._decode(self._window)
+        self._sent_past_read = 0
+        return delta
+
+    def flush(self) -> str:
+        """Text still held when the stream ends (an unfinished character decodes as U+FFFD, as in a
+        decode of the whole)."""
+        text = self._decode(self._window)
+        delta = text[len(self._read_text) + self._sent_past_read :]
+        self._sent_past_read += len(delta)
+        return delta
+
+    def _decode(self, ids: list[int]) -> str:
+        if not self._spaced or not any(i in self._tokenizer.special_token_ids for i in ids):
+            return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
+        pieces: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            if i in self._tokenizer.special_token_ids:
+                if run:
+                    pieces.append(self._tokenizer.decode(run))
+                    run = []
+                pieces.append(self._tokenizer.decode([i]))
+            else:
+                run.append(i)
+        if run:
+            pieces.append(self._tokenizer.decode(run))
+        return " ".join(pieces)
+
+
+@dataclasses.dataclass(frozen=True)
+class Finish:
+    """Why a choice ended: ``"stop"`` (a stop string, a stop token, end of sequence) or ``"length"``.
+
+    ``stop`` is the stop string or token id that matched (vLLM's ``stop_reason``), None for the model's
+    own end of sequence and for ``"length"``.
+    """
+
+    reason: Literal["stop", "length"]
+    stop: str | int | None = None
+
+
+class StopChecker:
+    """Holds back text that may begin a stop string, and cuts the text at the first one that matches.
+
+    Only the held text is searched: text already sent cannot start a match, because any text that could
+    is held until it cannot. The held text is shorter than the longest stop string plus one delta.
+    """
+
+    def __init__(self, stop: Sequence[str], *, include_stop_str_in_output: bool = False) -> None:
+        self._stop = [s for s in dict.fromkeys(stop) if s]
+        self._include = include_stop_str_in_output
+        self._held = ""
+        self.matched: str | None = None
+
+    def feed(self, text: str) -> str:
+        """The part of the text so far that may be sent now; after a match, nothing more."""
+        if self.matched is not None:
+            return ""
+        if not self._stop:
+            return text
+        held = self._held + text
+        first: tuple[int, str] | None = None
+        for stop in self._stop:
+            at = held.find(stop)
+            if at >= 0 and (first is None or at < first[0]):
+                first = (at, stop)
+        if first is not None:
+            at, stop = first
+            self.matched = stop
+            self._held = ""
+            return held[: at + len(stop)] if self._include else held[:at]
+        keep = self._partial_suffix(held)
+        self._held = held[len(held) - keep :] if keep else ""
+        return held[: len(held) - keep]
+
+    def flush(self) -> str:
+        """The held text, when the text ends without a match."""
+        held, self._held = self._held, ""
+        return "" if self.matched is not None else held
+
+    def _partial_suffix(self, text: str) -> int:
+        """Length of the longest end of ``text`` that is the beginning of a stop string."""
+        longest = 0
+        for stop in self._stop:
+            for length in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """What one call of :meth:`ChoiceDecoder.feed` gives: text to send now, and the finish if it ended."""
+
+    text: str
+    finish: Finish | None = None
+
+
+class ChoiceDecoder:
+    """One choice of a completion: the engine's token ids in, text to send and its finish out.
+
+    ``stop``: stop strings; ``stop_token_ids``: ids that end the choice (their text is not sent, unless
+    ``include_stop_str_in_output``); the tokenizer's end-of-sequence ids end it too unless ``ignore_eos``
+    (their text is never sent); ``max_tokens`` ends it with ``"length"``. Tokens fed after the end are
+    ignored. When the engine ends the stream itself, :meth:`flush` gives the text still held.
+    """
+
+    def __init__(
+        self,
+        tokenizer: EngineTokenizer,
+        *,
+        stop: Sequence[str] = (),
+        stop_token_ids: Collection[int] = (),
+        ignore_eos: bool = False,
+        include_stop_str_in_output: bool = False,
+        max_tokens: int | None = None,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = False,
+        context_ids: Sequence[int] = (),
+    ) -> None:
+        self._detokenizer = IncrementalDetokenizer(
+            tokenizer,
+            skip_special_tokens=skip_special_tokens,
+            spaces_between_special_tokens=spaces_between_special_tokens,
+            context_ids=context_ids,
+        )
+        self._stops = StopChecker(stop, include_stop_str_in_output=include_stop_str_in_output)
+        self._stop_ids = frozenset(stop_token_ids)
+        self._eos_ids = frozenset() if ignore_eos else tokenizer.eos_token_ids
+        self._include_stop = include_stop_str_in_output
+        self._max_tokens = max_tokens
+        self.tokens = 0  # ids taken, the completion's token count
+        self.finish: Finish | None = None
+
+    def feed(self, token_ids: Iterable[int]) -> Step:
+        """Take the next ids (one engine message's worth); the text they make final, and the finish."""
+        if self.finish is not None:
+            return Step("", self.finish)
+        pieces: list[str] = []
+        for token_id in token_ids:
+            self.tokens += 1
+            ends = token_id in self._eos_ids or token_id in self._stop_ids
+            if not ends or (self._include_stop and token_id in self._stop_ids):
+                pieces.append(self._stops.feed(self._detokenizer.feed(token_id)))
+            if self._stops.matched is not None:
+                self.finish = Finish("stop", self._stops.matched)
+            elif ends:
+                pieces.append(self._flush())
+                stop = None if token_id in self._eos_ids else token_id
+                self.finish = Finish("stop", self._stops.matched or stop)
+            elif self._max_tokens is not None and self.tokens >= self._max_tokens:
+                pieces.append(self._flush())
+                self.finish = Finish("stop", self._stops.matched) if self._stops.matched else Finish("length")
+            if self.finish is not None:
+                break
+        return Step("".join(pieces), self.finish)
+
+    def flush(self) -> str:
+        """The text still held, when the engine ended the stream (its own finish, a length limit); a stop
+        string found in it sets :attr:`finish`."""
+        if self.finish is not None:
+            return ""
+        text = self._flush()
+        if self._stops.matched is not None:
+            self.finish = Finish("stop", self._stops.matched)
+        return text
+
+    def _flush(self) -> str:
+        text = self._stops.feed(self._detokenizer.flush())
+        if self._stops.matched is not None:
+            return text
+        return text + self._stops.flush()
