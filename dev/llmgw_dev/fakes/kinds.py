@@ -15,5 +15,8 @@ APIS: Final[Mapping[str, str]] = {
     "openai": "llmgw_dev.fakes.openai:OpenAI",
     "anthropic": "llmgw_dev.fakes.anthropic:Anthropic",
     "grpc": "llmgw_dev.fakes.llmservice:LLMService",
+    "vllm": "llmgw_dev.fakes.engine:Vllm",
+    "sglang": "llmgw_dev.fakes.engine:Sglang",
+    "vllm-http": "llmgw_dev.fakes.vllm_http:VllmHttp",
 }
 KINDS: Final = tuple(APIS)
