@@ -788,3 +788,41 @@ def test_a_reply_with_server_tool_blocks_and_citations_is_kept_whole() -> None:
     assert message["content"] == "I'll search.Claude Shannon was born on April 30, 1916."
     again = to_anthropic({"model": "m", "messages": [{"role": "user", "content": "when?"}, message]})
     assert again["messages"][1]["content"] == reply["content"]
+
+
+async def test_anthropic_beta_reaches_the_anthropic_provider(fakes: Fakes, start_proxy: Any) -> None:
+    """The client's betas go on to an Anthropic provider (beside the provider's own); other providers never
+    see the header; a malformed one is a clear 400."""
+    config = proxy_config(fakes)
+    config["providers"][1]["headers"] = {"anthropic-beta": "prompt-caching-2024-07-31"}
+    server = await start_proxy(config)
+    client = anthropic_sdk(server)
+    betas = ["interleaved-thinking-2025-05-14", "context-1m-2025-08-07"]
+    user = [{"role": "user", "content": "hi"}]
+    await client.beta.messages.create(model="demo-claude", max_tokens=5, messages=user, betas=betas)  # type: ignore[arg-type]
+    assert fakes.anthropic.received_betas[-1] == [",".join(betas), "prompt-caching-2024-07-31"]
+    async with client.beta.messages.stream(
+        model="demo-claude",
+        max_tokens=5,
+        messages=user,
+        betas=betas,  # type: ignore[arg-type]
+    ) as stream:
+        async for _ in stream:
+            pass
+    assert fakes.anthropic.received_betas[-1] == [",".join(betas), "prompt-caching-2024-07-31"]
+    await client.beta.messages.count_tokens(model="demo-claude", messages=user, betas=betas)  # type: ignore[arg-type]
+    sent, configured = fakes.anthropic.received_betas[-1]  # the SDK adds token-counting's own beta
+    assert set(betas) <= set(sent.split(",")) and configured == "prompt-caching-2024-07-31"
+    # Without betas: only the provider's own.
+    await client.messages.create(model="demo-claude", max_tokens=5, messages=user)  # type: ignore[arg-type]
+    assert fakes.anthropic.received_betas[-1] == ["prompt-caching-2024-07-31"]
+    # To an OpenAI-compatible provider the header is not sent (the body's fields are translated).
+    await client.beta.messages.create(model="rest-only", max_tokens=5, messages=user, betas=betas)  # type: ignore[arg-type]
+    assert "anthropic_beta" not in fakes.openai.received[-1]
+    with pytest.raises(anthropic.BadRequestError, match="anthropic-beta: 'a b' is not a beta name"):
+        await client.messages.create(
+            model="demo-claude",
+            max_tokens=5,
+            messages=user,
+            extra_headers={"anthropic-beta": "a b"},  # type: ignore[arg-type]
+        )

@@ -361,6 +361,7 @@ class Anthropic(HttpApi):
                 return _error(401, "invalid x-api-key")
         if not request.headers.get("anthropic-version"):
             return _error(400, "anthropic-version: header is required")
+        self.fake.received_betas.append(request.headers.getall("anthropic-beta", []))
         return None
 
     def _parse(self, raw: bytes) -> Chat:

@@ -381,6 +381,8 @@ class FakeProvider:
         self.inflight = 0
         # The latest chat requests received, as JSON (the gRPC kind: converted by the gateway's codec).
         self.received: collections.deque[Any] = collections.deque(maxlen=_RECEIVED_KEPT)
+        # The anthropic-beta header of each request of the anthropic kind, as the list of its values.
+        self.received_betas: collections.deque[list[str]] = collections.deque(maxlen=_RECEIVED_KEPT)
         self.reset_stats()
         self._replies: dict[tuple[str, int | None, tuple[str, ...]], Reply] = {}
         self._control: web.AppRunner | None = None

@@ -194,7 +194,7 @@ class StreamOptions(_message.Message):
     def __init__(self, include_usage: _Optional[bool] = ..., extra_json: _Optional[str] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
-    __slots__ = ("model", "messages", "temperature", "top_p", "max_tokens", "stop", "user", "metadata", "tools", "tool_choice", "parallel_tool_calls", "response_format", "n", "seed", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "max_completion_tokens", "reasoning_effort", "stream_options", "service_tier", "store", "prediction_json", "modalities", "extra_json", "chunk_layout")
+    __slots__ = ("model", "messages", "temperature", "top_p", "max_tokens", "stop", "user", "metadata", "tools", "tool_choice", "parallel_tool_calls", "response_format", "n", "seed", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "max_completion_tokens", "reasoning_effort", "stream_options", "service_tier", "store", "prediction_json", "modalities", "extra_json", "chunk_layout", "anthropic_beta")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +237,7 @@ class ChatRequest(_message.Message):
     MODALITIES_FIELD_NUMBER: _ClassVar[int]
     EXTRA_JSON_FIELD_NUMBER: _ClassVar[int]
     CHUNK_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    ANTHROPIC_BETA_FIELD_NUMBER: _ClassVar[int]
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     temperature: float
@@ -265,7 +266,8 @@ class ChatRequest(_message.Message):
     modalities: _containers.RepeatedScalarFieldContainer[str]
     extra_json: str
     chunk_layout: ChunkLayout
-    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., user: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., n: _Optional[int] = ..., seed: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[str, float]] = ..., max_completion_tokens: _Optional[int] = ..., reasoning_effort: _Optional[str] = ..., stream_options: _Optional[_Union[StreamOptions, _Mapping]] = ..., service_tier: _Optional[str] = ..., store: _Optional[bool] = ..., prediction_json: _Optional[str] = ..., modalities: _Optional[_Iterable[str]] = ..., extra_json: _Optional[str] = ..., chunk_layout: _Optional[_Union[ChunkLayout, str]] = ...) -> None: ...
+    anthropic_beta: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., user: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., response_format: _Optional[_Union[ResponseFormat, _Mapping]] = ..., n: _Optional[int] = ..., seed: _Optional[int] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., logit_bias: _Optional[_Mapping[str, float]] = ..., max_completion_tokens: _Optional[int] = ..., reasoning_effort: _Optional[str] = ..., stream_options: _Optional[_Union[StreamOptions, _Mapping]] = ..., service_tier: _Optional[str] = ..., store: _Optional[bool] = ..., prediction_json: _Optional[str] = ..., modalities: _Optional[_Iterable[str]] = ..., extra_json: _Optional[str] = ..., chunk_layout: _Optional[_Union[ChunkLayout, str]] = ..., anthropic_beta: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PromptTokensDetails(_message.Message):
     __slots__ = ("cached_tokens", "audio_tokens", "extra_json")

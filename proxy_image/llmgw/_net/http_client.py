@@ -514,17 +514,22 @@ class HTTPClient:
         path: str | None = None,
         first_byte_timeout: float | None = None,
         idle_timeout: float | None = None,
+        extra_headers: bytes = b"",
     ) -> Response:
         """Send ``body`` (to the client's URL, or to ``path`` on its origin, e.g. ``/v1/embeddings``); returns once the
         response's status and headers are in. The caller reads the body (``read``, ``chunks``, ``lines``) or
         calls ``close``; either way within ``timeout`` of this call. ``first_byte_timeout`` bounds the wait
         for the response's head (:class:`FirstByteTimeout`), ``idle_timeout`` each wait of the reader for
-        more of the body (:class:`IdleTimeout`)."""
+        more of the body (:class:`IdleTimeout`). ``extra_headers``: header lines of this request alone
+        (``b"Name: value\r\n"`` each, checked by the caller)."""
         if self._closed:
             raise ConnectionLost("the client is closed")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         head = self._head if path is None else self._head_for(path)
+        if extra_headers:
+            line_end = head.index(b"\r\n") + 2
+            head = head[:line_end] + extra_headers + head[line_end:]
         data = head + b"%d\r\n\r\n" % len(body) + body
         for attempt in (1, 2):
             await self._acquire(deadline)

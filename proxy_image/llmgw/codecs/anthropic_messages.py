@@ -23,6 +23,7 @@ the cache's read and written tokens, ``cached_tokens`` its ``cache_read_input_to
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Any
@@ -801,6 +802,26 @@ def _effort(thinking: dict[str, Any]) -> str | None:
         if budget <= tokens:
             return name
     return "high"
+
+
+_BETA = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_BETAS = 32
+
+
+def betas(header: str | None) -> list[str]:
+    """The beta names of an ``anthropic-beta`` header (comma-separated), checked: at most 32 names, each of
+    letters, digits, ``.``, ``_`` and ``-`` (128 characters at most), so that they go on unchanged."""
+    if not header:
+        return []
+    names = [name.strip() for name in header.split(",") if name.strip()]
+    if len(names) > MAX_BETAS:
+        raise _invalid(f"anthropic-beta: at most {MAX_BETAS} betas, got {len(names)}")
+    for name in names:
+        if not _BETA.fullmatch(name):
+            raise _invalid(
+                f"anthropic-beta: {clip(name)} is not a beta name (letters, digits, '.', '_', '-')"
+            )
+    return names
 
 
 def request_from_json(body: Any, *, native: bool) -> tuple[pb.ChatRequest, bool]:

@@ -548,6 +548,7 @@ _REQUEST_EMIT: dict[str, tuple[str, Callable[[Any], Any]] | None] = {
     "model": None,  # set by request_to_json
     "extra_json": None,
     "chunk_layout": None,
+    "anthropic_beta": None,  # sent by Anthropic providers as a header
     "messages": ("messages", lambda v: [message_to_json(m) for m in v]),
     "temperature": ("temperature", _emit_float32),
     "top_p": ("top_p", _emit_float32),

@@ -1,7 +1,8 @@
 """Anthropic's Messages API on the REST port, so the official ``anthropic`` SDKs work unchanged.
 
 ``POST /v1/messages`` takes a Messages API request (``x-api-key`` or ``Authorization: Bearer`` carries the
-client key, checked like the OpenAI front's; ``anthropic-version`` is accepted and not required) and routes
+client key, checked like the OpenAI front's; ``anthropic-version`` is accepted and not required;
+``anthropic-beta`` goes on to an Anthropic provider as it came, beside any the provider's headers set) and routes
 it by model like chat: the request becomes a hub ``ChatRequest`` (:mod:`llmgw.codecs.anthropic_messages`).
 When the model is served by an Anthropic provider, what only Anthropic understands (``thinking``, ``top_k``,
 ``cache_control``, server tools, documents) is kept as it is and reaches the provider unchanged; otherwise it
@@ -105,7 +106,9 @@ class AnthropicFront:
         body = self._body(request)
         model = body.get("model") if isinstance(body, dict) else None
         try:
-            return am.request_from_json(body, native=self._anthropic_client(model) is not None)
+            req, stream = am.request_from_json(body, native=self._anthropic_client(model) is not None)
+            req.anthropic_beta.extend(am.betas(request.headers.get("anthropic-beta")))
+            return req, stream
         except GatewayError:
             self.gateway.metrics.rejected.labels("rest", "invalid").inc()
             raise
@@ -162,7 +165,8 @@ class AnthropicFront:
                     "counts tokens",
                 )
             body["model"] = route.upstream_model or model
-            data = await client.count_tokens(body, client.provider.timeout_s, CallStats())
+            betas = am.betas(request.headers.get("anthropic-beta"))
+            data = await client.count_tokens(body, client.provider.timeout_s, CallStats(), betas)
         except GatewayError as exc:
             send_error(respond, exc)
             return

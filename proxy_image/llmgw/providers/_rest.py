@@ -122,7 +122,12 @@ class RestClient:
         )
 
     async def post(
-        self, body: dict[str, Any] | bytes, timeout: float, stats: CallStats, path: str | None = None
+        self,
+        body: dict[str, Any] | bytes,
+        timeout: float,
+        stats: CallStats,
+        path: str | None = None,
+        extra_headers: bytes = b"",
     ) -> http_client.Response:
         """Send the request (to ``path`` below the base URL, else to the type's own path); returns a
         response with status 200, else raises GatewayError.
@@ -140,6 +145,7 @@ class RestClient:
                 path=None if path is None else self._base_path + path,
                 first_byte_timeout=provider.timeout_s,
                 idle_timeout=provider.idle_timeout_s,
+                extra_headers=extra_headers,
             )
         except _TRANSPORT_ERRORS as exc:
             raise self.unreachable(exc) from None

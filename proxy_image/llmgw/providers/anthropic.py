@@ -4,7 +4,7 @@ including its streaming events, which become chunks in OpenAI's layout."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import orjson
@@ -53,15 +53,24 @@ class AnthropicClient(RestClient):
             provider=self.provider.name,
         )
 
-    async def count_tokens(self, body: dict[str, Any], timeout: float, stats: CallStats) -> bytes:
+    async def count_tokens(
+        self, body: dict[str, Any], timeout: float, stats: CallStats, betas: Sequence[str] = ()
+    ) -> bytes:
         """``POST /v1/messages/count_tokens`` with ``body`` as it is: the answer's JSON, else GatewayError."""
-        resp = await self.post(body, timeout, stats, path="/v1/messages/count_tokens")
+        resp = await self.post(
+            body, timeout, stats, path="/v1/messages/count_tokens", extra_headers=_beta_header(betas)
+        )
         return orjson.dumps(await self.read_json(resp, stats))
 
     async def complete(
         self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats
     ) -> pb.ChatResponse:
-        resp = await self.post(self.request_body(req, model, False), timeout, stats)
+        resp = await self.post(
+            self.request_body(req, model, False),
+            timeout,
+            stats,
+            extra_headers=_beta_header(req.anthropic_beta),
+        )
         body = await self.read_json(resp, stats)
         try:
             return anthropic_messages.response_from_json(
@@ -78,7 +87,12 @@ class AnthropicClient(RestClient):
     async def stream(
         self, req: pb.ChatRequest, model: str, timeout: float, stats: CallStats
     ) -> AsyncGenerator[pb.ChatChunk, None]:
-        resp = await self.post(self.request_body(req, model, True), timeout, stats)
+        resp = await self.post(
+            self.request_body(req, model, True),
+            timeout,
+            stats,
+            extra_headers=_beta_header(req.anthropic_beta),
+        )
         try:
             async for chunk in anthropic_messages.read_stream(
                 self.sse_events(resp, stats),
@@ -89,3 +103,8 @@ class AnthropicClient(RestClient):
                 yield chunk
         except _MALFORMED as exc:
             raise malformed_response(self.provider, exc) from None
+
+
+def _beta_header(betas: Sequence[str]) -> bytes:
+    """The anthropic-beta header line of a request's betas (checked tokens: see anthropic_messages.betas)."""
+    return b"anthropic-beta: %s\r\n" % ",".join(betas).encode("ascii") if betas else b""
