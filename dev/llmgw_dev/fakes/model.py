@@ -25,8 +25,8 @@ ends with the empty ``<think>\\n\\n</think>\\n\\n`` block.
   words), then ``<|im_end|>`` (the EOS, in the output ids);
 - **tool call trigger**: the system prompt declares tools (``<tools>``) and the last user message contains a
   declared tool's name: the answer is ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``,
-  the arguments made from the tool's JSON schema (a string is the message's last capitalized word after
-  the first, else its last word);
+  the arguments made from the tool's JSON schema (a string is the message's last capitalized word not
+  opening a sentence, else its last word);
 - **thinking trigger**: the prompt ends inside an open ``<think>`` (``enable_thinking``, or a raw prompt
   ending so): the output starts with a short reasoning, then ``\\n</think>\\n\\n`` and the answer;
 - choices: with temperature 0 every choice is the same; otherwise choice 0 without a seed is the plain
@@ -404,9 +404,15 @@ class FakeModel:
     def answer(self, prompt: Prompt, variant: tuple[int, int] | None = None) -> str:
         """The text the model means to write (before any stop), for one choice."""
         if prompt.tool is not None:
-            words = [w.strip(".,;:!?\"'()[]{}") for w in prompt.subject.split()]
-            words = [w for w in words if w and w != prompt.tool["name"]]
-            names = [w for w in words[1:] if w[:1].isupper()]  # a name in the message, else its last word
+            words, names = [], []  # the message's words; its capitalized words not opening a sentence
+            opening = True
+            for raw in prompt.subject.split():
+                word = raw.strip(".,;:!?\"'()[]{}")
+                if word and word != prompt.tool["name"]:
+                    words.append(word)
+                    if word[:1].isupper() and not opening:
+                        names.append(word)
+                opening = raw.endswith((".", "?", "!"))
             value = names[-1] if names else words[-1] if words else "demo"
             arguments = example(prompt.tool.get("parameters") or {}, value)
             if not isinstance(arguments, dict):
