@@ -8,7 +8,9 @@ of the latest tokens twice, up to the last point already sent (``read``) and up 
 send the difference. The window starts a few tokens back (``prefix``), so the decoder sees each token in
 context and writes its spaces as the whole text would. Text that ends in U+FFFD is held (the character
 is not finished); the window moves on once the text is clean, so each token costs a decode of a few
-tokens, not of the whole text.
+tokens, not of the whole text. One difference remains, as in vLLM: a SentencePiece byte-fallback decoder
+turns every byte of a run of byte tokens into U+FFFD when the run is not valid UTF-8, so when a model
+writes invalid bytes after a valid character spelled in bytes, that character was sent already.
 
 **Stop conditions** (:class:`StopChecker`) run on the decoded text: a stop string may span tokens, so
 text that could be the start of one is held back, never sent and then retracted; on a match the text is

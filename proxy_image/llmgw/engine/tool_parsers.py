@@ -591,6 +591,7 @@ class MistralToolParser(ToolParser):
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self._state = "content"
+        self._opening = ""
         self._first_element = True
 
     def _step(self, *, final: bool) -> None:
@@ -601,21 +602,20 @@ class MistralToolParser(ToolParser):
                 self._state = "after_tag"
             elif self._state == "after_tag":
                 rest = self._buffer.lstrip()
-                if not rest:
-                    if final:
-                        self._content(self.calls_tag + self._buffer)
-                        self._buffer = ""
+                if not rest and not final:
                     return
-                if rest[0] == "[":
+                # What the marker opened, given back with a call that turns out broken.
+                self._opening = self.calls_tag + self._buffer[: len(self._buffer) - len(rest)]
+                if rest.startswith("["):
                     self._buffer = rest[1:]
+                    self._opening += "["
                     self._first_element = True
                     self._state = "array"
-                elif rest[0] == "{":
+                elif rest.startswith("{"):
                     self._buffer = rest
-                    self._begin_call(self.calls_tag)
+                    self._begin_call(self._opening)
                     self._state = "single"
                 else:
-                    self._buffer = rest
                     self._state = "name"
             elif self._state == "array":  # before an element, or the end of the array
                 rest = self._buffer.lstrip()
@@ -623,14 +623,14 @@ class MistralToolParser(ToolParser):
                     return
                 self._buffer = rest
                 if rest.startswith("{"):
-                    self._begin_call(self.calls_tag + "[" if self._first_element else "")
+                    self._begin_call(self._opening if self._first_element else "")
                     self._first_element = False
                     self._state = "element"
                 else:
                     if rest.startswith("]"):
                         self._buffer = rest[1:]
                     elif self._first_element:
-                        self._content(self.calls_tag + "[")
+                        self._content(self._opening)
                     self._state = "content"
             elif self._state in ("element", "single", "arguments"):
                 outcome = self._continue_call(final=final)
