@@ -826,3 +826,25 @@ async def test_anthropic_beta_reaches_the_anthropic_provider(fakes: Fakes, start
             messages=user,
             extra_headers={"anthropic-beta": "a b"},  # type: ignore[arg-type]
         )
+
+
+async def test_paths_of_the_messages_api_not_served_answer_in_anthropics_shape(
+    fakes: Fakes, start_proxy: Any
+) -> None:
+    server = await start_proxy(proxy_config(fakes))
+    client = anthropic_sdk(server)
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        await client.messages.batches.list()
+    error = missing.value.body["error"]  # type: ignore[index]
+    assert error["type"] == "not_found_error" and "no route for GET /v1/messages/batches" in error["message"]
+    base = f"http://127.0.0.1:{server.rest_port}"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/v1/messages") as resp:
+            body = await resp.json()
+            assert resp.status == 405 and resp.headers["Allow"] == "POST"
+            assert body == {
+                "type": "error",
+                "error": {"type": "invalid_request_error", "message": "/v1/messages accepts POST, not GET"},
+            }
+        async with session.get(f"{base}/v1/nothing") as resp:  # elsewhere: OpenAI's shape
+            assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"

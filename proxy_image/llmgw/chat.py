@@ -40,7 +40,9 @@ FINISH_NAME: dict[pb.FinishReason, str] = {
     pb.FINISH_REASON_TOOL_CALLS: "tool_calls",
 }
 
-MAX_STOP_SEQUENCES = 4
+# OpenAI takes 4 stop sequences, Anthropic and vLLM more: the gateway's bound only keeps a request's stop
+# matching cheap, and each provider applies its own (an OpenAI upstream answers a fifth with its 400).
+MAX_STOP_SEQUENCES = 64
 MAX_ECHO_CHARS = 256  # how much of a client's value an error message repeats
 
 

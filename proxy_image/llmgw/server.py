@@ -56,6 +56,7 @@ class ProxyServer:
             RestRouter(
                 OpenAIFront(self.gateway, self.config.limits.max_request_bytes).routes(),
                 AnthropicFront(self.gateway, self.config.limits.max_request_bytes).routes(),
+                error_shapes=AnthropicFront.error_shapes,
             ).handle,
             self.config.limits.rest_server,
             lambda limit: self._limit_hit(f"restServer.{limit}"),  # distinct from the gRPC front's keys

@@ -18,6 +18,8 @@ another provider type gets a 400 that says so.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import orjson
 
 from llmgateway.v1 import llm_service_pb2 as pb
@@ -25,7 +27,7 @@ from llmgw._net.http_server import Request, Responder
 from llmgw.chat import clip
 from llmgw.codecs import anthropic_messages as am
 from llmgw.errors import GatewayError, Kind
-from llmgw.fronts.rest import JSON_HEADERS, Routes
+from llmgw.fronts.rest import JSON_HEADERS, NotServed, Routes
 from llmgw.gateway import Gateway
 from llmgw.providers.anthropic import AnthropicClient
 from llmgw.providers.base import CallStats
@@ -56,12 +58,20 @@ def send_error(respond: Responder, exc: GatewayError) -> None:
     respond.send(status, orjson.dumps(am.error_json(error_type, exc.message)), headers)
 
 
+def not_served(respond: Responder, status: int, message: str, headers: Mapping[str, str]) -> None:
+    """A 404 or 405 below ``/v1/messages``, in Anthropic's error shape."""
+    error_type = "not_found_error" if status == 404 else "invalid_request_error"
+    respond.send(status, orjson.dumps(am.error_json(error_type, message)), {**JSON_HEADERS, **headers})
+
+
 class AnthropicFront:
     """``POST /v1/messages`` and ``POST /v1/messages/count_tokens``."""
 
     def __init__(self, gateway: Gateway, max_request_bytes: int) -> None:
         self.gateway = gateway
         self.max_request_bytes = max_request_bytes
+
+    error_shapes: Mapping[str, NotServed] = {"/v1/messages": not_served}
 
     def routes(self) -> Routes:
         return {

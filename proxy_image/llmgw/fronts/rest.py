@@ -20,6 +20,9 @@ from llmgw.errors import GatewayError, Kind
 
 Handler = Callable[[Request, Responder], Awaitable[None]]
 Routes = Mapping[str, tuple[str, Handler]]  # path -> (method, handler)
+# How a front answers a path or a method it does not serve, in its API's error shape:
+# (respond, HTTP status 404 or 405, message, extra headers).
+NotServed = Callable[[Responder, int, str, Mapping[str, str]], None]
 
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -38,10 +41,22 @@ def send_error(respond: Responder, exc: GatewayError) -> None:
     respond.send(exc.kind.http_status, orjson.dumps(error_json(exc)), headers)
 
 
-class RestRouter:
-    """Dispatches each request to the handler of its path and method."""
+def not_served(respond: Responder, status: int, message: str, headers: Mapping[str, str]) -> None:
+    """A 404 or 405 in OpenAI's error shape."""
+    if status == 404:
+        body = error_json(GatewayError(Kind.NOT_FOUND, message))
+    else:
+        body = openai_chat.error_body(message, "invalid_request_error", code="method_not_allowed")
+    respond.send(status, orjson.dumps(body), {**JSON_HEADERS, **headers})
 
-    def __init__(self, *fronts: Routes) -> None:
+
+class RestRouter:
+    """Dispatches each request to the handler of its path and method. ``error_shapes`` maps a path prefix
+    to how paths below it answer a 404 or 405 (the OpenAI shape elsewhere): an Anthropic SDK that asks for
+    a path of the Messages API the gateway does not serve gets an error it can read."""
+
+    def __init__(self, *fronts: Routes, error_shapes: Mapping[str, NotServed] | None = None) -> None:
+        self.error_shapes = dict(error_shapes or {})
         self.routes: dict[str, tuple[str, Handler]] = {}
         self.prefixed: list[tuple[str, tuple[str, Handler]]] = []  # (prefix, route) of "/v1/models/{id}"
         for routes in fronts:
@@ -59,16 +74,17 @@ class RestRouter:
                 if request.path.startswith(prefix) and len(request.path) > len(prefix):
                     route = candidate
                     break
+        if route is not None and request.method == route[0]:
+            await route[1](request, respond)
+            return
+        shape = next(
+            (shape for prefix, shape in self.error_shapes.items() if request.path.startswith(prefix)),
+            not_served,
+        )
         if route is None:
             known = ", ".join(f"{m} {p}" for p, (m, _) in self.routes.items())
             asked = clip_text(f"{request.method} {request.path}")
-            message = f"no route for {asked} (this gateway serves {known})"
-            send_error(respond, GatewayError(Kind.NOT_FOUND, message))
-        elif request.method != route[0]:
-            message = f"{request.path} accepts {route[0]}, not {request.method}"
-            body = orjson.dumps(
-                openai_chat.error_body(message, "invalid_request_error", code="method_not_allowed")
-            )
-            respond.send(405, body, {**JSON_HEADERS, "Allow": route[0]})
+            shape(respond, 404, f"no route for {asked} (this gateway serves {known})", {})
         else:
-            await route[1](request, respond)
+            message = f"{clip_text(request.path)} accepts {route[0]}, not {clip_text(request.method)}"
+            shape(respond, 405, message, {"Allow": route[0]})
