@@ -572,6 +572,11 @@ async def cross_check(backend: str, kind: str) -> None:
                     continue  # SGLang's protocol carries no seed
                 through = await answer(router, stream, **request)
                 expected = await answer(direct, stream, **request)
+                if backend == "sglang" and "stop" in request:
+                    # SMG does not pass stop strings to SGLang: it cuts the text itself while the engine
+                    # generates on, so only the usage differs.
+                    assert through["usage"][1] > expected["usage"][1]
+                    through["usage"] = expected["usage"]
                 assert through == expected, (backend, stream, request)
         tool = await answer(router, False, **REQUESTS[1])
         assert tool["choices"][0]["tools"] == [("get_weather", {"city": "Paris", "unit": "celsius"})]
