@@ -36,6 +36,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import importlib
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -43,17 +44,18 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Final
 
 import grpc
-from google.protobuf import struct_pb2, timestamp_pb2
-from smg_grpc_proto.generated import common_pb2
-from smg_grpc_proto.generated import sglang_scheduler_pb2 as sgl
-from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as sgl_grpc
-from smg_grpc_proto.generated import vllm_engine_pb2 as vpb
-from smg_grpc_proto.generated import vllm_engine_pb2_grpc as vpb_grpc
 
 from llmgw_dev.fakes.endpoints import embedding
 from llmgw_dev.fakes.llmservice import GrpcApi
 from llmgw_dev.fakes.model import DEFAULT_SAMPLING, FakeModel, Generation, Sampling, load
 from llmgw_dev.fakes.server import FakeProvider, stall
+
+# smg-grpc-proto ships no type information: its modules are Any here.
+common_pb2: Any = importlib.import_module("smg_grpc_proto.generated.common_pb2")
+sgl: Any = importlib.import_module("smg_grpc_proto.generated.sglang_scheduler_pb2")
+sgl_grpc: Any = importlib.import_module("smg_grpc_proto.generated.sglang_scheduler_pb2_grpc")
+vpb: Any = importlib.import_module("smg_grpc_proto.generated.vllm_engine_pb2")
+vpb_grpc: Any = importlib.import_module("smg_grpc_proto.generated.vllm_engine_pb2_grpc")
 
 CHUNK_SIZE: Final = 64 * 1024  # GetTokenizer's chunks
 BLOCK_SIZE: Final = 16  # the prefix cache's granularity, in tokens
@@ -63,7 +65,7 @@ VLLM_VERSION: Final = "0.11.0"
 SGLANG_VERSION: Final = "0.5.4"
 
 
-def tokenizer_chunks(data: bytes, size: int = CHUNK_SIZE) -> list[common_pb2.GetTokenizerChunk]:
+def tokenizer_chunks(data: bytes, size: int = CHUNK_SIZE) -> list[Any]:
     """``data`` as GetTokenizer's chunks: ``size`` bytes each, the SHA-256 of the whole on the last only."""
     digest = hashlib.sha256(data).hexdigest()
     pieces = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
@@ -302,29 +304,25 @@ class Engine(GrpcApi):
 
     health_message: ClassVar[str] = "Health"
 
-    async def _get_tokenizer(
-        self, request: common_pb2.GetTokenizerRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[common_pb2.GetTokenizerChunk]:
+    async def _get_tokenizer(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         for chunk in tokenizer_chunks(self.model.tokenizer_zip()):
             yield chunk
 
     async def _subscribe_kv_events(
-        self, request: common_pb2.SubscribeKvEventsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[common_pb2.KvEventBatch]:
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, self.kv_events_message)
         yield common_pb2.KvEventBatch()  # pragma: no cover - never reached; makes this an async generator
 
     kv_events_message: ClassVar[str] = ""
 
-    async def _flush_cache(
-        self, request: common_pb2.FlushCacheRequest, context: grpc.aio.ServicerContext
-    ) -> common_pb2.FlushCacheResponse:
+    async def _flush_cache(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if self._running and request.timeout_s <= 0:
             return common_pb2.FlushCacheResponse(success=False, message="requests are running")
         self._prefixes.clear()
         return common_pb2.FlushCacheResponse(success=True, message="cache flushed")
 
-    async def _profile(self, request: Any, context: grpc.aio.ServicerContext) -> common_pb2.ProfileResponse:
+    async def _profile(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return common_pb2.ProfileResponse(success=False, message="Profiler is not enabled on this engine.")
 
     def _abort_ids(self, request_ids: Sequence[str]) -> bool:
@@ -390,7 +388,7 @@ class Vllm(Engine):
     def _add_services(self, server: Any) -> None:
         vpb_grpc.add_VllmEngineServicer_to_server(_VllmServicer(self), server)
 
-    def _input_ids(self, request: vpb.GenerateRequest) -> list[int]:
+    def _input_ids(self, request: Any) -> list[int]:
         kind = request.WhichOneof("input")
         if kind == "tokenized":
             return list(request.tokenized.input_ids)
@@ -398,7 +396,7 @@ class Vllm(Engine):
             return self.model.encode(request.text)
         raise ValueError("GenerateRequest has neither tokenized nor text input")
 
-    def _sampling(self, request: vpb.GenerateRequest) -> Sampling:
+    def _sampling(self, request: Any) -> Sampling:
         p = request.sampling_params
         if p.HasField("temperature") and p.temperature < 0:
             raise ValueError(f"temperature must be non-negative, got {p.temperature}.")
@@ -418,18 +416,14 @@ class Vllm(Engine):
             logprobs=20 if logprobs == -1 else logprobs,
         )
 
-    def _response(self, request_id: str, **fields: Any) -> vpb.GenerateResponse:
+    def _response(self, request_id: str, **fields: Any) -> Any:
         return vpb.GenerateResponse(**fields)
 
-    async def _abort_rpc(
-        self, request: vpb.AbortRequest, context: grpc.aio.ServicerContext
-    ) -> vpb.AbortResponse:
+    async def _abort_rpc(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._abort_ids(request.request_ids)
         return vpb.AbortResponse()
 
-    async def _model_info(
-        self, request: vpb.GetModelInfoRequest, context: grpc.aio.ServicerContext
-    ) -> vpb.GetModelInfoResponse:
+    async def _model_info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         m = self.model
         return vpb.GetModelInfoResponse(
             model_path=f"{_MODEL_DIR}/{self.model_name}",
@@ -448,9 +442,7 @@ class Vllm(Engine):
             default_sampling_params_json=json.dumps(dict(DEFAULT_SAMPLING), separators=(",", ":")),
         )
 
-    async def _server_info(
-        self, request: vpb.GetServerInfoRequest, context: grpc.aio.ServicerContext
-    ) -> vpb.GetServerInfoResponse:
+    async def _server_info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return vpb.GetServerInfoResponse(
             active_requests=len(self._running),
             is_paused=False,
@@ -464,9 +456,7 @@ class Vllm(Engine):
             max_num_seqs=256,
         )
 
-    async def _get_loads(
-        self, request: vpb.GetLoadsRequest, context: grpc.aio.ServicerContext
-    ) -> vpb.GetLoadsResponse:
+    async def _get_loads(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return vpb.GetLoadsResponse(
             timestamp=datetime.now(UTC).isoformat(),
             version=VLLM_VERSION,
@@ -515,7 +505,7 @@ class Sglang(Engine):
     def _add_services(self, server: Any) -> None:
         sgl_grpc.add_SglangSchedulerServicer_to_server(_SglangServicer(self), server)
 
-    def _input_ids(self, request: sgl.GenerateRequest) -> list[int]:
+    def _input_ids(self, request: Any) -> list[int]:
         if not request.HasField("tokenized"):
             raise ValueError("Tokenized input must be provided")
         ids = list(request.tokenized.input_ids)
@@ -527,7 +517,7 @@ class Sglang(Engine):
             )
         return ids
 
-    def _sampling(self, request: sgl.GenerateRequest) -> Sampling:
+    def _sampling(self, request: Any) -> Sampling:
         p = request.sampling_params
         if p.temperature < 0:
             raise ValueError(f"temperature must be non-negative, got {p.temperature}.")
@@ -546,20 +536,16 @@ class Sglang(Engine):
             logprobs=max(request.top_logprobs_num, 0) if request.return_logprob else None,
         )
 
-    def _response(self, request_id: str, **fields: Any) -> sgl.GenerateResponse:
+    def _response(self, request_id: str, **fields: Any) -> Any:
         return sgl.GenerateResponse(request_id=request_id, **fields)
 
-    async def _abort_rpc(
-        self, request: sgl.AbortRequest, context: grpc.aio.ServicerContext
-    ) -> sgl.AbortResponse:
+    async def _abort_rpc(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         found = self._abort_ids([request.request_id])
         return sgl.AbortResponse(
             success=found, message=f"Request {request.request_id} {'aborted' if found else 'not found'}"
         )
 
-    async def _model_info(
-        self, request: sgl.GetModelInfoRequest, context: grpc.aio.ServicerContext
-    ) -> sgl.GetModelInfoResponse:
+    async def _model_info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         m = self.model
         return sgl.GetModelInfoResponse(
             model_path=f"{_MODEL_DIR}/{self.model_name}",
@@ -580,12 +566,19 @@ class Sglang(Engine):
             default_sampling_params_json=json.dumps(dict(DEFAULT_SAMPLING), separators=(",", ":")),
         )
 
-    async def _server_info(
-        self, request: sgl.GetServerInfoRequest, context: grpc.aio.ServicerContext
-    ) -> sgl.GetServerInfoResponse:
+    async def _server_info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         m = self.model
-        server_args = struct_pb2.Struct()
-        server_args.update(
+        load = self._load()
+        response = sgl.GetServerInfoResponse(
+            active_requests=len(self._running),
+            is_paused=False,
+            last_receive_timestamp=self._last_receive,
+            uptime_seconds=time.time() - self._started,
+            sglang_version=SGLANG_VERSION,
+            server_type=self.server_type,
+            max_total_num_tokens=load["max_total_num_tokens"],
+        )
+        response.server_args.update(
             {
                 "model_path": f"{_MODEL_DIR}/{self.model_name}",
                 "served_model_name": self.model_name,
@@ -596,33 +589,17 @@ class Sglang(Engine):
                 "disaggregation_mode": "null",
             }
         )
-        scheduler_info = struct_pb2.Struct()
-        load = self._load()
-        scheduler_info.update(
+        response.scheduler_info.update(
             {
                 "max_total_num_tokens": load["max_total_num_tokens"],
                 "max_req_input_len": m.max_context_length - 1,
                 "is_generation": True,
             }
         )
-        start = timestamp_pb2.Timestamp()
-        start.FromSeconds(int(self._started))
-        return sgl.GetServerInfoResponse(
-            server_args=server_args,
-            scheduler_info=scheduler_info,
-            active_requests=len(self._running),
-            is_paused=False,
-            last_receive_timestamp=self._last_receive,
-            uptime_seconds=time.time() - self._started,
-            sglang_version=SGLANG_VERSION,
-            server_type=self.server_type,
-            start_time=start,
-            max_total_num_tokens=load["max_total_num_tokens"],
-        )
+        response.start_time.FromSeconds(int(self._started))
+        return response
 
-    async def _get_loads(
-        self, request: sgl.GetLoadsRequest, context: grpc.aio.ServicerContext
-    ) -> sgl.GetLoadsResponse:
+    async def _get_loads(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         load = self._load()
         return sgl.GetLoadsResponse(
             timestamp=datetime.now(UTC).isoformat(),
@@ -646,7 +623,5 @@ class Sglang(Engine):
         )
         return response_type(success=False, message="LoRA is not enabled on this server.")
 
-    async def _list_lora(
-        self, request: sgl.ListLoadedLoRAAdaptersRequest, context: grpc.aio.ServicerContext
-    ) -> sgl.ListLoadedLoRAAdaptersResponse:
+    async def _list_lora(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return sgl.ListLoadedLoRAAdaptersResponse()

@@ -206,8 +206,10 @@ def _train() -> Tokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
         ]
     )
-    tokenizer.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    trainer = trainers.BpeTrainer(  # type: ignore[call-arg]
+    tokenizer.decoder = decoders.ByteLevel(  # type: ignore[call-arg]
+        add_prefix_space=False, trim_offsets=False, use_regex=False
+    )
+    trainer = trainers.BpeTrainer(
         vocab_size=_VOCAB_SIZE,
         min_frequency=2,
         show_progress=False,
@@ -251,7 +253,11 @@ class FakeModel:
         self.words = words
         self.tokenizer = _train()
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
-        ids = {t: self.tokenizer.token_to_id(t) for t in (*SPECIAL_TOKENS, *ADDED_TOKENS)}
+        ids: dict[str, int] = {}
+        for token in (*SPECIAL_TOKENS, *ADDED_TOKENS):
+            token_id = self.tokenizer.token_to_id(token)
+            assert token_id is not None
+            ids[token] = token_id
         self.endoftext_id: int = ids["<|endoftext|>"]
         self.eos_token_id: int = ids["<|im_end|>"]
         self.im_start_id: int = ids["<|im_start|>"]

@@ -398,14 +398,14 @@ class VllmHttp(HttpApi):
                 spans.append(("content", at, at + len(c.content)))
             steps_: list[dict[str, str]] = []
             offset = 0
-            for delta in self.model.text_deltas(c.generation):
+            for piece_of_text in self.model.text_deltas(c.generation):
                 fields: dict[str, str] = {}
                 for name, lo, hi in spans:
-                    piece = text[max(lo, offset) : min(hi, offset + len(delta))]
+                    piece = text[max(lo, offset) : min(hi, offset + len(piece_of_text))]
                     if piece:
                         fields[name] = piece
                 steps_.append(fields)
-                offset += len(delta)
+                offset += len(piece_of_text)
             state.append((c, steps_))
         steps = max(len(k) for _, k in state)
         for step in range(steps):
@@ -524,7 +524,7 @@ class VllmHttp(HttpApi):
         denied = self._check(request)
         if denied is not None:
             return denied
-        data = [
+        data: list[dict[str, Any]] = [
             {
                 "id": m,
                 "object": "model",
