@@ -349,6 +349,67 @@ async def test_documented_stream_events_translate() -> None:
     assert names == [name for name, _ in events]
 
 
+async def test_server_tool_blocks_and_citations_in_a_stream_travel_whole() -> None:
+    """Anthropic's documented web search stream: the blocks the hub has no field for reach an Anthropic
+    client as they came, and a text block's citations_delta too."""
+    result = {
+        "type": "web_search_tool_result",
+        "tool_use_id": "srvtoolu_01",
+        "content": [
+            {
+                "type": "web_search_result",
+                "title": "Weather in NYC",
+                "url": "https://example.com/nyc",
+                "encrypted_content": "Ev0DCioIAxgC",
+                "page_age": None,
+            }
+        ],
+    }
+    citation = {
+        "type": "web_search_result_location",
+        "cited_text": "Sunny, 75F",
+        "url": "https://example.com/nyc",
+        "title": "Weather in NYC",
+        "encrypted_index": "Eo8BCioIAhgB",
+    }
+    events = [
+        ("message_start", {"type": "message_start", "message": {"id": "msg_2", "type": "message", "role": "assistant", "model": "claude", "content": [], "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 2679, "output_tokens": 3}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("ping", {"type": "ping"}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "I'll check"}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {"type": "server_tool_use", "id": "srvtoolu_01", "name": "web_search", "input": {}}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"query": "weather NYC today"}'}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 1}),
+        ("content_block_start", {"type": "content_block_start", "index": 2, "content_block": result}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 2}),
+        ("content_block_start", {"type": "content_block_start", "index": 3, "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 3, "delta": {"type": "citations_delta", "citation": citation}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 3, "delta": {"type": "text_delta", "text": "Sunny."}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 3}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 510, "server_tool_use": {"web_search_requests": 1}}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]  # fmt: skip
+
+    def on_error(error: dict[str, Any]) -> Exception:
+        return RuntimeError(error)
+
+    chunks = [c async for c in am.read_stream(_events(events), "claude", on_error)]
+    writer = am.EventWriter("claude")
+    sse = b"".join(writer.feed(c) for c in chunks) + writer.end()
+    written = [orjson.loads(line[6:]) for line in sse.split(b"\n") if line.startswith(b"data: ")]
+    blocks = [e for e in written if e["type"].startswith("content_block")]
+    assert blocks[2:] == [data for _, data in events if data["type"].startswith("content_block")][2:]
+    # An OpenAI client sees the blocks in its deltas' extra keys, never nothing.
+    deltas = [openai_chat.chunk_to_json(c)["choices"][0]["delta"] for c in chunks if c.choices]
+    assert {"anthropic_block": {"start": result, "deltas": []}} in deltas
+    assert {"citation": citation} in deltas
+    # A delta no block of its kind has is a malformed stream, not a silent loss.
+    bad = [*events[:3], ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "future_delta"}})]  # fmt: skip
+    with pytest.raises(ValueError, match="future_delta"):
+        [c async for c in am.read_stream(_events(bad), "claude", on_error)]
+
+
 # -- translation: the Messages front ---------------------------------------------------------------------
 
 DOCUMENTED_REQUEST: dict[str, Any] = {

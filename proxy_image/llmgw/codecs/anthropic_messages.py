@@ -71,6 +71,11 @@ PASSED_KEYS = frozenset(
 )
 # Message keys carried in extra_json that this translation reads (the rest is refused if it asks for something).
 SIGNATURE, REDACTED, IS_ERROR = "reasoning_signature", "redacted_reasoning", "is_error"
+# In a stream's delta extra_json: a content block the hub has no field for (server_tool_use,
+# web_search_tool_result, ...), whole ({"start": its content_block, "deltas": [...]}), and a text block's
+# citation.
+BLOCK, CITATION = "anthropic_block", "citation"
+_MAX_HELD_BLOCK_BYTES = 16 * 1024 * 1024  # of one such block's deltas, held until its content_block_stop
 CACHE_CONTROL = "cache_control"
 CONTENT = (
     "anthropic_content"  # an assistant turn's blocks as they were, when the hub's fields cannot order them
@@ -561,6 +566,8 @@ async def read_stream(
     usage: dict[str, Any] = {}
     finish: str | None = None
     blocks: dict[int, tuple[str, int]] = {}  # content block index -> (type, tool call index)
+    held: dict[int, tuple[dict[str, Any], list[Any]]] = {}  # other blocks: index -> (start, deltas)
+    held_bytes = 0
     calls = 0
 
     def chunk() -> tuple[pb.ChatChunk, pb.ChunkDelta]:
@@ -571,7 +578,18 @@ async def read_stream(
     async for event, data in events:
         body = orjson.loads(data)
         kind = body.get("type") or event
-        if kind == "content_block_delta":
+        if kind == "content_block_delta" and int(body["index"]) in held:
+            held_bytes += len(data)
+            if held_bytes > _MAX_HELD_BLOCK_BYTES:
+                raise ValueError(f"a content block's deltas exceed {_MAX_HELD_BLOCK_BYTES} bytes")
+            held[int(body["index"])][1].append(body["delta"])
+        elif kind == "content_block_stop" and int(body["index"]) in held:
+            start, deltas = held.pop(int(body["index"]))
+            held_bytes = 0
+            out, d = chunk()
+            d.extra_json = orjson.dumps({BLOCK: {"start": start, "deltas": deltas}}).decode()
+            yield out
+        elif kind == "content_block_delta":
             delta = body["delta"]
             dtype = delta.get("type")
             btype, call = blocks.get(int(body["index"]), ("text", -1))
@@ -586,8 +604,10 @@ async def read_stream(
                 d.reasoning_content = delta["thinking"]
             elif dtype == "signature_delta":
                 d.extra_json = orjson.dumps({SIGNATURE: delta["signature"]}).decode()
+            elif dtype == "citations_delta":
+                d.extra_json = orjson.dumps({CITATION: delta["citation"]}).decode()
             else:
-                continue
+                raise ValueError(f"a {dtype!r} delta in a {btype!r} block")
             yield out
         elif kind == "content_block_start":
             block = body["content_block"]
@@ -608,12 +628,14 @@ async def read_stream(
                 out, d = chunk()
                 d.extra_json = orjson.dumps({REDACTED: [block["data"]]}).decode()
                 yield out
-            else:
+            elif btype in ("text", "thinking") and not block.get("citations"):
                 blocks[index] = (str(btype), -1)
                 if btype == "text" and block.get("text"):
                     out, d = chunk()
                     d.content = block["text"]
                     yield out
+            else:  # a block the hub has no field for: passed on whole once it is complete
+                held[index] = (block, [])
         elif kind == "message_start":
             message = body["message"]
             msg_id, msg_model = str(message["id"]), str(message.get("model", model))
@@ -1078,6 +1100,15 @@ class EventWriter:
                 self._delta(out, {"type": "signature_delta", "signature": extra[SIGNATURE]})
             for data in extra.get(REDACTED) or ():
                 self._open(out, {"type": "redacted_thinking", "data": data})
+            if CITATION in extra:
+                if self.open_type != "text":
+                    self._open(out, {"type": "text", "text": ""})
+                self._delta(out, {"type": "citations_delta", "citation": extra[CITATION]})
+            if BLOCK in extra:
+                self._open(out, extra[BLOCK]["start"])
+                for block_delta in extra[BLOCK]["deltas"]:
+                    self._delta(out, block_delta)
+                self._close(out)
             text = (d.content if d.HasField("content") else "") + (d.refusal if d.HasField("refusal") else "")
             if text:
                 if self.open_type != "text":
