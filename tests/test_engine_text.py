@@ -776,3 +776,77 @@ def test_reasoning_holds_partial_tags_and_reads_the_prompt() -> None:
     assert reasoning_parser("deepseek_r1").feed("thought").reasoning == "thought"
     with pytest.raises(ValueError, match="unknown reasoning parser"):
         reasoning_parser("o1")
+
+
+def test_hermes_call_broken_after_it_was_announced() -> None:
+    """Streaming: a call announced, its arguments sent, then broken JSON: the call stands, and the text
+    after its arguments is content (when the break comes in the same delta as the start, it is all
+    content)."""
+    text = '<tool_call>\n{"name": "f", "arguments": {"a": 1}, oops}\n</tool_call>'
+    for pieces in _splits(text):
+        content, calls = _stream("hermes", pieces)
+        if calls:
+            assert [(c.name, c.arguments) for c in calls] == [("f", '{"a": 1}')]
+            assert content == ", oops}\n</tool_call>"
+        else:  # the break arrived with the arguments: never announced, all content
+            assert content == text
+
+
+# -------------------------------------------------------------------------------------------- the pipeline
+
+
+def test_window_stays_short_on_endless_invalid_bytes(qwen: EngineTokenizer) -> None:
+    lone = [i for i in range(qwen.vocab_size) if qwen.decode([i]) == "\ufffd"]
+    ids = [lone[0]] * 300 + qwen.encode("ok 😀") + [lone[-1]] * 7
+    deltas = _incremental(qwen, ids)
+    assert "".join(deltas) == qwen.decode(ids)
+    assert max(len(d) for d in deltas) <= 64
+
+
+def test_special_tokens_map(qwen: EngineTokenizer) -> None:
+    files = _files(
+        _byte_level(),
+        tokenizer_config__json={"eos_token": "<|im_end|>", "pad_token": {"content": "<|endoftext|>"}},
+        special_tokens_map__json={"unk_token": "<|endoftext|>"},
+    )
+    tok = EngineTokenizer.from_files(files)
+    assert tok.special_tokens_map == {
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    }
+    assert (
+        render_chat_template("{{ pad_token }}", [], template_kwargs=tok.special_tokens_map) == "<|endoftext|>"
+    )
+
+
+def test_pipeline_ids_to_reasoning_content_and_calls(qwen: EngineTokenizer) -> None:
+    """What a provider does with one Qwen 3 choice: ids through the decoder, the reasoning parser and the
+    hermes parser, token by token."""
+    prompt = (
+        render_chat_template(QWEN_TEMPLATE, [{"role": "user", "content": "Weather?"}], tools=[WEATHER_TOOL])
+        + "<think>\n"
+    )
+    output = (
+        "The user wants the weather.\n</think>\n\nChecking.\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Zürich 😀"}}\n</tool_call><|im_end|>'
+    )
+    ids = qwen.encode(output)
+    assert qwen.token_id("<tool_call>") in ids  # the added token is one id, and kept when decoding
+    decoder = ChoiceDecoder(qwen, context_ids=qwen.encode(prompt))
+    thinking = reasoning_parser("qwen3", prompt=prompt)
+    calls = TOOL_PARSERS["hermes"](new_id=lambda: "call_0")
+    reasoning, events = [], []
+    for token_id in ids:
+        step = decoder.feed([token_id])
+        split = thinking.feed(step.text)
+        reasoning.append(split.reasoning)
+        events += calls.feed(split.content)
+        if step.finish:
+            break
+    split = thinking.finish()
+    reasoning.append(split.reasoning)
+    events += calls.feed(split.content) + calls.finish()
+    assert decoder.finish == Finish("stop", None)
+    assert "".join(reasoning) == "The user wants the weather.\n"
+    assert _collect(events) == ("Checking.\n", [ToolCall("call_0", "get_weather", '{"city": "Zürich 😀"}')])

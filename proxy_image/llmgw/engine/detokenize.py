@@ -25,6 +25,7 @@ import dataclasses
 from collections.abc import Collection, Iterable, Sequence
 from typing import Literal
 
+from llmgw.engine._text import partial_marker
 from llmgw.engine.tokenizer import EngineTokenizer
 
 REPLACEMENT = "\ufffd"
@@ -163,13 +164,7 @@ class StopChecker:
 
     def _partial_suffix(self, text: str) -> int:
         """Length of the longest end of ``text`` that is the beginning of a stop string."""
-        longest = 0
-        for stop in self._stop:
-            for length in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:length]):
-                    longest = length
-                    break
-        return longest
+        return max(partial_marker(text, stop) for stop in self._stop)
 
 
 @dataclasses.dataclass(frozen=True)

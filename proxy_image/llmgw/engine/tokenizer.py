@@ -49,10 +49,17 @@ class EngineTokenizer:
         eos_token: str | None = None,
         extra_eos_token_ids: Iterable[int] = (),
         chat_templates: Mapping[str, str] | None = None,
+        special_tokens_map: Mapping[str, str] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.bos_token = bos_token
         self.eos_token = eos_token
+        # The special tokens a chat template may name (bos_token, eos_token, pad_token, unk_token...), which
+        # transformers gives every template: pass them as its template_kwargs.
+        self.special_tokens_map: dict[str, str] = dict(special_tokens_map or {})
+        for key, value in (("bos_token", bos_token), ("eos_token", eos_token)):
+            if value is not None:
+                self.special_tokens_map[key] = value
         self.chat_templates: dict[str, str] = dict(chat_templates or {})
         added = tokenizer.get_added_tokens_decoder()
         self.special_token_ids: frozenset[int] = frozenset(i for i, tok in added.items() if tok.special)
@@ -81,6 +88,19 @@ class EngineTokenizer:
         generation = _json_object(files, "generation_config.json")
         bos = _token_text(config.get("bos_token", special_map.get("bos_token")), "bos_token")
         eos = _token_text(config.get("eos_token", special_map.get("eos_token")), "eos_token")
+        named = {
+            key: text
+            for key in (
+                "bos_token",
+                "eos_token",
+                "unk_token",
+                "pad_token",
+                "sep_token",
+                "cls_token",
+                "mask_token",
+            )
+            if (text := _token_text(config.get(key, special_map.get(key)), key)) is not None
+        }
         templates = _chat_templates(config.get("chat_template"))
         if "chat_template.jinja" in files:
             try:
@@ -93,6 +113,7 @@ class EngineTokenizer:
             eos_token=eos,
             extra_eos_token_ids=_eos_ids(generation.get("eos_token_id")),
             chat_templates=templates,
+            special_tokens_map=named,
         )
 
     def chat_template(self, name: str | None = None, *, with_tools: bool = False) -> str:
@@ -175,7 +196,14 @@ def read_tokenizer_archive(
                                 f"(reached at {entry.filename!r})"
                             )
                         parts.append(chunk)
-            except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, EOFError) as exc:
+            except (
+                zipfile.BadZipFile,
+                OSError,
+                ValueError,
+                NotImplementedError,
+                EOFError,
+                RuntimeError,
+            ) as exc:
                 raise TokenizerError(
                     f"the tokenizer archive's entry {entry.filename!r} is unreadable: {exc}"
                 ) from exc

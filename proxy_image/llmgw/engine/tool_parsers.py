@@ -112,6 +112,8 @@ class _CallScanner:
         self.arguments_open = False
         self.arguments_kind = ""  # the arguments value's first character: "{" is streamed as it comes
         self.arguments: str | None = None  # once the arguments value is complete
+        self.arguments_end: int | None = None  # where the arguments value ends in the raw text
+        self._consumed = 0
         self._argument_parts: list[str] = []
         self._unsent: list[str] = []  # "{" arguments text not yet taken by take_arguments
         self.done = False
@@ -138,6 +140,7 @@ class _CallScanner:
             self._keep(text[self._capture_from : i])
             self._capture_from = 0
         self.raw.append(text[:i])
+        self._consumed += i
         return i
 
     def _keep(self, piece: str) -> None:
@@ -292,6 +295,7 @@ class _CallScanner:
                 self.name = name
         elif self._target == "arguments":
             self._end_arguments(value)
+            self.arguments_end = self._consumed + end
         self._target = ""
         if self._arguments_only and self.error is None:
             self._close()
@@ -461,12 +465,16 @@ class ToolParser:
 
     def _end_broken_call(self, call: _CallScanner) -> str:
         self._call = None
+        raw = "".join(call.raw)
         if self._call_started:
-            # Announced already, its arguments partly sent: the call stands as it is, and what follows
-            # its break is ordinary text.
+            # Announced already, its arguments sent: the call stands as it is, and the object's text after
+            # its arguments (up to the break) is ordinary text.
+            self._send_arguments(call.take_arguments())
             self._calls += 1
+            if call.arguments_end is not None:
+                self._content(raw[call.arguments_end :])
             return "no call"
-        self._content(self._call_prefix + "".join(call.raw))
+        self._content(self._call_prefix + raw)
         return "no call"
 
     def _send_arguments(self, text: str) -> None:
