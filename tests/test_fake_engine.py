@@ -589,6 +589,51 @@ async def cross_check(backend: str, kind: str) -> None:
         assert model().decode(sent.tokenized.input_ids, skip_special_tokens=False) == model().render(
             HELLO, enable_thinking=True
         )
+        # Logprobs come from the model: the same values both ways.
+        for client in (router, direct):
+            reply = await client.chat.completions.create(
+                model=MODEL, messages=HELLO, logprobs=True, top_logprobs=2, max_tokens=4, temperature=0.0
+            )
+            assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content is not None
+            values = [
+                (e.logprob, [t.logprob for t in e.top_logprobs]) for e in reply.choices[0].logprobs.content
+            ]
+            assert len(values) == 4 and all(v < 0 and len(top) == 2 for v, top in values)
+            if client is router:
+                first = values
+        assert len(values) == len(first)
+        for (value, top), (value1, top1) in zip(values, first, strict=True):  # float32 on the wire of one
+            assert value == pytest.approx(value1, abs=1e-6) and top == pytest.approx(top1, abs=1e-6)
+        # /v1/completions: a raw prompt, tokenized by the router.
+        texts = []
+        for client in (router, direct):
+            completion = await client.completions.create(model=MODEL, prompt="hello there", max_tokens=30)
+            stream = await client.completions.create(
+                model=MODEL, prompt="hello there", max_tokens=30, stream=True
+            )
+            streamed = "".join([c.choices[0].text async for c in stream if c.choices])
+            assert completion.usage is not None
+            texts.append((completion.choices[0].text, streamed, completion.usage.completion_tokens))
+        assert texts[0] == texts[1] == (make_reply("hello there").text[: len(texts[0][0])],) * 2 + (30,)
+        # A client that goes away: the router aborts the request and the engine ends it with "abort".
+        engine.faults.token_delay_ms = 100
+        events = await router.chat.completions.create(model=MODEL, messages=HELLO, stream=True)
+        seen = 0
+        async for _ in events:
+            seen += 1
+            if seen == 3:
+                break
+        await events.close()
+        deadline = time.monotonic() + 5
+        while engine.stats["cancelled"] == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert engine.stats["cancelled"] == 1
+        aborts = [r for r in engine.received if type(r).__name__ == "AbortRequest"]
+        assert aborts and engine.received[-2].request_id in str(aborts[-1])
+        # An engine's error reaches the client as the router's 500.
+        engine.faults.update({"token_delay_ms": 0, "fail_next": 1, "error_status": 500})
+        with pytest.raises(openai.InternalServerError, match="injected error"):
+            await router.chat.completions.create(model=MODEL, messages=HELLO)
         await direct.close()
 
 

@@ -27,7 +27,7 @@ Faults apply to ``Generate`` and ``Embed`` after validation: an injected error i
 :func:`~.llmservice.grpc_code_for` maps it to, ``latency_ms`` is waited before the first token,
 ``token_delay_ms`` between steps, and a stream breaks or stalls after ``stream_error_after_tokens`` /
 ``stream_stall_after_tokens`` steps. The control API is on ``control_port``. ``received`` keeps each
-``GenerateRequest`` and ``EmbedRequest``.
+``GenerateRequest``, ``EmbedRequest`` and ``AbortRequest``; a request that Abort ended counts as ``cancelled``.
 """
 
 from __future__ import annotations
@@ -212,7 +212,8 @@ class Engine(GrpcApi):
             finally:
                 if self._running.get(request_id) is running:
                     del self._running[request_id]
-            self.fake.stats["completed"] += 1
+            # A request Abort ended counts as cancelled: its client went away first.
+            self.fake.stats["cancelled" if running.aborted.is_set() else "completed"] += 1
 
     async def _steps(
         self,
@@ -325,7 +326,8 @@ class Engine(GrpcApi):
     async def _profile(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return common_pb2.ProfileResponse(success=False, message="Profiler is not enabled on this engine.")
 
-    def _abort_ids(self, request_ids: Sequence[str]) -> bool:
+    def _abort_ids(self, request: Any, request_ids: Sequence[str]) -> bool:
+        self.fake.received.append(request)
         found = False
         for request_id in request_ids:
             running = self._running.get(request_id)
@@ -420,7 +422,7 @@ class Vllm(Engine):
         return vpb.GenerateResponse(**fields)
 
     async def _abort_rpc(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        self._abort_ids(request.request_ids)
+        self._abort_ids(request, request.request_ids)
         return vpb.AbortResponse()
 
     async def _model_info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -540,7 +542,7 @@ class Sglang(Engine):
         return sgl.GenerateResponse(request_id=request_id, **fields)
 
     async def _abort_rpc(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        found = self._abort_ids([request.request_id])
+        found = self._abort_ids(request, [request.request_id])
         return sgl.AbortResponse(
             success=found, message=f"Request {request.request_id} {'aborted' if found else 'not found'}"
         )

@@ -47,6 +47,7 @@ import io
 import json
 import random
 import re
+import struct
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -226,6 +227,11 @@ def _unit(*parts: object) -> float:
     """A deterministic float in [0, 1) from ``parts``."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2.0**64
+
+
+def _f32(value: float) -> float:
+    """``value`` rounded to float32, as an engine's logprobs are."""
+    return float(struct.unpack("<f", struct.pack("<f", value))[0])
 
 
 def _json(value: Any) -> str:
@@ -546,7 +552,7 @@ class FakeModel:
             if candidate in (t for t, _ in alternatives):
                 continue
             alternatives.append((candidate, value - 0.5 * step - _unit("alt", token, position, step)))
-        return Logprob(token, value, tuple(alternatives[: max(top, 0)]))
+        return Logprob(token, _f32(value), tuple((t, _f32(v)) for t, v in alternatives[: max(top, 0)]))
 
     def text_deltas(self, generation: Generation) -> list[str]:
         """The visible text each output token adds, as an incremental detokenizer streams it (a token that
