@@ -720,7 +720,9 @@ def test_mistral_ids_and_flags() -> None:
     content, calls = TOOL_PARSERS["mistral"].parse('[TOOL_CALLS]f[ARGS]{"a": 1}')
     assert content is None and len(calls[0].id) == 9 and calls[0].id.isalnum()
     assert TOOL_PARSERS["mistral"].needs_special_tokens and not TOOL_PARSERS["hermes"].needs_special_tokens
-    with pytest.raises(ValueError, match="unknown tool parser 'nope'; known: hermes, llama3_json, mistral"):
+    with pytest.raises(
+        ValueError, match="unknown tool parser 'nope'; known: hermes, llama3_json, llama4_json, mistral"
+    ):
         tool_parser("nope")
 
 
@@ -850,3 +852,65 @@ def test_pipeline_ids_to_reasoning_content_and_calls(qwen: EngineTokenizer) -> N
     assert decoder.finish == Finish("stop", None)
     assert "".join(reasoning) == "The user wants the weather.\n"
     assert _collect(events) == ("Checking.\n", [ToolCall("call_0", "get_weather", '{"city": "Zürich 😀"}')])
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
+CALLS = st.lists(
+    st.tuples(
+        st.from_regex(r"[a-z_][a-z0-9_.]{0,12}", fullmatch=True),
+        st.dictionaries(st.text(max_size=5), JSON_VALUES, max_size=3),
+        st.booleans(),  # ensure_ascii
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+def _write_calls(
+    name: str, calls: list[tuple[str, dict[str, Any], bool]], variant: bool
+) -> tuple[str, list[tuple[str, str]]]:
+    expected = [(n, json.dumps(a, ensure_ascii=ascii_only)) for n, a, ascii_only in calls]
+    if name == "hermes":
+        text = "".join(
+            f'<tool_call>\n{{"name": "{n}", "arguments": {a}}}\n</tool_call>\n' for n, a in expected
+        )
+    elif name == "llama3_json":
+        text = ("<|python_tag|>" if variant else "") + "; ".join(
+            f'{{"name": "{n}", "parameters": {a}}}' for n, a in expected
+        )
+    elif variant:
+        text = "".join(f"[TOOL_CALLS]{n}[ARGS]{a}" for n, a in expected)
+    else:
+        text = "[TOOL_CALLS][" + ", ".join(f'{{"name": "{n}", "arguments": {a}}}' for n, a in expected) + "]"
+    return text, expected
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(
+    name=st.sampled_from(sorted(TOOL_PARSERS)),
+    calls=CALLS,
+    variant=st.booleans(),
+    before=st.text(alphabet="ab <>{}[]\n", max_size=8),
+    cuts=st.lists(st.integers(0, 400), max_size=12),
+)
+def test_tool_calls_any_arguments_any_split(
+    name: str, calls: list[tuple[str, dict[str, Any], bool]], variant: bool, before: str, cuts: list[int]
+) -> None:
+    """Calls with any JSON arguments, split anywhere: the streamed fragments join to the model's
+    arguments text, and the content before the calls is kept."""
+    text, expected = _write_calls(name, calls, variant)
+    if name != "llama3_json":  # Llama's calls are the whole output
+        text = before + text
+    points = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    content, streamed = _stream(name, [text[a:b] for a, b in itertools.pairwise(points)])
+    assert [(c.name, c.arguments) for c in streamed] == expected
+    unary_content, unary_calls = TOOL_PARSERS[name].parse(text)
+    assert [(c.name, c.arguments) for c in unary_calls] == expected
+    if name != "llama3_json":
+        assert content == before
+        assert unary_content == (before if before.strip() else None)
+    assert len({c.id for c in unary_calls}) == len(unary_calls)

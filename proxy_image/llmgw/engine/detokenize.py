@@ -29,7 +29,7 @@ from llmgw.engine._text import partial_marker
 from llmgw.engine.tokenizer import EngineTokenizer
 
 REPLACEMENT = "\ufffd"
-CONTEXT_TOKENS = 5  # tokens of context before the read point: enough for every tokenizer's space rules
+CONTEXT_TOKENS = 5  # prompt tokens the first window starts with: enough for every tokenizer's space rules
 # A window that grows past this without clean text (a model writing invalid bytes on and on) is sent as
 # it is, replacement characters included, to keep each step's decode short.
 MAX_WINDOW_TOKENS = 64
@@ -182,6 +182,8 @@ class ChoiceDecoder:
     ``include_stop_str_in_output``); the tokenizer's end-of-sequence ids end it too unless ``ignore_eos``
     (their text is never sent); ``max_tokens`` ends it with ``"length"``. Tokens fed after the end are
     ignored. When the engine ends the stream itself, :meth:`flush` gives the text still held.
+    ``context_ids``, the prompt's last ids, let the first token's space come out as it does after the
+    prompt (vLLM primes its decoder the same way); without them the text is the decode of the output alone.
     """
 
     def __init__(

@@ -673,9 +673,12 @@ class MistralToolParser(ToolParser):
                 self._state = "arguments"
 
 
-# Parsers by the names of vLLM's --tool-call-parser.
+# Parsers by the names of vLLM's --tool-call-parser (Llama 4's JSON calls are Llama 3's).
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
-    parser.name: parser for parser in (HermesToolParser, Llama3JsonToolParser, MistralToolParser)
+    "hermes": HermesToolParser,
+    "llama3_json": Llama3JsonToolParser,
+    "llama4_json": Llama3JsonToolParser,
+    "mistral": MistralToolParser,
 }
 
 
