@@ -926,3 +926,13 @@ def test_any_answer_json_survives_the_codec(
         hypothesis.assume(False)
     wire_chunk = pb.ChatChunk.FromString(parsed_chunk.SerializeToString())
     assert canonical(openai_chat.chunk_to_json(wire_chunk)) == canonical(chunk)
+
+
+async def test_an_upstream_request_error_keeps_its_param_and_code(fakes: Fakes, start_proxy: Any) -> None:
+    """What OpenAI's SDK and the frameworks on it act on (``code: context_length_exceeded``) reaches them."""
+    server = await start_proxy(proxy_config(fakes))
+    messages = [{"role": "user", "content": [{"type": "text", "txt": "hi"}]}]
+    with pytest.raises(openai.BadRequestError) as info:
+        await sdk(server).chat.completions.create(model="rest-only", messages=messages)  # type: ignore[arg-type]
+    assert (info.value.param, info.value.code) == ("messages[0].content[0].text", "missing_required_parameter")
+    assert "provider 'openai-fake' answered HTTP 400: Missing required parameter" in info.value.message

@@ -59,6 +59,8 @@ class GatewayError(Exception):
         retryable: bool = False,
         retry_after: float | None = None,
         upstream_status: int | None = None,
+        param: str | None = None,
+        code: str | None = None,
     ) -> None:
         message = redact(message)
         super().__init__(message)
@@ -67,6 +69,8 @@ class GatewayError(Exception):
         self.retryable = retryable
         self.retry_after = retry_after
         self.upstream_status = upstream_status
+        self.param = param  # OpenAI's error param and code, as an upstream gave them
+        self.code = code
 
     @property
     def status_label(self) -> str:
@@ -106,14 +110,28 @@ _GRPC_TO_HTTP = {
 RETRYABLE_HTTP = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
 
-def from_upstream_http(status: int, message: str, retry_after: float | None = None) -> GatewayError:
-    """The error for an upstream REST provider that answered ``status``."""
+def from_upstream_http(
+    status: int,
+    message: str,
+    retry_after: float | None = None,
+    param: str | None = None,
+    code: str | None = None,
+) -> GatewayError:
+    """The error for an upstream REST provider that answered ``status`` (``param`` and ``code``: its error
+    envelope's, relayed to clients for a request error)."""
     kind = _HTTP_TO_KIND.get(status, Kind.BAD_GATEWAY if status >= 500 else Kind.INVALID_ARGUMENT)
     if status in (401, 403):
         # The client did nothing wrong: our provider credentials are bad. Say so without echoing them.
         kind = Kind.BAD_GATEWAY
+    relayed = 400 <= status < 500 and status not in (401, 403)
     return GatewayError(
-        kind, message, retryable=status in RETRYABLE_HTTP, retry_after=retry_after, upstream_status=status
+        kind,
+        message,
+        retryable=status in RETRYABLE_HTTP,
+        retry_after=retry_after,
+        upstream_status=status,
+        param=param if relayed else None,
+        code=redact(code) if relayed and code else None,
     )
 
 

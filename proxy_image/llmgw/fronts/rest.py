@@ -29,7 +29,9 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 
 def error_json(exc: GatewayError) -> dict[str, object]:
     """OpenAI's error envelope for ``exc``, for a plain response and for an error event inside a stream."""
-    return openai_chat.error_body(exc.message, exc.kind.error_type, code=exc.kind.name.lower())
+    return openai_chat.error_body(
+        exc.message, exc.kind.error_type, code=exc.code or exc.kind.name.lower(), param=exc.param
+    )
 
 
 def send_error(respond: Responder, exc: GatewayError) -> None:

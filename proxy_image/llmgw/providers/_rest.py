@@ -81,6 +81,7 @@ class RestClient:
 
     def error(self, status: int, data: bytes, headers: Mapping[str, str]) -> GatewayError:
         name = self.provider.name
+        param, code = error_envelopes.param_and_code(data)
         if status in (401, 403):
             message = (
                 f"provider {name!r} rejected the gateway's credentials (HTTP {status}); "
@@ -100,7 +101,7 @@ class RestClient:
             )
             if raw:
                 log.info("provider %r sent an unreadable Retry-After (%s); ignored", name, raw)
-        return from_upstream_http(status, message, hint)
+        return from_upstream_http(status, message, hint, redact(param) if param else None, code)
 
     def unreachable(self, exc: BaseException) -> GatewayError:
         name = self.provider.name
