@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import openai
 import pytest
@@ -331,6 +332,44 @@ async def test_vllm_abort_finishes_running_requests(vllm: FakeProvider, vstub: A
     assert len(seen) < 20
 
 
+async def test_engine_control_api_and_command_line(tmp_path: Path) -> None:
+    async with FakeProvider("sglang", models=[MODEL], control_port=0) as fake:
+        assert fake.control_url is not None
+        async with aiohttp.ClientSession() as session:
+            async with session.put(f"{fake.control_url}/_fake/faults", json={"fail_next": 1}) as response:
+                assert response.status == 200 and fake.faults.fail_next == 1
+            async with grpc.aio.insecure_channel(fake.target) as channel:
+                stub = sgl_grpc.SglangSchedulerStub(channel)
+                request = sgl.GenerateRequest(
+                    request_id="x", tokenized=sgl.TokenizedInput(input_ids=chat_ids(HELLO)), stream=True
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await collect(stub.Generate(request))
+                assert caught.value.code() == grpc.StatusCode.INTERNAL
+            async with session.get(f"{fake.control_url}/_fake/stats") as response:
+                assert (await response.json())["injected_errors"] == 1
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("llmgw")),
+        "fake-provider",
+        "--kind",
+        "vllm",
+        "--listen",
+        f"127.0.0.1:{port}",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        line = await asyncio.wait_for(process.stdout.readline(), 30)
+        assert f"kind=vllm listening on 127.0.0.1:{port}" in line.decode()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            info = await vpb_grpc.VllmEngineStub(channel).GetModelInfo(vpb.GetModelInfoRequest())
+            assert info.served_model_name == "demo-model"
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 10)
+
+
 async def test_vllm_faults(vllm: FakeProvider, vstub: Any) -> None:
     ids = chat_ids(HELLO)
     vllm.faults.update({"fail_next": 1, "error_status": 503})
@@ -553,6 +592,11 @@ REQUESTS: list[dict[str, Any]] = [
     },
     {"messages": HISTORY, "tools": TOOLS},
     {"messages": HELLO, "extra_body": {"chat_template_kwargs": {"enable_thinking": True}}},
+    {
+        "messages": [{"role": "user", "content": "What is the weather in Paris? Use get_weather."}],
+        "tools": TOOLS,
+        "extra_body": {"chat_template_kwargs": {"enable_thinking": True}},
+    },
     {"messages": HELLO, "max_tokens": 7},
     {"messages": HELLO, "stop": ["fake"]},
     {"messages": HELLO, "n": 2, "seed": 11, "temperature": 1.0},

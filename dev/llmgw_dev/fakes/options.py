@@ -83,7 +83,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         metavar="PORT",
         type=int,
         default=None,
-        help="grpc kind: serve the /_fake control API over HTTP on this port",
+        help="gRPC kinds (grpc, vllm, sglang): serve the /_fake control API over HTTP on this port",
     )
     defaults = Faults()
     faults = parser.add_argument_group("faults (changeable at runtime with PUT /_fake/faults)")

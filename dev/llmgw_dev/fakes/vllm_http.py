@@ -152,8 +152,6 @@ def parse_output(
         if calls:
             text = text[: text.index("<tool_call>")]
     content = text if text or not (reasoning or calls) else None
-    if calls and not (content or "").strip():
-        content = None
     return content, reasoning, calls
 
 
@@ -330,7 +328,10 @@ class VllmHttp(HttpApi):
                             "index": c.generation.index,
                             "message": {
                                 "role": "assistant",
-                                "content": c.content,
+                                # Only whitespace before the tool calls: no content (streams send it).
+                                "content": None
+                                if c.tool_calls and not (c.content or "").strip()
+                                else c.content,
                                 "refusal": None,
                                 "annotations": None,
                                 "audio": None,
