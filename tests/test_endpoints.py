@@ -241,3 +241,38 @@ async def test_embeddings_through_a_chain_of_gateways_stay_exact(fakes: Fakes, s
                 session, f"{fakes.openai.base_url}/embeddings", {"model": "demo-model", **body}
             )
             assert canonical(via) == canonical(expected), extra
+
+
+def _token_counts(server: ProxyServer, token_type: str) -> tuple[float, float]:
+    """(observations, sum) of gen_ai_client_token_usage for the rest-only route."""
+    labels = {"route": "rest-only", "path": "rest", "provider": "openai-fake", "token_type": token_type}
+    count = server.metrics.registry.get_sample_value("gen_ai_client_token_usage_count", labels) or 0.0
+    total = server.metrics.registry.get_sample_value("gen_ai_client_token_usage_sum", labels) or 0.0
+    return count, total
+
+
+async def test_relayed_endpoints_count_their_tokens(fakes: Fakes, start_proxy: Any) -> None:
+    server = await start_proxy(proxy_config(fakes))
+    client = sdk(server)
+    calls = [
+        lambda: client.embeddings.create(model="rest-only", input="one two three"),
+        lambda: client.completions.create(model="rest-only", prompt="hello there", max_tokens=8),
+        lambda: client.responses.create(model="rest-only", input="hello there", max_output_tokens=9),
+    ]
+    for call in calls:
+        before = _token_counts(server, "input")
+        await call()
+        after = _token_counts(server, "input")
+        assert after[0] == before[0] + 1 and after[1] > before[1]
+    before_out = _token_counts(server, "output")
+    stream = await client.completions.create(
+        model="rest-only", prompt="hi", max_tokens=5, stream=True, stream_options={"include_usage": True}
+    )
+    async for _ in stream:
+        pass
+    async for _ in await client.responses.create(
+        model="rest-only", input="hi", stream=True, max_output_tokens=4
+    ):
+        pass
+    after_out = _token_counts(server, "output")
+    assert after_out[0] == before_out[0] + 2 and after_out[1] - before_out[1] == 5 + 4

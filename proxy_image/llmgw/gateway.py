@@ -26,6 +26,8 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any, NamedTuple, TypeVar
 
+import orjson
+
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgw.chat import clip, is_deterministic, validate_request
 from llmgw.codecs import openai_chat
@@ -595,6 +597,7 @@ class Gateway:
         deadline: float,
         call: Callable[[ProviderClient, str, float, CallStats], Awaitable[_T]],
         model: str,
+        usage_of: Callable[[_T], pb.Usage | None] | None = None,
     ) -> _T:
         """One unary request over ``paths`` with the retries and fallback of :meth:`_complete`."""
         upstream_model = route.upstream_model or model
@@ -617,7 +620,7 @@ class Gateway:
                     raise
                 finally:
                     self._unlease(client)
-                tracker.done("200")
+                tracker.done("200", None if usage_of is None else usage_of(result))
                 return result
         raise AssertionError("unreachable: the last path either returns or raises")
 
@@ -655,7 +658,9 @@ class Gateway:
 
         deadline = self._deadline(runtime, timeout)
         return await self._counted(
-            front, route, self._unary_call(runtime, route, paths, deadline, call, req.model)
+            front,
+            route,
+            self._unary_call(runtime, route, paths, deadline, call, req.model, _embedding_usage),
         )
 
     async def relay(
@@ -671,7 +676,7 @@ class Gateway:
 
         deadline = self._deadline(runtime, timeout)
         return await self._counted(
-            front, route, self._unary_call(runtime, route, paths, deadline, call, model)
+            front, route, self._unary_call(runtime, route, paths, deadline, call, model, _json_usage)
         )
 
     async def relay_stream(
@@ -686,7 +691,9 @@ class Gateway:
         def open_stream(client: Any, upstream: str, remaining: float, stats: CallStats) -> Any:
             return client.relay_stream(endpoint, {**body, "model": upstream}, remaining, stats)
 
-        calls = self._stream_call(runtime, route, paths, self._deadline(runtime, timeout), open_stream, model)
+        calls = self._stream_call(
+            runtime, route, paths, self._deadline(runtime, timeout), open_stream, model, _event_usage
+        )
         async with contextlib.aclosing(self._counted_stream(front, route, calls)) as events:
             async for event in events:
                 yield event
@@ -694,3 +701,37 @@ class Gateway:
 
 def _usage(chunk: pb.ChatChunk) -> pb.Usage | None:
     return chunk.usage if chunk.HasField("usage") else None
+
+
+def _embedding_usage(response: pb.EmbeddingResponse) -> pb.Usage | None:
+    if not response.HasField("usage"):
+        return None
+    return pb.Usage(prompt_tokens=response.usage.prompt_tokens)
+
+
+def _json_usage(body: Any) -> pb.Usage | None:
+    """The token counts of a relayed JSON answer: the Completions API's usage (prompt_tokens,
+    completion_tokens) or the Responses API's (input_tokens, output_tokens); None without."""
+    usage = body.get("usage") if isinstance(body, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    counts = []
+    for names in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens")):
+        value = next((usage[n] for n in names if isinstance(usage.get(n), int)), 0)
+        counts.append(max(0, min(value, 2**31 - 1)))
+    return pb.Usage(prompt_tokens=counts[0], completion_tokens=counts[1])
+
+
+def _event_usage(event: tuple[str, bytes]) -> pb.Usage | None:
+    """The usage of a relayed stream's event that carries one (a Completions chunk with include_usage, the
+    Responses API's response.completed); only events that mention it are parsed."""
+    data = event[1]
+    if b'"usage"' not in data:
+        return None
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(body, dict) and isinstance(body.get("response"), dict):
+        body = body["response"]
+    return _json_usage(body)
