@@ -915,3 +915,25 @@ def test_tool_calls_any_arguments_any_split(
         assert content == before
         assert unary_content == (before if before.strip() else None)
     assert len({c.id for c in unary_calls}) == len(unary_calls)
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(text=TEXTS, data=st.data(), include=st.booleans())
+def test_choice_decoder_cuts_at_a_stop_string(
+    qwen: EngineTokenizer, text: str, data: st.DataObject, include: bool
+) -> None:
+    """Token by token, with a stop string taken from the text (split across tokens or not): the text sent
+    is the text up to it, never more, and the text held back is released when there is no match."""
+    start = data.draw(st.integers(0, len(text)))
+    stop = text[start : start + data.draw(st.integers(1, 6))] or "never"
+    hypothesis.assume("\ufffd" not in stop)
+    at = text.find(stop)
+    expected = text if at < 0 else text[: at + (len(stop) if include else 0)]
+    decoder = ChoiceDecoder(qwen, stop=[stop], include_stop_str_in_output=include)
+    sent = ""
+    for token_id in qwen.encode(text):
+        sent += decoder.feed([token_id]).text
+        assert expected.startswith(sent)  # nothing sent is ever taken back
+    sent += decoder.flush()
+    assert sent == expected
+    assert decoder.finish == (None if at < 0 else Finish("stop", stop))

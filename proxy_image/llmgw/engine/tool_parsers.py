@@ -449,7 +449,7 @@ class ToolParser:
         elif call.name is not None and (call.done or (self._stream_arguments and call.arguments_open)):
             if self._tool_names is not None and call.name not in self._tool_names:
                 return self._end_broken_call(call) if call.done else "open"
-            if call.done and not self._stream_arguments and not _valid_call(call):
+            if call.done and not _valid_call(call):  # whole before it was announced: checked first
                 return self._end_broken_call(call)
             self._events.append(ToolCallStart(self._calls, self._new_id(), call.name))
             self._call_started = True
