@@ -726,11 +726,19 @@ def test_mistral_ids_and_flags() -> None:
         tool_parser("nope")
 
 
-@hypothesis.settings(max_examples=150, deadline=None)
+# Pieces of the three formats, near-calls and plain text: random strings of them are mostly broken calls.
+FRAGMENTS = [
+    *("<tool_call>", "</tool_call>", "<tool", "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]", "[TOOL"),
+    *("{", "}", "[", "]", '"name"', '"arguments"', '"parameters"', ": ", ", ", ";", '"f"', '"x\\"y"'),
+    *("1", "tru", "true", " ", "\n", "x", '"', "\\", "é😀"),
+]
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
 @hypothesis.given(
     name=st.sampled_from(sorted(TOOL_PARSERS)),
-    text=st.text(alphabet='<>{}[]",:; \\abn_/|TOOLCALS', max_size=60),
-    cuts=st.lists(st.integers(0, 60), max_size=8),
+    text=st.lists(st.sampled_from(FRAGMENTS), max_size=25).map("".join),
+    cuts=st.lists(st.integers(0, 200), max_size=8),
 )
 def test_tool_parsers_never_lose_text(name: str, text: str, cuts: list[int]) -> None:
     """Whatever the text, content and calls are the same however it is split, and nothing but markers
@@ -740,6 +748,9 @@ def test_tool_parsers_never_lose_text(name: str, text: str, cuts: list[int]) -> 
     content, calls = _stream(name, pieces, stream_arguments=False)
     whole_content, whole_calls = _stream(name, [text], stream_arguments=False)
     assert (content, calls) == (whole_content, whole_calls)
+    if not calls:
+        assert content == text or content == text.lstrip()
+    content, calls = _stream(name, pieces)  # streamed: a call announced before it broke stands
     if not calls:
         assert content == text or content == text.lstrip()
 
@@ -937,3 +948,37 @@ def test_choice_decoder_cuts_at_a_stop_string(
     sent += decoder.flush()
     assert sent == expected
     assert decoder.finish == (None if at < 0 else Finish("stop", stop))
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(
+    name=st.sampled_from(sorted(TOOL_PARSERS)),
+    calls=CALLS,
+    variant=st.booleans(),
+    edits=st.lists(
+        st.tuples(st.integers(0, 400), st.integers(0, 3), st.sampled_from(["", *FRAGMENTS])), max_size=3
+    ),
+    cuts=st.lists(st.integers(0, 400), max_size=10),
+)
+def test_tool_calls_damaged_anywhere(
+    name: str,
+    calls: list[tuple[str, dict[str, Any], bool]],
+    variant: bool,
+    edits: list[tuple[int, int, str]],
+    cuts: list[int],
+) -> None:
+    """Well-formed calls with pieces cut out or put in: however the text is split, the whole reading finds
+    the same calls and content, and a text read as no call at all comes back whole as content."""
+    text, _ = _write_calls(TOOL_PARSERS[name].name, calls, variant)
+    for at, drop, insert in edits:
+        at = min(at, len(text))
+        text = text[:at] + insert + text[at + drop :]
+    points = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
+    pieces = [text[a:b] for a, b in itertools.pairwise(points)]
+    held = _stream(name, pieces, stream_arguments=False)
+    assert held == _stream(name, [text], stream_arguments=False)
+    for call in held[1]:
+        json.loads(call.arguments)
+    for content, found in (held, _stream(name, pieces)):
+        if not found:
+            assert content in (text, text.lstrip())
