@@ -305,6 +305,19 @@ async def test_vllm_stops_lengths_and_logprobs(vstub: Any) -> None:
         )
 
 
+async def test_vllm_structured_outputs(vstub: Any) -> None:
+    m = model()
+    ids = chat_ids(HELLO)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string"}}}
+    _, (complete,) = await collect(vstub.Generate(vreq(ids, stream=False, json_schema=json.dumps(schema))))
+    assert json.loads(m.decode(complete.output_ids)) == {"n": 42, "s": "😀"}
+    _, (complete,) = await collect(vstub.Generate(vreq(ids, stream=False, json_object=True)))
+    assert json.loads(m.decode(complete.output_ids)) == {"reply": make_reply("hello there wörld 😀").text}
+    choice = vpb.ChoiceConstraint(choices=["yes", "no"])
+    _, (complete,) = await collect(vstub.Generate(vreq(ids, stream=False, choice=choice)))
+    assert m.decode(complete.output_ids) == "yes"
+
+
 async def test_vllm_refuses_what_vllm_refuses(vllm: FakeProvider, vstub: Any) -> None:
     too_long = [model().encode("hello")[0]] * model().max_context_length
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -597,6 +610,18 @@ REQUESTS: list[dict[str, Any]] = [
         "tools": TOOLS,
         "extra_body": {"chat_template_kwargs": {"enable_thinking": True}},
     },
+    {"messages": HELLO, "tools": TOOLS, "tool_choice": "required"},
+    {"messages": HELLO, "response_format": {"type": "json_object"}},
+    {
+        "messages": HELLO,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "a",
+                "schema": {"type": "object", "properties": {"a": {"type": "integer"}}},
+            },
+        },
+    },
     {"messages": HELLO, "max_tokens": 7},
     {"messages": HELLO, "stop": ["fake"]},
     {"messages": HELLO, "n": 2, "seed": 11, "temperature": 1.0},
@@ -633,6 +658,21 @@ async def cross_check(backend: str, kind: str) -> None:
         assert model().decode(sent.tokenized.input_ids, skip_special_tokens=False) == model().render(
             HELLO, enable_thinking=True
         )
+        # A named function: the same call both ways; vLLM reports the engine's finish reason ("stop"), SMG
+        # "tool_calls".
+        named = {
+            "messages": HELLO,
+            "tools": TOOLS,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        }
+        for stream in (False, True):
+            through = await answer(router, stream, **named)
+            expected = await answer(direct, stream, **named)
+            assert through["choices"][0]["tools"] == expected["choices"][0]["tools"] != []
+            assert (through["choices"][0]["finish"], expected["choices"][0]["finish"]) == (
+                "tool_calls",
+                "stop",
+            )
         # Logprobs come from the model: the same values both ways.
         for client in (router, direct):
             reply = await client.chat.completions.create(

@@ -11,7 +11,8 @@ such as SMG or the gateway's engine path talks to them: ``vllm.grpc.engine.VllmE
   "stop" (EOS, stop string: ``matched_stop_str``, stop token: ``matched_token_id``; SGLang also reports the
   EOS as ``matched_token_id``), "length" or "abort". ``cached_tokens`` come from a prefix cache of recent
   prompts (16-token blocks). Logprobs (vLLM ``sampling_params.logprobs``, SGLang ``return_logprob`` and
-  ``top_logprobs_num``) ride on the chunks and Completes. A prompt at or above ``max_context_length``,
+  ``top_logprobs_num``) ride on the chunks and Completes; the ``json_schema``/``json_object``/``choice``
+  constraints shape the answer (:mod:`.model`), the others are ignored. A prompt at or above ``max_context_length``,
   ``max_tokens`` 0 and other invalid parameters are refused with INVALID_ARGUMENT before any fault.
 - ``Abort`` finishes the named running requests with "abort" (vLLM: ``request_ids``; SGLang: ``request_id``,
   answering whether it was found); a client that goes away cancels its request.
@@ -73,6 +74,16 @@ def tokenizer_chunks(data: bytes, size: int = CHUNK_SIZE) -> list[Any]:
         common_pb2.GetTokenizerChunk(data=piece, sha256=digest if i == len(pieces) - 1 else "")
         for i, piece in enumerate(pieces)
     ]
+
+
+def _schema_of(params: Any) -> str | None:
+    """vLLM's structured-output constraint as a JSON schema (json_object: any object), else None."""
+    kind = params.WhichOneof("constraint")
+    if kind == "json_schema":
+        return str(params.json_schema)
+    if kind == "json_object" and params.json_object:
+        return '{"type": "object"}'
+    return None
 
 
 class _Request:
@@ -416,6 +427,8 @@ class Vllm(Engine):
             temperature=p.temperature if p.HasField("temperature") else None,
             seed=p.seed if p.HasField("seed") else None,
             logprobs=20 if logprobs == -1 else logprobs,
+            json_schema=_schema_of(p),
+            choices=tuple(p.choice.choices) if p.WhichOneof("constraint") == "choice" else (),
         )
 
     def _response(self, request_id: str, **fields: Any) -> Any:
@@ -536,6 +549,7 @@ class Sglang(Engine):
             temperature=p.temperature,
             seed=int(seed) if isinstance(seed, int | float) else None,
             logprobs=max(request.top_logprobs_num, 0) if request.return_logprob else None,
+            json_schema=p.json_schema if p.WhichOneof("constraint") == "json_schema" else None,
         )
 
     def _response(self, request_id: str, **fields: Any) -> Any:

@@ -29,6 +29,10 @@ ends with the empty ``<think>\\n\\n</think>\\n\\n`` block.
   opening a sentence, else its last word);
 - **thinking trigger**: the prompt ends inside an open ``<think>`` (``enable_thinking``, or a raw prompt
   ending so): the output starts with a short reasoning, then ``\\n</think>\\n\\n`` and the answer;
+- structured outputs: with a JSON schema the answer is an instance of it (made from the schema, strings
+  as tool arguments are; an object schema without properties, json_object's, gets ``{"reply": ...}``),
+  with choices the first of them; a tool-call array schema (``tool_choice: required``) thus calls the first
+  tool; the reasoning, when thinking, comes first;
 - choices: with temperature 0 every choice is the same; otherwise choice 0 without a seed is the plain
   answer, and any other (seed, index) shuffles its words deterministically (same seed, same text);
 - ``max_tokens`` ("length"), the context length ("length"), ``stop`` strings (checked on the visible text
@@ -164,6 +168,8 @@ class Sampling:
     temperature: float | None = None  # None: the model's default
     seed: int | None = None
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's and k alternatives
+    json_schema: str | None = None  # structured output: the answer is an instance of this JSON schema
+    choices: tuple[str, ...] = ()  # structured output: the answer is one of these (the first)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -413,40 +419,59 @@ class FakeModel:
         tool = next((t for t in tools if t["name"] and t["name"] in last), None)
         return Prompt(last.strip(), tuple(tools), tool, thinking)
 
-    def answer(self, prompt: Prompt, variant: tuple[int, int] | None = None) -> str:
+    def answer(
+        self, prompt: Prompt, variant: tuple[int, int] | None = None, sampling: Sampling | None = None
+    ) -> str:
         """The text the model means to write (before any stop), for one choice."""
-        if prompt.tool is not None:
-            words, names = [], []  # the message's words; its capitalized words not opening a sentence
-            opening = True
-            for raw in prompt.subject.split():
-                word = raw.strip(".,;:!?\"'()[]{}")
-                if word and word != prompt.tool["name"]:
-                    words.append(word)
-                    if word[:1].isupper() and not opening:
-                        names.append(word)
-                opening = raw.endswith((".", "?", "!"))
-            value = names[-1] if names else words[-1] if words else "demo"
-            arguments = example(prompt.tool.get("parameters") or {}, value)
+        reply = make_reply(prompt.subject, self.words).text
+        if variant is not None:
+            head, tail = reply.split(":", 1) if ":" in reply else ("", reply)
+            words = tail.split()
+            random.Random(f"{variant[0]}:{variant[1]}").shuffle(words)
+            variant_text = " ".join(words)
+            if variant_text == tail.strip():  # too few words to shuffle: say which choice it is
+                variant_text += f" (choice {variant[1]})"
+            reply = f"{head}: {variant_text}" if head else variant_text
+        if sampling is not None and sampling.choices:
+            body = sampling.choices[0]
+        elif sampling is not None and sampling.json_schema is not None:
+            try:
+                schema = json.loads(sampling.json_schema)
+            except ValueError:
+                raise ValueError(f"json_schema: not JSON: {sampling.json_schema[:100]!r}") from None
+            if isinstance(schema, dict) and schema.get("type") == "object" and not schema.get("properties"):
+                instance: Any = {"reply": reply}  # any object: json_object's answer
+            else:
+                instance = example(schema, self._value(prompt))
+            body = _json(instance)
+        elif prompt.tool is not None:
+            arguments = example(prompt.tool.get("parameters") or {}, self._value(prompt))
             if not isinstance(arguments, dict):
                 arguments = {}
             body = (
                 f"<tool_call>\n{_json({'name': prompt.tool['name'], 'arguments': arguments})}\n</tool_call>"
             )
         else:
-            reply = make_reply(prompt.subject, self.words).text
-            if variant is not None:
-                head, tail = reply.split(":", 1) if ":" in reply else ("", reply)
-                words = tail.split()
-                random.Random(f"{variant[0]}:{variant[1]}").shuffle(words)
-                variant_text = " ".join(words)
-                if variant_text == tail.strip():  # too few words to shuffle: say which choice it is
-                    variant_text += f" (choice {variant[1]})"
-                reply = f"{head}: {variant_text}" if head else variant_text
             body = reply
         if prompt.thinking:
             about = " ".join(prompt.subject.split()[:8])
             return f"The user wrote: {about}. I will answer briefly.\n</think>\n\n{body}"
         return body
+
+    @staticmethod
+    def _value(prompt: Prompt) -> str:
+        """A string argument: the subject's last capitalized word not opening a sentence, else its last word."""
+        tool_name = prompt.tool["name"] if prompt.tool is not None else None
+        words, names = [], []
+        opening = True
+        for raw in prompt.subject.split():
+            word = raw.strip(".,;:!?\"'()[]{}")
+            if word and word != tool_name:
+                words.append(word)
+                if word[:1].isupper() and not opening:
+                    names.append(word)
+            opening = raw.endswith((".", "?", "!"))
+        return names[-1] if names else words[-1] if words else "demo"
 
     def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> list[Generation]:
         """The ``n`` choices for the prompt; raises ValueError for a prompt the model cannot take."""
@@ -476,7 +501,7 @@ class FakeModel:
             variant: tuple[int, int] | None = None
             if temperature > 0 and (sampling.seed is not None or index > 0):
                 variant = (sampling.seed if sampling.seed is not None else -1, index)
-            planned = [*self.encode(self.answer(prompt, variant)), self.eos_token_id]
+            planned = [*self.encode(self.answer(prompt, variant, sampling)), self.eos_token_id]
             out.append(self._run(index, planned, sampling, limit, variant))
         return out
 

@@ -8,7 +8,9 @@ qwen3``: ``POST /v1/chat/completions`` (the chat template rendered with jinja2 a
 request's ``tools`` and ``chat_template_kwargs``; tool calls parsed from ``<tool_call>`` blocks, finish
 reason "tool_calls"; ``reasoning_content`` from the text before ``</think>`` when the prompt opened a
 thought; unary or SSE: a role chunk, one chunk a token, the finish on the last, a usage chunk with
-``stream_options.include_usage``, ``data: [DONE]``), ``POST /v1/completions`` (the raw prompt, a string or
+``stream_options.include_usage``, ``data: [DONE]``; ``tool_choice`` required or named and ``response_format``
+json_schema/json_object constrain the output as vLLM's structured outputs do, the forced calls returned as
+tool calls), ``POST /v1/completions`` (the raw prompt, a string or
 token ids), ``GET /v1/models``, ``GET /health``. Usage counts real tokens (the EOS included, as vLLM does);
 the model's defaults (temperature...) apply to what a request leaves unset. Errors use vLLM's envelope
 (``{"error": {"message", "type", "param", "code"}}``); a prompt that leaves no room for one token is a 400.
@@ -155,6 +157,62 @@ def parse_output(
     return content, reasoning, calls
 
 
+def constraint_of(body: Mapping[str, Any], use_tools: bool) -> tuple[str | None, str | None]:
+    """(the JSON schema the output must follow, the forced tool) of a chat request, as vLLM builds them:
+    ``tool_choice: required`` is an array of calls of any tool (forced tool ""), a named function is its
+    parameters (forced tool: its name), ``response_format`` json_schema/json_object its schema (None)."""
+    tools = (
+        [t.get("function", {}) for t in body.get("tools") or () if isinstance(t, dict)] if use_tools else []
+    )
+    choice = body.get("tool_choice")
+    if tools and choice == "required":
+        items = [
+            {
+                "properties": {
+                    "name": {"type": "string", "enum": [t.get("name")]},
+                    "parameters": t.get("parameters") or {"type": "object", "properties": {}},
+                },
+                "required": ["name", "parameters"],
+            }
+            for t in tools
+        ]
+        schema = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": items}}
+        return json.dumps(schema), ""
+    if tools and isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        tool = next((t for t in tools if t.get("name") == name), None)
+        if tool is None:
+            raise BadRequest(f"tool_choice: no tool named {name!r}", param="tool_choice")
+        return json.dumps(tool.get("parameters") or {"type": "object", "properties": {}}), str(name)
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        return json.dumps((fmt.get("json_schema") or {}).get("schema") or {}), None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_object":
+        return '{"type": "object"}', None
+    return None, None
+
+
+def forced_calls(text: str, forced: str) -> list[dict[str, Any]]:
+    """The tool calls of a forced answer: the array of ``{"name", "parameters"}`` (required), or the named
+    function's arguments."""
+    if forced:
+        calls = [{"name": forced, "arguments": text.strip()}]
+    else:
+        try:
+            items = json.loads(text)
+        except ValueError:
+            return []
+        calls = [
+            {
+                "name": item.get("name"),
+                "arguments": json.dumps(item.get("parameters", {}), ensure_ascii=False),
+            }
+            for item in items
+            if isinstance(item, dict)
+        ]
+    return [{"id": "chatcmpl-tool-" + new_id("")[:32], "type": "function", "function": c} for c in calls]
+
+
 class VllmHttp(HttpApi):
     """vLLM's OpenAI-compatible server; see the module docstring."""
 
@@ -297,14 +355,25 @@ class VllmHttp(HttpApi):
         body = chat.body
         try:
             ids, thinking, use_tools = self._prompt(body)
-            generations = self._generate(ids, sampling_of(body, chat=True))
+            schema, forced = constraint_of(body, use_tools)
+            sampling = dataclasses.replace(sampling_of(body, chat=True), json_schema=schema)
+            generations = self._generate(ids, sampling)
         except BadRequest as exc:
             self.fake.stats["rejected"] += 1
             return self._invalid(exc)
         choices = []
         for g in generations:
-            content, reasoning, calls = parse_output(g.text, thinking, use_tools)
-            finish = "tool_calls" if calls and body.get("tool_choice") in (None, "auto") else g.finish_reason
+            if forced is None:
+                content, reasoning, calls = parse_output(g.text, thinking, use_tools)
+                finish = (
+                    "tool_calls" if calls and body.get("tool_choice") in (None, "auto") else g.finish_reason
+                )
+            else:
+                text, reasoning, _ = parse_output(g.text, thinking, False)
+                calls = forced_calls(text or "", forced)
+                # vLLM: "tool_calls" for required, the engine's reason for a named function (content "").
+                content = "" if forced else None
+                finish = "tool_calls" if not forced and g.finish_reason == "stop" else g.finish_reason
             choices.append(_Choice(g, content, reasoning, calls, finish))
         completion_id = new_id("chatcmpl-")
         created = int(time.time())
