@@ -202,9 +202,11 @@ def forced_calls(text: str, forced: str) -> list[dict[str, Any]]:
             items = json.loads(text)
         except ValueError:
             return []
+        if not isinstance(items, list):
+            return []
         calls = [
             {
-                "name": item.get("name"),
+                "name": str(item.get("name")),
                 "arguments": json.dumps(item.get("parameters", {}), ensure_ascii=False),
             }
             for item in items
