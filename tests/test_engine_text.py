@@ -622,6 +622,8 @@ HERMES_CASES = [
     ('<tool_call>\n{"arguments": {"a": 1}}\n</tool_call>', None, []),
     ('<tool_call>\n{"name": "f", "arguments": {"a": tru}}\n</tool_call>', None, []),
     ('<tool_call>\n{"name": "f", "arguments": {"a": ', None, []),
+    ('<tool_call>\n{"name": "f", "arguments": [1, 2]}\n</tool_call>', None, []),  # never announced
+    ('<tool_call>\n{"name": "f", "arguments": "not json"}\n</tool_call>', None, []),
 ]
 
 

@@ -22,8 +22,8 @@ already announced when its JSON breaks cannot be withdrawn, so its following tex
 :meth:`ToolParser.parse` reads a whole output, announcing a call only once its JSON is known valid.
 
 ``tool_names``, when given, restricts calls to the tools the request declared: a call to another name is
-content (vLLM accepts any name). All buffers grow at most with the text of one call; every character is
-scanned once.
+content (vLLM accepts any name). All buffers grow at most with the text of one call, and each character
+is scanned a fixed number of times, so a long output costs linear time.
 """
 
 from __future__ import annotations
@@ -114,7 +114,6 @@ class _CallScanner:
         self.arguments: str | None = None  # once the arguments value is complete
         self.arguments_end: int | None = None  # where the arguments value ends in the raw text
         self._consumed = 0
-        self._argument_parts: list[str] = []
         self._unsent: list[str] = []  # "{" arguments text not yet taken by take_arguments
         self.done = False
         self.error: str | None = None
@@ -446,7 +445,7 @@ class ToolParser:
             return self._end_broken_call(call)
         if self._call_started:
             self._send_arguments(call.take_arguments())
-        elif call.name is not None and (call.done or (self._stream_arguments and call.arguments_open)):
+        elif call.name is not None and (call.done or (self._stream_arguments and call.arguments_kind == "{")):
             if self._tool_names is not None and call.name not in self._tool_names:
                 return self._end_broken_call(call) if call.done else "open"
             if call.done and not _valid_call(call):  # whole before it was announced: checked first
