@@ -538,6 +538,11 @@ def test_template_errors() -> None:
         render("{{ nothing.here }}")
     with pytest.raises(ChatTemplateError, match=r"does not compile \(line 1\)"):
         render("{% if %}")
+    parts = [{"type": "text", "text": "a"}, "b", {"type": "refusal", "refusal": "no"}]
+    assert (
+        render_chat_template("{{ messages[0].content }}", [{"role": "assistant", "content": parts}])
+        == "a\nb\nno"
+    )
     with pytest.raises(ChatTemplateError, match="cannot carry images"):
         render_chat_template(
             "{{ messages }}",
@@ -984,3 +989,63 @@ def test_tool_calls_damaged_anywhere(
     for content, found in (held, _stream(name, pieces)):
         if not found:
             assert content in (text, text.lstrip())
+
+
+QWEN3_TEMPLATE = """{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if message.role == "user" %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- elif '</think>' in content %}
+            {%- set reasoning_content = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_query_index %}
+            {{- '<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+        {%- else %}
+            {{- '<|im_start|>' + message.role + '\\n' + content }}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}"""
+
+
+def test_qwen3_template_namespace_string_methods_and_thinking_switch() -> None:
+    """The constructs of Qwen 3's template work in the sandbox (namespace, reversed slices, string
+    methods), and chat_template_kwargs reach it: enable_thinking=False closes the thought in the prompt."""
+    messages = [
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "<think>\nr1\n</think>\n\nA1"},
+        {"role": "user", "content": "Q2"},
+    ]
+    head = "<|im_start|>user\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n"
+    off = render_chat_template(QWEN3_TEMPLATE, messages, template_kwargs={"enable_thinking": False})
+    assert off == head + "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    on = render_chat_template(QWEN3_TEMPLATE, messages)
+    assert on == head + "<|im_start|>assistant\n"
+    assert not reasoning_parser("qwen3", prompt=off).feed("A2").reasoning
+    messages.append({"role": "assistant", "content": "A2", "reasoning_content": "r2"})
+    assert render_chat_template(QWEN3_TEMPLATE, messages, add_generation_prompt=False).endswith(
+        "<|im_start|>assistant\n<think>\nr2\n</think>\n\nA2<|im_end|>\n"
+    )

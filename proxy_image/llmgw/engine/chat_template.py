@@ -127,6 +127,8 @@ def _flatten_parts(parts: list[Any], position: int) -> str:
         kind = part.get("type") if isinstance(part, Mapping) else None
         if kind in ("text", "input_text") and isinstance(part.get("text"), str):
             texts.append(part["text"])
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):  # an assistant's, sent back
+            texts.append(part["refusal"])
         else:
             raise ChatTemplateError(
                 f"message {position} has a content part of type {kind!r}: this provider sends text to "
