@@ -427,6 +427,16 @@ async def test_sglang_generate_and_info(sstub: Any) -> None:
     request.sampling_params.max_new_tokens = 4
     _, (complete,) = await collect(sstub.Generate(request))
     assert complete.finish_reason == "length" and complete.completion_tokens == 4
+    thinking = sgl.GenerateRequest(
+        request_id="s2",
+        tokenized=sgl.TokenizedInput(input_ids=chat_ids(HELLO, enable_thinking=True)),
+        sampling_params=sgl.SamplingParams(temperature=0.0),
+        stream=True,
+        require_reasoning=True,
+    )
+    chunks, (complete,) = await collect(sstub.Generate(thinking))
+    out = [t for c in chunks for t in c.token_ids]
+    assert complete.reasoning_tokens == out.index(m.think_end_id) == chunks[-1].reasoning_tokens > 0
     aborted = await sstub.Abort(sgl.AbortRequest(request_id="nothing-running"))
     assert not aborted.success
     chunks = [c async for c in sstub.GetTokenizer(common_pb2.GetTokenizerRequest())]

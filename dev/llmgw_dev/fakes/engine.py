@@ -11,7 +11,8 @@ such as SMG or the gateway's engine path talks to them: ``vllm.grpc.engine.VllmE
   "stop" (EOS, stop string: ``matched_stop_str``, stop token: ``matched_token_id``; SGLang also reports the
   EOS as ``matched_token_id``), "length" or "abort". ``cached_tokens`` come from a prefix cache of recent
   prompts (16-token blocks). Logprobs (vLLM ``sampling_params.logprobs``, SGLang ``return_logprob`` and
-  ``top_logprobs_num``) ride on the chunks and Completes; the ``json_schema``/``json_object``/``choice``
+  ``top_logprobs_num``) ride on the chunks and Completes; SGLang counts ``reasoning_tokens`` (those before
+  ``</think>``) when asked (``require_reasoning``); the ``json_schema``/``json_object``/``choice``
   constraints shape the answer (:mod:`.model`), the others are ignored. A prompt at or above ``max_context_length``,
   ``max_tokens`` 0 and other invalid parameters are refused with INVALID_ARGUMENT before any fault.
 - ``Abort`` finishes the named running requests with "abort" (vLLM: ``request_ids``; SGLang: ``request_id``,
@@ -123,6 +124,10 @@ class Engine(GrpcApi):
 
     def _response(self, request_id: str, **fields: Any) -> Any:
         raise NotImplementedError
+
+    def _count_reasoning(self, request: Any, g: Generation, end: int, message: Any) -> Any:
+        """Set the reasoning tokens among ``g``'s first ``end`` on ``message`` when the protocol counts them."""
+        return message
 
     # ---- shared
 
@@ -280,14 +285,26 @@ class Engine(GrpcApi):
                     continue
                 last = step == len(g.token_ids) - 1
                 if request.stream:
-                    yield self._chunk(request_id, g, step, step + 1, prompt, cached, top)
+                    yield self._count_reasoning(
+                        request, g, step + 1, self._chunk(request_id, g, step, step + 1, prompt, cached, top)
+                    )
                     if last:
-                        yield self._complete(request_id, g, step, step + 1, prompt, cached, top)
+                        yield self._count_reasoning(
+                            request,
+                            g,
+                            step + 1,
+                            self._complete(request_id, g, step, step + 1, prompt, cached, top),
+                        )
                 if last:
                     done.add(g.index)
         if not request.stream:
             for g in generations:
-                yield self._complete(request_id, g, 0, len(g.token_ids), prompt, cached, top)
+                yield self._count_reasoning(
+                    request,
+                    g,
+                    len(g.token_ids),
+                    self._complete(request_id, g, 0, len(g.token_ids), prompt, cached, top),
+                )
 
     async def _embed(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         with self._counted():
@@ -554,6 +571,23 @@ class Sglang(Engine):
 
     def _response(self, request_id: str, **fields: Any) -> Any:
         return sgl.GenerateResponse(request_id=request_id, **fields)
+
+    def _count_reasoning(self, request: Any, g: Generation, end: int, message: Any) -> Any:
+        """With ``require_reasoning``, SGLang counts the tokens before ``</think>`` (cumulative)."""
+        if request.require_reasoning:
+            ids = g.token_ids[:end]
+            think_end = self.model.think_end_id
+            if think_end in ids:
+                count = ids.index(think_end)
+            elif think_end in g.token_ids or (g.finish_reason == "length" and self._thinking(request)):
+                count = len(ids)  # still thinking
+            else:
+                count = 0
+            getattr(message, message.WhichOneof("response")).reasoning_tokens = count
+        return message
+
+    def _thinking(self, request: Any) -> bool:
+        return self.model.read(request.tokenized.input_ids).thinking
 
     async def _abort_rpc(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         found = self._abort_ids(request, [request.request_id])

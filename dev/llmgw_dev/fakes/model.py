@@ -273,6 +273,7 @@ class FakeModel:
         self.endoftext_id: int = ids["<|endoftext|>"]
         self.eos_token_id: int = ids["<|im_end|>"]
         self.im_start_id: int = ids["<|im_start|>"]
+        self.think_end_id: int = ids["</think>"]
         self.eos_token_ids: tuple[int, ...] = (self.eos_token_id,)  # config.json
         self.generation_eos_ids: tuple[int, ...] = (self.eos_token_id, self.endoftext_id)
         self.special_ids = frozenset(ids[t] for t in SPECIAL_TOKENS)
