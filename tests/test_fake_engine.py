@@ -137,6 +137,25 @@ def test_model_builds_fast_and_the_same_every_time() -> None:
     assert len(first.encode("<tool_call>")) == 1
 
 
+def test_incremental_decoding_matches_the_tokenizer() -> None:
+    import codecs
+    import random
+
+    m = model()
+    rng = random.Random(3)
+    for _ in range(200):
+        ids = [rng.randrange(m.vocab_size) for _ in range(rng.randrange(1, 12))]
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        text = "".join(decoder.decode(m.token_bytes[t]) for t in ids if t not in m.special_ids)
+        text += decoder.decode(b"", final=True)
+        assert text == m.decode(ids)
+    # Long outputs stay cheap: 4000 tokens with a stop string that never comes, streamed as deltas.
+    started = time.perf_counter()
+    (g,) = m.generate(chat_ids(HELLO), Sampling(ignore_eos=True, max_tokens=4000, stop=("never",)))
+    assert len(g.token_ids) == 4000 and "".join(m.text_deltas(g)) == g.text
+    assert time.perf_counter() - started < 2.0
+
+
 def test_template_and_generation_triggers() -> None:
     m = model()
     plain = m.render(HELLO)

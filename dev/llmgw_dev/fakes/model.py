@@ -44,6 +44,7 @@ ends with the empty ``<think>\\n\\n</think>\\n\\n`` block.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import functools
 import hashlib
@@ -229,6 +230,22 @@ def _train() -> Tokenizer:
     return tokenizer
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-level BPE's alphabet: each byte's printable stand-in (GPT-2's table)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
 def _unit(*parts: object) -> float:
     """A deterministic float in [0, 1) from ``parts``."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
@@ -279,6 +296,12 @@ class FakeModel:
         self.special_ids = frozenset(ids[t] for t in SPECIAL_TOKENS)
         self.max_context_length = MAX_CONTEXT_LENGTH
         self._filler = self.encode(_FILLER)
+        inverse = {c: b for b, c in _bytes_to_unicode().items()}
+        added = {*SPECIAL_TOKENS, *ADDED_TOKENS}
+        self.token_bytes: list[bytes] = []  # each id's bytes, for incremental decoding
+        for token_id in range(self.vocab_size):
+            token = self.tokenizer.id_to_token(token_id) or ""
+            self.token_bytes.append(token.encode() if token in added else bytes(inverse[c] for c in token))
         self._env: Any = None
         self._zip: bytes | None = None
 
@@ -519,7 +542,8 @@ class FakeModel:
         finish = "length"
         matched_id: int | None = None
         matched_str: str | None = None
-        text = ""
+        text = ""  # the visible text so far, when stop strings are looked for
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
         cut: int | None = None
         filler = 0
         position = 0
@@ -548,7 +572,8 @@ class FakeModel:
                 break
             if sampling.stop:
                 previous = len(text)
-                text = self.decode(ids)
+                if token not in self.special_ids:
+                    text += decoder.decode(self.token_bytes[token])
                 start = max(0, previous - max(len(s) for s in sampling.stop) + 1)
                 found = [(text.find(s, start), s) for s in sampling.stop if s and text.find(s, start) >= 0]
                 if found:
@@ -584,19 +609,16 @@ class FakeModel:
         """The visible text each output token adds, as an incremental detokenizer streams it (a token that
         ends inside a UTF-8 character adds nothing until the character completes); they join to ``text``."""
         deltas = []
-        emitted = 0
-        visible: list[int] = []
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
         final = generation.text
+        produced = 0
         for token in generation.token_ids:
+            piece = ""
             if token not in self.special_ids and token != generation.matched_token_id:
-                visible.append(token)
-            text = self.decode(visible)
-            if text.endswith("\ufffd"):
-                deltas.append("")
-                continue
-            text = text[: len(final)]
-            deltas.append(text[emitted:])
-            emitted = max(emitted, len(text))
+                piece = decoder.decode(self.token_bytes[token])
+            deltas.append(final[min(produced, len(final)) : min(produced + len(piece), len(final))])
+            produced += len(piece)
+        emitted = min(produced, len(final))
         if emitted < len(final):
             deltas[-1] += final[emitted:]
         return deltas
