@@ -1049,3 +1049,29 @@ def test_qwen3_template_namespace_string_methods_and_thinking_switch() -> None:
     assert render_chat_template(QWEN3_TEMPLATE, messages, add_generation_prompt=False).endswith(
         "<|im_start|>assistant\n<think>\nr2\n</think>\n\nA2<|im_end|>\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "opening"),
+    [
+        ("hermes", "<tool_call>"),
+        ("hermes", '<tool_call>{"name": "f", "arguments": {}}'),
+        ("llama3_json", ""),
+        ("llama3_json", '{"name": "f", "parameters": {}};'),
+        ("mistral", "[TOOL_CALLS]"),
+        ("mistral", "[TOOL_CALLS]["),
+        ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {}}'),
+    ],
+)
+def test_tool_parsers_hold_little_of_endless_whitespace(name: str, opening: str) -> None:
+    """A model that writes whitespace on and on where a format expects its next part: what the parser
+    holds stays small, so each delta costs the same."""
+    parser = TOOL_PARSERS[name]()
+    parser.feed(opening)
+    for _ in range(2000):
+        parser.feed(" ")
+        assert len(parser._buffer) <= 300
+    thinking = ThinkTagReasoningParser(in_reasoning=False)
+    for _ in range(2000):
+        thinking.feed("\n")
+        assert len(thinking._held) <= 300

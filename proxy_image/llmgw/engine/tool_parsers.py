@@ -87,6 +87,7 @@ def mistral_call_id() -> str:
 
 
 _WHITESPACE = " \t\r\n"
+_MAX_GAP = 256  # whitespace held between a format's parts (a marker and what it opens) before giving up
 _STRING_SPECIAL = re.compile(r'["\\]')
 _NESTED_SPECIAL = re.compile(r'[{}\[\]"]')
 _PRIMITIVE_END = re.compile(r"[,}\]\s]")
@@ -574,7 +575,7 @@ class Llama3JsonToolParser(ToolParser):
                         self._begin_call("; ")
                         self._state = "call"
                         continue
-                    if not after and not final:
+                    if not after and not final and len(rest) <= _MAX_GAP:
                         self._buffer = rest
                         return
                 elif not rest and not final:
@@ -609,7 +610,7 @@ class MistralToolParser(ToolParser):
                 self._state = "after_tag"
             elif self._state == "after_tag":
                 rest = self._buffer.lstrip()
-                if not rest and not final:
+                if not rest and not final and len(self._buffer) <= _MAX_GAP:
                     return
                 # What the marker opened, given back with a call that turns out broken.
                 self._opening = self.calls_tag + self._buffer[: len(self._buffer) - len(rest)]
@@ -627,6 +628,7 @@ class MistralToolParser(ToolParser):
             elif self._state == "array":  # before an element, or the end of the array
                 rest = self._buffer.lstrip()
                 if not rest and not final:
+                    self._buffer = ""  # whitespace between elements is nobody's text
                     return
                 self._buffer = rest
                 if rest.startswith("{"):
@@ -650,6 +652,7 @@ class MistralToolParser(ToolParser):
             elif self._state == "array_next":
                 rest = self._buffer.lstrip()
                 if not rest and not final:
+                    self._buffer = ""
                     return
                 if rest.startswith(","):
                     self._buffer = rest[1:]
