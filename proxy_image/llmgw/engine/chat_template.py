@@ -163,8 +163,9 @@ def _cut_after_final_message(rendered: str, messages: list[dict[str, Any]]) -> s
         raise ChatTemplateError(
             "continue_final_message: the template did not write the last message's content verbatim"
         )
-    # The template may trim the message's trailing spaces: keep them only when it wrote them.
-    if rendered[location : location + len(final.lstrip())] == final.lstrip():
+    # The template may trim the message's trailing spaces: keep them only when it wrote them (the test is
+    # transformers', which a message with leading spaces never passes).
+    if rendered[location : location + len(final.lstrip())] == final:
         return rendered[: location + len(final.lstrip())]
     return rendered[: location + len(final.strip())]
 
