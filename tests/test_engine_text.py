@@ -726,6 +726,14 @@ def test_mistral(text: str, content: str | None, calls: list[tuple[str, str]]) -
 def test_mistral_ids_and_flags() -> None:
     content, calls = TOOL_PARSERS["mistral"].parse('[TOOL_CALLS]f[ARGS]{"a": 1}')
     assert content is None and len(calls[0].id) == 9 and calls[0].id.isalnum()
+    text = '[TOOL_CALLS]f[CALL_ID]abc123XYZ[ARGS]{"a": 1}[TOOL_CALLS]g[CALL_ID]k2[ARGS]{}'
+    for pieces in _splits(text):
+        assert _stream("mistral", pieces) == (
+            "",
+            [ToolCall("abc123XYZ", "f", '{"a": 1}'), ToolCall("k2", "g", "{}")],
+        )
+    bad = '[TOOL_CALLS]f[CALL_ID]no way![ARGS]{"a": 1}'
+    assert TOOL_PARSERS["mistral"].parse(bad) == (bad, [])
     assert TOOL_PARSERS["mistral"].needs_special_tokens and not TOOL_PARSERS["hermes"].needs_special_tokens
     with pytest.raises(
         ValueError, match="unknown tool parser 'nope'; known: hermes, llama3_json, llama4_json, mistral"

@@ -363,6 +363,7 @@ class ToolParser:
         self._call: _CallScanner | None = None
         self._call_prefix = ""  # the marker text before the call, given back with it if it is no call
         self._call_started = False
+        self._call_id: str | None = None
         self._after_call = False  # whitespace after a call is not content
 
     @classmethod
@@ -430,9 +431,10 @@ class ToolParser:
         self._buffer = self._buffer[len(self._buffer) - keep :]
         return False
 
-    def _begin_call(self, prefix: str, name: str | None = None) -> None:
+    def _begin_call(self, prefix: str, name: str | None = None, call_id: str | None = None) -> None:
         self._call = _CallScanner(self.argument_keys, name, arguments_required=self.arguments_required)
         self._call_prefix = prefix
+        self._call_id = call_id  # an id the model wrote itself
         self._call_started = False
 
     def _continue_call(self, *, final: bool) -> str:
@@ -451,7 +453,7 @@ class ToolParser:
                 return self._end_broken_call(call) if call.done else "open"
             if call.done and not _valid_call(call):  # whole before it was announced: checked first
                 return self._end_broken_call(call)
-            self._events.append(ToolCallStart(self._calls, self._new_id(), call.name))
+            self._events.append(ToolCallStart(self._calls, self._call_id or self._new_id(), call.name))
             self._call_started = True
             self._send_arguments(call.take_arguments())
         if not call.done:
@@ -586,15 +588,18 @@ class Llama3JsonToolParser(ToolParser):
 
 
 class MistralToolParser(ToolParser):
-    """``[TOOL_CALLS]`` then a JSON array of calls, or ``[TOOL_CALLS]name[ARGS]{...}`` per call."""
+    """``[TOOL_CALLS]`` then a JSON array of calls, or ``[TOOL_CALLS]name[ARGS]{...}`` per call (with
+    ``[CALL_ID]id`` before ``[ARGS]`` in newer tokenizers)."""
 
     name = "mistral"
     needs_special_tokens = True  # [TOOL_CALLS], [ARGS]
     default_id = staticmethod(mistral_call_id)
     calls_tag = "[TOOL_CALLS]"
     args_tag = "[ARGS]"
+    call_id_tag = "[CALL_ID]"  # tokenizer v13: name[CALL_ID]id[ARGS]{...}, the id written by the model
     max_name_chars = 256
     _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+    _ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -664,14 +669,15 @@ class MistralToolParser(ToolParser):
                 at = self._buffer.find(self.args_tag)
                 if at < 0 and not final and len(self._buffer) <= self.max_name_chars:
                     return
-                name = self._buffer[:at].strip() if at >= 0 else ""
-                if not self._NAME.fullmatch(name):
+                name, has_id, call_id = self._buffer[: max(at, 0)].partition(self.call_id_tag)
+                name, call_id = name.strip(), call_id.strip()
+                if not self._NAME.fullmatch(name) or (has_id and not self._ID.fullmatch(call_id)):
                     self._content(self.calls_tag)  # not a call: the rest is read again as content
                     self._state = "content"
                     continue
                 prefix = self.calls_tag + self._buffer[: at + len(self.args_tag)]
                 self._buffer = self._buffer[at + len(self.args_tag) :]
-                self._begin_call(prefix, name)
+                self._begin_call(prefix, name, call_id or None)
                 self._state = "arguments"
 
 
