@@ -5,10 +5,10 @@ byte-level token may hold half a UTF-8 character (it decodes to U+FFFD until the
 it), and a SentencePiece decoder drops the leading space of the first token it is given, so " world"
 alone decodes as "world". It uses the method of vLLM and text-generation-inference: decode a short window
 of the latest tokens twice, up to the last point already sent (``read``) and up to the newest token, and
-send the difference. The window starts a few tokens back (``prefix``), so the decoder sees each token in
-context and writes its spaces as the whole text would. Text that ends in U+FFFD is held (the character
-is not finished); the window moves on once the text is clean, so each token costs a decode of a few
-tokens, not of the whole text. One difference remains, as in vLLM: a SentencePiece byte-fallback decoder
+send the difference. The window starts where the previous step's text was read (``prefix``), so the
+decoder sees each token after one before it and writes its spaces as the whole text would. A character
+still unfinished at the end (U+FFFD) is held and the text before it sent; the window moves on once the
+text ends clean, so each token costs a decode of a few tokens, not of the whole text. One difference remains, as in vLLM: a SentencePiece byte-fallback decoder
 turns every byte of a run of byte tokens into U+FFFD when the run is not valid UTF-8, so when a model
 writes invalid bytes after a valid character spelled in bytes, that character was sent already.
 
