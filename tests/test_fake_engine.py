@@ -128,7 +128,11 @@ def test_model_builds_fast_and_the_same_every_time() -> None:
     second = FakeModel()
     assert first.tokenizer.to_str() == second.tokenizer.to_str()
     assert first.tokenizer_zip() == second.tokenizer_zip()
-    for text in ("plain ascii", "wörld 😀 今日は Привет \u200b\x00 é\u0301", '{"a": [1, 2]}\n\t'):
+    for text in (
+        "plain ascii",
+        "wörld 😀 今日は Привет \u200b\x00 é\u0301 e\u0301 \ufb01 \U0010ffff",
+        '{"a": [1, 2]}\n\t',
+    ):
         assert first.decode(first.encode(text)) == text
     # Specials are single tokens and skipped; the tool and think markers are ordinary added tokens.
     ids = first.encode("<|im_start|>user\nhi<|im_end|><tool_call></tool_call><think></think>")

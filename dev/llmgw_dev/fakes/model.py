@@ -1,9 +1,9 @@
 """The fake model behind the engine kinds (``vllm``, ``sglang``) and the ``vllm-http`` kind: a real tokenizer, a
 Qwen3-like chat template and a deterministic "generation" over token ids.
 
-**Tokenizer.** A byte-level BPE (Qwen2's pre-tokenizer regex, NFC, byte-level decoder) trained with ``tokenizers``
-on the small English corpus ``llmgw_dev/data/tokenizer_corpus.txt`` when the model is first built (about 15 ms,
-the same ids every run; any UTF-8 round-trips). Special tokens ``<|endoftext|>``, ``<|im_start|>``,
+**Tokenizer.** A byte-level BPE (Qwen2's pre-tokenizer regex and byte-level decoder, but no NFC normalizer:
+any UTF-8 round-trips) trained with ``tokenizers`` on the small English corpus
+``llmgw_dev/data/tokenizer_corpus.txt`` when the model is first built (about 15 ms, the same ids every run). Special tokens ``<|endoftext|>``, ``<|im_start|>``,
 ``<|im_end|>`` follow the BPE vocabulary, then the ordinary (non-special) added tokens ``<tool_call>``,
 ``</tool_call>``, ``<think>``, ``</think>``, which survive ``skip_special_tokens`` as in Qwen3.
 :meth:`FakeModel.files` are the model's files (``tokenizer.json``, ``tokenizer_config.json`` with the chat
@@ -58,7 +58,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llmgw_dev.fakes.completions import example
 from llmgw_dev.fakes.faults import make_reply
@@ -207,7 +207,6 @@ class Prompt:
 
 def _train() -> Tokenizer:
     tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(_SPLIT), behavior="isolated", invert=False),
