@@ -3,9 +3,10 @@ Qwen3-like chat template and a deterministic "generation" over token ids.
 
 **Tokenizer.** A byte-level BPE (Qwen2's pre-tokenizer regex and byte-level decoder, but no NFC normalizer:
 any UTF-8 round-trips) trained with ``tokenizers`` on the small English corpus
-``llmgw_dev/data/tokenizer_corpus.txt`` when the model is first built (about 15 ms, the same ids every run). Special tokens ``<|endoftext|>``, ``<|im_start|>``,
-``<|im_end|>`` follow the BPE vocabulary, then the ordinary (non-special) added tokens ``<tool_call>``,
-``</tool_call>``, ``<think>``, ``</think>``, which survive ``skip_special_tokens`` as in Qwen3.
+``llmgw_dev/data/tokenizer_corpus.txt`` when the model is first built (about 15 ms, the same ids every run).
+Special tokens ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` follow the BPE vocabulary, then the
+ordinary (non-special) added tokens ``<tool_call>``, ``</tool_call>``, ``<think>``, ``</think>``, which survive
+``skip_special_tokens`` as in Qwen3.
 :meth:`FakeModel.files` are the model's files (``tokenizer.json``, ``tokenizer_config.json`` with the chat
 template, ``config.json``, ``generation_config.json`` with the EOS ids); :meth:`FakeModel.tokenizer_zip` is
 them as the deterministic ZIP archive an engine's ``GetTokenizer`` streams.
