@@ -26,6 +26,7 @@ from llmgw.engine import (
     EngineTokenizer,
     Finish,
     IncrementalDetokenizer,
+    Step,
     StopChecker,
     ThinkTagReasoningParser,
     TokenizerError,
@@ -369,7 +370,7 @@ def test_choice_decoder_stops(qwen: EngineTokenizer) -> None:
     stop_id = qwen.token_id("<|endoftext|>")
     assert stop_id is not None
     decoder = ChoiceDecoder(qwen, stop_token_ids=[stop_id], ignore_eos=True)
-    assert decoder.feed([*ids, stop_id]) == type(step)("Hello world. The end", Finish("stop", stop_id))
+    assert decoder.feed([*ids, stop_id]) == Step("Hello world. The end", Finish("stop", stop_id))
     decoder = ChoiceDecoder(qwen, stop=["end"], stop_token_ids=[stop_id])  # the stop string in flushed text
     assert decoder.feed([*ids]).text == "Hello world. The "
     assert decoder.finish == Finish("stop", "end")
