@@ -1084,3 +1084,27 @@ def test_tool_parsers_hold_little_of_endless_whitespace(name: str, opening: str)
     for _ in range(2000):
         thinking.feed("\n")
         assert len(thinking._held) <= 300
+
+
+@hypothesis.settings(max_examples=100, deadline=None)
+@hypothesis.given(text=TEXTS, data=st.data())
+def test_decoding_after_the_prompt(
+    qwen: EngineTokenizer, sentencepiece: EngineTokenizer, text: str, data: st.DataObject
+) -> None:
+    """With the prompt's last ids as context, the output's text is what the whole decode adds after the
+    prompt: a SentencePiece output's first space is kept."""
+    for tok in (qwen, sentencepiece):
+        ids = tok.encode(text)
+        cut = data.draw(st.integers(0, len(ids)))
+        before, whole = tok.decode(ids[:cut]), tok.decode(ids)
+        hypothesis.assume(whole.startswith(before) and not before.endswith("\ufffd"))
+        deltas = _incremental(tok, ids[cut:], context_ids=ids[:cut])
+        assert "".join(deltas) == whole[len(before) :]
+
+
+def test_first_space_after_the_prompt(sentencepiece: EngineTokenizer) -> None:
+    ids = sentencepiece.encode("Hello world, the weather in Paris is sunny")
+    cut = next(i for i in range(1, len(ids)) if sentencepiece.tokenizer.id_to_token(ids[i]).startswith("▁"))
+    after = "".join(_incremental(sentencepiece, ids[cut:], context_ids=ids[:cut]))
+    assert after.startswith(" ") and sentencepiece.decode(ids[:cut]) + after == sentencepiece.decode(ids)
+    assert "".join(_incremental(sentencepiece, ids[cut:])) == after[1:]  # the output alone: no first space
