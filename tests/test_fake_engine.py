@@ -658,6 +658,7 @@ REQUESTS: list[dict[str, Any]] = [
     {"messages": HELLO, "max_tokens": 7},
     {"messages": HELLO, "stop": ["fake"]},
     {"messages": HELLO, "n": 2, "seed": 11, "temperature": 1.0},
+    {"messages": HELLO, "n": 2, "temperature": 1.0},
 ]
 
 
