@@ -141,6 +141,15 @@ def test_model_builds_fast_and_the_same_every_time() -> None:
     assert len(first.encode("<tool_call>")) == 1
 
 
+def test_model_files_saved(tmp_path: Path) -> None:
+    model().save(tmp_path / "m")
+    tokenizer = Tokenizer.from_file(str(tmp_path / "m" / "tokenizer.json"))
+    assert tokenizer.encode("hello <|im_end|>", add_special_tokens=False).ids == model().encode(
+        "hello <|im_end|>"
+    )
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["eos_token_id"] == model().eos_token_id
+
+
 def test_incremental_decoding_matches_the_tokenizer() -> None:
     import codecs
     import random

@@ -369,6 +369,13 @@ class FakeModel:
             "generation_config.json": json.dumps(generation_config, indent=2).encode(),
         }
 
+    def save(self, directory: Path) -> None:
+        """Write :meth:`files` into ``directory`` (created if missing): a model directory a router or
+        ``transformers`` can load the tokenizer and chat template from."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, data in self.files().items():
+            (directory / name).write_bytes(data)
+
     def tokenizer_zip(self) -> bytes:
         """:meth:`files` as a ZIP archive, byte for byte the same every run."""
         if self._zip is None:
