@@ -22,6 +22,8 @@ from llmgw.engine import (
     ArgumentsDelta,
     ChatTemplateError,
     ChoiceDecoder,
+    ChoiceDelta,
+    ChoicePipeline,
     ContentDelta,
     EngineTokenizer,
     Finish,
@@ -851,7 +853,7 @@ def test_special_tokens_map(qwen: EngineTokenizer) -> None:
 
 def test_pipeline_ids_to_reasoning_content_and_calls(qwen: EngineTokenizer) -> None:
     """What a provider does with one Qwen 3 choice: ids through the decoder, the reasoning parser and the
-    hermes parser, token by token."""
+    hermes parser, token by token; ids after the end are ignored."""
     prompt = (
         render_chat_template(QWEN_TEMPLATE, [{"role": "user", "content": "Weather?"}], tools=[WEATHER_TOOL])
         + "<think>\n"
@@ -862,21 +864,16 @@ def test_pipeline_ids_to_reasoning_content_and_calls(qwen: EngineTokenizer) -> N
     )
     ids = qwen.encode(output)
     assert qwen.token_id("<tool_call>") in ids  # the added token is one id, and kept when decoding
-    decoder = ChoiceDecoder(qwen, context_ids=qwen.encode(prompt))
-    thinking = reasoning_parser("qwen3", prompt=prompt)
-    calls = TOOL_PARSERS["hermes"](new_id=lambda: "call_0")
-    reasoning, events = [], []
-    for token_id in ids:
-        step = decoder.feed([token_id])
-        split = thinking.feed(step.text)
-        reasoning.append(split.reasoning)
-        events += calls.feed(split.content)
-        if step.finish:
-            break
-    split = thinking.finish()
-    reasoning.append(split.reasoning)
-    events += calls.feed(split.content) + calls.finish()
-    assert decoder.finish == Finish("stop", None)
+    pipeline = ChoicePipeline(
+        ChoiceDecoder(qwen, context_ids=qwen.encode(prompt)),
+        reasoning=reasoning_parser("qwen3", prompt=prompt),
+        tools=TOOL_PARSERS["hermes"](new_id=lambda: "call_0"),
+    )
+    deltas = [pipeline.feed([token_id]) for token_id in [*ids, *qwen.encode("ignored")]]
+    deltas.append(pipeline.end())
+    reasoning = [d.reasoning for d in deltas]
+    events = [e for d in deltas for e in d.events]
+    assert next(d.finish for d in deltas if d.finish) == Finish("stop", None) and pipeline.tool_calls == 1
     assert "".join(reasoning) == "The user wants the weather.\n"
     assert _collect(events) == ("Checking.\n", [ToolCall("call_0", "get_weather", '{"city": "Zürich 😀"}')])
 
@@ -1108,3 +1105,20 @@ def test_first_space_after_the_prompt(sentencepiece: EngineTokenizer) -> None:
     after = "".join(_incremental(sentencepiece, ids[cut:], context_ids=ids[:cut]))
     assert after.startswith(" ") and sentencepiece.decode(ids[:cut]) + after == sentencepiece.decode(ids)
     assert "".join(_incremental(sentencepiece, ids[cut:])) == after[1:]  # the output alone: no first space
+
+
+def test_pipeline_releases_held_text_at_the_end(qwen: EngineTokenizer) -> None:
+    """The engine stops (a length limit) with text held in every stage: a partial stop string, a partial
+    tag, a partial marker; end() releases them in order."""
+    pipeline = ChoicePipeline(
+        ChoiceDecoder(qwen, stop=["<tool_call>x"]),
+        reasoning=ThinkTagReasoningParser(in_reasoning=True),
+        tools=tool_parser("hermes"),
+    )
+    first = pipeline.feed(qwen.encode("hmm </think>answer <tool_call>"))
+    assert (first.reasoning, first.events, first.finish) == ("hmm ", [ContentDelta("answer ")], None)
+    last = pipeline.end()
+    assert (last.reasoning, last.events, last.finish) == ("", [ContentDelta("<tool_call>")], None)
+    assert pipeline.end() == ChoiceDelta() and pipeline.tool_calls == 0
+    plain = ChoicePipeline(ChoiceDecoder(qwen))
+    assert plain.feed(qwen.encode("just text")).events == [ContentDelta("just text")]

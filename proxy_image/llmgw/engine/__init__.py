@@ -15,11 +15,15 @@ part is an object fed data that returns what may be sent, in the manner of h11. 
 5. **tool calls** (:mod:`~llmgw.engine.tool_parsers`): calls the answer writes in the model's format become
    calls with a name and streamed arguments; the rest is content.
 
+:class:`~llmgw.engine.choice.ChoicePipeline` runs stages 3 to 5 for one choice, and releases what each
+holds when the choice ends.
+
 Each stage holds back only what it cannot decide yet (a partial character, stop string, tag or marker)
 and scans each character a bounded number of times, so a long output costs linear time.
 """
 
 from llmgw.engine.chat_template import ChatTemplateError, render_chat_template, template_messages
+from llmgw.engine.choice import ChoiceDelta, ChoicePipeline
 from llmgw.engine.detokenize import ChoiceDecoder, Finish, IncrementalDetokenizer, Step, StopChecker
 from llmgw.engine.reasoning import (
     REASONING_PARSERS,
@@ -46,6 +50,8 @@ __all__ = [
     "ArgumentsDelta",
     "ChatTemplateError",
     "ChoiceDecoder",
+    "ChoiceDelta",
+    "ChoicePipeline",
     "ContentDelta",
     "EngineTokenizer",
     "Event",
