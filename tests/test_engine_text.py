@@ -1122,3 +1122,15 @@ def test_pipeline_releases_held_text_at_the_end(qwen: EngineTokenizer) -> None:
     assert pipeline.end() == ChoiceDelta() and pipeline.tool_calls == 0
     plain = ChoicePipeline(ChoiceDecoder(qwen))
     assert plain.feed(qwen.encode("just text")).events == [ContentDelta("just text")]
+
+
+def test_llama3_json_broken_second_call_is_content_verbatim() -> None:
+    text = '{"name": "a", "parameters": {}};{"name": "b", "parameters": {"x": }}'
+    content, calls = TOOL_PARSERS["llama3_json"].parse(text)
+    assert content == ';{"name": "b", "parameters": {"x": }}' and [c.name for c in calls] == ["a"]
+    # Streamed, "b" is announced as soon as its arguments open; their JSON breaks too late to withdraw it.
+    for pieces in _splits(text):
+        content, calls = _stream("llama3_json", pieces)
+        assert [(c.name, c.arguments) for c in calls][:1] == [("a", "{}")]
+        if len(calls) == 1:
+            assert content == ';{"name": "b", "parameters": {"x": }}'

@@ -574,7 +574,7 @@ class Llama3JsonToolParser(ToolParser):
                     after = rest[1:].lstrip()
                     if after.startswith("{"):
                         self._buffer = after
-                        self._begin_call("; ")
+                        self._begin_call(rest[: len(rest) - len(after)])
                         self._state = "call"
                         continue
                     if not after and not final and len(rest) <= _MAX_GAP:
