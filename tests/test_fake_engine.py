@@ -757,6 +757,16 @@ async def cross_check(backend: str, kind: str) -> None:
         assert engine.stats["cancelled"] == 1
         aborts = [r for r in engine.received if type(r).__name__ == "AbortRequest"]
         assert aborts and engine.received[-2].request_id in str(aborts[-1])
+        # Too long a prompt, max_tokens 0: a 400 both ways; a max_tokens above the context is clamped.
+        for client in (router, direct):
+            with pytest.raises(openai.BadRequestError, match="maximum context length"):
+                await client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "word " * 9000}]
+                )
+            with pytest.raises(openai.BadRequestError):
+                await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=0)
+            reply = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100_000)
+            assert reply.choices[0].finish_reason == "stop"
         # An engine's error reaches the client as the router's 500.
         engine.faults.update({"token_delay_ms": 0, "fail_next": 1, "error_status": 500})
         with pytest.raises(openai.InternalServerError, match="injected error"):
