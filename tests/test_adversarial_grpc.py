@@ -62,6 +62,7 @@ from llmgw_common.reader import ConfigError, Reader
 Request = health_pb2.HealthCheckRequest
 ECHO = "/t.S/Echo"
 FLOOD = "/t.S/Flood"  # server streaming: 64 KiB messages for as long as the client reads them
+LIMITED_FLOOD = "/t.S/LimitedFlood"  # the same, within a time limit of 1 s set by the handler
 SERVICE = "/llmgateway.v1.LLMService"
 
 
@@ -200,6 +201,11 @@ async def serve() -> AsyncIterator[ServerFactory]:
         while True:
             yield big
 
+    async def limited_flood(request: Any, call: ServerCall) -> AsyncIterator[Any]:
+        call.limit_time(1.0)  # as the LLMService front does with the request's time limit
+        async for item in flood(request, call):
+            yield item
+
     async def start(**limits: Any) -> tuple[int, list[str]]:
         hits: list[str] = []
         server = Server(
@@ -207,6 +213,7 @@ async def serve() -> AsyncIterator[ServerFactory]:
                 ECHO: Method(UNARY, Request, echo),
                 "/t.S/Chat": Method(BIDI, Request, chat),
                 FLOOD: Method(SERVER_STREAM, Request, flood),
+                LIMITED_FLOOD: Method(SERVER_STREAM, Request, limited_flood),
             },
             HTTP2Limits(**{"max_message_bytes": MiB, **limits}),
             hits.append,
@@ -615,6 +622,32 @@ async def test_a_client_that_stops_reading_gives_back_its_calls_and_admission_sl
     assert 1.9 < released < 5
     assert grown < MEMORY_BOUND
     assert (await limit_hits(proxy.admin_port, "grpcServer")).get("stalledWriteTimeoutSeconds") == 4
+
+
+async def test_a_stream_read_just_fast_enough_ends_at_the_servers_time_limit(serve: ServerFactory) -> None:
+    """A client that reads a message every 0.2 s never stalls a write, yet the stream is endless: the
+    handler's time limit (``ServerCall.limit_time``, which the LLMService front sets to the request's time
+    limit) ends it with DEADLINE_EXCEEDED, the writes blocked on flow control included; a caller's earlier
+    deadline is kept."""
+    port, _ = await serve()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        started = time.monotonic()
+        stream = channel.unary_stream(LIMITED_FLOOD)(Request(service="hi").SerializeToString())
+        read = 0
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in stream:
+                read += 1
+                assert time.monotonic() - started < 20, "the stream did not end"
+                if time.monotonic() - started < 3:
+                    await asyncio.sleep(0.2)  # slowly past the limit; then what grpcio had buffered, at once
+        took = time.monotonic() - started
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and 0.9 < took < 10, (info.value, took)
+        assert read < 400, read  # about 1 s of writing and grpcio's buffer: the stream ended
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in channel.unary_stream(LIMITED_FLOOD)(b"", timeout=0.4):
+                await asyncio.sleep(0.1)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - started < 0.9
 
 
 async def test_a_client_that_trickles_its_window_is_reset(serve: ServerFactory) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import pathlib
 import re
+import resource
 import socket
 import ssl
 import time
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from adversary import MEMORY_BOUND, HonestClient, limit_hits, open_fds, rss
 
@@ -220,6 +222,71 @@ async def test_streams_that_are_never_read_give_their_slots_back(fakes: Fakes, p
     assert hits.get("restServer.stalledWriteTimeoutSeconds") == 1, hits
 
 
+async def test_a_stream_read_just_fast_enough_ends_at_the_request_deadline(
+    fakes: Fakes, proxy_process: Any
+) -> None:
+    """A client that reads 64 KiB every half second never stalls a write for stalledWriteTimeoutSeconds, yet
+    its 5 MB stream would take 40 s: at requestTimeoutSeconds (2 s, and 1 s of grace) the proxy aborts its
+    connection, which frees its admission slot (``maxConcurrentRequests: 1``: another client is served while
+    the slow one still reads what the kernel had buffered)."""
+    async with FakeProvider("openai", response_tokens=530) as big:
+        config = proxy_config(
+            fakes,
+            limits={"requestTimeoutSeconds": 2, "maxRequestBytes": 8 * MiB, "maxConcurrentRequests": 1},
+        )
+        config["providers"][0]["openai"] = {"baseURL": big.base_url}
+        proxy = proxy_process(config)
+        await asyncio.to_thread(proxy.wait_ready)
+        url = f"http://127.0.0.1:{proxy.rest_port}/v1/chat/completions"
+        prompt = " ".join(f"{i}{'w' * 10_000}" for i in range(520))
+        body = f'{{"model": "rest-only", "stream": true, "messages": [{{"role": "user", "content": "{prompt}"}}]}}'
+        reader, writer = await connect(proxy.rest_port, rcvbuf=4096)
+        writer.write(
+            (
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n{body}"
+            ).encode()
+        )
+        slow_reads = 0
+
+        async def read_slowly() -> None:
+            nonlocal slow_reads
+            for _ in range(60):  # bounded: 30 s
+                try:
+                    if not await reader.read(65536):
+                        return
+                except ConnectionError:
+                    return
+                slow_reads += 1
+                await asyncio.sleep(0.5)
+
+        slow = asyncio.get_running_loop().create_task(read_slowly())
+        statuses: list[int] = []
+        served_at = 0.0
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as session:
+            await asyncio.sleep(0.5)
+            for _ in range(40):  # bounded: 8 s
+                resp = await session.post(url, json={"model": "rest-only", "messages": USER})
+                await resp.read()
+                statuses.append(resp.status)
+                if resp.status == 200:
+                    served_at = time.monotonic() - started
+                    break
+                await asyncio.sleep(0.2)
+        still_reading = not slow.done()
+        slow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await slow
+        writer.close()
+    print(
+        f"slot free after {served_at:.1f}s; the slow client had read {slow_reads} times, statuses {statuses}"
+    )
+    assert statuses[0] == 429 and statuses[-1] == 200, statuses
+    assert 2 <= served_at < 6 and still_reading, (served_at, still_reading)
+    assert (await limit_hits(proxy.admin_port)).get("restServer.requestTimeoutSeconds") == 1
+
+
 # --- 3. a header that never ends ------------------------------------------------------------------------
 
 
@@ -342,6 +409,45 @@ async def test_a_tls_client_that_never_finishes_its_handshake_is_closed(
         assert resp.status == 200
 
 
+async def test_bodies_held_at_once_are_held_to_the_listener_budget(rest_proxy: Any) -> None:
+    """Clients that start large bodies and never finish them: beyond ``maxBufferedBodyBytes`` the next is
+    answered 503 with Retry-After and closed, small requests keep being served, and the budget comes back
+    when the holders leave."""
+    proxy = rest_proxy({"maxRequestBytes": MiB, "restServer": {"maxBufferedBodyBytes": 2 * MiB}})
+    pid = proxy.proc.pid
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % MiB
+    part = b"x" * (900 * 1024)
+    holders: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    answers: list[bytes | None] = []
+    async with Honest(proxy.rest_port, chat=True):
+        before = rss(pid)
+        for _ in range(4):  # 2 x 900 KiB fit in 2 MiB, the third does not
+            reader, writer = await connect(proxy.rest_port)
+            writer.write(head + part)
+            await writer.drain()
+            holders.append((reader, writer))
+            answers.append(await closed_within(reader, 1.0))
+        grown = rss(pid) - before
+    refused = [a for a in answers if a is not None]
+    assert answers[:2] == [None, None] and len(refused) == 2, answers
+    assert all(a.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in a for a in refused), refused
+    assert b"limits.restServer.maxBufferedBodyBytes" in refused[0]
+    assert grown < MEMORY_BOUND
+    assert (await limit_hits(proxy.admin_port)).get("restServer.maxBufferedBodyBytes") == 2
+    for _, writer in holders:
+        writer.close()
+    await asyncio.sleep(0.3)
+    # What the holders held is free again: a large body is taken whole.
+    body = orjson.dumps({"model": "rest-only", "messages": [{"role": "user", "content": "y" * (900 * 1024)}]})
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(
+            f"http://127.0.0.1:{proxy.rest_port}/v1/chat/completions",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        assert resp.status == 200, await resp.text()
+
+
 # --- 5. malformed input ---------------------------------------------------------------------------------
 
 MALFORMED = [
@@ -426,6 +532,7 @@ def test_the_rest_server_limits_are_read_from_the_proxy_configuration() -> None:
         "maxQueuedResponseBytes": 32768,
         "stalledWriteTimeoutSeconds": 12,
         "maxConnections": 100,
+        "maxBufferedBodyBytes": 64 * MiB,
     }
     parsed = parse_http_server(Reader(keys, "limits.restServer"), MiB)
     assert parsed == HTTPServerLimits(
@@ -438,6 +545,7 @@ def test_the_rest_server_limits_are_read_from_the_proxy_configuration() -> None:
         max_queued_response_bytes=32768,
         stalled_write_timeout_s=12.0,
         max_connections=100,
+        max_buffered_body_bytes=64 * MiB,
     )
     defaults = parse_http_server(Reader({}, "limits.restServer"), MiB)
     assert defaults == HTTPServerLimits(max_body_bytes=MiB)
@@ -460,8 +568,31 @@ def test_the_rest_server_limits_are_read_from_the_proxy_configuration() -> None:
         ("maxConnections", 0, "must be an integer from 1 to 1000000"),
         ("maxConnections", 2.5, "must be an integer"),
         ("maxPipelinedRequests", 2000, "must be an integer from 1 to 1024"),
+        ("maxBufferedBodyBytes", 1000, "must be an integer from 1048576 or more"),
     ],
 )
 def test_bad_rest_server_limits_are_refused_naming_the_key(key: str, value: Any, message: str) -> None:
     with pytest.raises(ConfigError, match=f"limits.restServer.{key}: {message}"):
         parse_http_server(Reader({key: value}, "limits.restServer"), MiB)
+
+
+def test_the_proxy_raises_its_open_file_limit_and_warns_when_connections_could_exceed_it(
+    fakes: Fakes, proxy_process: Any
+) -> None:
+    """Started with a soft limit of 256 open files, the proxy raises it to the hard limit; with more
+    connections allowed than even that, it says which limits to lower."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > 1_000_000:
+        pytest.skip(f"needs a finite hard open-file limit, this one is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        proxy = proxy_process(proxy_config(fakes, limits={"restServer": {"maxConnections": 1_000_000}}))
+        proxy.wait_ready()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    limits = pathlib.Path(f"/proc/{proxy.proc.pid}/limits").read_text()
+    assert re.search(rf"Max open files\s+{hard}\s+{hard}", limits), limits
+    assert (
+        f"the open-file limit ({hard}) is below what the configuration allows: 1000000 REST" in proxy.output()
+    )
+    assert "limits.restServer.maxConnections" in proxy.output()

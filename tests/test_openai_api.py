@@ -934,5 +934,8 @@ async def test_an_upstream_request_error_keeps_its_param_and_code(fakes: Fakes, 
     messages = [{"role": "user", "content": [{"type": "text", "txt": "hi"}]}]
     with pytest.raises(openai.BadRequestError) as info:
         await sdk(server).chat.completions.create(model="rest-only", messages=messages)  # type: ignore[arg-type]
-    assert (info.value.param, info.value.code) == ("messages[0].content[0].text", "missing_required_parameter")
+    assert (info.value.param, info.value.code) == (
+        "messages[0].content[0].text",
+        "missing_required_parameter",
+    )
     assert "provider 'openai-fake' answered HTTP 400: Missing required parameter" in info.value.message

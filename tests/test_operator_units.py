@@ -169,6 +169,12 @@ def test_the_crds_provider_blocks_are_the_proxys_provider_types() -> None:
         "version": "2023-06-01",
         "defaultMaxTokens": 1024,
         "tls": True,
+        "resolveIntervalSeconds": 10,
+        "tokenizerPath": "/models/qwen",
+        "chatTemplate": "{{ messages[0].content }}",
+        "toolCallParser": "hermes",
+        "reasoningParser": "qwen3",
+        "maxTokenizerBytes": 64 * 1024 * 1024,
     }
     for name, properties in members.items():
         block = {key: schema.get("default", examples.get(key)) for key, schema in properties.items()}

@@ -38,6 +38,10 @@ class HTTPServerLimits:
     stalled_write_timeout_s: float = 30.0
     # open connections on one listener; more are answered 503 and closed at once
     max_connections: int = 4096
+    # request bodies held by the whole listener (arriving, waiting and being answered); a body past its first
+    # 64 KiB that would take more is answered 503 with Retry-After and its connection closed. Raised to
+    # max_body_bytes if below
+    max_buffered_body_bytes: int = 256 * MiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +165,10 @@ def parse_http_server(r: Reader, max_body_bytes: int) -> HTTPServerLimits:
         ),
         stalled_write_timeout_s=r.number("stalledWriteTimeoutSeconds", d.stalled_write_timeout_s),
         max_connections=r.integer("maxConnections", d.max_connections, maximum=1_000_000),
+        # never below one whole body, or a request within maxRequestBytes could not arrive
+        max_buffered_body_bytes=max(
+            r.integer("maxBufferedBodyBytes", d.max_buffered_body_bytes, minimum=MiB), max_body_bytes
+        ),
     )
 
 

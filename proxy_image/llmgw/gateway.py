@@ -289,6 +289,13 @@ class Gateway:
             return ["grpc", "rest"]
         return ["rest", "grpc"]
 
+    def time_limit(self, timeout: float | None) -> float:
+        """The seconds a request may take in all: the client's deadline (``timeout``), within
+        limits.requestTimeoutSeconds. A front bounds the writing of a streamed answer by it (and a little
+        more), so that a client reading just fast enough never to stall a write cannot hold its slot longer."""
+        limit = self.runtime.config.limits.request_timeout_s
+        return min(timeout, limit) if timeout is not None else limit
+
     def _deadline(self, runtime: Runtime, timeout: float | None) -> float:
         limit = runtime.config.limits.request_timeout_s
         return time.monotonic() + (min(timeout, limit) if timeout is not None else limit)
@@ -438,14 +445,9 @@ class Gateway:
         def open_stream(client: Any, model: str, remaining: float, stats: CallStats) -> Any:
             return client.stream(self._vendor_extras(req, client), model, remaining, stats)
 
+        deadline = self._deadline(runtime, timeout)
         calls = self._stream_call(
-            runtime,
-            route,
-            self._paths(route),
-            self._deadline(runtime, timeout),
-            open_stream,
-            req.model,
-            _usage,
+            runtime, route, self._paths(route), deadline, open_stream, req.model, _usage
         )
         async with contextlib.aclosing(self._counted_stream(front, route, calls)) as chunks:
             async for chunk in chunks:
@@ -691,9 +693,8 @@ class Gateway:
         def open_stream(client: Any, upstream: str, remaining: float, stats: CallStats) -> Any:
             return client.relay_stream(endpoint, {**body, "model": upstream}, remaining, stats)
 
-        calls = self._stream_call(
-            runtime, route, paths, self._deadline(runtime, timeout), open_stream, model, _event_usage
-        )
+        deadline = self._deadline(runtime, timeout)
+        calls = self._stream_call(runtime, route, paths, deadline, open_stream, model, _event_usage)
         async with contextlib.aclosing(self._counted_stream(front, route, calls)) as events:
             async for event in events:
                 yield event

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import resource
 import signal
 import ssl
 import time
@@ -38,6 +39,36 @@ from llmgw_common import config as config_mod
 from llmgw_common.config import ConfigError, ProxyConfig
 
 log = logging.getLogger("llmgw.proxy")
+
+_SPARE_FILES = 64  # descriptors besides connections: the admin port, config files, the event loop's own
+
+
+def open_file_limit(config: ProxyConfig) -> tuple[int, int]:
+    """Raise this process's soft open-file limit to its hard limit (as Go's runtime does for every server),
+    then warn when the connections the configuration allows (both fronts' maxConnections and every
+    provider's) could still take every descriptor: a full front would then leave none to the others.
+    Returns (descriptors the configuration may need, the soft limit now)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+    limits = config.limits
+    upstream = sum(getattr(p.settings, "max_connections", 1) for p in config.providers.values())
+    needed = limits.rest_server.max_connections + limits.grpc_server.max_connections + upstream + _SPARE_FILES
+    if soft != resource.RLIM_INFINITY and needed > soft:
+        log.warning(
+            "the open-file limit (%d) is below what the configuration allows: %d REST and %d gRPC client "
+            "connections (limits.restServer.maxConnections, limits.grpcServer.maxConnections), %d to providers "
+            "(their maxConnections) and %d spare; lower those limits or raise the limit (ulimit -n)",
+            soft,
+            limits.rest_server.max_connections,
+            limits.grpc_server.max_connections,
+            upstream,
+            _SPARE_FILES,
+        )
+    return needed, int(soft)
 
 
 class ProxyServer:
@@ -92,6 +123,7 @@ class ProxyServer:
 
     async def start(self) -> None:
         cfg = self.config
+        open_file_limit(cfg)
         host, port = config_mod.check_listen_address(cfg.listen.grpc, "listen")
         self.grpc_port = await self.grpc_server.start(host, port, self._ssl_context())
         for service in ("", llmservice.SERVICE_NAME):

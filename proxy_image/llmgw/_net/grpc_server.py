@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
-import resource
 import socket
 import ssl
 import time
@@ -74,6 +74,7 @@ class ServerCall:
     """What a handler knows of its call: the caller's metadata, deadline and address."""
 
     __slots__ = (
+        "_expire",
         "_task",
         "deadline",
         "deadline_exceeded",
@@ -97,6 +98,7 @@ class ServerCall:
         self.timer: asyncio.TimerHandle | None = None
         self.headers_sent = False
         self._task: asyncio.Task[None] | None = None
+        self._expire: Callable[[], None] | None = None  # ends the call with DEADLINE_EXCEEDED
 
     def value(self, key: str) -> str | bytes | None:
         """The first metadata value under ``key`` (lower case), if any."""
@@ -109,6 +111,18 @@ class ServerCall:
         if self.deadline is None:
             return None
         return max(0.0, self.deadline - asyncio.get_running_loop().time())
+
+    def limit_time(self, seconds: float) -> None:
+        """End the call (DEADLINE_EXCEEDED) ``seconds`` from now unless the caller's deadline comes first:
+        the server's own time limit, which holds while the call waits for flow-control window too."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        if self._expire is None or (self.deadline is not None and self.deadline <= deadline):
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        self.deadline = deadline
+        self.timer = loop.call_at(deadline, self._expire)
 
 
 def _header_frames(stream_id: int, block: bytes, end_stream: bool, max_frame: int) -> bytes:
@@ -331,6 +345,7 @@ class _GrpcServerConnection(Connection):
             self._forget(stream)
             return
         call = ServerCall(stream, method, tuple(metadata), self.peer)
+        call._expire = functools.partial(self._deadline, call)
         self.calls[stream_id] = call
         if timeout is not None:
             loop = asyncio.get_running_loop()
@@ -668,14 +683,6 @@ class Server:
         """Listen on ``host:port`` (port 0 picks a free one); returns the bound port."""
         if ssl_context is not None:
             ssl_context.set_alpn_protocols(["h2"])
-        files, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if files != resource.RLIM_INFINITY and self.limits.max_connections >= files:
-            log.warning(
-                "limits.grpcServer.maxConnections (%d) is not below this process's open-file limit (%d): "
-                "connections can take the descriptors the other ports need",
-                self.limits.max_connections,
-                files,
-            )
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _GrpcServerConnection(self),

@@ -11,7 +11,9 @@ aiohttp. What it does, bounded by one :class:`~llmgw_common.limits.HTTPServerLim
   slice at a time so that this holds within one read too);
 - limits: the request head (``max_head_bytes``, counted as it arrives, so a header that never ends is refused
   too: 431), the body (``max_body_bytes``: the handler gets the request marked ``too_large`` and answers 413;
-  the connection closes after), the head's arrival (``request_header_timeout_s``, from the connection's
+  the connection closes after), the bodies all connections hold at once (``max_buffered_body_bytes``, from
+  their first byte until their answer is sent: a body past its first 64 KiB that would take more is
+  answered 503 and its connection closed), the head's arrival (``request_header_timeout_s``, from the connection's
   opening for the first request) and the whole request's (``request_timeout_s``: a client that trickles
   gets 408), idle keep-alive connections (``keepalive_timeout_s``) and open connections (``max_connections``:
   more are answered 503 and closed at once);
@@ -26,7 +28,7 @@ aiohttp. What it does, bounded by one :class:`~llmgw_common.limits.HTTPServerLim
 
 Each limit a client runs into is reported to ``on_limit`` with its configuration key (``maxHeadBytes``,
 ``requestHeaderTimeoutSeconds``, ``requestReadTimeoutSeconds``, ``maxQueuedResponseBytes``,
-``stalledWriteTimeoutSeconds``, ``maxConnections``); the proxy counts them.
+``stalledWriteTimeoutSeconds``, ``maxConnections``, ``maxBufferedBodyBytes``); the proxy counts them.
 
 Malformed requests get 400 (after the answers to the requests before them) and a closed connection, logged
 at debug level only; upgrades (``h2c``, WebSocket, CONNECT) are refused with 400.
@@ -109,6 +111,13 @@ class Responder:
         self._conn = conn
         self._close = not request.keep_alive or request.too_large
         self.started = False
+        self._deadline: float | None = None  # loop time by which the streamed answer must be written
+
+    def limit_time(self, seconds: float) -> None:
+        """Write the streamed answer within ``seconds`` from now, or the connection is aborted (its handler
+        cancelled): a client that reads just fast enough never to stall a write for
+        ``stalled_write_timeout_s`` is still held to the request's time limit."""
+        self._deadline = asyncio.get_running_loop().time() + seconds
 
     def _head(self, status: int, headers: dict[str, str], framing: str) -> bytes:
         if self._conn.server.draining:
@@ -131,11 +140,11 @@ class Responder:
         """One chunk of a streamed response; waits while the client is slow to read."""
         if data:
             self._conn.write(b"%x\r\n%s\r\n" % (len(data), data))
-            await self._conn.drain()
+            await self._conn.drain(self._deadline)
 
     async def end(self) -> None:
         self._conn.write(b"0\r\n\r\n")
-        await self._conn.drain()
+        await self._conn.drain(self._deadline)
 
     @property
     def closes(self) -> bool:
@@ -167,6 +176,7 @@ class _HTTPConnection(asyncio.Protocol):
         self._raw_head_bytes = 0  # bytes of the incomplete head, counted by chunk (see data_received)
         self._begun = 0.0  # when the request being received began (loop time)
         self._failure: tuple[int, str] | None = None  # an answer to send after the queued ones, then close
+        self._held = 0  # body bytes of this connection counted in the server's body_bytes_held
         self._reset()
 
     def _reset(self) -> None:
@@ -246,6 +256,7 @@ class _HTTPConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._disarm()
+        self._release(self._held)
         self.server._connections.discard(self)
         if self._worker is not None and not self._worker.done():
             self._worker.cancel()  # the client is gone: stop its handler and the upstream call
@@ -298,12 +309,36 @@ class _HTTPConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._too_large:
             return
+        kept = self._body_bytes
         self._body_bytes += len(body)
-        if self._body_bytes > self.server.limits.max_body_bytes:
+        limits = self.server.limits
+        if self._body_bytes > limits.max_body_bytes:
             self._too_large = True
             self._body = []
+            self._release(kept)
+        elif (
+            self._body_bytes > _ALWAYS_TAKEN_BODY_BYTES
+            and self.server.body_bytes_held + len(body) > limits.max_buffered_body_bytes
+        ):
+            self._body = []
+            self._release(kept)
+            raise _Refused(
+                503,
+                "the gateway holds too many request bodies at once (limits.restServer.maxBufferedBodyBytes); "
+                "retry shortly",
+                "maxBufferedBodyBytes",
+            )
         else:
             self._body.append(body)
+            self._held += len(body)
+            self.server.body_bytes_held += len(body)
+
+    def _release(self, n: int) -> None:
+        """``n`` body bytes of this connection are no longer held (its answer went out, or it was dropped;
+        a connection lost releases all it held at once, so what its cancelled handler releases after is 0)."""
+        n = min(n, self._held)
+        self._held -= n
+        self.server.body_bytes_held -= n
 
     def on_message_complete(self) -> None:
         self._in_head = True
@@ -390,6 +425,7 @@ class _HTTPConnection(asyncio.Protocol):
                     return
                 finally:
                     self.busy = False
+                    self._release(len(request.body))
                 if responder.closes or self.server.draining:  # closes: too large, or not keep-alive
                     self._close()
                     return
@@ -409,16 +445,20 @@ class _HTTPConnection(asyncio.Protocol):
     def _writing_paused(self) -> bool:
         return self._writable is not None and not self._writable.done()
 
-    async def drain(self) -> None:
+    async def drain(self, deadline: float | None = None) -> None:
         """Wait while the client has more than ``max_queued_response_bytes`` unread; a client that reads
-        nothing for ``stalled_write_timeout_s`` has its connection aborted (ConnectionResetError here)."""
+        nothing for ``stalled_write_timeout_s``, or is still behind at ``deadline`` (loop time), has its
+        connection aborted (ConnectionResetError here)."""
         if self._writing_paused():
             assert self._writable is not None
+            loop = asyncio.get_running_loop()
+            stalled = loop.time() + self.server.limits.stalled_write_timeout_s
             try:
-                async with asyncio.timeout(self.server.limits.stalled_write_timeout_s):
+                async with asyncio.timeout_at(stalled if deadline is None else min(stalled, deadline)):
                     await self._writable
             except TimeoutError:
-                self._abort("stalledWriteTimeoutSeconds")
+                late = deadline is not None and deadline < stalled
+                self._abort("requestTimeoutSeconds" if late else "stalledWriteTimeoutSeconds")
         if self.closed:
             raise ConnectionResetError("the client closed the connection")
 
@@ -450,6 +490,8 @@ class _HTTPConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             body = message.encode() + b"\n"
             headers = {"Content-Type": "text/plain"}
+            if status == 503:
+                headers["Retry-After"] = "1"
             self.transport.write(
                 _head(status, headers, f"Content-Length: {len(body)}\r\n", close=True) + body
             )
@@ -470,10 +512,7 @@ class _HTTPConnection(asyncio.Protocol):
         """Drop the connection and what is queued to it: the client has read nothing for too long."""
         self._timer = None
         self.server.hit(limit)
-        log.debug(
-            "closing a connection whose client has not read for %ss",
-            self.server.limits.stalled_write_timeout_s,
-        )
+        log.debug("closing a connection whose client is too slow to read its answer (%s)", limit)
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
@@ -523,6 +562,11 @@ class _HTTPConnection(asyncio.Protocol):
             self._timer = None
 
 
+# The first bytes of any body are taken whatever the budget holds (so that small requests, a chat turn, are
+# never refused for large bodies of others): at most max_connections times this on top of the budget.
+_ALWAYS_TAKEN_BODY_BYTES = 64 * 1024
+
+
 class _Refused(Exception):
     def __init__(self, status: int, message: str, limit: str | None = None) -> None:
         super().__init__(message)
@@ -544,6 +588,7 @@ class HTTPServer:
         self.limits = limits or HTTPServerLimits()
         self.on_limit = on_limit  # told the configuration key of each limit a client runs into
         self.draining = False
+        self.body_bytes_held = 0  # request bodies held by all connections (limits.max_buffered_body_bytes)
         self._connections: set[_HTTPConnection] = set()
         self._listener: asyncio.Server | None = None
 

@@ -26,6 +26,7 @@ from llmgw._net.grpc_wire import RpcError
 from llmgw.chat import to_openai_layout, to_simple_layout
 from llmgw.codecs import openai_embeddings
 from llmgw.errors import GatewayError, Kind
+from llmgw.fronts.rest import WRITE_GRACE_S
 from llmgw.gateway import Gateway
 
 log = logging.getLogger("llmgw.grpc")
@@ -81,7 +82,10 @@ class LLMServiceFront:
 
     async def streaming_chat(self, request: pb.ChatRequest, call: ServerCall) -> AsyncIterator[pb.ChatChunk]:
         self.gateway.authenticate(_authorization(call), "grpc")
-        upstream = self.gateway.stream(request, front="grpc", timeout=call.time_remaining())
+        timeout = call.time_remaining()
+        # The writes wait for the client's window: bounded by the request's time limit, as the REST front's.
+        call.limit_time(self.gateway.time_limit(timeout) + WRITE_GRACE_S)
+        upstream = self.gateway.stream(request, front="grpc", timeout=timeout)
         if request.chunk_layout == pb.CHUNK_LAYOUT_OPENAI:
             chunks = to_openai_layout(upstream, request.stream_options.include_usage)
         else:
