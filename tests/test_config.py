@@ -36,6 +36,44 @@ def test_example_config_loads() -> None:
     assert cfg.providers["grpc-fake"].settings.target == "127.0.0.1:18003"
 
 
+def test_the_engine_example_config_loads() -> None:
+    cfg = config.load(ROOT / "examples" / "proxy" / "vllm.yaml")
+    engine = cfg.providers["vllm-engine"]
+    assert (engine.type, engine.path) == ("vllm", "grpc")
+    assert engine.settings.target == "127.0.0.1:18101"
+    assert (engine.settings.tool_call_parser, engine.settings.reasoning_parser) == ("hermes", "qwen3")
+    assert engine.settings.tokenizer_path is None  # from the engine
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "toolCallParser",
+            "pythonic",
+            "toolCallParser: must be one of hermes, llama3_json, llama4_json, mistral",
+        ),
+        ("reasoningParser", "r1", "reasoningParser: must be one of deepseek_r1, qwen3"),
+        ("chatTemplate", "  ", "chatTemplate: must not be empty"),
+        ("target", "http://x:1", "target"),
+    ],
+)
+def test_bad_engine_settings_are_refused_naming_the_key(key: str, value: Any, message: str) -> None:
+    cfg = base()
+    cfg["providers"].append({"name": "engine", "vllm": {"target": "127.0.0.1:4", key: value}})
+    with pytest.raises(config.ConfigError, match=message):
+        config.parse(cfg)
+
+
+def test_the_engine_parsers_are_the_proxys() -> None:
+    """The names the configuration accepts are the parsers llmgw.engine has."""
+    from llmgw.engine import REASONING_PARSERS, TOOL_PARSERS
+    from llmgw_common.providers import engine
+
+    assert set(engine.TOOL_CALL_PARSERS) == set(TOOL_PARSERS)
+    assert set(engine.REASONING_PARSERS) == set(REASONING_PARSERS)
+
+
 def test_defaults() -> None:
     cfg = config.parse(base())
     assert cfg.cache.enabled is False

@@ -263,3 +263,34 @@ def test_explain_limits(kubectl: Kubectl, llmgateway_crd: str) -> None:
     text = explain(kubectl, "llmgateway.spec.proxy.limits.grpcClient")
     assert "keepAliveProbes <integer>" in text and "unackedDataTimeoutSeconds <number>" in text
     assert "give up after this many unanswered probes. Default 3." in text
+
+
+EXAMPLES = sorted((ROOT / "examples" / "gateways").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_the_examples_are_accepted_and_their_proxy_configs_parse(
+    path: pathlib.Path, kubectl: Kubectl, ns: str
+) -> None:
+    """Every example of the README applies as it is (the API server's dry run, its Secrets too), and the
+    proxy configuration the operator would render from it parses with the proxy's own parser."""
+    from llmgw_common import config as proxy_config
+    from llmgw_operator import manifests
+
+    kubectl("apply", "--dry-run=server", "-n", ns, "-f", str(path))
+    for document in yaml.safe_load_all(path.read_text()):
+        if document["kind"] == "LLMGateway":
+            stored = json.loads(
+                kubectl(
+                    "apply",
+                    "--dry-run=server",
+                    "-n",
+                    ns,
+                    "-o",
+                    "json",
+                    "-f",
+                    "-",
+                    input=yaml.safe_dump(document),
+                ).stdout
+            )
+            proxy_config.parse(manifests.build_proxy_config(stored["spec"], 0, 1))

@@ -47,7 +47,10 @@ def base_url(r: Reader) -> str:
 def target(r: Reader) -> str:
     """A gRPC server's HOST:PORT."""
     value: str = r.get("target", str, required=True)
-    check_listen_address(value, r.path("target"))
+    host, _ = check_listen_address(value, r.path("target"))
+    if any(c in host for c in "/@ \t"):  # a URL (grpc://, http://) or credentials: not a HOST:PORT
+        # Not echoed: the part before '@' would be a password.
+        raise ConfigError(f"{r.path('target')}: must be HOST:PORT, without a scheme, a path or credentials")
     return value
 
 
