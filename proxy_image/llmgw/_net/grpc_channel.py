@@ -398,11 +398,15 @@ class Channel:
         connect_timeout: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
         on_limit: Callable[[str], None] | None = None,
+        address: tuple[str, int] | None = None,
     ) -> None:
         host, _, port = target.rpartition(":")
         self.target = target
         self.on_limit = on_limit  # told the configuration key of each limit the server runs into
         self.host, self.port = host.strip("[]"), int(port)
+        # One resolved address of the target to connect to (one worker of several behind a name); the
+        # target's host stays the TLS server name and the :authority.
+        self.address = address or (self.host, self.port)
         self.limits = limits or GrpcChannelLimits()
         self.connect_timeout = connect_timeout
         self._ssl: ssl.SSLContext | None = None
@@ -456,8 +460,8 @@ class Channel:
             async with asyncio.timeout(self.connect_timeout):
                 transport, conn = await loop.create_connection(
                     lambda: _ClientConnection(self),
-                    self.host,
-                    self.port,
+                    self.address[0],
+                    self.address[1],
                     ssl=self._ssl,
                     server_hostname=self.host if self._ssl else None,
                 )

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from llmgw.providers.anthropic import AnthropicClient
 from llmgw.providers.base import CallStats, OnLimit, ProviderClient
+from llmgw.providers.engine import EngineClient
 from llmgw.providers.llmgateway import LLMGatewayClient
 from llmgw.providers.openai import OpenAIClient
 from llmgw_common.config import Limits, Provider
@@ -20,6 +21,8 @@ CLIENTS: dict[str, Callable[[Provider, str | None, Limits, OnLimit | None], Prov
     "openai": OpenAIClient,
     "anthropic": AnthropicClient,
     "llmgateway": LLMGatewayClient,
+    "vllm": EngineClient,
+    "sglang": EngineClient,
 }
 
 
