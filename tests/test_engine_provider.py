@@ -7,8 +7,10 @@ answer alike.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -92,9 +94,7 @@ def engine_settings(target: str, **more: Any) -> dict[str, Any]:
     return {"target": target, "toolCallParser": "hermes", "reasoningParser": "qwen3", **more}
 
 
-def config(
-    providers: list[dict[str, Any]], routes: list[dict[str, Any]], **overrides: Any
-) -> dict[str, Any]:
+def config(providers: list[dict[str, Any]], routes: list[dict[str, Any]], **overrides: Any) -> dict[str, Any]:
     retries = {"maxAttempts": 1, "initialBackoffSeconds": 0.01, "maxBackoffSeconds": 0.05}
     return {
         "generation": 1,
@@ -119,7 +119,10 @@ async def engine_proxy(
 ) -> AsyncIterator[tuple[FakeProvider, FakeProvider, openai.AsyncOpenAI, ProxyServer]]:
     """A fake engine of ``kind`` and the vllm-http fake, an SDK client on a proxy whose ``demo-model`` route
     goes to the engine; the second yielded client talks to vllm-http directly."""
-    async with FakeProvider(kind, models=[MODEL]) as engine, FakeProvider("vllm-http", models=[MODEL]) as rest:
+    async with (
+        FakeProvider(kind, models=[MODEL]) as engine,
+        FakeProvider("vllm-http", models=[MODEL]) as rest,
+    ):
         server = await start_proxy(
             config(
                 [{"name": "engine", kind: engine_settings(engine.target, **settings)}],
@@ -206,3 +209,308 @@ async def test_engine_answers_as_vllm_http_does(start_proxy: Start, kind: str) -
         assert sent.request_id.startswith("chatcmpl-")
         model = load(MODEL, 20)
         assert model.decode(list(sent.tokenized.input_ids), skip_special_tokens=False) == model.render(HELLO)
+
+
+# ----------------------------------------------------------------------------------------- stream layout
+
+
+async def test_stream_layout_tool_call_deltas_and_usage(start_proxy: Start) -> None:
+    async with engine_proxy(start_proxy) as (_, _, client, _server):
+        events = await client.chat.completions.create(
+            model=MODEL,
+            messages=WEATHER,
+            tools=TOOLS,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in events]
+        first = chunks[0].choices[0]
+        assert (first.delta.role, first.delta.content) == ("assistant", "")
+        ids = {c.id for c in chunks}
+        assert len(ids) == 1 and ids.pop().startswith("chatcmpl-")
+        calls = [t for c in chunks for ch in c.choices for t in ch.delta.tool_calls or []]
+        assert calls[0].id and calls[0].id.startswith("call_") and calls[0].type == "function"
+        assert calls[0].function is not None and calls[0].function.name == "get_weather"
+        arguments = "".join(t.function.arguments or "" for t in calls if t.function is not None)
+        assert json.loads(arguments) == {"city": "Paris", "unit": "celsius"}
+        assert {t.index for t in calls} == {0}
+        finishes = [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason]
+        assert finishes == ["tool_calls"]
+        assert chunks[-1].choices == [] and chunks[-1].usage is not None
+        assert (
+            chunks[-1].usage.total_tokens
+            == chunks[-1].usage.prompt_tokens + chunks[-1].usage.completion_tokens
+        )
+        # Without include_usage, no usage chunk; the same request again reads its prompt from the cache.
+        events = await client.chat.completions.create(model=MODEL, messages=WEATHER, tools=TOOLS, stream=True)
+        assert all(c.usage is None for c in [c async for c in events])
+        reply = await client.chat.completions.create(model=MODEL, messages=WEATHER, tools=TOOLS)
+        assert reply.usage is not None and reply.usage.prompt_tokens_details is not None
+        assert (reply.usage.prompt_tokens_details.cached_tokens or 0) >= 16
+        assert reply.choices[0].message.content is None
+        # A multi-turn conversation with the tool's result: an answer about it, no call.
+        reply = await client.chat.completions.create(model=MODEL, messages=HISTORY, tools=TOOLS)
+        assert reply.choices[0].message.tool_calls is None or reply.choices[0].message.tool_calls == []
+        assert "sunny and 21 degrees" in (reply.choices[0].message.content or "")
+        assert reply.choices[0].finish_reason == "stop"
+
+
+async def test_reasoning_stop_length_and_n(start_proxy: Start) -> None:
+    async with engine_proxy(start_proxy, "sglang") as (_, _, client, _server):
+        reply = await client.chat.completions.create(model=MODEL, messages=HELLO, extra_body=THINK)
+        message = reply.choices[0].message
+        assert getattr(message, "reasoning_content", "").startswith("The user wrote: hello there")
+        assert message.content == make_reply("hello there wörld 😀").text
+        full = make_reply("hello there wörld 😀").text
+        reply = await client.chat.completions.create(model=MODEL, messages=HELLO, stop=["fake"])
+        assert reply.choices[0].message.content == full[: full.index("fake")]
+        assert reply.choices[0].finish_reason == "stop"
+        reply = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=3)
+        assert reply.choices[0].finish_reason == "length"
+        assert reply.usage is not None and reply.usage.completion_tokens == 3
+        reply = await client.chat.completions.create(model=MODEL, messages=HELLO, n=2, temperature=1.0)
+        assert [c.index for c in reply.choices] == [0, 1]
+        assert reply.choices[0].message.content != reply.choices[1].message.content
+
+
+async def test_logprobs_and_json_schema(start_proxy: Start) -> None:
+    async with engine_proxy(start_proxy) as (_, rest, client, _server):
+        direct = openai.AsyncOpenAI(base_url=rest.base_url, api_key="unused", max_retries=0)
+        values = []
+        for c in (client, direct):
+            reply = await c.chat.completions.create(
+                model=MODEL, messages=HELLO, logprobs=True, top_logprobs=2, max_tokens=4, temperature=0.0
+            )
+            assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content is not None
+            values.append(
+                [
+                    (e.token, round(e.logprob, 5), [(t.token, round(t.logprob, 5)) for t in e.top_logprobs])
+                    for e in reply.choices[0].logprobs.content
+                ]
+            )
+        assert values[0] == values[1] and len(values[0]) == 4
+        events = await client.chat.completions.create(
+            model=MODEL, messages=HELLO, logprobs=True, max_tokens=4, stream=True
+        )
+        entries = [
+            e
+            for c in [c async for c in events]
+            for ch in c.choices
+            if ch.logprobs
+            for e in ch.logprobs.content or []
+        ]
+        assert len(entries) == 4
+        await direct.close()
+
+        class Answer(pydantic.BaseModel):
+            reply: str
+            count: int
+
+        parsed = await client.beta.chat.completions.parse(model=MODEL, messages=HELLO, response_format=Answer)
+        assert isinstance(parsed.choices[0].message.parsed, Answer)
+
+
+async def test_refusals(start_proxy: Start) -> None:
+    async with engine_proxy(start_proxy) as (engine, _, client, _server):
+        with pytest.raises(openai.BadRequestError, match="maximum context length"):
+            await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "word " * 9000}]
+            )
+        with pytest.raises(openai.BadRequestError, match="max_tokens"):
+            await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=0)
+        reply = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100_000)
+        assert reply.choices[0].finish_reason == "stop"
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        with pytest.raises(openai.BadRequestError, match=r"messages\[0\]\.content\[1\]"):
+            await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}]
+            )
+        with pytest.raises(openai.BadRequestError, match="modalities"):
+            await client.chat.completions.create(
+                model=MODEL,
+                messages=HELLO,
+                modalities=["text", "audio"],
+                audio={"voice": "alloy", "format": "wav"},
+            )
+        with pytest.raises(openai.BadRequestError, match="no tool named"):
+            await client.chat.completions.create(
+                model=MODEL,
+                messages=HELLO,
+                tools=TOOLS,
+                tool_choice={"type": "function", "function": {"name": "x"}},
+            )
+        generated = sum(type(r).__name__ == "GenerateRequest" for r in engine.received)
+        assert generated == 1  # only the clamped max_tokens reached the engine
+
+
+# --------------------------------------------------------------------------------------- the gRPC front
+
+
+async def test_grpc_front(start_proxy: Start) -> None:
+    async with engine_proxy(start_proxy) as (_, _, _client, server):  # noqa: SIM117
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = pb_grpc.LLMServiceStub(channel)
+            request = pb.ChatRequest(
+                model=MODEL, messages=[pb.ChatMessage(role=pb.ROLE_USER, content="hello there")]
+            )
+            reply = await stub.ChatCompletion(request)
+            assert reply.content == make_reply("hello there").text
+            assert reply.finish_reason == pb.FINISH_REASON_STOP and reply.usage.completion_tokens > 0
+            chunks = [c async for c in stub.StreamingChat(request)]
+            assert "".join(c.delta for c in chunks) == reply.content
+            assert chunks[-1].finish_reason == pb.FINISH_REASON_STOP
+            assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+# ------------------------------------------------------------------------------- cancellation, workers
+
+
+@pytest.mark.parametrize("kind", ["vllm", "sglang"])
+async def test_client_that_leaves_aborts_the_request(start_proxy: Start, kind: str) -> None:
+    async with engine_proxy(start_proxy, kind) as (engine, _, client, _server):
+        engine.faults.token_delay_ms = 100
+        events = await client.chat.completions.create(model=MODEL, messages=HELLO, stream=True)
+        seen = 0
+        async for _ in events:
+            seen += 1
+            if seen == 3:
+                break
+        await events.close()
+        deadline = time.monotonic() + 5
+        while engine.stats["cancelled"] == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert engine.stats["cancelled"] == 1
+        generate = [r for r in engine.received if type(r).__name__ == "GenerateRequest"][-1]
+        aborts = [r for r in engine.received if type(r).__name__ == "AbortRequest"]
+        assert aborts and generate.request_id in str(aborts[-1])
+
+
+async def test_two_workers_behind_one_name(start_proxy: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A target that resolves to two addresses (the hook: ``_engine_workers.resolve``, since a name of
+    two loopback addresses with two ports cannot be had from the system's resolver)."""
+    async with FakeProvider("vllm", models=[MODEL]) as one, FakeProvider("vllm", models=[MODEL]) as two:
+        addresses = {"engines.test": [("127.0.0.1", one.port), ("127.0.0.1", two.port)]}
+        real = _engine_workers.resolve
+
+        async def resolve(host: str, port: int) -> list[tuple[str, int]]:
+            return addresses[host] if host in addresses else await real(host, port)
+
+        monkeypatch.setattr(_engine_workers, "resolve", resolve)
+        server = await start_proxy(
+            config(
+                [
+                    {
+                        "name": "engine",
+                        "vllm": engine_settings("engines.test:50051", resolveIntervalSeconds=0.2),
+                        "retries": {
+                            "maxAttempts": 2,
+                            "initialBackoffSeconds": 0.01,
+                            "maxBackoffSeconds": 0.05,
+                        },
+                    }
+                ],
+                [{"model": MODEL, "grpc": "engine"}],
+            )
+        )
+        client = sdk(server)
+        one.faults.token_delay_ms = two.faults.token_delay_ms = 20
+        replies = await asyncio.gather(
+            *(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5) for _ in range(6))
+        )
+        assert all(r.choices[0].finish_reason == "length" for r in replies)
+        counts = [sum(type(r).__name__ == "GenerateRequest" for r in e.received) for e in (one, two)]
+        assert counts == [3, 3]
+        # One engine stops: its requests fail over to the other (a retry skips the worker that failed).
+        await one.stop()
+        for _ in range(4):
+            reply = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+            assert reply.choices[0].finish_reason == "length"
+        # The name now resolves to the second alone: the first is forgotten.
+        addresses["engines.test"] = [("127.0.0.1", two.port)]
+        await asyncio.sleep(0.3)
+        before = sum(type(r).__name__ == "GenerateRequest" for r in two.received)
+        for _ in range(3):
+            await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+        assert sum(type(r).__name__ == "GenerateRequest" for r in two.received) == before + 3
+        await client.close()
+
+
+async def test_engine_down_is_503_and_falls_back(start_proxy: Start) -> None:
+    async with (
+        FakeProvider("vllm", models=[MODEL]) as engine,
+        FakeProvider("vllm-http", models=[MODEL]) as rest,
+    ):
+        dead = engine.target
+        await engine.stop()
+        server = await start_proxy(
+            config(
+                [
+                    {"name": "engine", "vllm": engine_settings(dead)},
+                    {"name": "http", "openai": {"baseURL": rest.base_url}},
+                ],
+                [
+                    {"model": MODEL, "rest": "http", "grpc": "engine", "grpcWeight": 100},
+                    {"model": "engine-only", "grpc": "engine", "upstreamModel": MODEL},
+                ],
+            )
+        )
+        client = sdk(server)
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.chat.completions.create(model="engine-only", messages=HELLO)
+        assert caught.value.status_code == 503
+        assert "'engine'" in str(caught.value) and dead not in str(caught.value)
+        reply = await client.chat.completions.create(model=MODEL, messages=HELLO)
+        assert reply.choices[0].message.content == make_reply("hello there wörld 😀").text
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = pb_grpc.LLMServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await stub.ChatCompletion(
+                    pb.ChatRequest(
+                        model="engine-only", messages=[pb.ChatMessage(role=pb.ROLE_USER, content="hi")]
+                    )
+                )
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        await client.close()
+
+
+# ----------------------------------------------------------------------------- embeddings, tokenizer files
+
+
+async def test_embeddings(start_proxy: Start) -> None:
+    from llmgw_dev.fakes.endpoints import embedding
+
+    async with engine_proxy(start_proxy) as (engine, _, client, _server):
+        result = await client.embeddings.create(model=MODEL, input=["hello there", "second"])
+        assert [d.index for d in result.data] == [0, 1]
+        assert result.data[0].embedding == pytest.approx(embedding("hello there"), abs=1e-6)
+        assert result.usage.prompt_tokens == sum(
+            len(load(MODEL, 20).encode(t)) for t in ("hello there", "second")
+        )
+        b64 = await client.embeddings.create(model=MODEL, input="hello there", encoding_format="base64")
+        raw = base64.b64decode(str(b64.data[0].embedding))
+        vector = struct.unpack(f"<{len(raw) // 4}f", raw)
+        assert vector == pytest.approx(embedding("hello there"), abs=1e-6)
+        assert sum(type(r).__name__ == "EmbedRequest" for r in engine.received) == 3
+
+
+async def test_tokenizer_and_template_from_settings(start_proxy: Start, tmp_path: Path) -> None:
+    model = load(MODEL, 20)
+    model.save(tmp_path / "model")
+    config_file = tmp_path / "model" / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_file.read_text())
+    tokenizer_config["chat_template"] = "FROM-PATH " + tokenizer_config["chat_template"]
+    config_file.write_text(json.dumps(tokenizer_config))
+    async with engine_proxy(start_proxy, tokenizerPath=str(tmp_path / "model")) as (engine, _, client, _s):
+        reply = await client.chat.completions.create(model=MODEL, messages=HELLO)
+        assert reply.choices[0].message.content == make_reply("hello there wörld 😀").text
+        sent = [r for r in engine.received if type(r).__name__ == "GenerateRequest"][-1]
+        assert model.decode(list(sent.tokenized.input_ids)).startswith("FROM-PATH")
+    override = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    async with engine_proxy(start_proxy, chatTemplate=override) as (engine, _, client, _s):
+        reply = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}]
+        )
+        sent = [r for r in engine.received if type(r).__name__ == "GenerateRequest"][-1]
+        text = model.decode(list(sent.tokenized.input_ids), skip_special_tokens=False)
+        assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant"  # (Jinja drops a last newline)
+        assert reply.choices[0].message.content == make_reply("hi").text

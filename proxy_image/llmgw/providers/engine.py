@@ -274,6 +274,13 @@ class EngineClient:
             message = f"provider {name!r} rejected the gateway's credentials ({code.name})"
         elif code == grpc.StatusCode.INVALID_ARGUMENT:
             message = f"provider {name!r} refused the request: {details}"
+        elif code == grpc.StatusCode.UNAVAILABLE:  # no engine to answer: 503, as an engine's own server says
+            return GatewayError(
+                Kind.UNAVAILABLE,
+                f"provider {name!r} is unavailable: {details}".rstrip(": "),
+                retryable=True,
+                upstream_status=503,
+            )
         else:
             message = f"provider {name!r} failed with {code.name}: {details}".rstrip(": ")
         return from_upstream_grpc(code, message)
