@@ -531,6 +531,8 @@ class Sample:
     first: int  # when the first content token arrived
     end: int  # when the stream ended
     tokens: int  # completion tokens
+    events: int = 0  # SSE events (throughput streams)
+    nbytes: int = 0  # body bytes (throughput streams)
 
 
 # A request function sends request number ``n`` and returns its Sample; it raises on a bad answer.
@@ -598,6 +600,7 @@ def http_throughput(session: aiohttp.ClientSession, url: str, model: str) -> Cal
             }
         )
         tail = b""
+        events = nbytes = 0
         t0 = time.perf_counter_ns()
         first = 0
         async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
@@ -607,11 +610,13 @@ def http_throughput(session: aiohttp.ClientSession, url: str, model: str) -> Cal
                 if not first:
                     first = time.perf_counter_ns()
                 tail = (tail + data)[-4096:]
+                nbytes += len(data)
+                events += data.count(b"data: ")
         end = time.perf_counter_ns()
         counts = _COMPLETION_TOKENS.findall(tail)
         if not tail.rstrip().endswith(b"data: [DONE]") or not counts:
             raise RuntimeError(f"stream ended without usage or [DONE]: ...{tail[-200:]!r}")
-        return Sample(t0, first, end, int(counts[-1]))
+        return Sample(t0, first, end, int(counts[-1]), events, nbytes)
 
     return call
 
@@ -663,6 +668,8 @@ class Block:
     tokens: int
     cpu_s: dict[str, float]
     first_error: str | None = None
+    events: int = 0
+    nbytes: int = 0
 
 
 class Bench:
@@ -802,6 +809,8 @@ class Bench:
                 ttft_us=[(x.first - x.t0) / 1000 for x in samples],
                 total_us=[(x.end - x.t0) / 1000 for x in samples],
                 tokens=sum(x.tokens for x in samples),
+                events=sum(x.events for x in samples),
+                nbytes=sum(x.nbytes for x in samples),
                 cpu_s=after.since(before),
                 first_error=first_error,
             )
@@ -953,9 +962,12 @@ def throughput_table(results: Results, bench: Bench) -> tuple[list[str], bool | 
         wall = sum(b.elapsed_s for b in blocks)
         streams = sum(b.completed for b in blocks) / wall if wall else float("nan")
         first = percentile([v for b in blocks for v in b.ttft_us], 50)
-        rows.append((f"{streams:,.1f}", ms(first)))
+        done = sum(b.completed for b in blocks)
+        events = f"{sum(b.events for b in blocks) / done:.0f}" if done else "n/a"
+        nbytes = f"{sum(b.nbytes for b in blocks) / done:,.0f}" if done else "n/a"
+        rows.append((f"{streams:,.1f}", ms(first), events, nbytes))
     if skipped:
-        rows[1] = (skipped, skipped)
+        rows[1] = (skipped,) * 4
     tokens_cell = skipped or f"{gw:,.0f}"
     ratio_cell = skipped or f"{ratio:.2f}{spread}"
     out = [
@@ -965,6 +977,8 @@ def throughput_table(results: Results, bench: Bench) -> tuple[list[str], bool | 
         f"{ratio_cell} | >= {THROUGHPUT_TARGET:g} | {met(ok)} |",
         f"| streams/s, c={CONCURRENCY} | {rows[0][0]} | {rows[1][0]} | | | |",
         f"| first bytes of the answer, c={CONCURRENCY}, p50 | {rows[0][1]} | {rows[1][1]} | | | |",
+        f"| SSE events per stream | {rows[0][2]} | {rows[1][2]} | | | |",
+        f"| bytes per stream | {rows[0][3]} | {rows[1][3]} | | | |",
     ]
     return out, ok
 
