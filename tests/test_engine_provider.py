@@ -514,3 +514,110 @@ async def test_tokenizer_and_template_from_settings(start_proxy: Start, tmp_path
         text = model.decode(list(sent.tokenized.input_ids), skip_special_tokens=False)
         assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant"  # (Jinja drops a last newline)
         assert reply.choices[0].message.content == make_reply("hi").text
+
+
+# ------------------------------------------------------------------- sampling, time bounds, one fetch
+
+
+async def test_sampling_reaches_the_engine(start_proxy: Start) -> None:
+    async with engine_proxy(start_proxy) as (engine, _, client, _server):
+        await client.chat.completions.create(model=MODEL, messages=HELLO)
+        sent = [r for r in engine.received if type(r).__name__ == "GenerateRequest"][-1].sampling_params
+        # The model's defaults (GetModelInfo) for what the client left unset; the context left for max_tokens.
+        assert (round(sent.temperature, 5), round(sent.top_p, 5), sent.top_k) == (0.7, 0.8, 20)
+        assert sent.max_tokens == 8192 - len(load(MODEL, 20).encode(load(MODEL, 20).render(HELLO)))
+        await client.chat.completions.create(
+            model=MODEL,
+            messages=HELLO,
+            temperature=0.0,
+            seed=7,
+            stop=["x"],
+            logit_bias={"5": 1.5},
+            extra_body={
+                "top_k": 5,
+                "min_p": 0.1,
+                "repetition_penalty": 1.1,
+                "stop_token_ids": [9],
+                "min_tokens": 2,
+            },
+        )
+        sent = [r for r in engine.received if type(r).__name__ == "GenerateRequest"][-1].sampling_params
+        assert (sent.temperature, sent.top_k, round(sent.min_p, 5), round(sent.repetition_penalty, 5)) == (
+            0.0,
+            5,
+            0.1,
+            1.1,
+        )
+        assert (sent.seed, list(sent.stop), list(sent.stop_token_ids), sent.min_tokens) == (7, ["x"], [9], 2)
+        assert dict(sent.logit_bias) == {5: 1.5}
+        await client.chat.completions.create(
+            model=MODEL,
+            messages=HELLO,
+            tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        )
+        sent = [r for r in engine.received if type(r).__name__ == "GenerateRequest"][-1].sampling_params
+        assert json.loads(sent.json_schema) == TOOLS[0]["function"]["parameters"]
+        await client.chat.completions.create(
+            model=MODEL, messages=HELLO, extra_body={"guided_choice": ["a", "b"]}
+        )
+        sent = [r for r in engine.received if type(r).__name__ == "GenerateRequest"][-1].sampling_params
+        assert list(sent.choice.choices) == ["a", "b"]
+
+
+async def test_time_bounds(start_proxy: Start) -> None:
+    async with FakeProvider("vllm", models=[MODEL]) as engine:
+        server = await start_proxy(
+            config(
+                [
+                    {
+                        "name": "engine",
+                        "vllm": engine_settings(engine.target),
+                        "timeoutSeconds": 0.5,
+                        "streamIdleTimeoutSeconds": 0.3,
+                    }
+                ],
+                [{"model": MODEL, "grpc": "engine"}],
+            )
+        )
+        client = sdk(server)
+        await client.chat.completions.create(model=MODEL, messages=HELLO)  # the model is fetched
+        engine.faults.latency_ms = 1500
+        with pytest.raises(openai.APIStatusError, match="timeoutSeconds") as caught:
+            await client.chat.completions.create(model=MODEL, messages=HELLO)
+        assert caught.value.status_code == 504
+        engine.faults.latency_ms = 0
+        engine.faults.token_delay_ms = 1000
+        events = await client.chat.completions.create(model=MODEL, messages=HELLO, stream=True)
+        with pytest.raises(openai.APIError, match="streamIdleTimeoutSeconds"):
+            async for _ in events:
+                pass
+        deadline = time.monotonic() + 5
+        while (
+            not any(type(r).__name__ == "AbortRequest" for r in engine.received)
+            and time.monotonic() < deadline
+        ):
+            await asyncio.sleep(0.05)
+        assert any(type(r).__name__ == "AbortRequest" for r in engine.received)  # a stalled engine is told
+        await client.close()
+
+
+async def test_concurrent_first_requests_fetch_the_tokenizer_once(
+    start_proxy: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmgw.providers import engine as engine_module
+
+    fetches = 0
+    real = engine_module.EngineClient._tokenizer_archive
+
+    async def counted(self: Any, deadline: float) -> tuple[bytes, str]:
+        nonlocal fetches
+        fetches += 1
+        return await real(self, deadline)
+
+    monkeypatch.setattr(engine_module.EngineClient, "_tokenizer_archive", counted)
+    async with engine_proxy(start_proxy) as (_, _, client, _server):
+        replies = await asyncio.gather(
+            *(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2) for _ in range(5))
+        )
+        assert len(replies) == 5 and fetches == 1
