@@ -72,6 +72,11 @@ REQUESTS: list[dict[str, Any]] = [
     {"messages": HELLO, "extra_body": THINK},
     {"messages": WEATHER, "tools": TOOLS, "extra_body": THINK},
     {"messages": HELLO, "tools": TOOLS, "tool_choice": "required"},
+    {
+        "messages": HELLO,
+        "tools": TOOLS,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+    },
     {"messages": HELLO, "response_format": {"type": "json_object"}},
     {
         "messages": HELLO,

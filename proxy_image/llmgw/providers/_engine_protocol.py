@@ -101,6 +101,8 @@ class Protocol:
                 defaults = value
         context = int(m.max_context_length)
         limit = int(m.max_req_input_len) if m.max_req_input_len > 0 else context
+        if limit <= 0:
+            limit = 2**31 - 1  # the engine does not say: it judges the prompt itself
         return ModelInfo(
             model_path=str(m.model_path),
             served_model_name=str(m.served_model_name),

@@ -311,7 +311,7 @@ def plan(
     except (ChatTemplateError, TokenizerError) as exc:
         raise invalid(f"messages: {exc}") from None
     ids = tokenizer.encode(prompt)
-    context = info.max_context_length or tokenizer.vocab_size  # (an engine always says its context)
+    context = info.max_context_length or 2**31 - 1  # (0: the engine does not say; it judges itself)
     if not ids:
         raise invalid("messages: the prompt is empty")
     if len(ids) > info.max_input_length or len(ids) >= context:
@@ -342,7 +342,8 @@ def plan(
     max_tokens = _integer(body, "max_completion_tokens", 1, _INT32 - 1)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1, _INT32 - 1)
-    max_tokens = room if max_tokens is None else min(max_tokens, room)
+    if info.max_context_length > 0:
+        max_tokens = room if max_tokens is None else min(max_tokens, room)
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) for s in stops):
@@ -380,7 +381,7 @@ def plan(
         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0) or 0.0,
         repetition_penalty=repetition,
         max_tokens=max_tokens,
-        min_tokens=_integer(body, "min_tokens", 0, max_tokens) or 0,
+        min_tokens=_integer(body, "min_tokens", 0, max_tokens or _INT32 - 1) or 0,
         stop=stops,
         stop_token_ids=stop_ids,
         skip_special_tokens=skip_special,

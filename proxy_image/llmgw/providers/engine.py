@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -76,6 +77,7 @@ log = logging.getLogger("llmgw.providers")
 ABORT_TIMEOUT = 2.0  # the bound of the Abort sent for a request whose client went away
 _UNAVAILABLE_LOG_INTERVAL = 10.0
 _TOKENIZERS_KEPT = 8
+_INLINE_BYTES = 32 * 1024  # a request larger than this is prepared (template, tokens) in a thread
 # Tokenizers by the SHA-256 of their files, shared by every client of the process (a reload makes new
 # clients; the files of a model do not change under one SHA).
 _tokenizers: dict[str, EngineTokenizer] = {}
@@ -146,8 +148,10 @@ class _Choice:
         content: list[str] = []
         for event in events:
             if isinstance(event, ContentDelta):
-                if self.plan.forced is not None:
-                    self.forced_text.append(event.text)
+                if self.plan.forced:  # a named function: the text is its arguments, streamed as they come
+                    self._named_arguments(delta, event.text)
+                elif self.plan.forced is not None:
+                    self.forced_text.append(event.text)  # required: an array of calls, read at the end
                 else:
                     content.append(event.text)
             elif isinstance(event, ToolCallStart):
@@ -162,8 +166,8 @@ class _Choice:
                     delta.tool_calls.add(index=event.index, arguments=event.text)
         if content:
             delta.content = "".join(content)
-        if finish is not None and self.plan.forced is not None:
-            for i, (name, arguments) in enumerate(self._forced_calls()):
+        if finish is not None and self.plan.forced == "":
+            for i, (name, arguments) in enumerate(self._required_calls()):
                 delta.tool_calls.add(
                     index=i, id=openai_call_id(), type="function", name=name, arguments=arguments
                 )
@@ -177,10 +181,22 @@ class _Choice:
             self.logprobs = []
         return part
 
-    def _forced_calls(self) -> list[tuple[str, str]]:
+    def _named_arguments(self, delta: pb.ChunkDelta, text: str) -> None:
+        if not self.forced_text:  # the call opens with its first non-blank text
+            text = text.lstrip()
+            if not text:
+                return
+            self.forced_text.append(text)
+            delta.tool_calls.add(
+                index=0, id=openai_call_id(), type="function", name=self.plan.forced, arguments=text
+            )
+        elif delta.tool_calls:
+            delta.tool_calls[-1].arguments += text
+        else:
+            delta.tool_calls.add(index=0, arguments=text)
+
+    def _required_calls(self) -> list[tuple[str, str]]:
         text = "".join(self.forced_text).strip()
-        if self.plan.forced:
-            return [(self.plan.forced, text)]
         try:
             items = orjson.loads(text)
         except orjson.JSONDecodeError:
@@ -476,7 +492,9 @@ class EngineClient:
         deadline = time.monotonic() + timeout
         state = await self.model(deadline)
         settings = self.settings
-        p = plan(
+        # A long conversation takes a while to render and tokenize: off the event loop.
+        prepare = functools.partial(
+            plan,
             req,
             provider=self.provider.name,
             tokenizer=state.tokenizer,
@@ -486,6 +504,7 @@ class EngineClient:
             reasoning_parser=settings.reasoning_parser,
             seed_bits=32 if self.protocol.name == "vllm" else 64,
         )
+        p = await asyncio.to_thread(prepare) if req.ByteSize() > _INLINE_BYTES else prepare()
         choices = self._choices(p, state.tokenizer)
         request_id = "chatcmpl-" + secrets.token_hex(16)
         created = int(time.time())
