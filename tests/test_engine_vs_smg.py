@@ -253,6 +253,11 @@ async def routers(request: pytest.FixtureRequest) -> AsyncIterator[Routers]:
             yield Routers(backend, engine, reference, gateway)
 
 
+def last_generate(engine: FakeProvider) -> Any:
+    """The last GenerateRequest the engine received."""
+    return next(r for r in reversed(engine.received) if type(r).__name__ == "GenerateRequest")
+
+
 async def answer(client: openai.AsyncOpenAI, stream: bool, **request: Any) -> dict[str, Any]:
     """What a chat answer says, unary or streamed: per choice the content, reasoning, tool calls (names and
     parsed arguments) and finish reason; the usage (prompt, completion tokens)."""
@@ -322,7 +327,12 @@ async def test_llmgw_answers_as_smg(
     if routers.backend == "sglang" and "seed" in body:
         pytest.skip("SGLang's protocol carries no seed (SMG drops it)")
     expected = await answer(routers.smg, stream, **body)
+    smg_sent = last_generate(routers.engine)
     got = await answer(routers.llmgw, stream, **body)
+    llmgw_sent = last_generate(routers.engine)
+    # Both rendered the same prompt and tokenized it the same way: the engine got the same ids.
+    assert llmgw_sent is not smg_sent
+    assert list(llmgw_sent.tokenized.input_ids) == list(smg_sent.tokenized.input_ids)
     if case in FINISH_STOP_IN_LLMGW:
         assert [c["finish"] for c in expected["choices"].values()] == ["tool_calls"]
         assert [c["finish"] for c in got["choices"].values()] == ["stop"]
