@@ -78,9 +78,9 @@ ABORT_TIMEOUT = 2.0  # the bound of the Abort sent for a request whose client we
 _UNAVAILABLE_LOG_INTERVAL = 10.0
 _TOKENIZERS_KEPT = 8
 _INLINE_BYTES = 32 * 1024  # a request larger than this is prepared (template, tokens) in a thread
-# Tokenizers by the SHA-256 of their files, shared by every client of the process (a reload makes new
-# clients; the files of a model do not change under one SHA).
-_tokenizers: dict[str, EngineTokenizer] = {}
+# Tokenizers by (model path, served name, SHA-256 of their files), shared by every client of the process (a
+# reload makes new clients: they fetch the archive again, but do not build its tokenizer again).
+_tokenizers: dict[tuple[str, str, str], EngineTokenizer] = {}
 
 
 class _Model:
@@ -111,13 +111,13 @@ def _read_directory(path: str, max_bytes: int) -> dict[str, bytes]:
     return files
 
 
-def _tokenizer_of(files: dict[str, bytes], digest: str) -> EngineTokenizer:
-    tokenizer = _tokenizers.get(digest)
+def _tokenizer_of(files: dict[str, bytes], key: tuple[str, str, str]) -> EngineTokenizer:
+    tokenizer = _tokenizers.get(key)
     if tokenizer is None:
         tokenizer = EngineTokenizer.from_files(files)
         if len(_tokenizers) >= _TOKENIZERS_KEPT:
-            _tokenizers.pop(next(iter(_tokenizers)))
-        _tokenizers[digest] = tokenizer
+            _tokenizers.pop(next(iter(_tokenizers)), None)
+        _tokenizers[key] = tokenizer
     return tokenizer
 
 
@@ -396,9 +396,10 @@ class EngineClient:
                 files = await asyncio.to_thread(
                     read_tokenizer_archive, data, digest, max_bytes=settings.max_tokenizer_bytes
                 )
-            tokenizer = _tokenizers.get(digest)
+            key = (info.model_path, info.served_model_name, digest)
+            tokenizer = _tokenizers.get(key)
             if tokenizer is None:
-                tokenizer = await asyncio.to_thread(_tokenizer_of, files, digest)
+                tokenizer = await asyncio.to_thread(_tokenizer_of, files, key)
         except TokenizerError as exc:
             raise self._broken(f"its model's tokenizer cannot be used: {exc}") from None
         log.info(
