@@ -626,3 +626,27 @@ async def test_concurrent_first_requests_fetch_the_tokenizer_once(
             *(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2) for _ in range(5))
         )
         assert len(replies) == 5 and fetches == 1
+
+
+async def test_engine_errors(start_proxy: Start) -> None:
+    async with engine_proxy(start_proxy, "sglang") as (engine, _, client, _server):
+        await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+        engine.faults.update({"fail_next": 1, "error_status": 500})
+        with pytest.raises(openai.APIStatusError, match="injected error") as caught:
+            await client.chat.completions.create(model=MODEL, messages=HELLO)
+        assert "'engine'" in str(caught.value) and engine.target not in str(caught.value)
+        assert caught.value.status_code >= 500
+        # The engine's own refusal is the client's 400.
+        with pytest.raises(openai.BadRequestError, match="'engine' refused the request"):
+            await client.chat.completions.create(
+                model=MODEL, messages=HELLO, extra_body={"stop_token_ids": [10**6]}
+            )
+        # A stream that breaks after its first tokens ends in an error, the text so far delivered.
+        engine.faults.update({"stream_error_after_tokens": 3})
+        events = await client.chat.completions.create(model=MODEL, messages=HELLO, stream=True)
+        text = ""
+        with pytest.raises(openai.APIError):
+            async for chunk in events:
+                for choice in chunk.choices:
+                    text += choice.delta.content or ""
+        assert text and make_reply("hello there wörld 😀").text.startswith(text)
