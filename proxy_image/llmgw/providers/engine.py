@@ -164,13 +164,16 @@ class _Choice:
                     last.arguments += event.text
                 else:
                     delta.tool_calls.add(index=event.index, arguments=event.text)
-        if content:
-            delta.content = "".join(content)
         if finish is not None and self.plan.forced == "":
-            for i, (name, arguments) in enumerate(self._required_calls()):
+            calls = self._required_calls()
+            for i, (name, arguments) in enumerate(calls):
                 delta.tool_calls.add(
                     index=i, id=openai_call_id(), type="function", name=name, arguments=arguments
                 )
+            if not calls and "".join(self.forced_text).strip():  # not an array of calls (cut short): text
+                content.append("".join(self.forced_text))
+        if content:
+            delta.content = "".join(content)
         if not (reasoning or content or delta.tool_calls or finish is not None):
             return None
         part = pb.ChunkChoice(index=self.index, delta=delta)
