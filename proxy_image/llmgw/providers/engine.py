@@ -495,6 +495,8 @@ class EngineClient:
         finish, then a usage chunk with no choices."""
         deadline = time.monotonic() + timeout
         state = await self.model(deadline)
+        if not state.info.is_generation:
+            raise invalid(f"model: provider {self.provider.name!r} serves an embedding model, not a chat one")
         settings = self.settings
         # A long conversation takes a while to render and tokenize: off the event loop.
         prepare = functools.partial(
