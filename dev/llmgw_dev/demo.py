@@ -2,8 +2,10 @@
 
 1. A local control plane (etcd, kube-apiserver, kube-controller-manager on 127.0.0.1; built from
    Kubernetes' Go modules on first use, with progress) with the ``LLMGateway`` CRD installed.
-2. ``llmgw operator`` as a process; fake OpenAI-compatible and gRPC providers on loopback; the local
-   kubelet, which runs the proxy pods of the Deployment the operator writes as ``llmgw proxy`` processes.
+2. ``llmgw operator`` as a process; a fake vLLM fleet on loopback, seen two ways: its OpenAI HTTP server
+   (the REST path) and its engine gRPC API (the gRPC path, ``vllm.grpc.engine.VllmEngine``: the proxies
+   render the chat template, tokenize and detokenize themselves), one model behind both; the local kubelet,
+   which runs the proxy pods of the Deployment the operator writes as ``llmgw proxy`` processes.
 3. A provider Secret and an ``LLMGateway`` with a migration plan (10, 25, 50, 100% gRPC, a few seconds per
    step); a bounded load through the proxies' OpenAI-compatible REST fronts; the rollout shown live (the
    ``llmgw status --watch`` view) until it succeeds or, with ``--fail-grpc-at N``, until the gRPC provider,
@@ -50,7 +52,9 @@ GATEWAY = "demo"
 STEPS = [10, 25, 50, 100]
 INTERVAL_S = 5
 TIME_LIMIT_S = 300
-OPENAI_KEY, GRPC_KEY = "sk-demo-openai", "sk-demo-grpc"
+OPENAI_KEY = (
+    "sk-demo-vllm"  # the fleet's OpenAI server takes a key (vllm serve --api-key); its engine API none
+)
 
 
 def _say(text: str = "") -> None:
@@ -115,7 +119,7 @@ class _Load:
             await asyncio.gather(*(worker() for _ in range(self.workers)))
 
 
-def _gateway(openai: FakeProvider, grpc: FakeProvider) -> dict[str, Any]:
+def _gateway(http: FakeProvider, engine: FakeProvider) -> dict[str, Any]:
     return {
         "apiVersion": "llmgateway.io/v1alpha1",
         "kind": "LLMGateway",
@@ -123,17 +127,16 @@ def _gateway(openai: FakeProvider, grpc: FakeProvider) -> dict[str, Any]:
         "spec": {
             "providers": [
                 {
-                    "name": "openai",
-                    "openai": {"baseURL": openai.base_url},
-                    "apiKeySecretRef": {"name": "llm-keys", "key": "openai"},
+                    "name": "vllm-http",
+                    "openai": {"baseURL": http.base_url},
+                    "apiKeySecretRef": {"name": "llm-keys", "key": "vllm"},
                 },
                 {
-                    "name": "vllm",
-                    "llmgateway": {"target": grpc.target},
-                    "apiKeySecretRef": {"name": "llm-keys", "key": "grpc"},
+                    "name": "vllm-engine",
+                    "vllm": {"target": engine.target, "toolCallParser": "hermes", "reasoningParser": "qwen3"},
                 },
             ],
-            "routes": [{"model": "demo-model", "rest": "openai", "grpc": "vllm"}],
+            "routes": [{"model": "demo-model", "rest": "vllm-http", "grpc": "vllm-engine"}],
             "proxy": {"replicas": 2},
             "migration": {
                 "steps": STEPS,
@@ -188,7 +191,7 @@ def _summary(
         _say(f"| {entry['step'] + 1} | {entry['weight']}% | {seconds} | {entry['result']} |")
     _say("\n| upstream path | requests | server errors | p50 | p99 |")
     _say("|---|--:|--:|--:|--:|")
-    for path, label in (("rest", "REST (openai)"), ("grpc", "gRPC (vllm)")):
+    for path, label in (("rest", "REST (vLLM's OpenAI server)"), ("grpc", "gRPC (the vLLM engine)")):
         f = figures[path]
         _say(
             f"| {label} | {f['requests']:.0f} | {f['errors']:.0f} | {f['p50'] * 1000:.0f} ms | {f['p99'] * 1000:.0f} ms |"
@@ -219,13 +222,13 @@ def run(fail_grpc_at: int | None = None) -> int:
         client = Client(KubeConfig.from_file(plane.kubeconfig), field_manager="llmgw-demo")
         try:
             client.create(Namespace(metadata={"name": NAMESPACE}))  # type: ignore[arg-type]
-            openai = FakeProvider("openai", api_key=OPENAI_KEY)
-            grpc = FakeProvider("grpc", api_key=GRPC_KEY)
-            for fake in (openai, grpc):
+            http = FakeProvider("vllm-http", api_key=OPENAI_KEY)
+            engine = FakeProvider("vllm")
+            for fake in (http, engine):
                 loop.run(fake.start())
                 fake.faults.update({"latency_ms": 20, "token_delay_ms": 2})
                 fakes.append(fake)
-            _say(f"fake providers: openai {openai.base_url}, grpc {grpc.target}")
+            _say(f"fake vLLM fleet: OpenAI server {http.base_url}, engine gRPC {engine.target}")
             kubelet = LocalKubelet(
                 plane.kubeconfig,
                 NAMESPACE,
@@ -252,13 +255,10 @@ def run(fail_grpc_at: int | None = None) -> int:
                 "apiVersion": "v1",
                 "kind": "Secret",
                 "metadata": {"name": "llm-keys", "namespace": NAMESPACE},
-                "data": {
-                    "openai": base64.b64encode(OPENAI_KEY.encode()).decode(),
-                    "grpc": base64.b64encode(GRPC_KEY.encode()).decode(),
-                },
+                "data": {"vllm": base64.b64encode(OPENAI_KEY.encode()).decode()},
             }
             client.create(codecs.from_dict(secret))
-            client.create(codecs.from_dict(_gateway(openai, grpc)))
+            client.create(codecs.from_dict(_gateway(http, engine)))
             _say(f"LLMGateway {NAMESPACE}/{GATEWAY} created: steps {STEPS}, {INTERVAL_S}s per step\n")
             load = _Load(client)
             load_task = asyncio.run_coroutine_threadsafe(load.run(), loop.loop)
@@ -271,7 +271,7 @@ def run(fail_grpc_at: int | None = None) -> int:
                 screen.show(status_view.read(client, NAMESPACE, GATEWAY))
                 state = (gateway.get("status") or {}).get("migration") or {}
                 if fail_grpc_at is not None and not failing and state.get("weight") == fail_grpc_at:
-                    grpc.faults.update({"error_rate": 1.0, "error_status": 503})
+                    engine.faults.update({"error_rate": 1.0, "error_status": 503})
                     failing = True
                     _say(f"\n>>> the gRPC provider now fails every request (at {fail_grpc_at}%)\n")
                 if state.get("phase") in FINAL_PHASES:
