@@ -112,17 +112,7 @@ CASES: dict[str, dict[str, Any]] = {
 
 # Where llmgw differs from SMG and should not, by (backend, case, stream or None for both): how, for the
 # provider's author. Each is an xfail(strict=True): a fix makes the test fail until its entry goes.
-_THINK_NEWLINES = (
-    "after </think> llmgw drops the whitespace that opens the answer (llmgw.engine.reasoning."
-    "ThinkTagReasoningParser's answer_start state lstrips it): its content starts 'This is a fake reply', "
-    "SMG's with '\\n\\n' ('\\n\\nThis is a fake reply'), as vLLM's qwen3 reasoning parser and the vllm-http "
-    "fake do (tests/test_fake_engine.py holds SMG to them); streamed, SMG also sends that '\\n\\n' as a content "
-    "delta before a tool call, llmgw sends no content"
-)
-KNOWN_DIFFERENCES: dict[tuple[str, str, bool | None], str] = {
-    **{(backend, "thinking", None): _THINK_NEWLINES for backend in ("vllm", "sglang")},
-    **{(backend, "thinking-tool-call", True): _THINK_NEWLINES for backend in ("vllm", "sglang")},
-}
+KNOWN_DIFFERENCES: dict[tuple[str, str, bool | None], str] = {}
 # Where they differ by design: a call forced by a named tool_choice ends with finish reason "stop" in llmgw, as
 # in OpenAI's API and vLLM's OpenAI server (the vllm-http fake), and "tool_calls" in SMG. Everything else of
 # the answer is compared.

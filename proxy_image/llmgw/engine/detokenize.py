@@ -124,7 +124,7 @@ class Finish:
 
 
 class StopChecker:
-    """Holds back text that may begin a stop string, and cuts the text at the first one that matches.
+    """Holds back text that may begin a stop string, and cuts the text at the one that completes first.
 
     Only the held text is searched: text already sent cannot start a match, because any text that could
     is held until it cannot. The held text is shorter than the longest stop string plus one delta.
@@ -143,13 +143,15 @@ class StopChecker:
         if not self._stop:
             return text
         held = self._held + text
-        first: tuple[int, str] | None = None
+        # The stop string that completes first (then the one that starts first): the one a stream fed a
+        # character at a time meets first, so the cut is the same however the text is split.
+        first: tuple[int, int, str] | None = None
         for stop in self._stop:
             at = held.find(stop)
-            if at >= 0 and (first is None or at < first[0]):
-                first = (at, stop)
+            if at >= 0 and (first is None or (at + len(stop), at) < first[:2]):
+                first = (at + len(stop), at, stop)
         if first is not None:
-            at, stop = first
+            _, at, stop = first
             self.matched = stop
             self._held = ""
             return held[: at + len(stop)] if self._include else held[:at]

@@ -80,16 +80,12 @@ class ThinkTagReasoningParser:
                 if at >= 0:
                     reasoning.append(text[:at])
                     text = text[at + len(self.end_tag) :]
-                    self._state = "answer_start"
+                    self._state = "content"  # what follows is the answer as written ("\n\n" too, as vLLM)
                     continue
                 keep = 0 if final else partial_marker(text, self.end_tag)
                 reasoning.append(text[: len(text) - keep])
                 self._held = text[len(text) - keep :]
                 break
-            elif self._state == "answer_start":
-                text = text.lstrip()
-                if text:
-                    self._state = "content"
             else:
                 content.append(text)
                 break
