@@ -343,3 +343,56 @@ def test_cases_cover_the_issue() -> None:
         CASES
     )
     assert os.path.exists(SMG)
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_logprobs_as_smg(routers: Routers, stream: bool) -> None:
+    """The engine's logprobs come back the same way: each token's text, value and top alternatives."""
+
+    async def logprobs(client: openai.AsyncOpenAI) -> list[tuple[str, float, list[tuple[str, float]]]]:
+        request: dict[str, Any] = {
+            "model": MODEL,
+            "messages": HELLO,
+            "logprobs": True,
+            "top_logprobs": 2,
+            "max_tokens": 6,
+            "temperature": 0.0,
+        }
+        entries: list[Any] = []
+        if stream:
+            async for chunk in await client.chat.completions.create(stream=True, **request):
+                for choice in chunk.choices:
+                    if choice.logprobs is not None and choice.logprobs.content:
+                        entries += choice.logprobs.content
+        else:
+            reply = await client.chat.completions.create(**request)
+            assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content is not None
+            entries = reply.choices[0].logprobs.content
+        return [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in entries]
+
+    expected = await logprobs(routers.smg)
+    got = await logprobs(routers.llmgw)
+    assert len(expected) == 6 and len(got) == len(expected)
+    for (token, value, top), (token1, value1, top1) in zip(got, expected, strict=True):
+        assert token == token1 and value == pytest.approx(value1, abs=1e-6)
+        assert [t for t, _ in top] == [t for t, _ in top1]
+        assert [v for _, v in top] == pytest.approx([v for _, v in top1], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ({"messages": [{"role": "user", "content": "word " * 9000}]}, "maximum context length"),
+        ({"messages": HELLO, "max_tokens": 0}, None),
+    ],
+    ids=["prompt-too-long", "max-tokens-0"],
+)
+async def test_refused_as_smg(routers: Routers, body: dict[str, Any], match: str | None) -> None:
+    """A request the engine cannot take is a 400 from both (the messages may differ)."""
+    for client in (routers.smg, routers.llmgw):
+        with pytest.raises(openai.BadRequestError, match=match):
+            await client.chat.completions.create(model=MODEL, **body)
