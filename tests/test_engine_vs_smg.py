@@ -4,8 +4,10 @@ One fake engine per kind; SMG (``smg launch --backend KIND --tool-call-parser qw
 and an llmgw proxy (a provider of that type with ``toolCallParser: hermes, reasoningParser: qwen3``) both in
 front of it. The official ``openai`` SDK sends the same requests to both, unary and streamed, and what comes
 back must be the same: per choice the text, the tool calls (names and parsed arguments), the reasoning and
-the finish reason, and the usage (prompt and completion tokens). Ids, ``created`` and ``system_fingerprint``
-differ legitimately and are not compared.
+the finish reason, and the usage (prompt and completion tokens); the engine must get the same prompt ids
+from both. Logprobs and the requests the engine refuses (too long a prompt, ``max_tokens`` 0) are compared
+too. Ids, ``created`` and ``system_fingerprint`` differ legitimately and are not compared; so does the finish
+reason of a call forced by a named ``tool_choice`` (see ``FINISH_STOP_IN_LLMGW``).
 
 Where llmgw differs from SMG and should not, the case is marked ``xfail(strict=True)`` with the difference
 as its reason, so that the fix turns it into a failure to remove the mark.
