@@ -1,29 +1,39 @@
-"""Fake inference engines speaking the engines' own gRPC protocol (kinds ``vllm`` and ``sglang``), as a router
-such as SMG or the gateway's engine path talks to them: ``vllm.grpc.engine.VllmEngine`` and
-``sglang.grpc.scheduler.SglangScheduler`` from ``smg-grpc-proto``, over grpc.aio, with the model of
-:mod:`.model` (a real tokenizer; token ids in, token ids out).
+"""Fake inference engines speaking the engines' own gRPC protocols (kinds ``vllm``, ``sglang`` and ``trtllm``), as a
+router such as SMG or the gateway's engine path talks to them: ``vllm.grpc.engine.VllmEngine``,
+``sglang.grpc.scheduler.SglangScheduler`` and ``trtllm.TrtllmService`` from ``smg-grpc-proto``, over grpc.aio,
+with the model of :mod:`.model` (a real tokenizer; token ids in, token ids out).
 
-- ``Generate``: the prompt is ``tokenized.input_ids`` (or vLLM's ``text``, tokenized here). Streaming: one
-  ``GenerateStreamChunk`` per step per choice ``index`` (the choices of ``n`` > 1 interleave), then a
-  ``GenerateComplete`` per index when it finishes, whose ``output_ids`` repeat the last step's tokens, as the
-  engines' servicers do. vLLM's counts are the step's (``completion_tokens`` = the chunk's tokens: routers add
-  them up), SGLang's are cumulative. Unary: only the Completes, with all output ids. ``finish_reason`` is
-  "stop" (EOS, stop string: ``matched_stop_str``, stop token: ``matched_token_id``; SGLang also reports the
-  EOS as ``matched_token_id``), "length" or "abort". ``cached_tokens`` come from a prefix cache of recent
-  prompts (16-token blocks). Logprobs (vLLM ``sampling_params.logprobs``, SGLang ``return_logprob`` and
-  ``top_logprobs_num``) ride on the chunks and Completes; SGLang counts ``reasoning_tokens`` (those before
-  ``</think>``) when asked (``require_reasoning``); the ``json_schema``/``json_object``/``choice``
-  constraints shape the answer (:mod:`.model`), the others are ignored. A prompt at or above ``max_context_length``,
-  ``max_tokens`` 0 and other invalid parameters are refused with INVALID_ARGUMENT before any fault.
-- ``Abort`` finishes the named running requests with "abort" (vLLM: ``request_ids``; SGLang: ``request_id``,
-  answering whether it was found); a client that goes away cancels its request.
+- ``Generate``: the prompt is ``tokenized.input_ids`` (TensorRT-LLM: ``input_token_ids``; or vLLM's ``text``,
+  tokenized here). Streaming: one ``GenerateStreamChunk`` per step per choice ``index`` (TensorRT-LLM:
+  ``sequence_index``; the choices of ``n`` > 1 interleave), then a ``GenerateComplete`` per index when it
+  finishes (TensorRT-LLM: every Complete after the request's last step), whose ``output_ids`` repeat the last
+  step's tokens, as the vLLM and SGLang servicers do (TensorRT-LLM's ``output_token_ids`` repeat them all).
+  vLLM's counts are the step's (``completion_tokens`` = the chunk's tokens: routers add them up), SGLang's and
+  TensorRT-LLM's are cumulative. Unary: only the Completes, with all output ids. ``finish_reason`` is "stop"
+  (EOS, stop string: ``matched_stop_str``, stop token: ``matched_token_id``; SGLang also reports the EOS as
+  ``matched_token_id``), "length" or "abort" (TensorRT-LLM: "cancelled"). TensorRT-LLM cuts a stop word (a
+  stop token, a stop string's own tokens) from the ids unless ``include_stop_token_in_output``, so its last
+  step's chunk can be left out; the EOS stays. ``cached_tokens`` come from a prefix cache of recent prompts
+  (16-token blocks). Logprobs (vLLM ``sampling_params.logprobs``, SGLang ``return_logprob`` and
+  ``top_logprobs_num``, TensorRT-LLM ``output_config.logprobs``: ``TokenLogprob`` lists) ride on the chunks and
+  Completes; SGLang counts ``reasoning_tokens`` (those before ``</think>``) when asked
+  (``require_reasoning``); the ``json_schema``/``json_object``/``choice`` constraints (TensorRT-LLM: the JSON
+  and JSON-schema guides) shape the answer (:mod:`.model`), the others are ignored. A prompt at or above
+  ``max_context_length``, ``max_tokens`` 0 and other invalid parameters (TensorRT-LLM: also beam search, an
+  ``embedding_bias`` not of the vocabulary's size) are refused with INVALID_ARGUMENT before any fault.
+- ``Abort`` finishes the named running requests with "abort" (vLLM: ``request_ids``; SGLang and TensorRT-LLM:
+  ``request_id``, answering whether it was found; TensorRT-LLM sends no empty chunk first); a client that goes
+  away cancels its request.
 - ``GetModelInfo`` (``served_model_name`` is the provider's first model; ``model_path``/``tokenizer_path`` do
-  not exist locally, so a router fetches the tokenizer with ``GetTokenizer``; default sampling as JSON),
-  ``GetServerInfo`` (``server_type`` "vllm-grpc" / "grpc"), ``GetLoads``, ``GetTokenizer`` (the model's files
-  as one ZIP in 64 KiB chunks, the SHA-256 of the whole on the last), ``HealthCheck``, ``Embed`` (the
-  deterministic vectors of :mod:`.endpoints`, of the decoded prompt), ``FlushCache`` (empties the prefix
-  cache). ``SubscribeKvEvents`` is UNIMPLEMENTED, as an engine started without KV events answers; so are
-  the profiler RPCs' answers (``success`` false) and SGLang's LoRA RPCs (nothing loaded).
+  not exist locally, so a router fetches the tokenizer with ``GetTokenizer``; default sampling as JSON;
+  TensorRT-LLM: ``model_id`` is the model's name, with ``max_input_len``, ``max_seq_len``, ``vocab_size``
+  only), ``GetServerInfo`` (``server_type`` "vllm-grpc" / "grpc"; TensorRT-LLM's ``backend`` "tensorrt-llm"),
+  ``GetLoads`` (not TensorRT-LLM), ``GetTokenizer`` (the model's files as one ZIP in 64 KiB chunks, the
+  SHA-256 of the whole on the last), ``HealthCheck`` (TensorRT-LLM: ``status`` "OK"), ``Embed`` (the
+  deterministic vectors of :mod:`.endpoints`, of the decoded prompt; TensorRT-LLM's servicer answers
+  UNIMPLEMENTED), ``FlushCache`` (empties the prefix cache; not TensorRT-LLM). ``SubscribeKvEvents`` is
+  UNIMPLEMENTED, as an engine started without KV events answers; so are the profiler RPCs' answers
+  (``success`` false) and SGLang's LoRA RPCs (nothing loaded).
 
 Faults apply to ``Generate`` and ``Embed`` after validation: an injected error is the gRPC status
 :func:`~.llmservice.grpc_code_for` maps it to, ``latency_ms`` is waited before the first token,
@@ -58,6 +68,8 @@ sgl: Any = importlib.import_module("smg_grpc_proto.generated.sglang_scheduler_pb
 sgl_grpc: Any = importlib.import_module("smg_grpc_proto.generated.sglang_scheduler_pb2_grpc")
 vpb: Any = importlib.import_module("smg_grpc_proto.generated.vllm_engine_pb2")
 vpb_grpc: Any = importlib.import_module("smg_grpc_proto.generated.vllm_engine_pb2_grpc")
+tpb: Any = importlib.import_module("smg_grpc_proto.generated.trtllm_service_pb2")
+tpb_grpc: Any = importlib.import_module("smg_grpc_proto.generated.trtllm_service_pb2_grpc")
 
 CHUNK_SIZE: Final = 64 * 1024  # GetTokenizer's chunks
 BLOCK_SIZE: Final = 16  # the prefix cache's granularity, in tokens
@@ -65,6 +77,7 @@ _PREFIXES_KEPT: Final = 64
 _MODEL_DIR: Final = "/nonexistent/llmgw-fake-engine"  # where the engine says its model is: not on this host
 VLLM_VERSION: Final = "0.11.0"
 SGLANG_VERSION: Final = "0.5.4"
+TRTLLM_VERSION: Final = "1.2.0"
 
 
 def tokenizer_chunks(data: bytes, size: int = CHUNK_SIZE) -> list[Any]:
@@ -103,6 +116,8 @@ class Engine(GrpcApi):
     server_type: ClassVar[str]
     cumulative: ClassVar[bool]  # whether chunk and Complete counts are cumulative (SGLang) or per step (vLLM)
     eos_is_matched: ClassVar[bool]  # whether the EOS is reported as matched_token_id (SGLang)
+    abort_chunk: ClassVar[bool] = True  # whether Abort sends an empty chunk before each Complete (streaming)
+    completes_at_end: ClassVar[bool] = False  # whether every Complete waits for the last choice (TRT-LLM)
 
     def __init__(self, fake: FakeProvider) -> None:
         super().__init__(fake)
@@ -124,6 +139,9 @@ class Engine(GrpcApi):
 
     def _response(self, request_id: str, **fields: Any) -> Any:
         raise NotImplementedError
+
+    def _streaming(self, request: Any) -> bool:
+        return bool(request.stream)
 
     def _count_reasoning(self, request: Any, g: Generation, end: int, message: Any) -> Any:
         """Set the reasoning tokens among ``g``'s first ``end`` on ``message`` when the protocol counts them."""
@@ -161,8 +179,16 @@ class Engine(GrpcApi):
         return out
 
     def _chunk(
-        self, request_id: str, g: Generation, start: int, end: int, prompt: int, cached: int, top: int | None
-    ) -> Any:
+        self,
+        request: Any,
+        request_id: str,
+        g: Generation,
+        start: int,
+        end: int,
+        prompt: int,
+        cached: int,
+        top: int | None,
+    ) -> Any | None:
         chunk = self.pb.GenerateStreamChunk(
             token_ids=g.token_ids[start:end],
             prompt_tokens=prompt,
@@ -176,6 +202,7 @@ class Engine(GrpcApi):
 
     def _complete(
         self,
+        request: Any,
         request_id: str,
         g: Generation,
         start: int,
@@ -245,6 +272,7 @@ class Engine(GrpcApi):
         prompt = len(ids)
         cached = self._cached(ids)
         top = sampling.logprobs
+        stream = self._streaming(request)
         delay = self._token_delay()
         break_after = self.fake.faults.stream_error_after_tokens
         stall_after = self.fake.faults.stream_stall_after_tokens
@@ -258,8 +286,10 @@ class Engine(GrpcApi):
                 await asyncio.sleep(0)  # let an Abort in
             if running.aborted.is_set():
                 for g in generations:
-                    if g.index not in done:
-                        if request.stream:
+                    if g.index in done and self.completes_at_end:  # finished before the Abort: as it ended
+                        yield self._complete(request, request_id, g, 0, len(g.token_ids), prompt, cached, top)
+                    elif g.index not in done:
+                        if stream and self.abort_chunk:
                             yield self._response(
                                 request_id,
                                 chunk=self.pb.GenerateStreamChunk(
@@ -271,10 +301,10 @@ class Engine(GrpcApi):
                             )
                         end = min(step, len(g.token_ids))
                         yield self._complete(
-                            request_id, g, end if request.stream else 0, end, prompt, cached, top, "abort"
+                            request, request_id, g, end if stream else 0, end, prompt, cached, top, "abort"
                         )
                 return
-            if request.stream:
+            if stream:
                 if step == break_after:
                     await self._break(context)
                 if step == stall_after:
@@ -284,26 +314,26 @@ class Engine(GrpcApi):
                 if g.index in done or step >= len(g.token_ids):
                     continue
                 last = step == len(g.token_ids) - 1
-                if request.stream:
-                    yield self._count_reasoning(
-                        request, g, step + 1, self._chunk(request_id, g, step, step + 1, prompt, cached, top)
-                    )
-                    if last:
+                if stream:
+                    chunk = self._chunk(request, request_id, g, step, step + 1, prompt, cached, top)
+                    if chunk is not None:
+                        yield self._count_reasoning(request, g, step + 1, chunk)
+                    if last and not self.completes_at_end:
                         yield self._count_reasoning(
                             request,
                             g,
                             step + 1,
-                            self._complete(request_id, g, step, step + 1, prompt, cached, top),
+                            self._complete(request, request_id, g, step, step + 1, prompt, cached, top),
                         )
                 if last:
                     done.add(g.index)
-        if not request.stream:
+        if not stream or self.completes_at_end:
             for g in generations:
                 yield self._count_reasoning(
                     request,
                     g,
                     len(g.token_ids),
-                    self._complete(request_id, g, 0, len(g.token_ids), prompt, cached, top),
+                    self._complete(request, request_id, g, 0, len(g.token_ids), prompt, cached, top),
                 )
 
     async def _embed(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -675,3 +705,218 @@ class Sglang(Engine):
 
     async def _list_lora(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return sgl.ListLoadedLoRAAdaptersResponse()
+
+
+# ------------------------------------------------------------------------------------------- TensorRT-LLM
+
+
+class _TrtllmServicer:
+    """``TrtllmService``'s handlers, bound to the API's methods."""
+
+    def __init__(self, api: Trtllm) -> None:
+        self.Generate = api._generate
+        self.Embed = api._embed
+        self.HealthCheck = api._health
+        self.Abort = api._abort_rpc
+        self.GetModelInfo = api._model_info
+        self.GetServerInfo = api._server_info
+        self.GetTokenizer = api._get_tokenizer
+        self.SubscribeKvEvents = api._subscribe_kv_events
+
+
+class Trtllm(Engine):
+    """TensorRT-LLM's gRPC server (``trtllm.TrtllmService``, as ``tensorrt_llm/grpc`` serves SMG); see the
+    module docstring."""
+
+    pb = tpb
+    service_name = "trtllm.TrtllmService"
+    server_type = "tensorrt-llm"
+    cumulative = True
+    eos_is_matched = False
+    abort_chunk = False  # an aborted sequence has no new tokens: TensorRT-LLM sends no chunk for it
+    completes_at_end = True  # a request's Completes follow its last step, one per sequence
+    kv_events_message = "KV cache events are not enabled"
+    _GUIDE_JSON = tpb.GuidedDecodingParams.GUIDE_TYPE_JSON
+    _GUIDE_JSON_SCHEMA = tpb.GuidedDecodingParams.GUIDE_TYPE_JSON_SCHEMA
+
+    def _add_services(self, server: Any) -> None:
+        tpb_grpc.add_TrtllmServiceServicer_to_server(_TrtllmServicer(self), server)
+
+    def _streaming(self, request: Any) -> bool:
+        return bool(request.streaming)
+
+    def _input_ids(self, request: Any) -> list[int]:
+        if not request.HasField("tokenized"):
+            raise ValueError("Missing tokenized input")
+        ids = list(request.tokenized.input_token_ids)
+        limit = self.model.max_context_length - 1
+        if len(ids) > limit:
+            raise ValueError(f"The prompt length ({len(ids)}) should not exceed max_input_len ({limit})")
+        return ids
+
+    def _sampling(self, request: Any) -> Sampling:
+        c = request.sampling_config
+        o = request.output_config
+        if c.beam_width > 1:
+            raise ValueError("beam search (beam_width > 1) is not served by this engine")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
+        temperature = c.temperature if c.HasField("temperature") else 1.0
+        if temperature < 0:
+            raise ValueError(f"temperature must be non-negative, got {temperature}")
+        logprobs = o.logprobs if o.HasField("logprobs") else None
+        if logprobs is not None and logprobs < 0:
+            raise ValueError(f"logprobs must be non-negative, got {logprobs}")
+        if len(request.embedding_bias) and len(request.embedding_bias) != self.model.vocab_size:
+            raise ValueError(
+                f"embedding_bias length ({len(request.embedding_bias)}) must match vocab_size "
+                f"({self.model.vocab_size})"
+            )
+        schema = None
+        if request.HasField("guided_decoding") and request.guided_decoding.guide:
+            guide = request.guided_decoding
+            if guide.guide_type == self._GUIDE_JSON:
+                schema = '{"type": "object"}'
+            elif guide.guide_type == self._GUIDE_JSON_SCHEMA:
+                schema = guide.guide
+        return Sampling(
+            max_tokens=request.max_tokens,
+            min_tokens=c.min_tokens if c.HasField("min_tokens") else 0,
+            stop=tuple(request.stop),
+            stop_token_ids=tuple(request.stop_token_ids),
+            ignore_eos=request.ignore_eos,
+            include_stop_str_in_output=request.include_stop_token_in_output,
+            n=c.num_return_sequences or 1,
+            temperature=temperature,
+            seed=c.seed if c.HasField("seed") else None,
+            logprobs=logprobs,
+            json_schema=schema,
+        )
+
+    def _response(self, request_id: str, **fields: Any) -> Any:
+        return tpb.GenerateResponse(request_id=request_id, **fields)
+
+    def _output(self, request: Any, g: Generation) -> tuple[tuple[int, ...], str | int | None]:
+        """A finished sequence's output ids and its stop reason, as TensorRT-LLM reports them: a stop word (a
+        stop string's own tokens, a stop token) ends the ids only with ``include_stop_token_in_output``; the
+        EOS stays."""
+        ids = g.token_ids
+        if g.matched_token_id is not None:
+            stop: tuple[int, ...] = (g.matched_token_id,)
+            reason: str | int | None = g.matched_token_id
+        elif g.matched_stop_str is not None:
+            stop = tuple(self.model.encode(g.matched_stop_str))
+            reason = g.matched_stop_str
+        else:
+            return ids, None
+        if stop and ids[-len(stop) :] == stop and not request.include_stop_token_in_output:
+            ids = ids[: -len(stop)]
+        return ids, reason  # (a stop string that ended inside other tokens than its own stays: no cut)
+
+    def _token_logprobs(self, g: Generation, start: int, end: int, top: int) -> list[Any]:
+        assert g.logprobs is not None
+        return [
+            tpb.TokenLogprob(
+                token_id=entry.token_id,
+                logprob=entry.logprob,
+                top_logprobs=[tpb.TopLogprob(token_id=t, logprob=v) for t, v in entry.top[:top]]
+                if top
+                else [],
+            )
+            for entry in g.logprobs[start:end]
+        ]
+
+    def _chunk(
+        self,
+        request: Any,
+        request_id: str,
+        g: Generation,
+        start: int,
+        end: int,
+        prompt: int,
+        cached: int,
+        top: int | None,
+    ) -> Any | None:
+        """The new tokens of a step; the last step's are those left once the stop word is cut (none: no
+        chunk)."""
+        ids = g.token_ids if end < len(g.token_ids) else self._output(request, g)[0]
+        delta = ids[start:end]
+        if not delta:
+            return None
+        chunk = tpb.GenerateStreamChunk(
+            token_ids=delta,
+            sequence_index=g.index,
+            prompt_tokens=prompt,
+            completion_tokens=min(end, len(ids)),
+            cached_tokens=cached,
+        )
+        if top is not None:
+            chunk.logprobs.extend(self._token_logprobs(g, start, start + len(delta), top))
+        return self._response(request_id, chunk=chunk)
+
+    def _complete(
+        self,
+        request: Any,
+        request_id: str,
+        g: Generation,
+        start: int,
+        end: int,
+        prompt: int,
+        cached: int,
+        top: int | None,
+        finish: str | None = None,
+    ) -> Any:
+        """Every output id so far (streaming too), their logprobs, the finish reason ("cancelled" after
+        Abort) and the stop word that matched."""
+        if finish is None:
+            ids, reason = self._output(request, g)
+        else:
+            ids, reason = g.token_ids[:end], None
+        complete = tpb.GenerateComplete(
+            output_token_ids=ids,
+            sequence_index=g.index,
+            finish_reason="cancelled" if finish == "abort" else finish or g.finish_reason,
+            prompt_tokens=prompt,
+            completion_tokens=len(ids),
+            cached_tokens=cached,
+        )
+        if isinstance(reason, int):
+            complete.matched_token_id = reason
+        elif isinstance(reason, str):
+            complete.matched_stop_str = reason
+        if top is not None:
+            complete.logprobs.extend(self._token_logprobs(g, 0, len(ids), top))
+        return self._response(request_id, complete=complete)
+
+    async def _embed(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self.fake.received.append(request)
+        await self._auth(context)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Embed RPC not yet implemented")
+
+    async def _health(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return tpb.HealthCheckResponse(status="OK")
+
+    async def _abort_rpc(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        found = self._abort_ids(request, [request.request_id])
+        return tpb.AbortResponse(
+            success=found, message=f"Request {request.request_id} {'aborted' if found else 'not found'}"
+        )
+
+    async def _model_info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        m = self.model
+        return tpb.GetModelInfoResponse(
+            model_id=self.model_name,  # the model trtllm-serve was started with: the name routers serve it as
+            max_input_len=m.max_context_length - 1,
+            max_seq_len=m.max_context_length,
+            vocab_size=m.vocab_size,
+        )
+
+    async def _server_info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return tpb.GetServerInfoResponse(
+            version=TRTLLM_VERSION,
+            backend=self.server_type,
+            tensor_parallel_size=1,
+            pipeline_parallel_size=1,
+            context_parallel_size=1,
+            world_size=1,
+        )

@@ -17,6 +17,7 @@ APIS: Final[Mapping[str, str]] = {
     "grpc": "llmgw_dev.fakes.llmservice:LLMService",
     "vllm": "llmgw_dev.fakes.engine:Vllm",
     "sglang": "llmgw_dev.fakes.engine:Sglang",
+    "trtllm": "llmgw_dev.fakes.engine:Trtllm",
     "vllm-http": "llmgw_dev.fakes.vllm_http:VllmHttp",
 }
 KINDS: Final = tuple(APIS)

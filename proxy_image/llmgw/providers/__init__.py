@@ -23,6 +23,7 @@ CLIENTS: dict[str, Callable[[Provider, str | None, Limits, OnLimit | None], Prov
     "llmgateway": LLMGatewayClient,
     "vllm": EngineClient,
     "sglang": EngineClient,
+    "trtllm": EngineClient,
 }
 
 

@@ -1,12 +1,20 @@
-"""The two engine protocols, vLLM's ``VllmEngine`` and SGLang's ``SglangScheduler`` (``smg-grpc-proto``), behind
-one small adapter each.
+"""The three engine protocols, vLLM's ``VllmEngine``, SGLang's ``SglangScheduler`` and TensorRT-LLM's
+``TrtllmService`` (``smg-grpc-proto``), behind one small adapter each.
 
-They share their shape (Generate streams ``chunk`` then ``complete`` messages with the same field names,
-HealthCheck, Abort, GetModelInfo, GetTokenizer, Embed) and differ in their sampling parameters (vLLM:
+vLLM and SGLang share their shape (Generate streams ``chunk`` then ``complete`` messages with the same field
+names, HealthCheck, Abort, GetModelInfo, GetTokenizer, Embed) and differ in their sampling parameters (vLLM:
 ``max_tokens``, an optional temperature, ``top_k`` 0 for off, a typed ``json_object`` and ``choice``
 constraint, ``logprobs`` inside them; SGLang: ``max_new_tokens``, ``top_k`` -1 for off, ``no_stop_trim``,
 ``ebnf_grammar``, the seed among ``custom_params``, logprobs on the request), in how Abort names a request,
 and in their counts (vLLM's per step, SGLang's cumulative: the client counts tokens itself).
+
+TensorRT-LLM has the same RPCs in its own words: a ``SamplingConfig`` (``num_return_sequences`` for ``n``),
+an ``OutputConfig`` (``logprobs``), ``GuidedDecodingParams`` (a guide type and its text: ``choice`` goes as a
+regex), ``max_tokens`` required, ``logit_bias`` as an ``embedding_bias`` of the vocabulary's size; its answers
+name a choice ``sequence_index``, carry ``TokenLogprob`` lists, and its Complete repeats every output id (the
+client reads them only from an engine that sent no chunks). :meth:`Trtllm.response` puts its answers in
+vLLM's messages, so the client reads one layout. Its GetModelInfo says neither the EOS ids (the client takes
+the tokenizer's, as TensorRT-LLM does) nor default sampling parameters (it has none).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from google.protobuf import struct_pb2  # type: ignore[import-untyped]
 common_pb2: Any = importlib.import_module("smg_grpc_proto.generated.common_pb2")
 _vllm: Any = importlib.import_module("smg_grpc_proto.generated.vllm_engine_pb2")
 _sglang: Any = importlib.import_module("smg_grpc_proto.generated.sglang_scheduler_pb2")
+_trtllm: Any = importlib.import_module("smg_grpc_proto.generated.trtllm_service_pb2")
 
 
 @dataclasses.dataclass
@@ -63,6 +72,11 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]
     default_sampling: dict[str, Any]
     is_generation: bool
+    vocab_size: int = 0  # 0: the engine does not say
+
+
+class Unsupported(ValueError):
+    """A request field the engine's protocol cannot carry: its message names the field (a 400)."""
 
 
 class Protocol:
@@ -76,7 +90,10 @@ class Protocol:
     def path(self, method: str) -> str:
         return f"/{self.service}/{method}"
 
-    def generate(self, request_id: str, ids: list[int], text: str, s: Sampling) -> bytes:
+    def generate(
+        self, request_id: str, ids: list[int], text: str, s: Sampling, info: ModelInfo | None = None
+    ) -> bytes:
+        """The GenerateRequest; a :class:`Unsupported` names a field the protocol cannot carry."""
         raise NotImplementedError
 
     def abort(self, request_id: str) -> bytes:
@@ -111,6 +128,7 @@ class Protocol:
             eos_token_ids=tuple(int(i) for i in m.eos_token_ids if i >= 0),
             default_sampling=defaults,
             is_generation=bool(m.is_generation),
+            vocab_size=max(int(m.vocab_size), 0),
         )
 
     def response(self, body: bytes) -> Any:
@@ -137,7 +155,9 @@ class Vllm(Protocol):
     pb = _vllm
     constraints = frozenset({"json_schema", "json_object", "regex", "grammar", "choice", "structural_tag"})
 
-    def generate(self, request_id: str, ids: list[int], text: str, s: Sampling) -> bytes:
+    def generate(
+        self, request_id: str, ids: list[int], text: str, s: Sampling, info: ModelInfo | None = None
+    ) -> bytes:
         p = self.pb.SamplingParams(
             top_p=s.top_p,
             top_k=s.top_k if s.top_k is not None and s.top_k > 0 else 0,
@@ -189,7 +209,9 @@ class Sglang(Protocol):
     pb = _sglang
     constraints = frozenset({"json_schema", "json_object", "regex", "grammar", "choice", "structural_tag"})
 
-    def generate(self, request_id: str, ids: list[int], text: str, s: Sampling) -> bytes:
+    def generate(
+        self, request_id: str, ids: list[int], text: str, s: Sampling, info: ModelInfo | None = None
+    ) -> bytes:
         p = self.pb.SamplingParams(
             temperature=1.0 if s.temperature is None else s.temperature,
             top_p=s.top_p,
@@ -242,4 +264,166 @@ class Sglang(Protocol):
         )
 
 
-PROTOCOLS: dict[str, Protocol] = {"vllm": Vllm(), "sglang": Sglang()}
+class Trtllm(Protocol):
+    name = "trtllm"
+    service = "trtllm.TrtllmService"
+    pb = _trtllm
+    constraints = frozenset({"json_schema", "json_object", "regex", "grammar", "choice", "structural_tag"})
+    _GUIDES = {
+        "json_schema": "GUIDE_TYPE_JSON_SCHEMA",
+        "json_object": "GUIDE_TYPE_JSON",
+        "regex": "GUIDE_TYPE_REGEX",
+        "choice": "GUIDE_TYPE_REGEX",
+        "grammar": "GUIDE_TYPE_EBNF_GRAMMAR",
+        "structural_tag": "GUIDE_TYPE_STRUCTURAL_TAG",
+    }
+    DEFAULT_MAX_TOKENS = (
+        2048  # max_tokens is required: what SMG sends when neither request nor engine bound it
+    )
+
+    def generate(
+        self, request_id: str, ids: list[int], text: str, s: Sampling, info: ModelInfo | None = None
+    ) -> bytes:
+        c = self.pb.SamplingConfig(
+            beam_width=1,
+            num_return_sequences=s.n,
+            top_p=s.top_p,
+            repetition_penalty=s.repetition_penalty,
+            presence_penalty=s.presence_penalty,
+            frequency_penalty=s.frequency_penalty,
+            min_p=s.min_p,
+        )
+        if s.temperature is not None:
+            c.temperature = s.temperature
+        if s.top_k is not None and s.top_k > 0:
+            c.top_k = s.top_k
+        if s.seed is not None:
+            c.seed = s.seed % 2**64  # uint64: a negative seed wraps, as numpy's does
+        if s.min_tokens:
+            c.min_tokens = s.min_tokens
+        # TensorRT-LLM asks for logprobs with a positive count: 0 (the sampled token's only) asks for 1.
+        o = self.pb.OutputConfig(exclude_input_from_output=True)
+        if s.logprobs is not None:
+            o.logprobs = max(s.logprobs, 1)
+        request = self.pb.GenerateRequest(
+            request_id=request_id,
+            tokenized=self.pb.TokenizedInput(original_text=text, input_token_ids=ids),
+            sampling_config=c,
+            output_config=o,
+            max_tokens=self.DEFAULT_MAX_TOKENS if s.max_tokens is None else s.max_tokens,
+            streaming=True,
+            stop=s.stop,
+            stop_token_ids=s.stop_token_ids,
+            ignore_eos=s.ignore_eos,
+            include_stop_token_in_output=s.include_stop_str_in_output,
+        )
+        if s.logit_bias:
+            vocab = info.vocab_size if info is not None else 0
+            if vocab <= 0:
+                raise Unsupported(
+                    "logit_bias: the engine does not say its vocabulary size, so it cannot be carried"
+                )
+            if max(s.logit_bias) >= vocab:
+                raise Unsupported(
+                    f"logit_bias: token id {max(s.logit_bias)} is out of the engine's vocabulary"
+                )
+            bias = [0.0] * vocab
+            for token_id, value in s.logit_bias.items():
+                bias[token_id] = value
+            request.embedding_bias.extend(bias)
+        if s.constraint is not None:
+            kind, value = s.constraint
+            if kind == "choice":
+                guide = "(" + "|".join(re.escape(c) for c in value) + ")"
+            elif kind == "json_object":
+                guide = '{"type": "object"}'  # read by no one, but TensorRT-LLM skips a guide without text
+            else:
+                guide = str(value)
+            guided = self.pb.GuidedDecodingParams(
+                guide_type=self.pb.GuidedDecodingParams.GuideType.Value(self._GUIDES[kind]), guide=guide
+            )
+            request.guided_decoding.CopyFrom(guided)
+        return bytes(request.SerializeToString())
+
+    def abort(self, request_id: str) -> bytes:
+        return bytes(self.pb.AbortRequest(request_id=request_id).SerializeToString())
+
+    def embed(self, request_id: str, ids: list[int]) -> bytes:
+        return bytes(
+            self.pb.EmbedRequest(
+                request_id=request_id, tokenized=self.pb.TokenizedInput(input_token_ids=ids)
+            ).SerializeToString()
+        )
+
+    def model_info(self, body: bytes) -> ModelInfo:
+        m = self.pb.GetModelInfoResponse.FromString(body)
+        context = max(int(m.max_seq_len), 0)
+        limit = int(m.max_input_len) if m.max_input_len > 0 else context
+        if limit <= 0:
+            limit = 2**31 - 1
+        return ModelInfo(
+            model_path=str(m.model_id),
+            served_model_name=str(m.model_id),
+            max_context_length=context,
+            max_input_length=min(limit, context - 1) if context > 0 else limit,
+            eos_token_ids=(),  # not said: the tokenizer's
+            default_sampling={},
+            is_generation=True,
+            vocab_size=max(int(m.vocab_size), 0),
+        )
+
+    # TensorRT-LLM's finish reasons in vLLM's words: a request Abort (or its own timeout) ended is "abort".
+    _FINISH = {"stop_word": "stop", "cancelled": "abort", "timeout": "abort"}
+
+    def response(self, body: bytes) -> Any:
+        """The answer as vLLM's GenerateResponse (``index``, ``output_ids``, ``output_logprobs``)."""
+        message = self.pb.GenerateResponse.FromString(body)
+        kind = message.WhichOneof("response")
+        out = _vllm.GenerateResponse()
+        if kind == "chunk":
+            c = message.chunk
+            chunk = out.chunk
+            chunk.token_ids.extend(c.token_ids)
+            chunk.prompt_tokens = c.prompt_tokens
+            chunk.completion_tokens = c.completion_tokens
+            chunk.cached_tokens = c.cached_tokens
+            chunk.index = c.sequence_index
+            if len(c.logprobs):
+                chunk.output_logprobs.CopyFrom(self._logprobs(c.logprobs))
+        elif kind == "complete":
+            c = message.complete
+            complete = out.complete
+            complete.output_ids.extend(c.output_token_ids)
+            complete.finish_reason = self._FINISH.get(c.finish_reason, c.finish_reason)
+            complete.prompt_tokens = c.prompt_tokens
+            complete.completion_tokens = c.completion_tokens
+            complete.cached_tokens = c.cached_tokens
+            complete.index = c.sequence_index
+            if c.WhichOneof("matched_stop") == "matched_stop_str":
+                complete.matched_stop_str = c.matched_stop_str
+            elif c.WhichOneof("matched_stop") == "matched_token_id":
+                complete.matched_token_id = c.matched_token_id
+            if len(c.logprobs):
+                complete.output_logprobs.CopyFrom(self._logprobs(c.logprobs))
+        return out
+
+    @staticmethod
+    def _logprobs(entries: Any) -> Any:
+        out = _vllm.OutputLogProbs()
+        for entry in entries:
+            out.token_ids.append(entry.token_id)
+            out.token_logprobs.append(entry.logprob)
+            out.top_logprobs.append(
+                _vllm.TopLogProbs(
+                    token_ids=[t.token_id for t in entry.top_logprobs],
+                    values=[t.logprob for t in entry.top_logprobs],
+                )
+            )
+        return out
+
+    def health_ok(self, body: bytes) -> tuple[bool, str]:
+        status = str(self.pb.HealthCheckResponse.FromString(body).status)
+        return status.strip().lower() == "ok", status  # "OK", else what is wrong (SMG reads it so)
+
+
+PROTOCOLS: dict[str, Protocol] = {"vllm": Vllm(), "sglang": Sglang(), "trtllm": Trtllm()}

@@ -1,4 +1,4 @@
-"""The ``vllm`` and ``sglang`` provider types' client: inference engines over their own gRPC protocols.
+"""The ``vllm``, ``sglang`` and ``trtllm`` provider types' client: inference engines over their own gRPC protocols.
 
 An engine takes a prompt as token ids and streams generated ids back; this client does what vLLM's OpenAI
 server (or the SMG router) does around it, with :mod:`llmgw.engine`:
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -57,7 +58,7 @@ from llmgw.engine import (
 )
 from llmgw.engine.tool_parsers import openai_call_id
 from llmgw.errors import GatewayError, Kind, from_upstream_grpc
-from llmgw.providers._engine_protocol import PROTOCOLS, ModelInfo, Protocol, common_pb2
+from llmgw.providers._engine_protocol import PROTOCOLS, ModelInfo, Protocol, Unsupported, common_pb2
 from llmgw.providers._engine_request import NATIVE_FIELDS, Plan, invalid, plan
 from llmgw.providers._engine_workers import Worker, WorkerPool
 from llmgw.providers.base import (
@@ -405,6 +406,8 @@ class EngineClient:
                 tokenizer = await asyncio.to_thread(_tokenizer_of, files, key)
         except TokenizerError as exc:
             raise self._broken(f"its model's tokenizer cannot be used: {exc}") from None
+        if not info.eos_token_ids:  # an engine that does not say them (TensorRT-LLM): the tokenizer's
+            info = dataclasses.replace(info, eos_token_ids=tuple(sorted(tokenizer.eos_token_ids)))
         log.info(
             "provider %r: model %r (context %d tokens), tokenizer %s",
             self.provider.name,
@@ -514,7 +517,10 @@ class EngineClient:
         choices = self._choices(p, state.tokenizer)
         request_id = "chatcmpl-" + secrets.token_hex(16)
         created = int(time.time())
-        upstream = self.protocol.generate(request_id, p.ids, "", p.sampling)
+        try:
+            upstream = self.protocol.generate(request_id, p.ids, "", p.sampling, state.info)
+        except Unsupported as exc:
+            raise invalid(f"{exc} (provider {self.provider.name!r})") from None
         stats.sent += len(upstream)
         try:
             worker = await self.pool.acquire(deadline)
