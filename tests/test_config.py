@@ -65,6 +65,13 @@ def test_bad_engine_settings_are_refused_naming_the_key(key: str, value: Any, me
         config.parse(cfg)
 
 
+def test_every_provider_type_has_a_client() -> None:
+    from llmgw.providers import CLIENTS
+    from llmgw_common.providers import TYPES
+
+    assert set(CLIENTS) == set(TYPES)
+
+
 def test_the_engine_parsers_are_the_proxys() -> None:
     """The names the configuration accepts are the parsers llmgw.engine has."""
     from llmgw.engine import REASONING_PARSERS, TOOL_PARSERS

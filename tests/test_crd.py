@@ -243,7 +243,7 @@ def explain(kubectl: Kubectl, field: str) -> str:
 def test_explain(kubectl: Kubectl, llmgateway_crd: str) -> None:
     text = explain(kubectl, "llmgateway.spec.providers")
     assert "The LLM providers the proxies call. Names are unique." in text
-    assert "exactly one of openai, anthropic, llmgateway, vllm or sglang" in text
+    assert "exactly one of openai, anthropic, llmgateway, vllm, sglang or trtllm" in text
     for member in ("openai", "anthropic", "llmgateway", "apiKeySecretRef"):
         assert f"{member} <Object>" in text
     assert "baseURL <string>" not in text  # in the type's block now

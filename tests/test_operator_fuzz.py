@@ -15,13 +15,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llmgw_common.providers import TYPES
 from llmgw_operator import manifests
 from llmgw_operator.reconcile import check_spec, grpc_weight, next_config_generation
 from llmgw_operator.spec import crd, referenced_secrets, with_defaults
 
 SPEC_SCHEMA: dict[str, Any] = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
 META = {"name": "gw", "namespace": "team-a", "uid": "0000-1111", "generation": 1}
-UNION = ("openai", "anthropic", "llmgateway")  # a provider's type: one member block
+UNION = tuple(TYPES)  # a provider's type: one member block
 # Names that collide often, so routes name providers that exist and specs render more than rarely.
 POOL = [
     "a",
@@ -112,8 +113,8 @@ def wired_specs(draw: st.DrawFn) -> dict[str, Any]:
     seen: set[str] = set()
     providers = [p for p in providers if not (p["name"] in seen or seen.add(p["name"]))]
     raw["providers"] = providers or raw.get("providers", [])
-    rest = [p["name"] for p in providers if "llmgateway" not in p]
-    grpc = [p["name"] for p in providers if "llmgateway" in p]
+    rest = [p["name"] for p in providers if any(TYPES[t].path == "rest" for t in TYPES if t in p)]
+    grpc = [p["name"] for p in providers if any(TYPES[t].path == "grpc" for t in TYPES if t in p)]
     if draw(st.sampled_from([False] * 9 + [True])) or not (rest or grpc):
         return raw  # one in ten left as generated: dangling names must be refused, not raise
     routes = []

@@ -570,7 +570,7 @@ class Gateway:
             + (
                 "; it needs an openai provider"
                 if capability != "embed"
-                else "; it needs an openai, llmgateway, vllm or sglang provider"
+                else "; it needs an openai, llmgateway, vllm, sglang or trtllm provider"
             ),
         )
 

@@ -14,7 +14,8 @@ from llmgw_common.providers import anthropic, engine, llmgateway, openai
 from llmgw_common.providers.base import ProviderType
 
 TYPES: dict[str, ProviderType] = {
-    t.name: t for t in (openai.TYPE, anthropic.TYPE, llmgateway.TYPE, engine.VLLM, engine.SGLANG)
+    t.name: t
+    for t in (openai.TYPE, anthropic.TYPE, llmgateway.TYPE, engine.VLLM, engine.SGLANG, engine.TRTLLM)
 }
 
 __all__ = ["TYPES", "ProviderType"]

@@ -1,8 +1,8 @@
-"""``vllm`` and ``sglang``: an inference engine over its own gRPC protocol, the one it serves a router.
+"""``vllm``, ``sglang`` and ``trtllm``: an inference engine over its own gRPC protocol, the one it serves a router.
 
-vLLM (``vllm serve --grpc``) and SGLang (gRPC mode) take token ids and stream token ids back
-(``vllm.grpc.engine.VllmEngine``, ``sglang.grpc.scheduler.SglangScheduler``, from the ``smg-grpc-proto``
-package), so the gateway does what their OpenAI servers did: it renders the model's chat template,
+vLLM (``vllm serve --grpc``), SGLang (gRPC mode) and TensorRT-LLM take token ids and stream token ids back
+(``vllm.grpc.engine.VllmEngine``, ``sglang.grpc.scheduler.SglangScheduler``, ``trtllm.TrtllmService``, from
+the ``smg-grpc-proto`` package), so the gateway does what their OpenAI servers did: it renders the model's chat template,
 tokenizes, detokenizes, cuts at stop strings and parses tool calls and reasoning (:mod:`llmgw.engine`). The
 settings say where the engines are (``target``: a name that resolves to several addresses, a headless
 Service, is one worker per address), where the tokenizer comes from (the engine itself, by ``GetTokenizer``,
@@ -63,3 +63,4 @@ def parse(r: Reader) -> EngineSettings:
 
 VLLM = ProviderType("vllm", "grpc", parse, "a vLLM engine over its gRPC protocol (vllm serve --grpc)")
 SGLANG = ProviderType("sglang", "grpc", parse, "an SGLang scheduler over its gRPC protocol")
+TRTLLM = ProviderType("trtllm", "grpc", parse, "a TensorRT-LLM server over its gRPC protocol (trtllm.TrtllmService)")
