@@ -63,4 +63,6 @@ def parse(r: Reader) -> EngineSettings:
 
 VLLM = ProviderType("vllm", "grpc", parse, "a vLLM engine over its gRPC protocol (vllm serve --grpc)")
 SGLANG = ProviderType("sglang", "grpc", parse, "an SGLang scheduler over its gRPC protocol")
-TRTLLM = ProviderType("trtllm", "grpc", parse, "a TensorRT-LLM server over its gRPC protocol (trtllm.TrtllmService)")
+TRTLLM = ProviderType(
+    "trtllm", "grpc", parse, "a TensorRT-LLM server over its gRPC protocol (trtllm.TrtllmService)"
+)
