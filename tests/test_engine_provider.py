@@ -20,6 +20,7 @@ import grpc
 import openai
 import pydantic
 import pytest
+from engine_routers import MODEL, answer
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
@@ -28,7 +29,6 @@ from llmgw.server import ProxyServer
 from llmgw_dev.fakes import FakeProvider, make_reply
 from llmgw_dev.fakes.model import load
 
-MODEL = "demo-model"
 Start = Callable[[dict[str, Any]], Awaitable[ProxyServer]]
 TOOLS: list[Any] = [
     {
@@ -139,58 +139,6 @@ async def engine_proxy(
             yield engine, rest, client, server
         finally:
             await client.close()
-
-
-async def answer(client: openai.AsyncOpenAI, stream: bool, **request: Any) -> dict[str, Any]:
-    """What a chat answer says, unary or streamed: per choice content, reasoning, tool calls, finish; usage."""
-    if not stream:
-        reply = await client.chat.completions.create(model=MODEL, **request)
-        choices = {}
-        for choice in reply.choices:
-            message = choice.message
-            choices[choice.index] = {
-                "content": message.content or "",
-                "reasoning": (getattr(message, "reasoning_content", None) or "").strip(),
-                "tools": [
-                    (t.function.name, json.loads(t.function.arguments)) for t in message.tool_calls or []
-                ],
-                "finish": choice.finish_reason,
-            }
-        assert reply.usage is not None
-        return {"choices": choices, "usage": (reply.usage.prompt_tokens, reply.usage.completion_tokens)}
-    events = await client.chat.completions.create(
-        model=MODEL, stream=True, stream_options={"include_usage": True}, **request
-    )
-    acc: dict[int, dict[str, Any]] = {}
-    usage = None
-    async for chunk in events:
-        if chunk.usage is not None:
-            usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-        for choice in chunk.choices:
-            state = acc.setdefault(
-                choice.index, {"content": "", "reasoning": "", "calls": {}, "finish": None}
-            )
-            delta = choice.delta
-            state["content"] += delta.content or ""
-            state["reasoning"] += getattr(delta, "reasoning_content", None) or ""
-            for call in delta.tool_calls or []:
-                entry = state["calls"].setdefault(call.index, {"name": "", "arguments": ""})
-                if call.function is not None:
-                    entry["name"] += call.function.name or ""
-                    entry["arguments"] += call.function.arguments or ""
-            state["finish"] = choice.finish_reason or state["finish"]
-    return {
-        "choices": {
-            i: {
-                "content": s["content"],
-                "reasoning": s["reasoning"].strip(),
-                "tools": [(c["name"], json.loads(c["arguments"])) for _, c in sorted(s["calls"].items())],
-                "finish": s["finish"],
-            }
-            for i, s in acc.items()
-        },
-        "usage": usage,
-    }
 
 
 # ------------------------------------------------------------------------------------------ the same answers

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import io
 import json
-import tempfile
 import time
 import zipfile
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from typing import Any
 import grpc
 import openai
 import pytest
+from engine_routers import MODEL, SMG, answer, smg
 from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import trtllm_service_pb2 as tpb
 from smg_grpc_proto.generated import trtllm_service_pb2_grpc as tpb_grpc
@@ -33,10 +33,8 @@ from test_engine_provider import (
     TOOLS,
     WEATHER,
     Start,
-    answer,
     engine_proxy,
 )
-from test_fake_engine import SMG, free_port
 
 from llmgw.providers import CLIENTS
 from llmgw.providers._engine_protocol import PROTOCOLS, Sampling
@@ -44,7 +42,6 @@ from llmgw_common.providers import TYPES
 from llmgw_dev.fakes import FakeProvider, make_reply
 from llmgw_dev.fakes.model import FakeModel, load
 
-MODEL = "demo-model"
 GUIDE = tpb.GuidedDecodingParams
 # The proxy's tests need the provider type (its settings, llmgw_common.providers.engine.TRTLLM) declared.
 needs_type = pytest.mark.skipif("trtllm" not in TYPES, reason="the trtllm provider type is not declared yet")
@@ -376,62 +373,6 @@ async def test_proxy_refusals_bias_abort_and_embeddings(start_proxy: Start) -> N
 
 
 # ------------------------------------------------------------------------------------------ through SMG
-
-
-@contextlib.asynccontextmanager
-async def smg(worker: FakeProvider) -> AsyncIterator[openai.AsyncOpenAI]:
-    """SMG in front of ``worker``, its protocol found by SMG itself; the tokenizer by GetTokenizer (the
-    model path names no local directory)."""
-    port, metrics = free_port(), free_port()
-    with tempfile.TemporaryFile() as log:
-        process = await asyncio.create_subprocess_exec(
-            str(SMG),
-            "launch",
-            "--worker-urls",
-            f"grpc://{worker.target}",
-            "--model-path",
-            f"/nonexistent/llmgw-fake-engine/{MODEL}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--prometheus-host",
-            "127.0.0.1",
-            "--prometheus-port",
-            str(metrics),
-            "--tool-call-parser",
-            "qwen",
-            "--reasoning-parser",
-            "qwen3",
-            stdout=log,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                if process.returncode is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise AssertionError(
-                        f"SMG did not get ready:\n{log.read()[-4000:].decode(errors='replace')}"
-                    )
-                with contextlib.suppress(openai.APIError, openai.APIConnectionError):
-                    probe = await client.chat.completions.create(
-                        model=MODEL, messages=[{"role": "user", "content": "ready?"}], max_tokens=1
-                    )
-                    if probe.choices:
-                        break
-                await asyncio.sleep(0.25)
-            yield client
-        finally:
-            await client.close()
-            if process.returncode is None:
-                process.terminate()
-                try:
-                    await asyncio.wait_for(process.wait(), 10)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
 
 
 @pytest.mark.slow

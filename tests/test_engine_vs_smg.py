@@ -15,14 +15,9 @@ as its reason, so that the fix turns it into a failure to remove the mark.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import os
-import socket
-import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,13 +26,11 @@ import openai
 import pytest
 import pytest_asyncio
 import yaml
+from engine_routers import MODEL, SMG, answer, ready, smg
 
 from llmgw.providers import CLIENTS
 from llmgw.server import ProxyServer
 from llmgw_dev.fakes import FakeProvider
-
-MODEL = "demo-model"
-SMG = Path(sys.executable).with_name("smg")
 
 TOOLS: list[Any] = [
     {
@@ -121,76 +114,6 @@ KNOWN_DIFFERENCES: dict[tuple[str, str, bool | None], str] = {}
 FINISH_STOP_IN_LLMGW = {"tool-choice-named"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.asynccontextmanager
-async def smg(backend: str, worker: FakeProvider) -> AsyncIterator[openai.AsyncOpenAI]:
-    """SMG routing to ``worker``, on loopback; an SDK client once it serves the model."""
-    port, metrics = free_port(), free_port()
-    with tempfile.TemporaryFile() as log:
-        process = await asyncio.create_subprocess_exec(
-            str(SMG),
-            "launch",
-            "--backend",
-            backend,
-            "--worker-urls",
-            f"grpc://{worker.target}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--prometheus-host",
-            "127.0.0.1",
-            "--prometheus-port",
-            str(metrics),
-            "--tool-call-parser",
-            "qwen",
-            "--reasoning-parser",
-            "qwen3",
-            "--shutdown-grace-period-secs",
-            "1",
-            stdout=log,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
-        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        try:
-            await ready(client, lambda: process.returncode is not None, log)
-            yield client
-        finally:
-            await client.close()
-            if process.returncode is None:
-                process.terminate()
-                try:
-                    await asyncio.wait_for(process.wait(), 10)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
-
-
-async def ready(client: openai.AsyncOpenAI, exited: Any, log: Any = None) -> None:
-    """Until ``client`` answers a chat request (a router first registers the engine, fetches the tokenizer)."""
-    deadline = time.monotonic() + 60
-    while True:
-        if exited() or time.monotonic() > deadline:
-            output = ""
-            if log is not None:
-                log.seek(0)
-                output = log.read()[-4000:].decode(errors="replace")
-            raise AssertionError(f"the router did not get ready:\n{output}")
-        with contextlib.suppress(openai.APIError, openai.APIConnectionError):
-            probe = await client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "ready?"}], max_tokens=1
-            )
-            if probe.choices:
-                return
-        await asyncio.sleep(0.25)
-
-
 @contextlib.asynccontextmanager
 async def llmgw(backend: str, worker: FakeProvider, tmp: Path) -> AsyncIterator[openai.AsyncOpenAI]:
     """An in-process llmgw proxy with a ``backend`` provider on ``worker``; an SDK client on its REST front."""
@@ -239,7 +162,7 @@ async def routers(request: pytest.FixtureRequest) -> AsyncIterator[Routers]:
     with tempfile.TemporaryDirectory() as tmp:
         async with (
             FakeProvider(backend, models=[MODEL]) as engine,
-            smg(backend, engine) as reference,
+            smg(engine, backend) as reference,
             llmgw(backend, engine, Path(tmp)) as gateway,
         ):
             yield Routers(backend, engine, reference, gateway)
@@ -248,59 +171,6 @@ async def routers(request: pytest.FixtureRequest) -> AsyncIterator[Routers]:
 def last_generate(engine: FakeProvider) -> Any:
     """The last GenerateRequest the engine received."""
     return next(r for r in reversed(engine.received) if type(r).__name__ == "GenerateRequest")
-
-
-async def answer(client: openai.AsyncOpenAI, stream: bool, **request: Any) -> dict[str, Any]:
-    """What a chat answer says, unary or streamed: per choice the content, reasoning, tool calls (names and
-    parsed arguments) and finish reason; the usage (prompt, completion tokens)."""
-    if not stream:
-        reply = await client.chat.completions.create(model=MODEL, **request)
-        choices = {}
-        for choice in reply.choices:
-            message = choice.message
-            choices[choice.index] = {
-                "content": message.content or "",
-                "reasoning": (getattr(message, "reasoning_content", None) or "").strip(),
-                "tools": [
-                    (t.function.name, json.loads(t.function.arguments)) for t in message.tool_calls or []
-                ],
-                "finish": choice.finish_reason,
-            }
-        assert reply.usage is not None
-        return {"choices": choices, "usage": (reply.usage.prompt_tokens, reply.usage.completion_tokens)}
-    events = await client.chat.completions.create(
-        model=MODEL, stream=True, stream_options={"include_usage": True}, **request
-    )
-    acc: dict[int, dict[str, Any]] = {}
-    usage = None
-    async for chunk in events:
-        if chunk.usage is not None:
-            usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-        for choice in chunk.choices:
-            state = acc.setdefault(
-                choice.index, {"content": "", "reasoning": "", "calls": {}, "finish": None}
-            )
-            delta = choice.delta
-            state["content"] += delta.content or ""
-            state["reasoning"] += getattr(delta, "reasoning_content", None) or ""
-            for call in delta.tool_calls or []:
-                entry = state["calls"].setdefault(call.index, {"name": "", "arguments": ""})
-                if call.function is not None:
-                    entry["name"] += call.function.name or ""
-                    entry["arguments"] += call.function.arguments or ""
-            state["finish"] = choice.finish_reason or state["finish"]
-    return {
-        "choices": {
-            i: {
-                "content": s["content"],
-                "reasoning": s["reasoning"].strip(),
-                "tools": [(c["name"], json.loads(c["arguments"])) for _, c in sorted(s["calls"].items())],
-                "finish": s["finish"],
-            }
-            for i, s in sorted(acc.items())
-        },
-        "usage": usage,
-    }
 
 
 @pytest.mark.slow

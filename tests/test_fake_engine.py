@@ -9,14 +9,11 @@ answers to the same requests.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import io
 import json
 import os
-import socket
 import sys
-import tempfile
 import time
 import zipfile
 from collections.abc import AsyncIterator
@@ -27,6 +24,7 @@ import aiohttp
 import grpc
 import openai
 import pytest
+from engine_routers import MODEL, answer, free_port, smg
 from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as sgl
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as sgl_grpc
@@ -38,8 +36,6 @@ from llmgw_dev.fakes import FakeProvider, make_reply
 from llmgw_dev.fakes.engine import tokenizer_chunks
 from llmgw_dev.fakes.model import FakeModel, Sampling, load
 
-MODEL = "demo-model"
-SMG = Path(sys.executable).with_name("smg")
 TOOLS: list[Any] = [
     {
         "type": "function",
@@ -65,12 +61,6 @@ def model() -> FakeModel:
 
 def chat_ids(messages: list[Any], **kwargs: Any) -> list[int]:
     return model().encode(model().render(messages, **kwargs))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -511,119 +501,6 @@ async def test_vllm_http_with_the_sdk() -> None:
 # ----------------------------------------------------------------------------------------- through SMG
 
 
-@contextlib.asynccontextmanager
-async def smg(backend: str, worker: FakeProvider) -> AsyncIterator[openai.AsyncOpenAI]:
-    """SMG routing to ``worker``, bound to loopback only; an SDK client once it serves the model."""
-    port, metrics = free_port(), free_port()
-    with tempfile.TemporaryFile() as log:
-        async with _smg_process(backend, worker, port, metrics, log) as client:
-            yield client
-
-
-@contextlib.asynccontextmanager
-async def _smg_process(
-    backend: str, worker: FakeProvider, port: int, metrics: int, log: Any
-) -> AsyncIterator[openai.AsyncOpenAI]:
-    process = await asyncio.create_subprocess_exec(
-        str(SMG),
-        "launch",
-        "--backend",
-        backend,
-        "--worker-urls",
-        f"grpc://{worker.target}",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--prometheus-host",
-        "127.0.0.1",
-        "--prometheus-port",
-        str(metrics),
-        "--tool-call-parser",
-        "qwen",
-        "--reasoning-parser",
-        "qwen3",
-        stdout=log,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.returncode is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise AssertionError(f"SMG did not get ready:\n{log.read()[-4000:].decode(errors='replace')}")
-            with contextlib.suppress(openai.APIError, openai.APIConnectionError):
-                probe = await client.chat.completions.create(
-                    model=MODEL, messages=[{"role": "user", "content": "ready?"}], max_tokens=1
-                )
-                if probe.choices:
-                    break
-            await asyncio.sleep(0.25)
-        yield client
-    finally:
-        await client.close()
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 10)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-
-
-async def answer(client: openai.AsyncOpenAI, stream: bool, **request: Any) -> dict[str, Any]:
-    """What a chat answer says, unary or streamed: per choice content, reasoning, tool calls, finish; usage."""
-    if not stream:
-        reply = await client.chat.completions.create(model=MODEL, **request)
-        choices = {}
-        for choice in reply.choices:
-            message = choice.message
-            choices[choice.index] = {
-                "content": message.content or "",
-                "reasoning": (getattr(message, "reasoning_content", None) or "").strip(),
-                "tools": [
-                    (t.function.name, json.loads(t.function.arguments)) for t in message.tool_calls or []
-                ],
-                "finish": choice.finish_reason,
-            }
-        assert reply.usage is not None
-        return {"choices": choices, "usage": (reply.usage.prompt_tokens, reply.usage.completion_tokens)}
-    events = await client.chat.completions.create(
-        model=MODEL, stream=True, stream_options={"include_usage": True}, **request
-    )
-    acc: dict[int, dict[str, Any]] = {}
-    usage = None
-    async for chunk in events:
-        if chunk.usage is not None:
-            usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-        for choice in chunk.choices:
-            state = acc.setdefault(
-                choice.index, {"content": "", "reasoning": "", "calls": {}, "finish": None}
-            )
-            delta = choice.delta
-            state["content"] += delta.content or ""
-            state["reasoning"] += getattr(delta, "reasoning_content", None) or ""
-            for call in delta.tool_calls or []:
-                entry = state["calls"].setdefault(call.index, {"name": "", "arguments": ""})
-                if call.function is not None:
-                    entry["name"] += call.function.name or ""
-                    entry["arguments"] += call.function.arguments or ""
-            state["finish"] = choice.finish_reason or state["finish"]
-    return {
-        "choices": {
-            i: {
-                "content": s["content"],
-                "reasoning": s["reasoning"].strip(),
-                "tools": [(c["name"], json.loads(c["arguments"])) for _, c in sorted(s["calls"].items())],
-                "finish": s["finish"],
-            }
-            for i, s in acc.items()
-        },
-        "usage": usage,
-    }
-
-
 HISTORY: list[Any] = [
     {"role": "user", "content": "What is the weather in Paris? Use get_weather."},
     {
@@ -675,7 +552,7 @@ async def cross_check(backend: str, kind: str) -> None:
     async with (
         FakeProvider(kind, models=[MODEL]) as engine,
         FakeProvider("vllm-http", models=[MODEL]) as rest,
-        smg(backend, engine) as router,
+        smg(engine, backend) as router,
     ):
         direct = openai.AsyncOpenAI(base_url=rest.base_url, api_key="unused", max_retries=0)
         for request in REQUESTS:
