@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import importlib
 import importlib.metadata
@@ -61,9 +60,7 @@ import os
 import pathlib
 import platform
 import re
-import shlex
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -78,6 +75,21 @@ import aiohttp  # noqa: E402
 import grpc  # noqa: E402
 import orjson  # noqa: E402
 import uvloop  # noqa: E402
+from _harness import (  # noqa: E402  (bench/ is on the path: the script's own folder)
+    READY_TIMEOUT_S,
+    Child,
+    command_line,
+    cpu_model,
+    llmgw_argv,
+    log,
+    machine_busy_seconds,
+    met,
+    ms,
+    percentile,
+    proc_cpu_seconds,
+    raise_on_sigterm,
+    signed_ms,
+)
 
 MODEL = "bench-model"  # the engine's served model; llmgw's route to the vllm provider
 REST_MODEL = "bench-rest"  # llmgw's route to the openai provider (the vllm-http fake), upstreamModel MODEL
@@ -86,7 +98,6 @@ TTFT_MAX_TOKENS = 16
 STREAM_TOKENS = 200  # tokens per answer in the throughput blocks
 CONCURRENCY = 64
 SYSTEM = "You are a helpful assistant. Answer briefly."
-READY_TIMEOUT_S = 90.0
 REQUEST_TIMEOUT_S = 60.0
 ADDED_TTFT_TARGET_MS = 1.0  # llmgw's added TTFT - SMG's, p50, every prompt size
 THROUGHPUT_TARGET = 0.8  # llmgw's streamed tokens/s / SMG's, c=64
@@ -115,12 +126,6 @@ LOADGEN = "load generator"
 SMG_BIN = pathlib.Path(sys.executable).with_name("smg")
 vpb: Any = importlib.import_module("smg_grpc_proto.generated.vllm_engine_pb2")
 vpb_grpc: Any = importlib.import_module("smg_grpc_proto.generated.vllm_engine_pb2_grpc")
-
-_T0 = time.monotonic()
-
-
-def log(message: str) -> None:
-    print(f"[{time.monotonic() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 def llmgw_has_engine_provider() -> tuple[bool, str]:
@@ -166,89 +171,11 @@ class Settings:
 
 # ------------------------------------------------------------------------------------------ processes
 
-_LIBC: Any = None
-if sys.platform.startswith("linux"):
-    with contextlib.suppress(OSError):
-        _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
-_PR_SET_PDEATHSIG = 1
-
-
-def _child_setup() -> None:
-    """In the child, before exec: its own process group, and SIGTERM when this process dies (Linux)."""
-    os.setsid()
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-class Child:
-    """One child process, its output in a log file, in its own process group."""
-
-    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path) -> None:
-        self.name = name
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 -- closed in stop()
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_child_setup,  # children start before this process has any thread
-            close_fds=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, lines: int = 20) -> str:
-        return "\n".join(self.output().splitlines()[-lines:])
-
-    def check_alive(self) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}:\n{self.tail()}")
-
-    def wait_for(self, pattern: str, timeout: float = READY_TIMEOUT_S) -> re.Match[str]:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            match = regex.search(self.output())
-            if match:
-                return match
-            self.check_alive()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} was not ready within {timeout:.0f}s:\n{self.tail()}")
-            time.sleep(0.02)
-
-    def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM to its process group, SIGKILL after ``grace``; always reaped."""
-        try:
-            if self.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.proc.pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(grace)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait(grace)
-        finally:
-            self._log.close()
-
-
-def _llmgw(*args: str) -> list[str]:
-    return [sys.executable, "-m", "llmgw_common.cli", *args]
-
 
 def _fake(kind: str, workdir: pathlib.Path, settings: Settings) -> Child:
     return Child(
         f"fake {kind}",
-        _llmgw(
+        llmgw_argv(
             "--log-level",
             "warning",
             "fake-provider",
@@ -384,7 +311,7 @@ def start_stack(stack: Stack, workdir: pathlib.Path, settings: Settings, engine:
     config_path.write_text(proxy_config(stack.engine_port, stack.rest_port, engine))
     proxy = Child(
         "llmgw proxy",
-        _llmgw("--log-level", "info", "proxy", "--config", str(config_path)),
+        llmgw_argv("--log-level", "info", "proxy", "--config", str(config_path)),
         workdir / "proxy.log",
     )
     stack.children.append(proxy)
@@ -398,30 +325,6 @@ def start_stack(stack: Stack, workdir: pathlib.Path, settings: Settings, engine:
 
 
 # ---------------------------------------------------------------------------------------- CPU accounting
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _proc_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (all its threads), from /proc; None where /proc is not available."""
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds the machine has spent busy since boot (all CPUs, /proc/stat); None if unknown."""
-    try:
-        first = pathlib.Path("/proc/stat").read_text().splitlines()[0].split()
-    except (OSError, IndexError):
-        return None
-    if first[0] != "cpu":
-        return None
-    values = [int(v) for v in first[1:9]]
-    return (sum(values) - values[3] - values[4]) / _CLK_TCK
 
 
 def _threads_cpu_ns(pid: int) -> dict[int, int]:
@@ -448,7 +351,7 @@ class CpuSnapshot:
         ticks = {LOADGEN: times.user + times.system}
         threads = {LOADGEN: _threads_cpu_ns(os.getpid())}
         for name, pid in pids.items():
-            value = _proc_cpu_seconds(pid)
+            value = proc_cpu_seconds(pid)
             if value is not None:
                 ticks[name] = value
                 threads[name] = _threads_cpu_ns(pid)
@@ -820,16 +723,6 @@ class Bench:
 # ---------------------------------------------------------------------------------------------- results
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = q / 100 * (len(ordered) - 1)
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
 class Results:
     def __init__(self, blocks: Sequence[Block]) -> None:
         self.blocks = list(blocks)
@@ -845,7 +738,7 @@ class Results:
 
     def round_p50(self, measurement: str, target: str, round_: int) -> float:
         return percentile(
-            [v for b in self.select(measurement, target) if b.round == round_ for v in b.ttft_us], 50
+            [v for b in self.select(measurement, target) if b.round == round_ for v in b.ttft_us], 0.5
         )
 
     def tokens_per_s(self, target: str, round_: int | None = None) -> float:
@@ -874,18 +767,6 @@ class Results:
         ]
 
 
-def ms(us: float) -> str:
-    return "n/a" if us != us else f"{us / 1000:.2f} ms"
-
-
-def signed_ms(us: float) -> str:
-    return "n/a" if us != us else f"{us / 1000:+.2f} ms"
-
-
-def met(ok: bool | None) -> str:
-    return "not measured" if ok is None else "yes" if ok else "**no**"
-
-
 def prompt_label(size: int, prompts: Prompts) -> str:
     return f"~{size:,}-token prompt ({prompts.tokens[size]:,})"
 
@@ -901,9 +782,9 @@ def ttft_table(results: Results, bench: Bench) -> tuple[list[str], dict[int, boo
     for size in PROMPT_SIZES:
         key = f"ttft/{size}"
         for q in (50, 99):
-            direct = percentile(results.ttft(key, "direct"), q)
-            smg = percentile(results.ttft(key, "smg"), q)
-            gw = percentile(results.ttft(key, "llmgw"), q)
+            direct = percentile(results.ttft(key, "direct"), q / 100)
+            smg = percentile(results.ttft(key, "smg"), q / 100)
+            gw = percentile(results.ttft(key, "llmgw"), q / 100)
             diff = gw - smg
             cells = [
                 f"engine path, TTFT, {prompt_label(size, bench.prompts)}, c=1, p{q}",
@@ -935,8 +816,8 @@ def ttft_table(results: Results, bench: Bench) -> tuple[list[str], dict[int, boo
     for size in PROMPT_SIZES:
         key = f"ttft/{size}"
         for q in (50, 99):
-            direct = percentile(results.ttft(key, "rest-direct"), q)
-            via = percentile(results.ttft(key, "rest-llmgw"), q)
+            direct = percentile(results.ttft(key, "rest-direct"), q / 100)
+            via = percentile(results.ttft(key, "rest-llmgw"), q / 100)
             out.append(
                 f"| REST path (vllm-http fake), TTFT, {prompt_label(size, bench.prompts)}, c=1, p{q} | "
                 f"{ms(direct)} | | {ms(via)} | | {signed_ms(via - direct)} | | | |"
@@ -961,7 +842,7 @@ def throughput_table(results: Results, bench: Bench) -> tuple[list[str], bool | 
         blocks = results.select("throughput", target)
         wall = sum(b.elapsed_s for b in blocks)
         streams = sum(b.completed for b in blocks) / wall if wall else float("nan")
-        first = percentile([v for b in blocks for v in b.ttft_us], 50)
+        first = percentile([v for b in blocks for v in b.ttft_us], 0.5)
         done = sum(b.completed for b in blocks)
         events = f"{sum(b.events for b in blocks) / done:.0f}" if done else "n/a"
         nbytes = f"{sum(b.nbytes for b in blocks) / done:,.0f}" if done else "n/a"
@@ -1060,14 +941,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def machine_info() -> dict[str, Any]:
     return {
         "cpu_count": os.cpu_count(),
@@ -1077,15 +950,6 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": versions(),
     }
-
-
-def command_line() -> str:
-    exe = sys.executable
-    with contextlib.suppress(ValueError):
-        rel = os.path.relpath(exe)
-        if not rel.startswith(".."):
-            exe = rel
-    return shlex.join([exe, *sys.argv])
 
 
 def report(info: dict[str, Any], settings: Settings, bench: Bench, engine_note: str) -> str:
@@ -1175,15 +1039,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings = Settings.from_args(args)
     info = machine_info()
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    signal.signal(signal.SIGTERM, raise_on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     engine, engine_note = llmgw_has_engine_provider()
     if not engine:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import gc
 import importlib.metadata
@@ -51,8 +50,6 @@ import math
 import os
 import pathlib
 import platform
-import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -73,6 +70,20 @@ import aiohttp  # noqa: E402
 import grpc  # noqa: E402
 import orjson  # noqa: E402
 import uvloop  # noqa: E402
+from _harness import (  # noqa: E402  (bench/ is on the path: the script's own folder)
+    Child,
+    command_line,
+    cpu_model,
+    llmgw_argv,
+    log,
+    machine_busy_seconds,
+    met,
+    ms,
+    percentile,
+    proc_cpu_seconds,
+    raise_on_sigterm,
+    signed_ms,
+)
 
 from llmgateway.v1 import llm_service_pb2 as pb  # noqa: E402
 from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc  # noqa: E402
@@ -89,7 +100,6 @@ PACED_TOKEN_DELAY_MS = 5.0
 PACED_TOKENS = 20
 PACED_TARGET_MS = 1.5  # added to the whole paced stream (p50)
 TARGETS = ("direct", "proxy")
-READY_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 10.0
 
 # The issue's targets: added p50 per front, added p99 for both, throughput ratio at concurrency 64.
@@ -99,13 +109,6 @@ THROUGHPUT_TARGET = 0.40
 THROUGHPUT_TARGET_CONCURRENCY = 64
 
 FRONT_LABEL = {"rest": "REST front", "grpc": "gRPC front", "messages": "Messages front"}
-
-
-def log(message: str) -> None:
-    print(f"[{time.monotonic() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-_T0 = time.monotonic()
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -147,81 +150,6 @@ class Settings:
 
 # ------------------------------------------------------------------------------------------ processes
 
-_LIBC: Any = None
-if sys.platform.startswith("linux"):
-    with contextlib.suppress(OSError):
-        _LIBC = ctypes.CDLL("libc.so.6", use_errno=True)
-_PR_SET_PDEATHSIG = 1
-
-
-def _child_setup() -> None:
-    """In the child, before exec: its own process group, and SIGTERM when this process dies (Linux)."""
-    os.setsid()
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-class Child:
-    """One child process whose output goes to a log file, started in its own process group."""
-
-    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 -- closed in stop()
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_child_setup,  # children start before any thread (grpc's) exists
-            close_fds=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, lines: int = 20) -> str:
-        return "\n".join(self.output().splitlines()[-lines:])
-
-    def wait_for(self, pattern: str, timeout: float = READY_TIMEOUT_S) -> re.Match[str]:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            match = regex.search(self.output())
-            if match:
-                return match
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} exited with code {self.proc.returncode} before it was ready:\n{self.tail()}"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} was not ready within {timeout:.0f}s:\n{self.tail()}")
-            time.sleep(0.02)
-
-    def stop(self, grace: float = 5.0) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(grace)
-        self._log.close()
-
-
-def _llmgw(*args: str) -> list[str]:
-    return [sys.executable, "-m", "llmgw_common.cli", *args]
-
 
 def start_fake(
     kind: str, model: str, workdir: pathlib.Path, response_tokens: int, token_delay_ms: float = 0.0
@@ -229,7 +157,7 @@ def start_fake(
     paced = " (paced)" if token_delay_ms else ""
     return Child(
         f"fake {kind} provider{paced}",
-        _llmgw(
+        llmgw_argv(
             "--log-level",
             "warning",
             "fake-provider",
@@ -349,7 +277,9 @@ def start_stack(stack: Stack, workdir: pathlib.Path, response_tokens: int) -> No
         )
     )
     proxy = Child(
-        "proxy", _llmgw("--log-level", "info", "proxy", "--config", str(config_path)), workdir / "proxy.log"
+        "proxy",
+        llmgw_argv("--log-level", "info", "proxy", "--config", str(config_path)),
+        workdir / "proxy.log",
     )
     stack.children.append(proxy)
     match = proxy.wait_for(r"proxy serving gRPC on port (\d+), REST on port (\d+), admin on port (\d+)")
@@ -370,24 +300,12 @@ def start_stack(stack: Stack, workdir: pathlib.Path, response_tokens: int) -> No
 
 # ---------------------------------------------------------------------------------------- CPU accounting
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _proc_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (all its threads), from /proc; None where /proc is not available."""
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
 
 def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
     times = os.times()
     out = {"load generator": times.user + times.system}
     for name, pid in pids.items():
-        value = _proc_cpu_seconds(pid)
+        value = proc_cpu_seconds(pid)
         if value is not None:
             out[name] = value
     return out
@@ -848,17 +766,6 @@ class Bench:
 # ------------------------------------------------------------------------------------------ statistics
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-quantile (0..1) with linear interpolation between closest ranks; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
 def summary(values: Sequence[float]) -> dict[str, float]:
     return {
         "n": len(values),
@@ -921,22 +828,10 @@ class Results:
 # ------------------------------------------------------------------------------------------- reporting
 
 
-def ms(us: float) -> str:
-    return "n/a" if math.isnan(us) else f"{us / 1000:.3f} ms"
-
-
-def signed_ms(us: float) -> str:
-    return "n/a" if math.isnan(us) else f"{us / 1000:+.3f} ms"
-
-
 def span(values: Sequence[float], fmt: Callable[[float], str]) -> str:
     if len(values) < 2:
         return ""
     return f" (rounds: {fmt(min(values))} to {fmt(max(values))})"
-
-
-def met(ok: bool) -> str:
-    return "yes" if ok else "**no**"
 
 
 def main_table(results: Results, settings: Settings) -> list[str]:
@@ -1090,33 +985,12 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def machine_busy_seconds() -> float | None:
-    """CPU seconds the machine has spent busy since boot (all CPUs, /proc/stat); None if unknown."""
-    try:
-        first = pathlib.Path("/proc/stat").read_text().splitlines()[0].split()
-    except (OSError, IndexError):
-        return None
-    if first[0] != "cpu":
-        return None
-    # user nice system idle iowait irq softirq steal ...: busy = all but idle and iowait (guest is in user)
-    values = [int(v) for v in first[1:9]]
-    return (sum(values) - values[3] - values[4]) / _CLK_TCK
-
-
 def versions() -> dict[str, str]:
     out = {}
     for dist in ("uvloop", "aiohttp", "httptools", "grpcio", "orjson", "protobuf", "httpx", "httpx2"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[dist] = importlib.metadata.version(dist)
     return out
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def machine_info() -> dict[str, Any]:
@@ -1131,15 +1005,6 @@ def machine_info() -> dict[str, Any]:
         "python_impl": platform.python_implementation(),
         "versions": versions(),
     }
-
-
-def command_line() -> str:
-    exe = sys.executable
-    with contextlib.suppress(ValueError):
-        rel = os.path.relpath(exe)
-        if not rel.startswith(".."):
-            exe = rel
-    return shlex.join([exe, *sys.argv])
 
 
 def layout_text(info: dict[str, Any]) -> str:
@@ -1293,9 +1158,9 @@ async def _server_cpu_per_request(
     """CPU time (µs) the process ``pid`` spends per request while ``c`` workers call it through ``client``."""
     async with client as fn:
         await run_block(fn, c, 4 * c, 30.0)
-        before = _proc_cpu_seconds(pid)
+        before = proc_cpu_seconds(pid)
         completed, _, _, _, _, _ = await run_block(fn, c, 10**9, seconds)
-        after = _proc_cpu_seconds(pid)
+        after = proc_cpu_seconds(pid)
     if before is None or after is None or not completed:
         return None
     return (after - before) / completed * 1e6
@@ -1534,15 +1399,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     settings = Settings.from_args(args)
     info = machine_info()
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    signal.signal(signal.SIGTERM, raise_on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     stack = Stack(children=[])
     micro_rows: list[MicroRow] = []
