@@ -1,10 +1,13 @@
-"""Faithful fake LLM providers for tests, the demo and the benchmarks: OpenAI, Anthropic and gRPC.
+"""Faithful fake LLM providers for tests, the demo and the benchmarks: OpenAI, Anthropic, gRPC and engines.
 
 Never shipped in an image. ``llmgw fake-provider`` runs one as a process; tests start them in-process.
 
 Each kind is an asyncio server bound to a loopback address only, speaking the real wire protocol: ``openai``
 (:mod:`.openai`, Chat Completions), ``anthropic`` (:mod:`.anthropic`, Messages) and ``grpc``
-(:mod:`.llmservice`, the gateway's own ``llmgateway.v1.LLMService``); :mod:`.kinds` names them.
+(:mod:`.llmservice`, the gateway's own ``llmgateway.v1.LLMService``); the inference engines ``vllm``,
+``sglang`` and ``trtllm`` (:mod:`.engine`, the engines' own gRPC protocols: token ids in and out) and
+``vllm-http`` (:mod:`.vllm_http`, vLLM's OpenAI server), all four over the model of :mod:`.model`;
+:mod:`.kinds` names them.
 
 What is faithful: URLs, methods, status codes, header names, JSON field names and their order, the SSE framing
 and event order, the error envelopes and error ``type``/``code`` values, the ``Retry-After`` header (plus

@@ -1,5 +1,5 @@
-"""The fake model behind the engine kinds (``vllm``, ``sglang``) and the ``vllm-http`` kind: a real tokenizer, a
-Qwen3-like chat template and a deterministic "generation" over token ids.
+"""The fake model behind the engine kinds (``vllm``, ``sglang``, ``trtllm``) and the ``vllm-http`` kind: a real
+tokenizer, a Qwen3-like chat template and a deterministic "generation" over token ids.
 
 **Tokenizer.** A byte-level BPE (Qwen2's pre-tokenizer regex and byte-level decoder, but no NFC normalizer:
 any UTF-8 round-trips) trained with ``tokenizers`` on the small English corpus
