@@ -188,10 +188,11 @@ async def test_streams_that_are_never_read_give_their_slots_back(fakes: Fakes, p
             before = rss(pid)
             _, writer = await connect(proxy.rest_port, rcvbuf=4096)
             writer.write(request)
-            for _ in range(100):  # the stream started
+            for _ in range(400):  # the stream started (its 5 MB request read, on a loaded machine too): 20 s
                 await asyncio.sleep(0.05)
                 if big.stats.get("requests", 0) >= 2:
                     break
+            assert big.stats.get("requests", 0) >= 2, "the stream that is never read did not start"
             await asyncio.sleep(0.3)  # and filled what buffers there are
             started = time.monotonic()
             refused = 0
@@ -263,9 +264,14 @@ async def test_a_stream_read_just_fast_enough_ends_at_the_request_deadline(
         slow = asyncio.get_running_loop().create_task(read_slowly())
         statuses: list[int] = []
         served_at = 0.0
-        started = time.monotonic()
+        for _ in range(400):  # its 5 MB request read and sent on (a loaded machine too): 20 s at most
+            if big.stats.get("requests", 0) >= 1:
+                break
+            await asyncio.sleep(0.05)
+        assert big.stats.get("requests", 0) >= 1, "the slow client's stream did not start"
+        started = time.monotonic()  # about when its time limit began
         async with aiohttp.ClientSession() as session:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.3)
             for _ in range(40):  # bounded: 8 s
                 resp = await session.post(url, json={"model": "rest-only", "messages": USER})
                 await resp.read()
