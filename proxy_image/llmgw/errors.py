@@ -69,8 +69,10 @@ class GatewayError(Exception):
         self.retryable = retryable
         self.retry_after = retry_after
         self.upstream_status = upstream_status
-        self.param = param  # OpenAI's error param and code, as an upstream gave them
-        self.code = code
+        self.param = (
+            redact(param) if param else None
+        )  # OpenAI's error param and code, as an upstream gave them
+        self.code = redact(code) if code else None
 
     @property
     def status_label(self) -> str:
@@ -131,7 +133,7 @@ def from_upstream_http(
         retry_after=retry_after,
         upstream_status=status,
         param=param if relayed else None,
-        code=redact(code) if relayed and code else None,
+        code=code if relayed else None,
     )
 
 

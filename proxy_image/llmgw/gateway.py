@@ -33,12 +33,14 @@ from llmgw.chat import clip, is_deterministic, validate_request
 from llmgw.codecs import openai_chat
 from llmgw.errors import GatewayError, Kind
 from llmgw.metrics import PRECREATED_CODES, Metrics, PathMetrics
-from llmgw.providers import CallStats, ProviderClient, connect
+from llmgw.providers import CLIENTS, CallStats, ProviderClient, connect
 from llmgw.redact import add_secrets
 from llmgw.retry import backoff_delay
 from llmgw_common.config import ProxyConfig, Retries, Route
 
 log = logging.getLogger("llmgw.gateway")
+# Past the request's time limit, how long a streamed answer may still take to be written (stream_write_limit).
+WRITE_GRACE_S = 1.0
 
 _T = TypeVar("_T")
 
@@ -189,9 +191,8 @@ class Gateway:
             },
         )
         self._rng = random.Random(seed)
-        self._dropped_logged: set[tuple[str, str]] = (
-            set()
-        )  # (provider, field) pairs logged as dropped, bounded
+        # (provider, field) pairs already logged as dropped (vendorExtras: drop), at most 1024
+        self._dropped_logged: set[tuple[str, str]] = set()
         self._uses: collections.Counter[int] = collections.Counter()
         self._retired: dict[int, ProviderClient] = {}
         self._publish(config)
@@ -289,16 +290,15 @@ class Gateway:
             return ["grpc", "rest"]
         return ["rest", "grpc"]
 
-    def time_limit(self, timeout: float | None) -> float:
-        """The seconds a request may take in all: the client's deadline (``timeout``), within
-        limits.requestTimeoutSeconds. A front bounds the writing of a streamed answer by it (and a little
-        more), so that a client reading just fast enough never to stall a write cannot hold its slot longer."""
-        limit = self.runtime.config.limits.request_timeout_s
-        return min(timeout, limit) if timeout is not None else limit
+    def stream_write_limit(self, timeout: float | None) -> float:
+        """The seconds a front may take to write a streamed answer: the request's time limit and
+        WRITE_GRACE_S, so that a client reading just fast enough never to stall a write cannot hold its slot
+        longer (the gateway's own deadline ends a slow provider first)."""
+        return _time_limit(self.runtime, timeout) + WRITE_GRACE_S
 
-    def _deadline(self, runtime: Runtime, timeout: float | None) -> float:
-        limit = runtime.config.limits.request_timeout_s
-        return time.monotonic() + (min(timeout, limit) if timeout is not None else limit)
+    @staticmethod
+    def _deadline(runtime: Runtime, timeout: float | None) -> float:
+        return time.monotonic() + _time_limit(runtime, timeout)
 
     def _steps(self, runtime: Runtime, route: Route, paths: list[str]) -> Iterator[_Step]:
         """The paths of one request in order; the last one gets its provider's retry budget, the others one
@@ -567,11 +567,8 @@ class Gateway:
             Kind.INVALID_ARGUMENT,
             f"route {clip(route.model)}: {what} is not served by its {names}"
             + (" (Anthropic has no embeddings API)" if capability == "embed" and "anthropic" in names else "")
-            + (
-                "; it needs an openai provider"
-                if capability != "embed"
-                else "; it needs an openai, llmgateway, vllm, sglang or trtllm provider"
-            ),
+            + f"; it needs an {_either([t for t, client in CLIENTS.items() if hasattr(client, capability)])}"
+            " provider",
         )
 
     @staticmethod
@@ -698,6 +695,18 @@ class Gateway:
         async with contextlib.aclosing(self._counted_stream(front, route, calls)) as events:
             async for event in events:
                 yield event
+
+
+def _either(names: list[str]) -> str:
+    """``a``, ``a or b``, ``a, b or c``."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _time_limit(runtime: Runtime, timeout: float | None) -> float:
+    """The seconds a request may take in all: the client's deadline (``timeout``), within
+    limits.requestTimeoutSeconds."""
+    limit = runtime.config.limits.request_timeout_s
+    return min(timeout, limit) if timeout is not None else limit
 
 
 def _usage(chunk: pb.ChatChunk) -> pb.Usage | None:

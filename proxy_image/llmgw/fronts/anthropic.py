@@ -27,7 +27,7 @@ from llmgw._net.http_server import Request, Responder
 from llmgw.chat import clip
 from llmgw.codecs import anthropic_messages as am
 from llmgw.errors import GatewayError, Kind
-from llmgw.fronts.rest import JSON_HEADERS, WRITE_GRACE_S, NotServed, Routes
+from llmgw.fronts.rest import JSON_HEADERS, NotServed, Routes
 from llmgw.gateway import Gateway
 from llmgw.providers.anthropic import AnthropicClient
 from llmgw.providers.base import CallStats
@@ -144,7 +144,7 @@ class AnthropicFront:
             send_error(respond, exc)
             return
         writer = am.EventWriter(req.model)
-        respond.limit_time(self.gateway.time_limit(None) + WRITE_GRACE_S)
+        respond.limit_time(self.gateway.stream_write_limit(None))
         respond.start(200, _SSE_HEADERS)
         try:
             await respond.write(writer.feed(first))

@@ -26,7 +26,6 @@ from llmgw._net.grpc_wire import RpcError
 from llmgw.chat import to_openai_layout, to_simple_layout
 from llmgw.codecs import openai_embeddings
 from llmgw.errors import GatewayError, Kind
-from llmgw.fronts.rest import WRITE_GRACE_S
 from llmgw.gateway import Gateway
 
 log = logging.getLogger("llmgw.grpc")
@@ -84,7 +83,7 @@ class LLMServiceFront:
         self.gateway.authenticate(_authorization(call), "grpc")
         timeout = call.time_remaining()
         # The writes wait for the client's window: bounded by the request's time limit, as the REST front's.
-        call.limit_time(self.gateway.time_limit(timeout) + WRITE_GRACE_S)
+        call.limit_time(self.gateway.stream_write_limit(timeout))
         upstream = self.gateway.stream(request, front="grpc", timeout=timeout)
         if request.chunk_layout == pb.CHUNK_LAYOUT_OPENAI:
             chunks = to_openai_layout(upstream, request.stream_options.include_usage)

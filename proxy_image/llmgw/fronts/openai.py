@@ -31,7 +31,7 @@ from llmgw._net.http_server import Request, Responder
 from llmgw.chat import clip_text, to_openai_layout
 from llmgw.codecs import openai_chat, openai_embeddings
 from llmgw.errors import GatewayError, Kind
-from llmgw.fronts.rest import JSON_HEADERS, WRITE_GRACE_S, Routes, error_json, send_error
+from llmgw.fronts.rest import JSON_HEADERS, Routes, error_json, send_error
 from llmgw.gateway import Gateway
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -119,7 +119,7 @@ class OpenAIFront:
         except GatewayError as exc:
             send_error(respond, exc)
             return
-        respond.limit_time(self.gateway.time_limit(timeout) + WRITE_GRACE_S)
+        respond.limit_time(self.gateway.stream_write_limit(timeout))
         respond.start(200, _SSE_HEADERS)
         try:
             await respond.write(_sse(openai_chat.chunk_to_json(first)))
@@ -220,7 +220,7 @@ class OpenAIFront:
         except GatewayError as exc:
             send_error(respond, exc)
             return
-        respond.limit_time(self.gateway.time_limit(timeout) + WRITE_GRACE_S)
+        respond.limit_time(self.gateway.stream_write_limit(timeout))
         respond.start(200, _SSE_HEADERS)
         try:
             if first is not None:

@@ -25,9 +25,6 @@ Routes = Mapping[str, tuple[str, Handler]]  # path -> (method, handler)
 NotServed = Callable[[Responder, int, str, Mapping[str, str]], None]
 
 JSON_HEADERS = {"Content-Type": "application/json"}
-# Past the request's time limit, how long a streamed answer may still take to be written: the gateway's own
-# deadline ends a slow provider first, so this bounds only a client too slow to read.
-WRITE_GRACE_S = 1.0
 
 
 def error_json(exc: GatewayError) -> dict[str, object]:

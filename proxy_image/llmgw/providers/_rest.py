@@ -101,7 +101,7 @@ class RestClient:
             )
             if raw:
                 log.info("provider %r sent an unreadable Retry-After (%s); ignored", name, raw)
-        return from_upstream_http(status, message, hint, redact(param) if param else None, code)
+        return from_upstream_http(status, message, hint, param, code)
 
     def unreachable(self, exc: BaseException) -> GatewayError:
         name = self.provider.name
