@@ -217,9 +217,10 @@ def test_tokenizer_archive_sizes_counted_while_reading() -> None:
 # ------------------------------------------------------------------------------------------- detokenizer
 
 
-def _incremental(tok: EngineTokenizer, ids: Sequence[int], **options: Any) -> list[str]:
+def _incremental(tok: EngineTokenizer, ids: Sequence[int], batch: int = 1, **options: Any) -> list[str]:
+    """The deltas of ``ids`` fed ``batch`` at a time (an engine message's ids, or several messages')."""
     detokenizer = IncrementalDetokenizer(tok, **options)
-    deltas = [detokenizer.feed(i) for i in ids]
+    deltas = [detokenizer.feed(ids[i : i + batch]) for i in range(0, len(ids), batch)]
     deltas.append(detokenizer.flush())
     return deltas
 
@@ -236,19 +237,19 @@ TEXTS = st.lists(
 
 
 @hypothesis.settings(max_examples=150, deadline=None)
-@hypothesis.given(text=TEXTS)
-def test_incremental_decode_is_the_whole_decode(qwen: EngineTokenizer, text: str) -> None:
+@hypothesis.given(text=TEXTS, batch=st.integers(1, 70))
+def test_incremental_decode_is_the_whole_decode(qwen: EngineTokenizer, text: str, batch: int) -> None:
     ids = qwen.encode(text)
-    deltas = _incremental(qwen, ids)
+    deltas = _incremental(qwen, ids, batch)
     assert "".join(deltas) == qwen.decode(ids) == text
     assert not any("\ufffd" in d for d in deltas)
 
 
 @hypothesis.settings(max_examples=100, deadline=None)
-@hypothesis.given(text=TEXTS)
-def test_incremental_decode_sentencepiece(sentencepiece: EngineTokenizer, text: str) -> None:
+@hypothesis.given(text=TEXTS, batch=st.integers(1, 70))
+def test_incremental_decode_sentencepiece(sentencepiece: EngineTokenizer, text: str, batch: int) -> None:
     ids = sentencepiece.encode(text)
-    deltas = _incremental(sentencepiece, ids)
+    deltas = _incremental(sentencepiece, ids, batch)
     whole = sentencepiece.decode(ids)
     assert "".join(deltas) == whole
     if "\ufffd" not in whole:
@@ -271,7 +272,8 @@ def test_incremental_decode_of_any_ids(
             for i in data.draw(st.lists(st.integers(0, tok.vocab_size + 2), max_size=30))
             if i not in byte_tokens
         ]
-        deltas = _incremental(tok, ids, skip_special_tokens=skip)
+        batch = data.draw(st.integers(1, 40))
+        deltas = _incremental(tok, ids, batch, skip_special_tokens=skip)
         assert "".join(deltas) == tok.decode(ids, skip_special_tokens=skip)
 
 
@@ -382,6 +384,48 @@ def test_choice_decoder_stops(qwen: EngineTokenizer) -> None:
     decoder = ChoiceDecoder(qwen, stop=["end"], stop_token_ids=[stop_id])  # the stop string in flushed text
     assert decoder.feed([*ids]).text == "Hello world. The "
     assert decoder.finish == Finish("stop", "end")
+
+
+def _decoded(decoder: ChoiceDecoder, ids: Sequence[int], batch: int) -> tuple[str, Finish | None]:
+    text = "".join(decoder.feed(ids[i : i + batch]).text for i in range(0, len(ids), batch))
+    return text + decoder.flush(), decoder.finish
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(
+    text=st.text(alphabet="ab T.é😀", max_size=40),
+    stops=st.lists(st.text(alphabet="ab T", min_size=1, max_size=3), max_size=2),
+    max_tokens=st.none() | st.integers(1, 40),
+    end=st.sampled_from(["eos", "stop_id", None]),
+    include=st.booleans(),
+    batch=st.integers(2, 50),
+)
+def test_choice_decoder_same_whatever_the_batches(
+    qwen: EngineTokenizer,
+    text: str,
+    stops: list[str],
+    max_tokens: int | None,
+    end: str | None,
+    include: bool,
+    batch: int,
+) -> None:
+    """Ids fed as the engine's messages come (one each) or as a batch of several messages give the same
+    text and finish."""
+    eos, stop_id = qwen.token_id("<|im_end|>"), qwen.token_id("<|endoftext|>")
+    assert eos is not None and stop_id is not None
+    ending = {"eos": [eos], "stop_id": [stop_id], None: []}[end]
+    ids = [*qwen.encode(text), *ending, *qwen.encode(" more")]
+
+    def decoder() -> ChoiceDecoder:
+        return ChoiceDecoder(
+            qwen,
+            stop=stops,
+            stop_token_ids=[stop_id],
+            max_tokens=max_tokens,
+            include_stop_str_in_output=include,
+        )
+
+    assert _decoded(decoder(), ids, batch) == _decoded(decoder(), ids, 1)
 
 
 # ---------------------------------------------------------------------------------------- chat templates

@@ -583,6 +583,26 @@ class Channel:
 
         ``first_message_timeout`` bounds the wait for the first message, ``idle_timeout`` each wait for the
         next one (the time the caller spends between two messages does not count)."""
+        batches = self.server_stream_batches(
+            path, request, timeout, first_message_timeout=first_message_timeout, idle_timeout=idle_timeout
+        )
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                for message in batch:
+                    yield message
+
+    async def server_stream_batches(
+        self,
+        path: str,
+        request: bytes,
+        timeout: float | None = None,
+        *,
+        first_message_timeout: float | None = None,
+        idle_timeout: float | None = None,
+    ) -> AsyncGenerator[list[bytes], None]:
+        """As :meth:`server_stream`, but each step yields every response already received (at least one):
+        a caller that falls behind a fast server catches up a batch at a time, not a message at a time.
+        The stream's flow-control window bounds a batch."""
         conn, stream, timer = await self._call(path, request, timeout, first_message_timeout, idle_timeout)
         loop = asyncio.get_running_loop()
         try:
@@ -590,7 +610,7 @@ class Channel:
                 if stream.messages:
                     if not timer.got_message:
                         timer.message_taken()
-                    yield conn.take_message(stream)
+                    yield [conn.take_message(stream) for _ in range(len(stream.messages))]
                 elif _finished(stream):
                     break
                 else:

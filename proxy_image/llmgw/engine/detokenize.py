@@ -61,11 +61,19 @@ class IncrementalDetokenizer:
         self._read_text = self._decode(self._window)
         self._sent_past_read = 0  # characters sent beyond read_text, while the window is not clean
 
-    def feed(self, token_id: int) -> str:
-        """The text that ``token_id`` makes final (often "", while a character or space is pending)."""
-        if self._skip_special and token_id in self._tokenizer.special_token_ids:
-            return ""  # left out of the window too, as a decode of the whole leaves it out
-        self._window.append(token_id)
+    def feed(self, token_ids: Sequence[int]) -> str:
+        """The text that ``token_ids`` make final (often "", while a character or space is pending). Many
+        ids at once cost one decode per ``MAX_WINDOW_TOKENS // 2`` of them, not one per id."""
+        step = MAX_WINDOW_TOKENS // 2  # so that the window never outgrows MAX_WINDOW_TOKENS within a call
+        if len(token_ids) > step:
+            return "".join(self.feed(token_ids[i : i + step]) for i in range(0, len(token_ids), step))
+        if self._skip_special:
+            special = self._tokenizer.special_token_ids
+            # Left out of the window too, as a decode of the whole leaves them out.
+            token_ids = [i for i in token_ids if i not in special]
+            if not token_ids:
+                return ""
+        self._window.extend(token_ids)
         text = self._decode(self._window)
         sent = len(self._read_text) + self._sent_past_read
         clean = not text.endswith(REPLACEMENT)
@@ -210,32 +218,43 @@ class ChoiceDecoder:
         self._stops = StopChecker(stop, include_stop_str_in_output=include_stop_str_in_output)
         self._stop_ids = frozenset(stop_token_ids)
         self._eos_ids = frozenset() if ignore_eos else tokenizer.eos_token_ids
+        self._ending_ids = self._eos_ids | self._stop_ids
         self._include_stop = include_stop_str_in_output
         self._max_tokens = max_tokens
         self.tokens = 0  # ids taken, the completion's token count
         self.finish: Finish | None = None
 
     def feed(self, token_ids: Iterable[int]) -> Step:
-        """Take the next ids (one engine message's worth); the text they make final, and the finish."""
+        """Take the next ids (one or more engine messages' worth); the text they make final, and the finish.
+
+        The ids before the first that ends the choice (a stop or end-of-sequence id, the ``max_tokens``-th)
+        are decoded at once: a stop string's cut is the same however the text is split."""
         if self.finish is not None:
             return Step("", self.finish)
+        ids = token_ids if isinstance(token_ids, list) else list(token_ids)
+        run = ids if self._max_tokens is None else ids[: max(0, self._max_tokens - self.tokens)]
+        cut = len(run)
+        if not self._ending_ids.isdisjoint(run):
+            cut = next(k for k, token_id in enumerate(run) if token_id in self._ending_ids)
         pieces: list[str] = []
-        for token_id in token_ids:
-            self.tokens += 1
-            ends = token_id in self._eos_ids or token_id in self._stop_ids
-            if not ends or (self._include_stop and token_id in self._stop_ids):
-                pieces.append(self._stops.feed(self._detokenizer.feed(token_id)))
+        if cut:
+            self.tokens += cut
+            pieces.append(self._stops.feed(self._detokenizer.feed(run[:cut])))
             if self._stops.matched is not None:
                 self.finish = Finish("stop", self._stops.matched)
-            elif ends:
+                return Step("".join(pieces), self.finish)
+        if cut < len(run):  # run[cut] ends the choice
+            token_id = run[cut]
+            self.tokens += 1
+            if self._include_stop and token_id in self._stop_ids:
+                pieces.append(self._stops.feed(self._detokenizer.feed([token_id])))
+            if self._stops.matched is None:
                 pieces.append(self._flush())
-                stop = None if token_id in self._eos_ids else token_id
-                self.finish = Finish("stop", self._stops.matched or stop)
-            elif self._max_tokens is not None and self.tokens >= self._max_tokens:
-                pieces.append(self._flush())
-                self.finish = Finish("stop", self._stops.matched) if self._stops.matched else Finish("length")
-            if self.finish is not None:
-                break
+            stop = None if token_id in self._eos_ids else token_id
+            self.finish = Finish("stop", self._stops.matched or stop)
+        elif self._max_tokens is not None and self.tokens >= self._max_tokens:
+            pieces.append(self._flush())
+            self.finish = Finish("stop", self._stops.matched) if self._stops.matched else Finish("length")
         return Step("".join(pieces), self.finish)
 
     def flush(self) -> str:

@@ -99,7 +99,9 @@ def _read_directory(path: str, max_bytes: int) -> dict[str, bytes]:
     total = 0
     with os.scandir(path) as entries:
         for entry in sorted(entries, key=lambda e: e.name):
-            if not entry.is_file():
+            # A mounted ConfigMap's keys are symlinks (followed here) into the kubelet's hidden ..data and
+            # ..<timestamp> entries, which are no keys: a ConfigMap key cannot start with "..".
+            if entry.name.startswith("..") or not entry.is_file():
                 continue
             size = entry.stat().st_size
             if entry.name.endswith((".safetensors", ".bin", ".pt", ".gguf")):
@@ -220,12 +222,14 @@ class _Choice:
             return "tool_calls"
         return reason
 
-    def feed(self, ids: list[int], logprobs: Any) -> pb.ChunkChoice | None:
+    def add_logprobs(self, logprobs: Any) -> None:
+        if not self.done:
+            self.logprobs.extend(self.client.logprob_entries(logprobs, self.plan.top_logprobs))
+
+    def feed(self, ids: list[int]) -> pb.ChunkChoice | None:
         self.tokens += len(ids)
         if self.done:
             return None
-        if logprobs is not None:
-            self.logprobs.extend(self.client.logprob_entries(logprobs, self.plan.top_logprobs))
         step = self.pipeline.feed(ids)
         finish = None
         if step.finish is not None:
@@ -531,31 +535,37 @@ class EngineClient:
         cached = 0
         role_sent = False
         remaining = max(0.001, deadline - time.monotonic())
-        responses = worker.channel.server_stream(
+        batches = worker.channel.server_stream_batches(
             self.protocol.path("Generate"),
             upstream,
             remaining,
             first_message_timeout=self.provider.timeout_s,
             idle_timeout=self.provider.idle_timeout_s,
         )
+        pending: dict[int, list[int]] = {}  # a choice's ids of this batch, fed at once
+        parts: list[pb.ChunkChoice] = []
         try:
-            async for body in responses:
-                stats.received += len(body)
-                message = self.protocol.response(body)
-                kind = message.WhichOneof("response")
-                if kind is None:
-                    continue
-                item = getattr(message, kind)
-                choice = choices.get(item.index)
-                if choice is None:
-                    raise malformed_response(
-                        self.provider, ValueError(f"an answer for choice {item.index} of {len(choices)}")
-                    )
-                cached = max(cached, item.cached_tokens)
-                if kind == "chunk":
-                    logprobs = item.output_logprobs if item.HasField("output_logprobs") else None
-                    part = choice.feed(list(item.token_ids), logprobs if p.logprobs else None)
-                else:
+            async for batch in batches:
+                # Every message already received is taken at once: a choice's tokens of one batch make one
+                # delta, so a proxy that falls behind a fast engine catches up instead of falling further.
+                for body in batch:
+                    stats.received += len(body)
+                    message = self.protocol.response(body)
+                    kind = message.WhichOneof("response")
+                    if kind is None:
+                        continue
+                    item = getattr(message, kind)
+                    choice = choices.get(item.index)
+                    if choice is None:
+                        raise malformed_response(
+                            self.provider, ValueError(f"an answer for choice {item.index} of {len(choices)}")
+                        )
+                    cached = max(cached, item.cached_tokens)
+                    if kind == "chunk":
+                        if p.logprobs and item.HasField("output_logprobs"):
+                            choice.add_logprobs(item.output_logprobs)
+                        pending.setdefault(item.index, []).extend(item.token_ids)
+                        continue
                     reason = item.finish_reason
                     if reason in ("abort", "error") and not choice.done:
                         raise GatewayError(
@@ -564,20 +574,34 @@ class EngineClient:
                             retryable=True,
                             upstream_status=503 if reason == "abort" else 502,
                         )
+                    ids = pending.pop(item.index, None)
+                    if ids is not None:
+                        part = choice.feed(ids)
+                        if part is not None:
+                            parts.append(part)
                     if not choice.done and not choice.tokens and len(item.output_ids):
-                        choice.feed(list(item.output_ids), None)  # an engine that sent no chunks
+                        choice.feed(list(item.output_ids))  # an engine that sent no chunks
                     part = choice.end(reason or "stop")
-                if part is None:
+                    if part is not None:
+                        parts.append(part)
+                for index, ids in pending.items():
+                    part = choices[index].feed(ids)
+                    if part is not None:
+                        parts.append(part)
+                pending.clear()
+                if not parts:
                     continue
-                out = pb.ChatChunk(id=request_id, model=model, created=created)
                 if not role_sent:
                     role_sent = True
                     opening = pb.ChatChunk(id=request_id, model=model, created=created)
                     for i in choices:
                         opening.choices.add(index=i, delta=pb.ChunkDelta(role="assistant", content=""))
                     yield opening
-                out.choices.append(part)
-                yield out
+                for part in parts:
+                    out = pb.ChatChunk(id=request_id, model=model, created=created)
+                    out.choices.append(part)
+                    yield out
+                parts.clear()
             ended = all(c.done for c in choices.values())
         except RpcError as exc:
             failed = exc.code == grpc.StatusCode.UNAVAILABLE
@@ -587,7 +611,7 @@ class EngineClient:
         except DecodeError as exc:
             raise malformed_response(self.provider, exc) from None
         finally:
-            await responses.aclose()
+            await batches.aclose()
             if not ended:
                 self._abort_later(worker, request_id)
             self.pool.release(worker, failed=failed)
