@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +149,8 @@ def test_provider_blocks_through_the_proxy_parser() -> None:
 
 
 def test_the_crds_provider_blocks_are_the_proxys_provider_types() -> None:
-    """One block per provider type in the CRD, with the keys the proxy's parser of that type reads (the
-    operator copies a block as it is)."""
+    """One block per provider type in the CRD, with the keys the proxy's parser of that type reads once the
+    operator rendered it (a block is copied as it is, but tokenizerConfigMap, which becomes a tokenizerPath)."""
     from llmgw_common.providers import TYPES
     from llmgw_common.reader import Reader
     from llmgw_operator.spec import crd
@@ -171,6 +172,7 @@ def test_the_crds_provider_blocks_are_the_proxys_provider_types() -> None:
         "tls": True,
         "resolveIntervalSeconds": 10,
         "tokenizerPath": "/models/qwen",
+        "tokenizerConfigMap": "qwen-tokenizer",
         "chatTemplate": "{{ messages[0].content }}",
         "toolCallParser": "hermes",
         "reasoningParser": "qwen3",
@@ -180,9 +182,13 @@ def test_the_crds_provider_blocks_are_the_proxys_provider_types() -> None:
         block = {key: schema.get("default", examples.get(key)) for key, schema in properties.items()}
         block = {key: value for key, value in block.items() if value is not None}
         assert set(block) == set(properties), f"{name}: give the test an example value for {properties}"
-        reader = Reader(block, name)
-        TYPES[name].parse(reader)
-        reader.done()  # raises for a key the proxy does not know
+        # The two sources of a tokenizer are exclusive (a CEL rule): each is rendered without the other.
+        sources = {"tokenizerPath", "tokenizerConfigMap"} & set(block)
+        variants = [{k: v for k, v in block.items() if k != s} for s in sources] if sources else [block]
+        for variant in variants:
+            reader = Reader(manifests.proxy_settings("p", variant), name)
+            TYPES[name].parse(reader)
+            reader.done()  # raises for a key the proxy does not know
     # The union rule names every member, so a new type's block is covered by it.
     (rule,) = item["x-kubernetes-validations"]
     for name in manifests.PROVIDER_TYPES:
@@ -209,6 +215,101 @@ def test_deployment_reads_secrets_through_env_refs_only() -> None:
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert deployment["metadata"]["ownerReferences"][0]["uid"] == META["uid"]
     assert deployment["spec"]["selector"]["matchLabels"] == manifests.selector("gw")
+
+
+def _engine_spec(**settings: Any) -> dict[str, Any]:
+    return with_defaults(
+        {
+            "providers": [
+                {"name": "qwen", "vllm": {"target": "vllm.models:50051", **settings}},
+                {"name": "a" * 40, "sglang": {"target": "sglang.models:30000", **settings}},
+                {"name": "llama", "trtllm": {"target": "trtllm.models:50051"}},
+            ],
+            "routes": [{"model": "qwen3", "grpc": "qwen"}, {"model": "llama", "grpc": "llama"}],
+        }
+    )
+
+
+def test_a_tokenizer_config_map_is_mounted_where_the_proxy_reads_it() -> None:
+    spec = _engine_spec(tokenizerConfigMap="qwen-tokenizer")
+    rendered, problem = check_spec(spec, 0)  # the proxy's own parser accepts the rendered config
+    assert problem is None and rendered is not None
+    by_name = {p["name"]: p for p in rendered["providers"]}
+    assert by_name["qwen"]["vllm"] == {
+        "target": "vllm.models:50051",
+        "tokenizerPath": "/etc/llmgw/tokenizers/qwen",
+    }
+    assert by_name["a" * 40]["sglang"]["tokenizerPath"] == f"/etc/llmgw/tokenizers/{'a' * 40}"
+    assert "tokenizerPath" not in by_name["llama"]["trtllm"]
+    assert "tokenizerConfigMap" not in repr(rendered)
+
+    pod = manifests.build_deployment(META, spec, "img:1", "abc123", "def456")["spec"]["template"]
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m for m in pod["spec"]["containers"][0]["volumeMounts"]}
+    tokenizer_volumes = [v for v in volumes.values() if v["name"].startswith("tokenizer-")]
+    assert len(tokenizer_volumes) == 2 and len(volumes) == len(pod["spec"]["volumes"])  # unique names
+    for provider in ("qwen", "a" * 40):
+        mount = mounts[f"/etc/llmgw/tokenizers/{provider}"]
+        assert mount["readOnly"] is True
+        # Every key a file (no items), and no pod without its tokenizer.
+        assert volumes[mount["name"]]["configMap"] == {"name": "qwen-tokenizer", "optional": False}
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", mount["name"]) and len(mount["name"]) <= 63
+    assert manifests.tokenizer_volume_name("qwen") != manifests.tokenizer_volume_name("llama")
+    assert pod["metadata"]["annotations"][manifests.ANNOTATION_TOKENIZERS_HASH] == "def456"
+    # Without a tokenizer ConfigMap, the pod template is what it was (no roll of existing gateways).
+    plain = manifests.build_deployment(META, _engine_spec(), "img:1", "abc123")["spec"]["template"]
+    assert manifests.ANNOTATION_TOKENIZERS_HASH not in plain["metadata"]["annotations"]
+    assert not [v for v in plain["spec"]["volumes"] if v["name"].startswith("tokenizer-")]
+
+
+def test_a_tokenizer_config_map_name_the_crd_would_refuse_is_not_requested() -> None:
+    from llmgw_operator.spec import name_problems, referenced_config_maps, tokenizer_config_maps
+
+    spec = _engine_spec(tokenizerConfigMap="../../kube-system/configmaps/x")
+    assert name_problems(spec) == [
+        f"spec.providers[{i}].{member}.tokenizerConfigMap: '../../kube-system/configmaps/x' is not a valid "
+        "Kubernetes name (lowercase letters, digits, '-' and '.', at most 253 characters, starting and ending "
+        "with a letter or digit): not requested"
+        for i, member in ((0, "vllm"), (1, "sglang"))
+    ]
+    spec = _engine_spec(tokenizerConfigMap="qwen-tokenizer")
+    assert tokenizer_config_maps(spec) == [("qwen", "qwen-tokenizer"), ("a" * 40, "qwen-tokenizer")]
+    assert referenced_config_maps(spec) == ["qwen-tokenizer"]
+
+
+async def test_a_missing_tokenizer_config_map_holds_the_deployment_and_is_reported() -> None:
+    spec = _engine_spec(tokenizerConfigMap="qwen-tokenizer")
+    kube = FakeKube(_stored(spec=spec))
+    status = await _sync(kube)
+    degraded = condition_of(status, "Degraded")
+    assert (status["phase"], degraded["reason"]) == ("Degraded", "ConfigMapNotFound")
+    assert degraded["message"] == (
+        "ConfigMap 'qwen-tokenizer' (tokenizer of provider qwen) not found in namespace team-a; "
+        f"ConfigMap 'qwen-tokenizer' (tokenizer of provider {'a' * 40}) not found in namespace team-a"
+    )
+    assert ("Warning", "ConfigMapNotFound") in {(t, r) for t, r, _ in kube.events}
+    assert ("Deployment", "gw-proxy") not in kube.objects  # no pod that cannot start
+    assert ("ConfigMap", "gw-config") in kube.objects  # the rest is applied
+
+    kube.objects[("ConfigMap", "qwen-tokenizer")] = {"metadata": {"resourceVersion": "7"}, "data": {}}
+    status = await _sync(kube)
+    assert "has no key 'tokenizer.json'" in condition_of(status, "Degraded")["message"]
+
+    def tokenizers_hash() -> str:
+        template = kube.objects[("Deployment", "gw-proxy")]["spec"]["template"]
+        return str(template["metadata"]["annotations"][manifests.ANNOTATION_TOKENIZERS_HASH])
+
+    kube.objects[("ConfigMap", "qwen-tokenizer")] = {
+        "metadata": {"resourceVersion": "8"},
+        "binaryData": {"tokenizer.json": "e30="},
+    }
+    status = await _sync(kube)
+    assert condition_of(status, "Degraded")["status"] == "False"
+    first = tokenizers_hash()
+    # A new version of the ConfigMap rolls the pods: a proxy reads its tokenizer once.
+    kube.objects[("ConfigMap", "qwen-tokenizer")]["metadata"]["resourceVersion"] = "9"
+    await _sync(kube)
+    assert tokenizers_hash() != first
 
 
 def test_secrets_hash_changes_with_any_version() -> None:
@@ -311,6 +412,20 @@ def test_status_degraded_names_the_missing_secret() -> None:
     assert {"SecretNotFound", "SecretsUnresolved"} <= reasons
 
 
+def test_status_degraded_names_the_missing_config_map() -> None:
+    problem = "ConfigMap 'qwen-tokenizer' (tokenizer of provider qwen) not found in namespace team-a"
+    status = build_status({}, _observation(config_map_problems=[problem]), "2026-01-01T00:00:00Z")
+    assert status["phase"] == "Degraded"
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert (conditions["Degraded"]["reason"], conditions["Degraded"]["message"]) == (
+        "ConfigMapNotFound",
+        problem,
+    )
+    assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == ("False", "ConfigMapNotFound")
+    assert conditions["SecretsResolved"]["status"] == "True"
+    assert ("Warning", "ConfigMapNotFound", f"Degraded=True: {problem}") in condition_events({}, status)
+
+
 def test_status_keeps_the_migration_state() -> None:
     status = build_status({"migration": {"weight": 25}}, _observation(grpc_weight=25), "t")
     assert status["migration"] == {"weight": 25}  # kept while spec.migration is gone (it may come back)
@@ -407,6 +522,9 @@ def test_crd_object_names_are_kubernetes_names() -> None:
     assert names == [
         "spec.migration.prometheus.bearerTokenSecretRef.name",
         "spec.providers[].apiKeySecretRef.name",
+        "spec.providers[].sglang.tokenizerConfigMap",
+        "spec.providers[].trtllm.tokenizerConfigMap",
+        "spec.providers[].vllm.tokenizerConfigMap",
         "spec.proxy.clientAuthSecretRef.name",
         "spec.proxy.imagePullSecrets[].name",
         "spec.proxy.priorityClassName",

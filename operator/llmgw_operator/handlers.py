@@ -4,7 +4,8 @@ kopf watches the resources and calls these; each only decides *which* gateway to
 
 - a gateway created, changed, or found when the operator starts (``on.resume``);
 - a Secret event, for every gateway that references that Secret (an in-memory map kept from the
-  gateways' watch events), so a created or rotated Secret is acted on at once;
+  gateways' watch events), so a created or rotated Secret is acted on at once; likewise a ConfigMap event,
+  for every gateway whose provider takes its tokenizer from that ConfigMap (``tokenizerConfigMap``);
 - events of the objects the operator manages (label ``app.kubernetes.io/managed-by=llmgw-operator``),
   for their owner: a deleted child is recreated at once, and a child changed by anyone but the operator
   (a ConfigMap pointing a provider elsewhere, a Service selector, a Deployment's spec) is put back at once.
@@ -57,7 +58,7 @@ from .manifests import MANAGED_BY
 from .migration import COMMANDS, FINAL_PHASES
 from .reconcile import ApplyFailed, Reconciler
 from .settings import Settings
-from .spec import GROUP, KIND, PLURAL, VERSION, referenced_secrets
+from .spec import GROUP, KIND, PLURAL, VERSION, referenced_config_maps, referenced_secrets
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +106,14 @@ class DigestDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
         return {"digest": hashlib.sha256(text.encode()).hexdigest()}  # type: ignore[typeddict-unknown-key]
 
 
-class SecretUsers:
-    """Which gateways reference which Secret: (namespace, Secret) -> gateway names, kept from the gateways'
-    watch events. A gateway is added before its first pass runs (kopf calls event handlers before change
-    handlers), so a Secret event after that pass read the Secret always finds it."""
+class Users:
+    """Which gateways reference which object of one kind (Secrets, ConfigMaps): (namespace, object) -> gateway
+    names, kept from the gateways' watch events; ``referenced`` lists the names a spec references. A gateway
+    is added before its first pass runs (kopf calls event handlers before change handlers), so an event of
+    the object after that pass read it always finds it."""
 
-    def __init__(self) -> None:
+    def __init__(self, referenced: Callable[[dict[str, Any]], list[str]]) -> None:
+        self._referenced = referenced
         self._by_gateway: dict[tuple[str, str], set[str]] = {}
 
     def update(self, namespace: str, name: str, spec: dict[str, Any] | None) -> None:
@@ -118,14 +121,14 @@ class SecretUsers:
             self._by_gateway.pop((namespace, name), None)
             return
         try:
-            self._by_gateway[(namespace, name)] = set(referenced_secrets(spec))
+            self._by_gateway[(namespace, name)] = set(self._referenced(spec))
         except Exception:  # a spec the CRD should have refused: its own pass reports it
-            log.debug("gateway %s/%s: cannot list its Secrets", namespace, name, exc_info=True)
+            log.debug("gateway %s/%s: cannot list what it references", namespace, name, exc_info=True)
             self._by_gateway.pop((namespace, name), None)
 
-    def users(self, namespace: str, secret: str) -> list[str]:
+    def users(self, namespace: str, referenced: str) -> list[str]:
         return sorted(
-            name for (ns, name), secrets in self._by_gateway.items() if ns == namespace and secret in secrets
+            name for (ns, name), names in self._by_gateway.items() if ns == namespace and referenced in names
         )
 
 
@@ -416,7 +419,8 @@ def build_registry(
 ) -> kopf.OperatorRegistry:
     """All handlers of the operator, registered in a fresh registry (one per running operator)."""
     registry = kopf.OperatorRegistry()
-    secret_users = SecretUsers()
+    secret_users = Users(referenced_secrets)
+    config_map_users = Users(referenced_config_maps)
     passes = passes or Passes(reconciler)
     children = Children(reconciler.kube)
 
@@ -469,12 +473,21 @@ def build_registry(
     def gateway_event(type: str | None, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
         spec = None if type == "DELETED" else dict(body.get("spec") or {})
         secret_users.update(namespace or "", name, spec)
+        config_map_users.update(namespace or "", name, spec)
 
     @kopf.on.event("", "v1", "secrets", registry=registry)
     async def secret_event(namespace: str | None, name: str, **_: Any) -> None:
         for gateway in secret_users.users(namespace or "", name):
             log.info("Secret %s/%s changed: reconciling gateway %s", namespace, name, gateway)
             await passes.triggered(namespace or "", gateway, f"Secret {name} changed")
+
+    # kopf already watches every ConfigMap (its child_event below filters by label on its side), so this
+    # costs no request. A tokenizer ConfigMap created or changed rolls its gateways' proxies at once.
+    @kopf.on.event("", "v1", "configmaps", registry=registry)
+    async def config_map_event(namespace: str | None, name: str, **_: Any) -> None:
+        for gateway in config_map_users.users(namespace or "", name):
+            log.info("ConfigMap %s/%s changed: reconciling gateway %s", namespace, name, gateway)
+            await passes.triggered(namespace or "", gateway, f"ConfigMap {name} changed")
 
     for group, version, plural in CHILD_KINDS:
 

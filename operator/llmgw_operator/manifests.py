@@ -12,6 +12,9 @@ deletes them through the garbage collector):
 - ServiceAccount ``NAME-proxy``: the proxies' identity; they need no API access, so no token is mounted.
 - Deployment ``NAME-proxy``: the proxies. Provider API keys arrive as ``valueFrom.secretKeyRef`` env;
   a hash of the referenced Secrets' resourceVersions in the pod template rolls the pods on rotation.
+  An engine provider's ``tokenizerConfigMap`` is a ConfigMap volume at ``/etc/llmgw/tokenizers/PROVIDER``,
+  the ``tokenizerPath`` of its proxy configuration; a hash of those ConfigMaps' resourceVersions rolls the
+  pods too, since a proxy reads a tokenizer once, when it makes the provider's client.
   The config is a ConfigMap volume (not ``subPath``, so the kubelet updates it in place) that the
   proxies hot-reload: changing the gRPC weight never restarts a pod.
 - Service ``NAME``: ports named ``grpc`` (appProtocol grpc), ``http`` and ``metrics``, so a mesh or a
@@ -28,13 +31,15 @@ import yaml
 
 from llmgw_common.providers import TYPES as PROVIDER_TYPES
 
-from .spec import GROUP, KIND, VERSION, parse_duration, secret_key_refs
+from .spec import GROUP, KIND, VERSION, parse_duration, secret_key_refs, tokenizer_config_maps
 
 CONFIG_DIR = "/etc/llmgw"
 CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 TLS_DIR = "/etc/llmgw/tls"
+TOKENIZERS_DIR = "/etc/llmgw/tokenizers"
 MANAGED_BY = "llmgw-operator"
 ANNOTATION_SECRETS_HASH = f"{GROUP}/secrets-hash"
+ANNOTATION_TOKENIZERS_HASH = f"{GROUP}/tokenizers-hash"
 
 Manifest = dict[str, Any]
 
@@ -90,17 +95,38 @@ def proxy_name(gateway: str) -> str:
     return f"{gateway}-proxy"
 
 
+def tokenizer_dir(provider: str) -> str:
+    """Where provider ``provider``'s ``tokenizerConfigMap`` is mounted in the proxy's container."""
+    return f"{TOKENIZERS_DIR}/{provider}"
+
+
+def tokenizer_volume_name(provider: str) -> str:
+    """The pod's volume of provider ``provider``'s ``tokenizerConfigMap``: a digest of the provider's name, a
+    valid volume name (a DNS label) whatever the name, and one that stays when providers are reordered."""
+    return "tokenizer-" + hashlib.sha256(provider.encode()).hexdigest()[:12]
+
+
+def proxy_settings(provider: str, block: dict[str, Any]) -> dict[str, Any]:
+    """A type's block as the proxy's configuration has it: the keys are the CRD's, but for
+    ``tokenizerConfigMap``, which the proxy knows as the ``tokenizerPath`` where the operator mounts it."""
+    settings = dict(block)
+    if "tokenizerConfigMap" in settings:
+        del settings["tokenizerConfigMap"]
+        settings["tokenizerPath"] = tokenizer_dir(provider)
+    return settings
+
+
 # A provider's type is the one member block it sets (the Kubernetes union style, as in VolumeSource), with
-# the same name and keys in the LLMGateway and in the proxy's configuration. The keys of each block the
-# operator renders; the proxy defaults any it leaves out exactly as the CRD does.
+# the same name and keys in the LLMGateway and in the proxy's configuration (but tokenizerConfigMap, see
+# proxy_settings). The keys of each block the operator renders; the proxy defaults any it leaves out exactly
+# as the CRD does.
 def _provider_config(provider: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"name": provider["name"]}
-    # A type's block has the same keys in the CRD and in the proxy's configuration, so it is copied as it is.
     # Every member the spec sets is rendered: with none or two (the CRD refuses both) the proxy's own check
     # names the problem.
     for member in PROVIDER_TYPES:
         if member in provider:
-            out[member] = dict(provider[member] or {})
+            out[member] = proxy_settings(provider["name"], provider[member] or {})
     refs = {ref.env for ref in secret_key_refs({"providers": [provider]})}
     if refs:
         out["apiKey"] = {"env": refs.pop()}
@@ -197,10 +223,14 @@ def build_service_account(meta: dict[str, Any]) -> Manifest:
     }
 
 
-def secrets_hash(versions: dict[str, str]) -> str:
-    """A digest of the referenced Secrets' resourceVersions (never their data): a change rolls the pods."""
+def versions_hash(versions: dict[str, str]) -> str:
+    """A digest of the resourceVersions of the objects the proxies read, by name (never their data): a
+    change rolls the pods."""
     text = "\n".join(f"{name}={version}" for name, version in sorted(versions.items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+secrets_hash = versions_hash  # of the referenced Secrets, for ANNOTATION_SECRETS_HASH
 
 
 def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
@@ -213,7 +243,15 @@ def _probe(path: str, port: str, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def build_deployment(meta: dict[str, Any], spec: dict[str, Any], image: str, secrets_digest: str) -> Manifest:
+def build_deployment(
+    meta: dict[str, Any],
+    spec: dict[str, Any],
+    image: str,
+    secrets_digest: str,
+    tokenizers_digest: str | None = None,
+) -> Manifest:
+    """The proxies' Deployment. ``secrets_digest`` and ``tokenizers_digest`` (of the tokenizer ConfigMaps,
+    None without any) go into the pod template, so that a change of those objects rolls the pods."""
     name, proxy = meta["name"], spec["proxy"]
     ports = proxy["ports"]
     env: list[dict[str, Any]] = [{"name": "LLMGW_LOG_LEVEL", "value": proxy["logLevel"]}]
@@ -238,6 +276,13 @@ def build_deployment(meta: dict[str, Any], spec: dict[str, Any], image: str, sec
     if proxy.get("tlsSecretName"):
         volumes.append({"name": "tls", "secret": {"secretName": proxy["tlsSecretName"]}})
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    for provider, config_map in tokenizer_config_maps(spec):
+        # Every key is a file (no items): the tokenizer's files are whatever the ConfigMap holds. Not
+        # optional: without its tokenizer the provider cannot serve (the operator holds the Deployment
+        # back and reports a missing ConfigMap before this is applied).
+        volume = tokenizer_volume_name(provider)
+        volumes.append({"name": volume, "configMap": {"name": config_map, "optional": False}})
+        mounts.append({"name": volume, "mountPath": tokenizer_dir(provider), "readOnly": True})
     container: dict[str, Any] = {
         "name": "proxy",
         "image": image,
@@ -283,6 +328,7 @@ def build_deployment(meta: dict[str, Any], spec: dict[str, Any], image: str, sec
     annotations = {
         **proxy.get("podAnnotations", {}),
         ANNOTATION_SECRETS_HASH: secrets_digest,
+        **({ANNOTATION_TOKENIZERS_HASH: tokenizers_digest} if tokenizers_digest is not None else {}),
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(ports["admin"]),
         "prometheus.io/path": "/metrics",

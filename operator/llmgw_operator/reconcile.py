@@ -1,8 +1,8 @@
 """Reconciliation: make the objects of one ``LLMGateway`` match its spec, then report in its status.
 
-:meth:`Reconciler.sync` is level-based and idempotent: whatever triggered it (a change of the gateway,
-of a Secret it references, of one of its children, or the periodic drift check), it reads the gateway
-and everything it depends on back from the API server, computes the desired objects with the pure
+:meth:`Reconciler.sync` is level-based and idempotent: whatever triggered it (a change of the gateway, of
+a Secret or tokenizer ConfigMap it references, of one of its children, or the periodic drift check), it reads
+the gateway and everything it depends on back from the API server, computes the desired objects with the pure
 ``build_*`` functions, writes only what differs, and sets the status. Nothing is kept in memory between
 passes but a lock per gateway, so a restarted operator converges the same way.
 
@@ -12,9 +12,10 @@ field removed from the spec is removed from the object). Fields others set are l
 
 Every problem the operator can see ends up in the gateway's status (a condition with a reason naming it)
 and an event, never only in its log nor in a retry loop: a spec the proxy would refuse, a name a CRD without
-the name rules let through (``InvalidName``: nothing is requested under it), a missing Secret, an object the
-API server refuses, a Deployment that cannot create pods or stopped progressing, proxy containers that cannot
-run (read from the pods while the Deployment is not ready), migration commands given without a migration.
+the name rules let through (``InvalidName``: nothing is requested under it), a missing Secret or tokenizer
+ConfigMap, an object the API server refuses, a Deployment that cannot create pods or stopped progressing,
+proxy containers that cannot run (read from the pods while the Deployment is not ready), migration commands
+given without a migration.
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ from .spec import (
     gateway_name_problem,
     name_problems,
     parse_duration,
+    referenced_config_maps,
     referenced_secrets,
     secret_key_refs,
     shown,
+    tokenizer_config_maps,
     with_defaults,
 )
 from .status import Observation, build_status, with_failure
@@ -445,6 +448,33 @@ class Reconciler:
         versions = {name: s["metadata"]["resourceVersion"] for name, s in secrets.items() if s is not None}
         return list(dict.fromkeys(problems)), versions
 
+    async def _check_config_maps(
+        self, namespace: str, spec: dict[str, Any]
+    ) -> tuple[list[str], dict[str, str]]:
+        """(problems naming each missing tokenizer ConfigMap or one without tokenizer.json, resourceVersion of
+        each ConfigMap found)."""
+        names = referenced_config_maps(spec)
+        found = await asyncio.gather(*(self.kube.get("ConfigMap", namespace, name) for name in names))
+        config_maps = dict(zip(names, found, strict=True))
+        problems: list[str] = []
+        for provider, name in tokenizer_config_maps(spec):
+            config_map = config_maps[name]
+            if config_map is None:
+                problems.append(
+                    f"ConfigMap {name!r} (tokenizer of provider {provider}) not found in namespace {namespace}"
+                )
+            elif "tokenizer.json" not in {
+                **(config_map.get("data") or {}),
+                **(config_map.get("binaryData") or {}),
+            }:
+                problems.append(
+                    f"ConfigMap {name!r} has no key 'tokenizer.json' (tokenizer of provider {provider})"
+                )
+        versions = {
+            name: c["metadata"]["resourceVersion"] for name, c in config_maps.items() if c is not None
+        }
+        return problems, versions
+
     async def _sync(self, gateway: dict[str, Any]) -> dict[str, Any]:
         meta = gateway["metadata"]
         namespace, name = meta["namespace"], meta["name"]
@@ -456,14 +486,22 @@ class Reconciler:
         config_reason = "InvalidName" if bad_names else "InvalidSpec"
         secret_problems: list[str] = []
         versions: dict[str, str] = {}
+        config_map_problems: list[str] = []
+        config_map_versions: dict[str, str] = {}
         live_config: dict[str, Any] | None = None
         deployment: dict[str, Any] | None = None
         rendered: dict[str, Any] | None = None
         config_error: str | None = "; ".join(bad_names)
         if not bad_names:
             rendered, config_error = check_spec(spec, weight)
-            (secret_problems, versions), live_config, deployment = await asyncio.gather(
+            (
+                (secret_problems, versions),
+                (config_map_problems, config_map_versions),
+                live_config,
+                deployment,
+            ) = await asyncio.gather(
                 self._check_secrets(namespace, spec),
+                self._check_config_maps(namespace, spec),
                 self.kube.get("ConfigMap", namespace, manifests.config_map_name(name)),
                 self.kube.get("Deployment", namespace, manifests.proxy_name(name)),
             )
@@ -476,7 +514,8 @@ class Reconciler:
             ignored, actions = ignored_commands(meta.get("annotations") or {}, previous)
         apply_errors: list[str] = []
         created: list[str] = []
-        if rendered is not None and "migration" in spec and not secret_problems:
+        missing = secret_problems or config_map_problems
+        if rendered is not None and "migration" in spec and not missing:
             # The migration judges the weight rendered so far; a new weight is rendered right after.
             live_generation = next_config_generation(live_text, rendered, config_generation)
             migration_state, actions = await self._advance_migration(
@@ -501,10 +540,16 @@ class Reconciler:
                 else asyncio.sleep(0),
                 return_exceptions=True,
             )
-            if not secret_problems:
-                # With a Secret missing, the running proxies are left as they are rather than broken.
+            if not missing:
+                # With a Secret or ConfigMap missing, the running proxies are left as they are rather than
+                # broken. A tokenizer ConfigMap's new version rolls them: a proxy reads a tokenizer once.
                 image = spec["proxy"].get("image") or self.settings.proxy_image
-                desired = manifests.build_deployment(meta, spec, image, manifests.secrets_hash(versions))
+                tokenizers_digest = (
+                    manifests.versions_hash(config_map_versions) if config_map_versions else None
+                )
+                desired = manifests.build_deployment(
+                    meta, spec, image, manifests.secrets_hash(versions), tokenizers_digest
+                )
                 try:
                     deployment = await self._ensure(gateway, desired, deployment, created)
                 except ApiError as exc:
@@ -540,6 +585,7 @@ class Reconciler:
                 config_error=config_error,
                 config_reason=config_reason,
                 secret_problems=secret_problems,
+                config_map_problems=config_map_problems,
                 apply_errors=apply_errors,
                 deployment=deployment,
                 migration=migration_state if "migration" in spec else None,

@@ -1,4 +1,5 @@
-"""The ``LLMGateway`` spec as plain dicts: defaults from the CRD, durations, and the secrets it names.
+"""The ``LLMGateway`` spec as plain dicts: defaults from the CRD, durations, and the Secrets and ConfigMaps it
+names.
 
 The CRD's OpenAPI schema is the one source of defaults. The API server applies them when a resource is
 stored; :func:`with_defaults` applies the same ones here (structural defaulting: a missing property gets
@@ -16,6 +17,8 @@ from importlib import resources
 from typing import Any
 
 import yaml
+
+from llmgw_common.providers import TYPES as PROVIDER_TYPES
 
 GROUP = "llmgateway.io"
 VERSION = "v1alpha1"
@@ -58,6 +61,12 @@ def name_problems(spec: dict[str, Any]) -> list[str]:
             fields.append(
                 (f"spec.providers[{i}].apiKeySecretRef.name", provider["apiKeySecretRef"].get("name"))
             )
+        for member in PROVIDER_TYPES:
+            block = provider.get(member) if isinstance(provider, dict) else None
+            if isinstance(block, dict) and "tokenizerConfigMap" in block:
+                fields.append(
+                    (f"spec.providers[{i}].{member}.tokenizerConfigMap", block["tokenizerConfigMap"])
+                )
     proxy = spec.get("proxy") or {}
     if isinstance(proxy.get("clientAuthSecretRef"), dict):
         fields.append(("spec.proxy.clientAuthSecretRef.name", proxy["clientAuthSecretRef"].get("name")))
@@ -203,3 +212,18 @@ def referenced_secrets(spec: dict[str, Any]) -> list[str]:
     if tls:
         names.add(tls)
     return sorted(names)
+
+
+def tokenizer_config_maps(spec: dict[str, Any]) -> list[tuple[str, str]]:
+    """(provider name, ConfigMap name) of each provider whose tokenizer is a ConfigMap's, in the spec's order."""
+    return [
+        (provider["name"], provider[member]["tokenizerConfigMap"])
+        for provider in spec.get("providers", [])
+        for member in PROVIDER_TYPES
+        if "tokenizerConfigMap" in (provider.get(member) or {})
+    ]
+
+
+def referenced_config_maps(spec: dict[str, Any]) -> list[str]:
+    """Names of the ConfigMaps the gateway depends on (its providers' tokenizers), sorted, unique."""
+    return sorted({config_map for _, config_map in tokenizer_config_maps(spec)})

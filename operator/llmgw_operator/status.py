@@ -10,7 +10,8 @@ gateway produces an identical status and the operator writes nothing.
 - ``Ready``: the proxies run the current spec and all wanted replicas are ready (False with reason
   ``ScaledToZero`` when ``spec.proxy.replicas`` is 0: nothing serves, by request).
 - ``Progressing``: a REST-to-gRPC migration is under way (set by the migration controller).
-- ``Degraded``: something needs a person: an invalid spec or gateway name, a missing Secret, an object the
+- ``Degraded``: something needs a person: an invalid spec or gateway name, a missing Secret, a missing
+  tokenizer ConfigMap (reason ``ConfigMapNotFound``; the Deployment is held as for a Secret), an object the
   API server refused, proxies the Deployment cannot create or roll out (its ``ReplicaFailure`` condition,
   or ``Progressing=False`` with ``ProgressDeadlineExceeded``), proxy containers that cannot run (an image
   that cannot be pulled, a crash loop), a rollback.
@@ -38,6 +39,7 @@ class Observation:
     config_error: str | None = None
     config_reason: str = "InvalidSpec"  # the reason of ConfigValid=False (InvalidName for the gateway's name)
     secret_problems: list[str] = field(default_factory=list)
+    config_map_problems: list[str] = field(default_factory=list)  # tokenizer ConfigMaps missing or unusable
     apply_errors: list[str] = field(default_factory=list)  # objects the API server refused to write
     deployment: dict[str, Any] | None = None  # the live Deployment, or None if it does not exist
     migration: dict[str, Any] | None = None  # status.migration when spec.migration is set
@@ -216,6 +218,14 @@ def build_status(previous: dict[str, Any], seen: Observation, now: str) -> dict[
             "waiting for Secrets: see SecretsResolved",
         )
         cond("Degraded", "True", "SecretsUnresolved", "; ".join(seen.secret_problems))
+    elif seen.config_map_problems:
+        message = "; ".join(seen.config_map_problems)
+        phase, ready_reason, ready_message = (
+            "Degraded",
+            "ConfigMapNotFound",
+            f"waiting for ConfigMaps: {message}",
+        )
+        cond("Degraded", "True", "ConfigMapNotFound", message)
     elif seen.apply_errors:
         phase, ready_reason, ready_message = "Degraded", "ApplyFailed", "; ".join(seen.apply_errors)
         cond("Degraded", "True", "ApplyFailed", "; ".join(seen.apply_errors))
