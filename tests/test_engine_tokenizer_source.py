@@ -101,3 +101,30 @@ async def test_a_proxy_serves_with_the_tokenizer_of_a_config_map_volume(
     assert reply.choices[0].message.content == make_reply("hello there").text
     sent = [r for r in engine.received if type(r).__name__ == "GenerateRequest"][-1]
     assert model.decode(list(sent.tokenized.input_ids)).startswith("FROM-CONFIGMAP")
+
+
+async def test_a_reload_naming_a_tokenizer_directory_not_mounted_is_refused(
+    start_proxy: Start, tmp_path: Path
+) -> None:
+    """The operator adds tokenizerConfigMap to a running gateway: the running pods see the new config (with
+    its tokenizerPath) before the rollout replaces them, and they have no such mount. They keep their config
+    instead of failing the provider's requests; the new pods, which have the mount, take it."""
+    config: dict[str, Any] = {
+        "generation": 1,
+        "listen": {"grpc": "127.0.0.1:0", "rest": "127.0.0.1:0", "admin": "127.0.0.1:0"},
+        "shutdown": {"drainSeconds": 1},
+        "providers": [{"name": "engine", "vllm": {"target": "127.0.0.1:9"}}],
+        "routes": [{"model": MODEL, "grpc": "engine"}],
+    }
+    server = await start_proxy(config)
+    missing = tmp_path / "tokenizers" / "engine"
+    config["generation"] = 2
+    config["providers"][0]["vllm"]["tokenizerPath"] = str(missing)
+    Path(server.config_path).write_text(json.dumps(config))
+    assert not server.reload_if_changed()
+    assert server.config.generation == 1
+
+    write_config_map_volume(missing, load(MODEL, 20).files(), "2026_12_03_09_00_00.123456789")
+    config["generation"] = 3
+    Path(server.config_path).write_text(json.dumps(config))
+    assert server.reload_if_changed() and server.config.generation == 3

@@ -471,6 +471,15 @@ def load(path: str | os.PathLike[str]) -> ProxyConfig:
         if p.api_key is not None
     }
     client_keys = _read_client_keys(config.auth) if config.auth else ()
+    for i, p in enumerate(config.providers.values()):
+        # Checked here, not at the first request: a reload that names a directory this container lacks (a
+        # tokenizer ConfigMap the running pods did not mount yet) is refused and the running config kept.
+        tokenizer_path = getattr(p.settings, "tokenizer_path", None)
+        if tokenizer_path is not None and not os.path.isfile(os.path.join(tokenizer_path, "tokenizer.json")):
+            raise ConfigError(
+                f"providers[{i}].{p.type}.tokenizerPath: {tokenizer_path!r} holds no tokenizer.json "
+                "(the directory is missing, or is not the tokenizer's)"
+            )
     sources = [str(path)]
     sources += [p.api_key.file for p in config.providers.values() if p.api_key and p.api_key.file]
     if config.auth and config.auth.api_keys_file:
