@@ -14,7 +14,9 @@ ZIP archive with its SHA-256 (:func:`read_tokenizer_archive`), the way a model r
   (Llama 3 ends on ``<|eot_id|>`` and ``<|eom_id|>`` as well as ``<|end_of_text|>``).
 
 :class:`EngineTokenizer` holds what the text pipeline needs from them; it never adds special tokens to
-encoded text unless asked, since the chat template already wrote them.
+encoded text unless asked, since the chat template already wrote them. A byte-level BPE tokenizer that
+tiktoken can express with the same ids (GPT-2's and Qwen's, for instance) encodes such text with tiktoken,
+several times faster (:mod:`llmgw.engine._fast_bpe`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import tokenizers
+
+from llmgw.engine._fast_bpe import fast_bpe
 
 DEFAULT_TEMPLATE = "default"  # the name transformers gives the template used when none is asked for
 TOOL_USE_TEMPLATE = "tool_use"  # the named template transformers picks for a request with tools
@@ -70,6 +74,7 @@ class EngineTokenizer:
             eos_ids.add(eos_id)
         self.eos_token_ids: frozenset[int] = frozenset(eos_ids)
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._fast_bpe = fast_bpe(tokenizer.to_str())  # None: not expressible in tiktoken
 
     @classmethod
     def from_files(cls, files: Mapping[str, bytes]) -> EngineTokenizer:
@@ -136,6 +141,10 @@ class EngineTokenizer:
 
     def encode(self, text: str, *, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``; special tokens written in the text (``<|im_start|>``) are recognized."""
+        if not add_special_tokens and self._fast_bpe is not None:
+            ids = self._fast_bpe.encode(text)
+            if ids is not None:
+                return ids
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:

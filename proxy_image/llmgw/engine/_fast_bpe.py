@@ -1,0 +1,484 @@
+"""A faster encoder for byte-level BPE tokenizers: the same ids as ``tokenizers``, computed by ``tiktoken``.
+
+**Why.** ``tokenizers`` splits text with Oniguruma, about 2 µs per token of a prompt (17 ms for 8k tokens);
+``tiktoken`` (Rust BPE, fancy-regex) gives the same ids several times faster. The chat path encodes every
+prompt, so :class:`~llmgw.engine.tokenizer.EngineTokenizer` uses :class:`FastBPE` for text without added
+special tokens (``add_special_tokens=False``) when the tokenizer can be expressed in tiktoken, and
+``tokenizers`` otherwise. tiktoken's registry is never used (it downloads): the encoding is built from
+tokenizer.json's own vocabulary.
+
+**When** (:meth:`FastBPE.from_json` raises :class:`NotExpressible` naming the first rule broken):
+
+* the model is a BPE over GPT-2's byte-level alphabet: no dropout, no byte fallback, no subword prefix or
+  suffix, all 256 bytes in the vocabulary;
+* the pre-tokenizer is ``Split(Regex P, Isolated)`` then ``ByteLevel`` without its own regex, or a lone
+  ``ByteLevel`` with its regex (GPT-2's pattern); P is written in a syntax both regex engines read alike
+  (:func:`_check_pattern`) and never matches empty text (tiktoken cannot encode an empty piece);
+* no normalizer, or NFC; no truncation, no padding; a post-processor that only adds special tokens;
+* added tokens without ``lstrip``/``rstrip``/``single_word``, none overlapping another (``tokenizers``
+  takes the leftmost longest, tiktoken the leftmost first, in two passes when the tokens differ in
+  ``normalized``: disjoint tokens make every rule agree), and with NFC none ``normalized`` (they would be
+  sought in the normalized text);
+* the merges are those tiktoken's rank-ordered BPE performs (:func:`_check_merges`).
+
+**How equivalence is ensured.** ``tokenizers`` merges the adjacent pair that comes first in its merge
+list, tiktoken the adjacent pair whose concatenation has the lowest rank (here: the token id). They agree
+when the merge list is the one transformers' tiktoken converter derives from the ranks: merge results of
+increasing rank, and each merge (a, b) exactly the two pieces tiktoken's BPE leaves of a+b when it may use
+only lower ranks. Then, by induction over the rank, every merge tiktoken makes on any text is in the merge
+list and comes at the same point, and tiktoken's whole-piece lookup returns what the merges would reach.
+Vocabulary entries no merge produces are left out of the ranks (``tokenizers`` never outputs them either,
+unless ``ignore_merges`` finds them whole: then there must be none). At run time, a text whose UTF-8 is
+not fully covered by the returned tokens (the split pattern skipped some of it, where ``tokenizers`` keeps
+the gap as a piece) or that holds lone surrogates goes to ``tokenizers`` (:meth:`FastBPE.encode` returns
+None). The verdict is computed once per tokenizer.json (its SHA-256) in a process.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import re
+import threading
+import unicodedata
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import tiktoken
+
+# The pattern a lone ByteLevel pre-tokenizer (use_regex) splits with.
+GPT2_PATTERN: Final = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# The only case-insensitive text a pattern may hold: Oniguruma folds some letter pairs to one character
+# ("ss" to "ß"), fancy-regex does not; this group was compared on every character.
+_CONTRACTIONS: Final = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+# Unicode general categories: Oniguruma and fancy-regex were compared on every code point for each.
+_CATEGORIES: Final = frozenset(
+    [
+        "L",
+        "Lu",
+        "Ll",
+        "Lt",
+        "Lm",
+        "Lo",
+        "M",
+        "Mn",
+        "Mc",
+        "Me",
+        "N",
+        "Nd",
+        "Nl",
+        "No",
+        "P",
+        "Pc",
+        "Pd",
+        "Ps",
+        "Pe",
+        "Pi",
+        "Pf",
+        "Po",
+        "S",
+        "Sm",
+        "Sc",
+        "Sk",
+        "So",
+        "Z",
+        "Zs",
+        "Zl",
+        "Zp",
+        "C",
+        "Cc",
+        "Cf",
+        "Co",
+        "Cn",
+    ]
+)
+_PROCESSORS: Final = frozenset({"ByteLevel", "TemplateProcessing"})  # add tokens only when asked to
+_CACHE_SIZE: Final = 8
+
+
+class NotExpressible(ValueError):
+    """The tokenizer cannot be expressed in tiktoken with the same ids; the message says why."""
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: each byte's printable stand-in, as character → byte."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {chr(b): b for b in printable}
+    others = (b for b in range(256) if chr(b) not in table)
+    table.update({chr(256 + n): b for n, b in enumerate(others)})
+    return table
+
+
+# str.translate table turning byte-level text into one character per byte (then latin-1 bytes). The
+# latin-1 characters outside the alphabet become U+0100, which latin-1 cannot encode: a vocabulary string
+# with any character outside the alphabet fails to encode.
+_ALPHABET: Final = _byte_level_alphabet()
+_TO_LATIN1: Final = {ord(c): b for c, b in _ALPHABET.items()} | {
+    c: 0x100 for c in range(256) if chr(c) not in _ALPHABET
+}
+
+
+def _token_bytes(token: str) -> bytes:
+    try:
+        return token.translate(_TO_LATIN1).encode("latin-1")
+    except UnicodeEncodeError:
+        raise NotExpressible(f"the vocabulary entry {token!r} is not in the byte-level alphabet") from None
+
+
+class FastBPE:
+    """A tiktoken encoding giving, for any text, the ids ``tokenizers`` gives without added special tokens."""
+
+    def __init__(self, encoding: tiktoken.Encoding, added: Mapping[str, int], *, nfc: bool) -> None:
+        self._encoding = encoding
+        self._added = dict(added)
+        self._nfc = nfc
+        # With NFC the text between added tokens is normalized before its split, so the added tokens are
+        # found first (longest first, as tokenizers does; they never overlap).
+        self._added_split = (
+            re.compile("(" + "|".join(map(re.escape, sorted(added, key=len, reverse=True))) + ")")
+            if added
+            else None
+        )
+
+    @classmethod
+    def from_json(cls, tokenizer_json: str) -> FastBPE:
+        """The encoding of a tokenizer.json, or :class:`NotExpressible` (see the module's docstring)."""
+        spec = json.loads(tokenizer_json)
+        nfc = _check_normalizer(spec.get("normalizer"))
+        pattern = _split_pattern(spec.get("pre_tokenizer"))
+        _check_pattern(pattern)
+        for key in ("truncation", "padding"):
+            if spec.get(key) is not None:
+                raise NotExpressible(f"tokenizer.json sets {key}")
+        processor = spec.get("post_processor")
+        steps = (
+            processor.get("processors", []) if processor and processor["type"] == "Sequence" else [processor]
+        )
+        if any(step is not None and step.get("type") not in _PROCESSORS for step in steps):
+            raise NotExpressible(f"the post-processor {processor.get('type')!r} may change the ids")
+        added = _added_tokens(spec.get("added_tokens") or [], nfc=nfc)
+        ranks = _ranks(spec.get("model") or {}, added_ids=set(added.values()))
+        try:
+            encoding = tiktoken.Encoding(
+                "tokenizer.json", pat_str=pattern, mergeable_ranks=ranks, special_tokens=added
+            )
+        except ValueError as exc:  # the pattern does not compile in fancy-regex, or ids repeat
+            raise NotExpressible(f"tiktoken refuses the tokenizer: {exc}") from exc
+        return cls(encoding, added, nfc=nfc)
+
+    def encode(self, text: str) -> list[int] | None:
+        """``text``'s ids with added tokens recognized, or None when ``tokenizers`` must encode it."""
+        if text.isascii():  # NFC leaves ASCII alone
+            ids = self._encoding.encode(text, allowed_special="all")
+            size = len(text)
+        else:
+            try:
+                size = len(text.encode())
+            except UnicodeEncodeError:  # lone surrogates: tiktoken would replace them, tokenizers refuses
+                return None
+            if self._nfc:
+                ids, size = self._encode_normalized(text)
+            else:
+                ids = self._encoding.encode(text, allowed_special="all")
+        # tiktoken drops text its pattern does not match; tokenizers keeps it as a piece.
+        return ids if len(self._encoding.decode_bytes(ids)) == size else None
+
+    def _encode_normalized(self, text: str) -> tuple[list[int], int]:
+        """The ids of ``text`` with NFC applied between added tokens, and the UTF-8 size they cover."""
+        ids: list[int] = []
+        size = 0
+        pieces = self._added_split.split(text) if self._added_split else [text]
+        for index, piece in enumerate(pieces):
+            if index % 2:  # split's captured separators: the added tokens
+                ids.append(self._added[piece])
+            elif piece:
+                piece = unicodedata.normalize("NFC", piece)
+                # Encoded apart: an added token NFC makes appear is ordinary text to tokenizers.
+                ids.extend(self._encoding.encode_ordinary(piece))
+            size += len(piece.encode())
+        return ids, size
+
+
+_cache: collections.OrderedDict[str, FastBPE | None] = collections.OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def fast_bpe(tokenizer_json: str) -> FastBPE | None:
+    """:meth:`FastBPE.from_json`, or None when not expressible; remembered for the process by SHA-256."""
+    digest = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+    with _cache_lock:
+        if digest in _cache:
+            _cache.move_to_end(digest)
+            return _cache[digest]
+    try:
+        verdict: FastBPE | None = FastBPE.from_json(tokenizer_json)
+    except NotExpressible:
+        verdict = None
+    with _cache_lock:
+        _cache[digest] = verdict
+        if len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return verdict
+
+
+def _check_normalizer(normalizer: Any) -> bool:
+    """Whether NFC applies (else nothing does)."""
+    if normalizer is None:
+        return False
+    if normalizer == {"type": "NFC"}:
+        return True
+    raise NotExpressible(f"the normalizer {normalizer.get('type')!r} is neither absent nor NFC")
+
+
+def _split_pattern(pre_tokenizer: Any) -> str:
+    if not isinstance(pre_tokenizer, dict):
+        raise NotExpressible("no byte-level pre-tokenizer")
+    if pre_tokenizer.get("type") == "ByteLevel":
+        if pre_tokenizer.get("add_prefix_space") or not pre_tokenizer.get("use_regex", True):
+            raise NotExpressible("a lone ByteLevel pre-tokenizer must split with its regex, adding no space")
+        return GPT2_PATTERN
+    steps = pre_tokenizer.get("pretokenizers") if pre_tokenizer.get("type") == "Sequence" else None
+    if not steps or len(steps) != 2:
+        raise NotExpressible("the pre-tokenizer is neither ByteLevel nor Sequence[Split, ByteLevel]")
+    split, byte_level = steps
+    if (
+        split.get("type") != "Split"
+        or split.get("behavior") != "Isolated"
+        or split.get("invert")
+        or "Regex" not in (split.get("pattern") or {})
+    ):
+        raise NotExpressible("the pre-tokenizer's first step is not Split(Regex, Isolated)")
+    if (
+        byte_level.get("type") != "ByteLevel"
+        or byte_level.get("add_prefix_space")
+        or byte_level.get("use_regex")
+    ):
+        raise NotExpressible(
+            "the pre-tokenizer's second step is not ByteLevel without prefix space nor regex"
+        )
+    return str(split["pattern"]["Regex"])
+
+
+def _added_tokens(entries: Sequence[Mapping[str, Any]], *, nfc: bool) -> dict[str, int]:
+    """The added tokens, content → id, once checked (see the module's docstring)."""
+    added: dict[str, int] = {}
+    for entry in entries:
+        content = entry["content"]
+        if entry.get("lstrip") or entry.get("rstrip") or entry.get("single_word"):
+            raise NotExpressible(f"the added token {content!r} strips spaces or matches single words only")
+        if nfc and entry.get("normalized"):
+            raise NotExpressible(f"the added token {content!r} is sought in NFC-normalized text")
+        if not content or "\0" in content:
+            raise NotExpressible(f"the added token {content!r} is empty or holds NUL")
+        added[content] = int(entry["id"])
+    if len(set(added.values())) != len(added):  # tiktoken panics on a repeated id
+        raise NotExpressible("two added tokens share an id")
+    # Disjoint: none inside another, and no end of one the start of another.
+    joined = "\0".join(added)
+    starts = {token[:n] for token in added for n in range(1, len(token) + 1)}
+    for token in added:
+        if joined.count(token) > 1:
+            raise NotExpressible(f"the added token {token!r} lies inside another")
+        for n in range(1, len(token)):
+            if token[n:] in starts and any(other.startswith(token[n:]) for other in added if other != token):
+                raise NotExpressible(f"the added token {token!r} ends as another begins")
+    return added
+
+
+def _ranks(model: Mapping[str, Any], *, added_ids: set[int]) -> dict[bytes, int]:
+    """tiktoken's mergeable ranks for the BPE model: the 256 bytes and the merge results, by token id."""
+    if model.get("type") != "BPE":
+        raise NotExpressible(f"the model is {model.get('type')!r}, not BPE")
+    if model.get("dropout") or model.get("byte_fallback"):
+        raise NotExpressible("the BPE model has dropout or byte fallback")
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        raise NotExpressible("the BPE model has a subword prefix or suffix")
+    vocab: dict[str, int] = model["vocab"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    ranks = {_token_bytes(token): rank for token, rank in vocab.items() if len(token) == 1}
+    if len(ranks) != 256:
+        raise NotExpressible("the vocabulary lacks some of the 256 bytes")
+    steps: list[tuple[bytes, bytes, int]] = []
+    previous = -1
+    for merge in merges:
+        if len(merge) != 2 or (rank := vocab.get(merge[0] + merge[1])) is None:
+            raise NotExpressible(f"the merge {merge!r} does not make a vocabulary entry")
+        if rank <= previous:
+            raise NotExpressible(f"the merge {merge!r} makes a lower id than the merge before it")
+        previous = rank
+        left = _token_bytes(merge[0])
+        right = _token_bytes(merge[1])
+        ranks[left + right] = rank
+        steps.append((left, right, rank))
+    if len(set(ranks.values())) != len(ranks):  # tiktoken panics on a repeated id
+        raise NotExpressible("two vocabulary entries share an id")
+    if model.get("ignore_merges"):  # tokenizers then looks a piece up whole in the entire vocabulary
+        made = set(ranks.values())
+        if any(len(t) > 1 and i not in made and i not in added_ids for t, i in vocab.items()):
+            raise NotExpressible("ignore_merges with vocabulary entries no merge makes")
+    _check_merges(steps, ranks)
+    return ranks
+
+
+def _check_merges(merges: Sequence[tuple[bytes, bytes, int]], ranks: Mapping[bytes, int]) -> None:
+    """Each merge (a, b) of rank r must be what tiktoken's BPE leaves of a+b using only ranks below r."""
+    for left, right, rank in merges:
+        pieces = _bpe_below(left + right, ranks, rank)
+        if len(pieces) != 2 or pieces[0] != left:
+            raise NotExpressible(
+                f"the merge {left!r} + {right!r} is not tiktoken's: its ranks split the result as {pieces!r}"
+            )
+
+
+def _bpe_below(piece: bytes, ranks: Mapping[bytes, int], limit: int) -> list[bytes]:
+    """tiktoken's BPE of ``piece`` with ranks below ``limit``, stopped at two parts (``piece`` itself
+    ranks ``limit``, so two parts never merge)."""
+    parts = [piece[i : i + 1] for i in range(len(piece))]
+    while len(parts) > 2:
+        best, at = limit, -1
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1], limit)
+            if rank < best:
+                best, at = rank, i
+        if at < 0:
+            break
+        parts[at : at + 2] = [parts[at] + parts[at + 1]]
+    return parts
+
+
+def _check_pattern(pattern: str) -> None:
+    """The split pattern must use only syntax Oniguruma and fancy-regex read alike, and match no empty text.
+
+    Allowed: literals, escaped punctuation, ``\\r \\n \\t \\s \\S``, ``\\p{C}``/``\\P{C}`` for a general
+    category C, classes of these and of literal ranges, groups (capturing, ``(?:``, lookahead), quantifiers
+    ``? * + {m} {m,} {m,n}`` (greedy), and the case-insensitive contractions group. Not allowed, since the
+    engines differ or it is untested: ``. ^ $``, ``\\d \\w \\b``, other flags, lookbehind, lazy and
+    possessive quantifiers, nested classes.
+    """
+    reader = _PatternReader(pattern)
+    width = reader.alternation()
+    if reader.pos != len(pattern):
+        raise NotExpressible(f"the split pattern has an unbalanced ')' at {reader.pos}")
+    if width == 0:
+        raise NotExpressible("the split pattern can match empty text")
+
+
+class _PatternReader:
+    """A recursive reading of a split pattern, computing the fewest characters each part matches."""
+
+    _ESCAPES: Final = frozenset("rnts")  # \r \n \t \s, \S
+    _SPECIAL: Final = frozenset("\\[](){}|?*+.^$")
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        self.pos = 0
+
+    def _refuse(self, what: str) -> NotExpressible:
+        return NotExpressible(
+            f"the split pattern has {what} at {self.pos}, which the fast path does not read"
+        )
+
+    def _peek(self) -> str:
+        return self.pattern[self.pos] if self.pos < len(self.pattern) else ""
+
+    def alternation(self) -> int:
+        widths = [self.sequence()]
+        while self._peek() == "|":
+            self.pos += 1
+            widths.append(self.sequence())
+        return min(widths)
+
+    def sequence(self) -> int:
+        width = 0
+        while self._peek() not in ("", "|", ")"):
+            width += self.atom() * self.quantifier()
+        return width
+
+    def atom(self) -> int:
+        char = self._peek()
+        if char == "(":
+            return self.group()
+        if char == "[":
+            self.char_class()
+            return 1
+        if char == "\\":
+            self.escape()
+            return 1
+        if char in self._SPECIAL:
+            raise self._refuse(repr(char))
+        self.pos += 1
+        return 1
+
+    def group(self) -> int:
+        rest = self.pattern[self.pos :]
+        if rest.startswith(_CONTRACTIONS):
+            self.pos += len(_CONTRACTIONS)
+            return 2
+        lookahead = rest.startswith(("(?=", "(?!"))
+        if lookahead or rest.startswith("(?:"):
+            self.pos += 3
+        elif rest.startswith("(?"):
+            raise self._refuse("a group with flags, a name or a lookbehind")
+        else:
+            self.pos += 1
+        width = self.alternation()
+        if self._peek() != ")":
+            raise self._refuse("an unclosed group")
+        self.pos += 1
+        return 0 if lookahead else width
+
+    def quantifier(self) -> int:
+        """The quantifier's least count (1 when none)."""
+        char = self._peek()
+        if char in ("?", "*", "+"):
+            self.pos += 1
+            least = 0 if char in "?*" else 1
+        elif char == "{":
+            match = re.compile(r"\{(\d+)(,\d*)?\}").match(self.pattern, self.pos)
+            if not match:
+                raise self._refuse("a '{' that is no quantifier")
+            self.pos = match.end()
+            least = int(match.group(1))
+        else:
+            return 1
+        if self._peek() in ("?", "+", "*", "{"):
+            raise self._refuse("a lazy, possessive or repeated quantifier")
+        return least
+
+    def escape(self) -> None:
+        letter = self.pattern[self.pos + 1 : self.pos + 2]
+        if letter in ("p", "P"):
+            match = re.compile(r"\\[pP]\{(\w+)\}").match(self.pattern, self.pos)
+            if not match or match.group(1) not in _CATEGORIES:
+                raise self._refuse("a Unicode property other than a general category")
+            self.pos = match.end()
+        elif (
+            letter in self._ESCAPES or letter == "S" or (letter and not letter.isalnum() and letter.isascii())
+        ):
+            self.pos += 2
+        else:
+            raise self._refuse(f"the escape \\{letter}")
+
+    def char_class(self) -> None:
+        self.pos += 1
+        if self._peek() == "^":
+            self.pos += 1
+        if self._peek() == "]":
+            raise self._refuse("an empty class")
+        while (char := self._peek()) != "]":
+            if char in ("", "[", "-") or self.pattern.startswith("&&", self.pos):
+                raise self._refuse("an unclosed or nested class, an intersection or a loose '-'")
+            if char == "\\":
+                self.escape()
+                continue
+            self.pos += 1
+            if self._peek() == "-":  # a range of literals
+                if self.pattern[self.pos + 1 : self.pos + 2] in ("", "]", "[", "-", "\\"):
+                    raise self._refuse("a range not between two literals")
+                self.pos += 2
+        self.pos += 1

@@ -1,0 +1,370 @@
+"""The tiktoken fast path of EngineTokenizer (llmgw.engine._fast_bpe): the same ids as ``tokenizers`` for any
+text on the tokenizers it accepts, and ``tokenizers`` itself for those it refuses."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hypothesis
+import pytest
+from hypothesis import strategies as st
+from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+import llmgw_dev
+from llmgw.engine import EngineTokenizer
+from llmgw.engine._fast_bpe import GPT2_PATTERN, FastBPE, NotExpressible, fast_bpe
+from llmgw_dev.fakes.model import load
+
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+O200K_PATTERN = "|".join(
+    [
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    ]
+)
+CORPUS = [
+    *(Path(llmgw_dev.__file__).parent / "data" / "tokenizer_corpus.txt")
+    .read_text(encoding="utf-8")
+    .splitlines(),
+    "Les élèves étudient à l'école. Ça va? Naïve café, déjà vu. ÉCOLE Œuvre",
+    "日本語のテキストです。東京は晴れ。中文文本, 北京天气很好。한국어 텍스트",
+    "Emoji: 😀 🎉 👍🏽 🇫🇷 and combining: e\u0301 a\u0308 n\u0303 Å Å",
+    "def f(x):\n    return x * 2\n\n\tprint(f(21))  # 123456789 1,000,000\r\n",
+    "I'm sure they'll say it's fine; we've DONE it, you'd SEE'S",
+]
+SPECIAL = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+ADDED = ["<tool_call>", "</tool_call>", "<think>", "</think>", "é"]
+# Text that trips splitters and normalizers: contractions in any case (and the long s, which folds to s),
+# runs of spaces and line breaks, digits, combining marks NFC composes, a Hangul syllable in jamo.
+TRICKY = [
+    "'s",
+    "'S",
+    "'\u017f",
+    "'LL",
+    "'Re",
+    "  ",
+    "\n\n",
+    " \r\n ",
+    "\t",
+    "12345",
+    "e\u0301",
+    "\u0301",
+    "\u1100\u1161",
+]
+
+
+def _texts(tokens: list[str]) -> st.SearchStrategy[str]:
+    piece = st.one_of(
+        st.text(max_size=24),
+        st.sampled_from(tokens + TRICKY),
+        st.text(alphabet="  \t\n\r'sSlLmMdDeEvVrRtT0123456789é\u0301\u0308\u017f<>|/", max_size=24),
+    )
+    return st.lists(piece, max_size=12).map("".join)
+
+
+def _trained(
+    pre_tokenizer: Any,
+    *,
+    normalizer: Any = None,
+    added: list[AddedToken] | None = None,
+    vocab_size: int = 2000,
+    corpus: list[str] = CORPUS,
+) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
+    tokenizer.add_tokens(added or [AddedToken(t, special=False, normalized=False) for t in ADDED])
+    return tokenizer
+
+
+def _split_then_bytes(pattern: str) -> Any:
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
+def _engine(tokenizer: Tokenizer) -> EngineTokenizer:
+    return EngineTokenizer.from_files({"tokenizer.json": tokenizer.to_str().encode()})
+
+
+def _fake() -> EngineTokenizer:
+    return EngineTokenizer.from_files(load().files())
+
+
+def _llama3() -> EngineTokenizer:
+    tokenizer = _trained(_split_then_bytes(LLAMA3_PATTERN))
+    # Llama 3's processors: a BOS only when special tokens are asked for.
+    tokenizer.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<|begin_of_text|> $A",
+                pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+                special_tokens=[("<|begin_of_text|>", tokenizer.token_to_id("<|begin_of_text|>"))],
+            ),
+        ]
+    )
+    return _engine(tokenizer)
+
+
+def _qwen_nfc() -> EngineTokenizer:
+    return _engine(_trained(_split_then_bytes(QWEN2_PATTERN), normalizer=normalizers.NFC()))
+
+
+def _gpt2() -> EngineTokenizer:
+    return _engine(_trained(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)))
+
+
+def _o200k() -> EngineTokenizer:
+    return _engine(_trained(_split_then_bytes(O200K_PATTERN)))
+
+
+ACCEPTED: dict[str, Callable[[], EngineTokenizer]] = {
+    "fake": _fake,
+    "llama3": _llama3,
+    "qwen-nfc": _qwen_nfc,
+    "gpt2": _gpt2,
+    "o200k": _o200k,
+}
+
+
+@pytest.fixture(scope="module", params=sorted(ACCEPTED))
+def accepted(request: pytest.FixtureRequest) -> EngineTokenizer:
+    return ACCEPTED[request.param]()
+
+
+def _hf_ids(tokenizer: EngineTokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+    return list(tokenizer.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
+
+
+def _added_contents(tokenizer: EngineTokenizer) -> list[str]:
+    return [token.content for token in tokenizer.tokenizer.get_added_tokens_decoder().values()]
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(data=st.data())
+def test_same_ids_as_tokenizers(accepted: EngineTokenizer, data: st.DataObject) -> None:
+    assert accepted._fast_bpe is not None
+    text = data.draw(_texts(_added_contents(accepted)))
+    assert accepted.encode(text) == _hf_ids(accepted, text)
+
+
+def test_same_ids_on_the_corpus_and_a_chat_prompt(accepted: EngineTokenizer) -> None:
+    model = load()
+    prompt = model.render(
+        [{"role": "system", "content": "\n\n".join(CORPUS)}, {"role": "user", "content": " ".join(CORPUS)}]
+    )
+    for text in [*CORPUS, prompt, ""]:
+        assert accepted.encode(text) == _hf_ids(accepted, text)
+
+
+def test_added_special_tokens_stay_with_tokenizers() -> None:
+    llama3 = _llama3()
+    bos = llama3.token_id("<|begin_of_text|>")
+    assert llama3.encode("Hi there", add_special_tokens=True) == [bos, *llama3.encode("Hi there")]
+    assert llama3.encode("Hi there", add_special_tokens=True) == _hf_ids(llama3, "Hi there", True)
+
+
+def test_lone_surrogates_fail_as_in_tokenizers() -> None:
+    fake = _fake()
+    with pytest.raises(TypeError):
+        fake.tokenizer.encode("a\ud800b", add_special_tokens=False)
+    with pytest.raises(TypeError):
+        fake.encode("a\ud800b")
+
+
+def test_nfc_applies_between_added_tokens_only() -> None:
+    """An added token NFC would form ("é" from "e" + U+0301) is ordinary text to tokenizers, which seeks
+    non-normalized added tokens before normalizing."""
+    qwen = _qwen_nfc()
+    text = "e\u0301<think>é</think>\u0301"
+    assert qwen.encode(text) == _hf_ids(qwen, text)
+    assert qwen.token_id("é") not in qwen.encode("e\u0301")
+
+
+def test_a_pattern_that_skips_text_falls_back_per_text() -> None:
+    """tiktoken drops text its pattern does not match (here: all but letters), tokenizers keeps it."""
+    letters = _engine(_trained(_split_then_bytes(r"\p{L}+")))
+    assert letters._fast_bpe is not None
+    assert letters._fast_bpe.encode("abc def") is None
+    assert letters._fast_bpe.encode("abcdef") is not None
+    for text in ["abc def", "12 apples", "abcdef"]:
+        assert letters.encode(text) == _hf_ids(letters, text)
+
+
+def test_verdicts_are_cached_by_content() -> None:
+    text = load().tokenizer.to_str()
+    assert fast_bpe(text) is fast_bpe(text) is not None
+
+
+# ------------------------------------------------------------------------------------------- refused
+
+
+def _spec(tokenizer: Tokenizer) -> dict[str, Any]:
+    return dict(json.loads(tokenizer.to_str()))
+
+
+def _fake_spec() -> dict[str, Any]:
+    return _spec(load().tokenizer)
+
+
+def _reordered_merges() -> dict[str, Any]:
+    spec = _fake_spec()
+    merges = spec["model"]["merges"]
+    merges[10], merges[11] = merges[11], merges[10]
+    return spec
+
+
+def _other_split_merges() -> dict[str, Any]:
+    """A merge replaced by another split of its result that tokenizers accepts but tiktoken's ranks would
+    not make: tokenizers now reaches the token another way."""
+    spec = _fake_spec()
+    vocab, merges = spec["model"]["vocab"], spec["model"]["merges"]
+    for index, (left, right) in enumerate(merges):
+        token = left + right
+        for cut in range(1, len(token)):
+            a, b = token[:cut], token[cut:]
+            if a != left and vocab.get(a, 1 << 30) < vocab[token] and vocab.get(b, 1 << 30) < vocab[token]:
+                merges[index] = [a, b]
+                return spec
+    raise AssertionError("no merge with another split in the fake's vocabulary")
+
+
+def _with_lstrip() -> dict[str, Any]:
+    spec = _fake_spec()
+    spec["added_tokens"][3]["lstrip"] = True
+    return spec
+
+
+def _with_overlap() -> dict[str, Any]:
+    tokenizer = Tokenizer.from_str(load().tokenizer.to_str())
+    tokenizer.add_tokens([AddedToken("<think>x", normalized=False)])
+    return _spec(tokenizer)
+
+
+def _nfkc() -> dict[str, Any]:
+    return _spec(_trained(_split_then_bytes(QWEN2_PATTERN), normalizer=normalizers.NFKC()))
+
+
+def _nfc_normalized_token() -> dict[str, Any]:
+    return _spec(
+        _trained(
+            _split_then_bytes(QWEN2_PATTERN),
+            normalizer=normalizers.NFC(),
+            added=[AddedToken("<think>", normalized=True)],
+        )
+    )
+
+
+def _empty_match() -> dict[str, Any]:
+    return _spec(_trained(_split_then_bytes(r"\p{L}*|\s")))
+
+
+def _wordpiece() -> dict[str, Any]:
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(
+        CORPUS, trainers.WordPieceTrainer(vocab_size=300, special_tokens=["[UNK]"], show_progress=False)
+    )
+    return _spec(tokenizer)
+
+
+def _unigram() -> dict[str, Any]:
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(
+        CORPUS,
+        trainers.UnigramTrainer(
+            vocab_size=200, unk_token="<unk>", special_tokens=["<unk>"], show_progress=False
+        ),
+    )
+    return _spec(tokenizer)
+
+
+REFUSED: dict[str, tuple[Callable[[], dict[str, Any]], str]] = {
+    "reordered merges": (_reordered_merges, "lower id than the merge before"),
+    "another split": (_other_split_merges, "is not tiktoken's"),
+    "lstrip": (_with_lstrip, "strips spaces"),
+    "overlapping added tokens": (_with_overlap, "inside another"),
+    "NFKC": (_nfkc, "neither absent nor NFC"),
+    "normalized added token with NFC": (_nfc_normalized_token, "NFC-normalized text"),
+    "empty match": (_empty_match, "match empty text"),
+    "WordPiece": (_wordpiece, "not BPE"),
+    "Unigram": (_unigram, "not BPE"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_tokenizers_stay_with_tokenizers(name: str) -> None:
+    build, reason = REFUSED[name]
+    spec = build()
+    with pytest.raises(NotExpressible, match=reason):
+        FastBPE.from_json(json.dumps(spec))
+    tokenizer = _engine(Tokenizer.from_str(json.dumps(spec)))
+    assert tokenizer._fast_bpe is None
+    for text in [*CORPUS, "<think>x</think> <|im_start|>user\nHi<|im_end|>"]:
+        assert tokenizer.encode(text) == _hf_ids(tokenizer, text)
+
+
+def test_the_merge_check_is_needed() -> None:
+    """With another split of a merge, tiktoken's ranks give other ids than tokenizers on some text."""
+    spec = _other_split_merges()
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    original = load().tokenizer
+    changed = [
+        text
+        for text in CORPUS
+        if tokenizer.encode(text, add_special_tokens=False).ids
+        != original.encode(text, add_special_tokens=False).ids
+    ]
+    assert changed  # the fake's own ids are tiktoken's (test_same_ids_as_tokenizers)
+
+
+@pytest.mark.parametrize("pattern", [GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, O200K_PATTERN])
+def test_known_patterns_are_read(pattern: str) -> None:
+    from llmgw.engine._fast_bpe import _check_pattern
+
+    _check_pattern(pattern)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        r"^\s+|\S+",
+        r".+",
+        r"\d+|\D+",
+        r"(?i)\p{L}+|\s+",
+        r"(?<=a)b|\s+",
+        r"\s+?|\S+",
+        r"[[:alpha:]]+|\s+",
+        r"\w+|\W",
+    ],
+)
+def test_unknown_syntax_is_refused(pattern: str) -> None:
+    from llmgw.engine._fast_bpe import _check_pattern
+
+    with pytest.raises(NotExpressible):
+        _check_pattern(pattern)
