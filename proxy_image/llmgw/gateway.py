@@ -550,10 +550,10 @@ class Gateway:
     # -- the other endpoints: embeddings, and OpenAI's Responses and Completions APIs relayed ------------
 
     def _capable_paths(self, runtime: Runtime, route: Route, capability: str, what: str) -> list[str]:
-        """The request's paths whose provider client has ``capability`` (a method name), in the order the
-        split picks; a clear 400 naming the route and its providers when none has."""
+        """The request's paths whose provider client has ``capability`` (see :func:`_serves`), in the order
+        the split picks; a clear 400 naming the route and its providers when none has."""
         paths = [
-            p for p in self._paths(route) if hasattr(runtime.clients[self._provider(route, p)], capability)
+            p for p in self._paths(route) if _serves(runtime.clients[self._provider(route, p)], capability)
         ]
         if paths:
             return paths
@@ -567,7 +567,7 @@ class Gateway:
             Kind.INVALID_ARGUMENT,
             f"route {clip(route.model)}: {what} is not served by its {names}"
             + (" (Anthropic has no embeddings API)" if capability == "embed" and "anthropic" in names else "")
-            + f"; it needs an {_either([t for t, client in CLIENTS.items() if hasattr(client, capability)])}"
+            + f"; it needs an {_either([t for t, client in CLIENTS.items() if _serves(client, capability)])}"
             " provider",
         )
 
@@ -665,10 +665,11 @@ class Gateway:
     async def relay(
         self, endpoint: str, body: dict[str, Any], *, front: str, timeout: float | None = None
     ) -> Any:
-        """A request of another OpenAI API (``endpoint``: ``/responses``, ``/completions``) passed to an
-        openai provider as it is but for the model name; its JSON answer as the provider sent it."""
+        """A request of another OpenAI API (``endpoint``: ``/responses``, ``/completions``) passed to a
+        provider whose client serves it (an openai provider takes it as it is but for the model name); its
+        JSON answer."""
         model = str(body.get("model"))
-        runtime, route, paths = self._begin_other(model, front, "relay", f"POST /v1{endpoint}")
+        runtime, route, paths = self._begin_other(model, front, f"relay:{endpoint}", f"POST /v1{endpoint}")
 
         async def call(client: Any, upstream: str, remaining: float, stats: CallStats) -> Any:
             return await client.relay(endpoint, {**body, "model": upstream}, remaining, stats)
@@ -685,7 +686,7 @@ class Gateway:
         provider sends them. Errors before the first event are raised before anything is yielded (and
         retried as a chat stream's are)."""
         model = str(body.get("model"))
-        runtime, route, paths = self._begin_other(model, front, "relay", f"POST /v1{endpoint}")
+        runtime, route, paths = self._begin_other(model, front, f"relay:{endpoint}", f"POST /v1{endpoint}")
 
         def open_stream(client: Any, upstream: str, remaining: float, stats: CallStats) -> Any:
             return client.relay_stream(endpoint, {**body, "model": upstream}, remaining, stats)
@@ -695,6 +696,16 @@ class Gateway:
         async with contextlib.aclosing(self._counted_stream(front, route, calls)) as events:
             async for event in events:
                 yield event
+
+
+def _serves(client: Any, capability: str) -> bool:
+    """Whether a provider client (or its class) has ``capability``: a method name, or ``relay:<endpoint>``
+    for an endpoint among its ``relayed_endpoints`` (an engine serves the Completions API, not the
+    Responses API)."""
+    kind, _, endpoint = capability.partition(":")
+    if kind == "relay":
+        return endpoint in getattr(client, "relayed_endpoints", ())
+    return hasattr(client, capability)
 
 
 def _either(names: list[str]) -> str:

@@ -86,7 +86,7 @@ def _number(body: Mapping[str, Any], key: str, low: float, high: float) -> float
     return float(value)
 
 
-def _integer(body: Mapping[str, Any], key: str, low: int, high: int) -> int | None:
+def read_integer(body: Mapping[str, Any], key: str, low: int, high: int) -> int | None:
     value = body.get(key)
     if value is None:
         return None
@@ -97,7 +97,7 @@ def _integer(body: Mapping[str, Any], key: str, low: int, high: int) -> int | No
     return value
 
 
-def _flag(body: Mapping[str, Any], key: str, default: bool) -> bool:
+def read_flag(body: Mapping[str, Any], key: str, default: bool) -> bool:
     value = body.get(key)
     if value is None:
         return default
@@ -193,7 +193,7 @@ def _forced_schema(tools: list[dict[str, Any]], choice: Any) -> tuple[str, str] 
     return None
 
 
-def _constraint(body: Mapping[str, Any]) -> tuple[str, Any] | None:
+def read_constraint(body: Mapping[str, Any]) -> tuple[str, Any] | None:
     """The structured-output constraint of response_format or of vLLM's own fields."""
     fmt = body.get("response_format")
     if isinstance(fmt, dict):
@@ -288,10 +288,10 @@ def plan(
         not isinstance(documents, list) or not all(isinstance(d, dict) for d in documents)
     ):
         raise invalid("documents: must be a list of objects")
-    add_generation_prompt = _flag(body, "add_generation_prompt", True)
-    continue_final = _flag(body, "continue_final_message", False)
+    add_generation_prompt = read_flag(body, "add_generation_prompt", True)
+    continue_final = read_flag(body, "continue_final_message", False)
     if continue_final:
-        add_generation_prompt = _flag(body, "add_generation_prompt", False)
+        add_generation_prompt = read_flag(body, "add_generation_prompt", False)
     template_kwargs = {**tokenizer.special_tokens_map, **kwargs}
     for reserved in ("messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token"):
         template_kwargs.pop(reserved, None)
@@ -311,16 +311,66 @@ def plan(
     except (ChatTemplateError, TokenizerError) as exc:
         raise invalid(f"messages: {exc}") from None
     ids = tokenizer.encode(prompt)
+    check_prompt(ids, info, "messages")
+    max_tokens = read_integer(body, "max_completion_tokens", 1, _INT32 - 1)
+    if max_tokens is None:
+        max_tokens = read_integer(body, "max_tokens", 1, _INT32 - 1)
+    logprobs = read_flag(body, "logprobs", False)
+    top_logprobs = read_integer(body, "top_logprobs", 0, 20) or 0
+    if top_logprobs and not logprobs:
+        raise invalid("top_logprobs: needs logprobs: true")
+    sampling = sampling_of(
+        body,
+        tokenizer=tokenizer,
+        info=info,
+        prompt_tokens=len(ids),
+        max_tokens=max_tokens,
+        logprobs=top_logprobs if logprobs else None,
+        seed_bits=seed_bits,
+        constraint=("json_schema", forced[0]) if forced is not None else read_constraint(body),
+    )
+    if parser_class is not None and parser_class.needs_special_tokens:
+        # The format's markers are special tokens (vLLM's parsers adjust it so too).
+        sampling.skip_special_tokens = False
+    return Plan(
+        ids=ids,
+        prompt=prompt,
+        sampling=sampling,
+        decoder_stop_ids=decoder_stop_ids(sampling, info),
+        tool_parser=tool_call_parser if auto else None,
+        reasoning_parser=reasoning_parser,
+        forced=None if forced is None else forced[1],
+        tool_choice_auto=auto,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+
+
+def check_prompt(ids: list[int], info: ModelInfo, field: str) -> None:
+    """Refuse an empty prompt, and one the model's context cannot take with one token more."""
     context = info.max_context_length or 2**31 - 1  # (0: the engine does not say; it judges itself)
     if not ids:
-        raise invalid("messages: the prompt is empty")
+        raise invalid(f"{field}: the prompt is empty")
     if len(ids) > info.max_input_length or len(ids) >= context:
         raise invalid(
             f"This model's maximum context length is {context} tokens. However, your request has "
-            f"{len(ids)} input tokens. Please reduce the length of the input messages."
+            f"{len(ids)} input tokens. Please reduce the length of the input {field}."
         )
 
-    # Sampling, the model's defaults for what the request leaves unset.
+
+def sampling_of(
+    body: Mapping[str, Any],
+    *,
+    tokenizer: EngineTokenizer,
+    info: ModelInfo,
+    prompt_tokens: int,
+    max_tokens: int | None,
+    logprobs: int | None,
+    seed_bits: int,
+    constraint: tuple[str, Any] | None,
+) -> Sampling:
+    """The sampling parameters of ``body`` for a prompt of ``prompt_tokens``, the model's defaults for what it
+    leaves unset; ``max_tokens`` (None: all the context left) within the context left."""
     defaults = info.default_sampling
     temperature = _number(body, "temperature", 0.0, 2.0)
     if temperature is None and isinstance(defaults.get("temperature"), int | float):
@@ -328,7 +378,7 @@ def plan(
     top_p = _number(body, "top_p", 0.0, 1.0)
     if top_p is None:
         top_p = float(defaults["top_p"]) if isinstance(defaults.get("top_p"), int | float) else 1.0
-    top_k = _integer(body, "top_k", -1, _INT32 - 1)
+    top_k = read_integer(body, "top_k", -1, _INT32 - 1)
     if top_k is None and type(defaults.get("top_k")) is int:
         top_k = defaults["top_k"]
     min_p = _number(body, "min_p", 0.0, 1.0)
@@ -338,24 +388,16 @@ def plan(
     if repetition is None:
         value = defaults.get("repetition_penalty")
         repetition = float(value) if isinstance(value, int | float) and value > 0 else 1.0
-    room = context - len(ids)
-    max_tokens = _integer(body, "max_completion_tokens", 1, _INT32 - 1)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", 1, _INT32 - 1)
     if info.max_context_length > 0:
+        room = info.max_context_length - prompt_tokens
         max_tokens = room if max_tokens is None else min(max_tokens, room)
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) for s in stops):
         raise invalid("stop: must be a string or a list of strings")
-    stop_ids = _int_list(body, "stop_token_ids")
-    seed = _integer(body, "seed", -(2**63), 2**63 - 1)
+    seed = read_integer(body, "seed", -(2**63), 2**63 - 1)
     if seed is not None and seed_bits == 32 and not -_INT32 <= seed < _INT32:
         raise invalid(f"seed: {seed} does not fit the engine's 32-bit seed")
-    logprobs = _flag(body, "logprobs", False)
-    top_logprobs = _integer(body, "top_logprobs", 0, 20) or 0
-    if top_logprobs and not logprobs:
-        raise invalid("top_logprobs: needs logprobs: true")
     bias: dict[int, float] = {}
     for token, value in (body.get("logit_bias") or {}).items():
         try:
@@ -367,12 +409,7 @@ def plan(
         if not isinstance(value, int | float) or isinstance(value, bool) or not -100 <= value <= 100:
             raise invalid(f"logit_bias[{token_id}]: must be a number between -100 and 100")
         bias[token_id] = float(value)
-    ignore_eos = _flag(body, "ignore_eos", False)
-    skip_special = _flag(body, "skip_special_tokens", True)
-    if parser_class is not None and parser_class.needs_special_tokens:
-        skip_special = False  # the format's markers are special tokens (vLLM's parsers adjust it so too)
-    constraint = ("json_schema", forced[0]) if forced is not None else _constraint(body)
-    sampling = Sampling(
+    return Sampling(
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
@@ -381,31 +418,25 @@ def plan(
         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0) or 0.0,
         repetition_penalty=repetition,
         max_tokens=max_tokens,
-        min_tokens=_integer(body, "min_tokens", 0, max_tokens or _INT32 - 1) or 0,
+        min_tokens=read_integer(body, "min_tokens", 0, max_tokens or _INT32 - 1) or 0,
         stop=stops,
-        stop_token_ids=stop_ids,
-        skip_special_tokens=skip_special,
-        spaces_between_special_tokens=_flag(body, "spaces_between_special_tokens", True),
-        ignore_eos=ignore_eos,
-        include_stop_str_in_output=_flag(body, "include_stop_str_in_output", False),
-        n=_integer(body, "n", 1, 128) or 1,
+        stop_token_ids=_int_list(body, "stop_token_ids"),
+        skip_special_tokens=read_flag(body, "skip_special_tokens", True),
+        spaces_between_special_tokens=read_flag(body, "spaces_between_special_tokens", True),
+        ignore_eos=read_flag(body, "ignore_eos", False),
+        include_stop_str_in_output=read_flag(body, "include_stop_str_in_output", False),
+        n=read_integer(body, "n", 1, 128) or 1,
         seed=seed,
-        logprobs=top_logprobs if logprobs else None,
+        logprobs=logprobs,
         logit_bias=bias,
         constraint=constraint,
     )
-    decoder_stop_ids = list(stop_ids)
-    if not ignore_eos:
-        decoder_stop_ids += [i for i in info.eos_token_ids if i not in decoder_stop_ids]
-    return Plan(
-        ids=ids,
-        prompt=prompt,
-        sampling=sampling,
-        decoder_stop_ids=decoder_stop_ids,
-        tool_parser=tool_call_parser if auto else None,
-        reasoning_parser=reasoning_parser,
-        forced=None if forced is None else forced[1],
-        tool_choice_auto=auto,
-        logprobs=logprobs,
-        top_logprobs=top_logprobs,
-    )
+
+
+def decoder_stop_ids(sampling: Sampling, info: ModelInfo) -> list[int]:
+    """The ids that end a choice as the gateway reads it: the request's stop ids, and the model's EOS ids
+    unless ignore_eos."""
+    ids = list(sampling.stop_token_ids)
+    if not sampling.ignore_eos:
+        ids += [i for i in info.eos_token_ids if i not in ids]
+    return ids

@@ -15,6 +15,8 @@ server (or the SMG router) does around it, with :mod:`llmgw.engine`:
 * **answer**: each choice's ids run through :class:`llmgw.engine.ChoicePipeline` (text, stop strings held
   back, reasoning, tool calls) into OpenAI-layout chunks: a role chunk, content/reasoning/tool-call deltas,
   each choice's finish, then a usage chunk; a unary answer is those chunks put together;
+* **the legacy Completions API** (:mod:`._engine_completions`): ``/v1/completions``, the prompt as written
+  (no chat template), in vLLM's ``text_completion`` layout; the Responses API stays the openai providers';
 * **cancellation**: a client that goes away resets the call and sends ``Abort`` for its request id.
 
 Messages name the provider, never a worker's address (the log has it), and an engine's own text only
@@ -58,7 +60,15 @@ from llmgw.engine import (
 )
 from llmgw.engine.tool_parsers import openai_call_id
 from llmgw.errors import GatewayError, Kind, from_upstream_grpc
-from llmgw.providers._engine_protocol import PROTOCOLS, ModelInfo, Protocol, Unsupported, common_pb2
+from llmgw.providers import _engine_completions
+from llmgw.providers._engine_protocol import (
+    PROTOCOLS,
+    ModelInfo,
+    Protocol,
+    Sampling,
+    Unsupported,
+    common_pb2,
+)
 from llmgw.providers._engine_request import NATIVE_FIELDS, Plan, invalid, plan
 from llmgw.providers._engine_workers import Worker, WorkerPool
 from llmgw.providers.base import (
@@ -763,3 +773,82 @@ class EngineClient:
         for task in list(self._aborts):
             task.cancel()
         await self.pool.close()
+
+    # -- OpenAI's legacy Completions API (:mod:`._engine_completions`) --------------------------------
+
+    relayed_endpoints = frozenset({"/completions"})  # what relay() and relay_stream() serve
+
+    async def relay(self, endpoint: str, body: dict[str, Any], timeout: float, stats: CallStats) -> Any:
+        """The answer to a ``/completions`` request (``body["model"]``: the name to answer with), in vLLM's
+        ``text_completion`` layout."""
+        return await _engine_completions.answer(self, body, timeout, stats)
+
+    def relay_stream(
+        self, endpoint: str, body: dict[str, Any], timeout: float, stats: CallStats
+    ) -> AsyncGenerator[tuple[str, bytes], None]:
+        """The Server-Sent Events (name, data) of a streamed ``/completions`` request."""
+        return _engine_completions.events(self, body, timeout, stats)
+
+    async def generate_batches(
+        self,
+        request_id: str,
+        ids: list[int],
+        sampling: Sampling,
+        info: ModelInfo,
+        deadline: float,
+        stats: CallStats,
+    ) -> AsyncGenerator[list[tuple[str, Any]], None]:
+        """One Generate call's answer, every message already received at once: ``("chunk" | "complete",
+        message)`` in vLLM's layout. An Abort follows when the caller stops reading before every choice's
+        complete came."""
+        try:
+            upstream = self.protocol.generate(request_id, ids, "", sampling, info)
+        except Unsupported as exc:
+            raise invalid(f"{exc} (provider {self.provider.name!r})") from None
+        stats.sent += len(upstream)
+        try:
+            worker = await self.pool.acquire(deadline)
+        except RpcError as exc:
+            raise self.error(exc) from None
+        failed = False
+        completed: set[int] = set()
+        batches = worker.channel.server_stream_batches(
+            self.protocol.path("Generate"),
+            upstream,
+            max(0.001, deadline - time.monotonic()),
+            first_message_timeout=self.provider.timeout_s,
+            idle_timeout=self.provider.idle_timeout_s,
+        )
+        try:
+            async for batch in batches:
+                messages = []
+                for body in batch:
+                    stats.received += len(body)
+                    message = self.protocol.response(body)
+                    kind = message.WhichOneof("response")
+                    if kind is None:
+                        continue
+                    item = getattr(message, kind)
+                    if not 0 <= item.index < sampling.n:
+                        raise malformed_response(
+                            self.provider, ValueError(f"an answer for choice {item.index} of {sampling.n}")
+                        )
+                    if kind == "complete":
+                        completed.add(item.index)
+                    messages.append((kind, item))
+                if messages:
+                    yield messages
+        except RpcError as exc:
+            failed = exc.code == grpc.StatusCode.UNAVAILABLE
+            if exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                completed = set(range(sampling.n))  # the engine ended the call itself: nothing to abort
+            raise self.error(exc, worker) from None
+        except DecodeError as exc:
+            raise malformed_response(self.provider, exc) from None
+        finally:
+            await batches.aclose()
+            if len(completed) < sampling.n:
+                self._abort_later(worker, request_id)
+            self.pool.release(worker, failed=failed)
+        if len(completed) < sampling.n:
+            raise malformed_response(self.provider, ValueError("the answer ended before every choice did"))

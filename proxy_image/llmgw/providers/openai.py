@@ -22,6 +22,7 @@ from llmgw_common.providers.openai import OpenAISettings
 
 class OpenAIClient(RestClient):
     path_suffix = "/chat/completions"
+    relayed_endpoints = frozenset({"/responses", "/completions"})  # what relay() and relay_stream() serve
 
     def __init__(
         self, provider: Provider, api_key: str | None, limits: Limits, on_limit: OnLimit | None = None
