@@ -343,3 +343,15 @@ async def test_client_that_leaves_aborts_the_request(start_proxy: Start, kind: s
         generate = generate_requests(engine)[-1]
         aborts = [r for r in engine.received if type(r).__name__ == "AbortRequest"]
         assert aborts and generate.request_id in str(aborts[-1])
+
+
+async def test_a_stream_that_breaks_ends_with_an_error_event(start_proxy: Start) -> None:
+    async with engine_proxy(start_proxy, "sglang") as (engine, _, client, _server):
+        await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+        engine.faults.update({"stream_error_after_tokens": 3})
+        events = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=200, stream=True)
+        text = ""
+        with pytest.raises(openai.APIError, match="injected error"):
+            async for chunk in events:
+                text += "".join(c.text for c in chunk.choices)
+        assert text and make_reply(PROMPT).text.startswith(text)
