@@ -11,10 +11,11 @@ HTTP error (and the gateway may still fall back to the other path); a failure af
 with an OpenAI-style ``{"error": ...}`` event. A client that disconnects cancels its upstream call.
 
 ``POST /v1/embeddings`` goes through the protobuf messages too (:mod:`llmgw.codecs.openai_embeddings`), to an
-openai provider or an llmgateway provider's ``Embed``. ``POST /v1/responses`` and ``POST /v1/completions``
-(OpenAI's Responses and legacy Completions APIs, which vLLM serves too) are relayed to openai providers as
-they are but for the model name, their Server-Sent Events event for event; a failure after the first event
-ends the stream with the API's own error event. ``GET /v1/models/{id}`` answers OpenAI's model object, or
+openai provider or an engine's or llmgateway provider's ``Embed``. ``POST /v1/responses`` and
+``POST /v1/completions`` (OpenAI's Responses and legacy Completions APIs, which vLLM serves too) are relayed as
+JSON to the providers that serve them (openai providers as they are but for the model name, engine providers
+the Completions API, see :mod:`llmgw.providers._engine_completions`), their Server-Sent Events event for event;
+a failure after the first event ends the stream with the API's own error event. ``GET /v1/models/{id}`` answers OpenAI's model object, or
 its 404. ``x-llmgw-timeout-seconds`` sets a request's deadline (``limits.requestTimeoutSeconds`` stays the
 cap).
 """
@@ -196,7 +197,8 @@ class OpenAIFront:
         await self._relay(request, respond, "/completions")
 
     async def _relay(self, request: Request, respond: Responder, endpoint: str) -> None:
-        """An API the gateway relays to openai providers as it is (but for the model name)."""
+        """An API the gateway relays as JSON to the providers that serve it (openai: as it is, but for the
+        model name)."""
         try:
             self.gateway.authenticate(request.headers.get("authorization"), "rest")
             body = self._json_object(request)

@@ -531,45 +531,17 @@ class EngineClient:
         choices = self._choices(p, state.tokenizer)
         request_id = "chatcmpl-" + secrets.token_hex(16)
         created = int(time.time())
-        try:
-            upstream = self.protocol.generate(request_id, p.ids, "", p.sampling, state.info)
-        except Unsupported as exc:
-            raise invalid(f"{exc} (provider {self.provider.name!r})") from None
-        stats.sent += len(upstream)
-        try:
-            worker = await self.pool.acquire(deadline)
-        except RpcError as exc:
-            raise self.error(exc) from None
-        failed = False
-        ended = False
         cached = 0
         role_sent = False
-        remaining = max(0.001, deadline - time.monotonic())
-        batches = worker.channel.server_stream_batches(
-            self.protocol.path("Generate"),
-            upstream,
-            remaining,
-            first_message_timeout=self.provider.timeout_s,
-            idle_timeout=self.provider.idle_timeout_s,
-        )
         pending: dict[int, list[int]] = {}  # a choice's ids of this batch, fed at once
         parts: list[pb.ChunkChoice] = []
-        try:
+        batches = self.generate_batches(request_id, p.ids, p.sampling, state.info, deadline, stats)
+        async with contextlib.aclosing(batches):
             async for batch in batches:
                 # Every message already received is taken at once: a choice's tokens of one batch make one
                 # delta, so a proxy that falls behind a fast engine catches up instead of falling further.
-                for body in batch:
-                    stats.received += len(body)
-                    message = self.protocol.response(body)
-                    kind = message.WhichOneof("response")
-                    if kind is None:
-                        continue
-                    item = getattr(message, kind)
-                    choice = choices.get(item.index)
-                    if choice is None:
-                        raise malformed_response(
-                            self.provider, ValueError(f"an answer for choice {item.index} of {len(choices)}")
-                        )
+                for kind, item in batch:
+                    choice = choices[item.index]
                     cached = max(cached, item.cached_tokens)
                     if kind == "chunk":
                         if p.logprobs and item.HasField("output_logprobs"):
@@ -585,18 +557,14 @@ class EngineClient:
                             upstream_status=503 if reason == "abort" else 502,
                         )
                     ids = pending.pop(item.index, None)
-                    if ids is not None:
-                        part = choice.feed(ids)
-                        if part is not None:
-                            parts.append(part)
+                    if ids is not None and (part := choice.feed(ids)) is not None:
+                        parts.append(part)
                     if not choice.done and not choice.tokens and len(item.output_ids):
                         choice.feed(list(item.output_ids))  # an engine that sent no chunks
-                    part = choice.end(reason or "stop")
-                    if part is not None:
+                    if (part := choice.end(reason or "stop")) is not None:
                         parts.append(part)
                 for index, ids in pending.items():
-                    part = choices[index].feed(ids)
-                    if part is not None:
+                    if (part := choices[index].feed(ids)) is not None:
                         parts.append(part)
                 pending.clear()
                 if not parts:
@@ -612,21 +580,6 @@ class EngineClient:
                     out.choices.append(part)
                     yield out
                 parts.clear()
-            ended = all(c.done for c in choices.values())
-        except RpcError as exc:
-            failed = exc.code == grpc.StatusCode.UNAVAILABLE
-            # The engine ended the call itself (its status): nothing to abort, unless a bound of ours ran out.
-            ended = exc.code != grpc.StatusCode.DEADLINE_EXCEEDED
-            raise self.error(exc, worker) from None
-        except DecodeError as exc:
-            raise malformed_response(self.provider, exc) from None
-        finally:
-            await batches.aclose()
-            if not ended:
-                self._abort_later(worker, request_id)
-            self.pool.release(worker, failed=failed)
-        if not ended:
-            raise malformed_response(self.provider, ValueError("the answer ended before every choice did"))
         completion = sum(c.tokens for c in choices.values())
         usage = pb.Usage(
             prompt_tokens=len(p.ids),
