@@ -149,6 +149,13 @@ class Protocol:
         return list(answer.embedding), int(answer.prompt_tokens)
 
 
+def _set_prompt(tokenized: Any, ids_field: Any, ids: list[int], text: str) -> None:
+    """The prompt into the request's own TokenizedInput: one built apart would be copied in, ids and all
+    (a third of a long prompt's request time)."""
+    ids_field.extend(ids)
+    tokenized.original_text = text
+
+
 class Vllm(Protocol):
     name = "vllm"
     service = "vllm.grpc.engine.VllmEngine"
@@ -193,10 +200,10 @@ class Vllm(Protocol):
                 setattr(p, kind, value)
         request = self.pb.GenerateRequest(
             request_id=request_id,
-            tokenized=self.pb.TokenizedInput(original_text=text, input_ids=ids),
             sampling_params=p,
             stream=True,
         )
+        _set_prompt(request.tokenized, request.tokenized.input_ids, ids, text)
         return bytes(request.SerializeToString())
 
     def abort(self, request_id: str) -> bytes:
@@ -248,10 +255,10 @@ class Sglang(Protocol):
                 setattr(p, kind, value)
         request = self.pb.GenerateRequest(
             request_id=request_id,
-            tokenized=self.pb.TokenizedInput(original_text=text, input_ids=ids),
             sampling_params=p,
             stream=True,
         )
+        _set_prompt(request.tokenized, request.tokenized.input_ids, ids, text)
         if s.logprobs is not None:
             request.return_logprob = True
             request.top_logprobs_num = s.logprobs
@@ -307,7 +314,6 @@ class Trtllm(Protocol):
             o.logprobs = max(s.logprobs, 1)
         request = self.pb.GenerateRequest(
             request_id=request_id,
-            tokenized=self.pb.TokenizedInput(original_text=text, input_token_ids=ids),
             sampling_config=c,
             output_config=o,
             max_tokens=self.DEFAULT_MAX_TOKENS if s.max_tokens is None else s.max_tokens,
@@ -317,6 +323,7 @@ class Trtllm(Protocol):
             ignore_eos=s.ignore_eos,
             include_stop_token_in_output=s.include_stop_str_in_output,
         )
+        _set_prompt(request.tokenized, request.tokenized.input_token_ids, ids, text)
         if s.logit_bias:
             vocab = info.vocab_size if info is not None else 0
             if vocab <= 0:
