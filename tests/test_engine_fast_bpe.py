@@ -65,6 +65,7 @@ TRICKY = [
     "e\u0301",
     "\u0301",
     "\u1100\u1161",
+    "\U00011935\U00011930",  # NFC makes U+11938 of it in Python 3.11, not in tokenizers
 ]
 
 
@@ -84,12 +85,16 @@ def _trained(
     added: list[AddedToken] | None = None,
     vocab_size: int = 2000,
     corpus: list[str] = CORPUS,
+    special_in_vocab: bool = False,
 ) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizer
     tokenizer.pre_tokenizer = pre_tokenizer
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=SPECIAL if special_in_vocab else [],  # then also BPE vocabulary entries no merge makes
     )
     tokenizer.train_from_iterator(corpus, trainer)
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
@@ -135,7 +140,16 @@ def _qwen_nfc() -> EngineTokenizer:
 
 
 def _gpt2() -> EngineTokenizer:
-    return _engine(_trained(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)))
+    return _engine(
+        _trained(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True), special_in_vocab=True)
+    )
+
+
+def _llama3_ignore_merges() -> EngineTokenizer:
+    """Llama 3's tokenizer.json looks a piece up whole before merging, as tiktoken does."""
+    spec = json.loads(_llama3().tokenizer.to_str())
+    spec["model"]["ignore_merges"] = True
+    return _engine(Tokenizer.from_str(json.dumps(spec)))
 
 
 def _o200k() -> EngineTokenizer:
@@ -145,6 +159,7 @@ def _o200k() -> EngineTokenizer:
 ACCEPTED: dict[str, Callable[[], EngineTokenizer]] = {
     "fake": _fake,
     "llama3": _llama3,
+    "llama3-ignore-merges": _llama3_ignore_merges,
     "qwen-nfc": _qwen_nfc,
     "gpt2": _gpt2,
     "o200k": _o200k,

@@ -18,7 +18,8 @@ tokenizer.json's own vocabulary.
 * added tokens without ``lstrip``/``rstrip``/``single_word``, none overlapping another (``tokenizers``
   takes the leftmost longest, tiktoken the leftmost first, in two passes when the tokens differ in
   ``normalized``: disjoint tokens make every rule agree), and with NFC none ``normalized`` (they would be
-  sought in the normalized text);
+  sought in the normalized text); with NFC the text between added tokens is normalized by ``tokenizers``'
+  own normalizer (Python's ``unicodedata`` has newer Unicode tables);
 * the merges are those tiktoken's rank-ordered BPE performs (:func:`_check_merges`).
 
 **How equivalence is ensured.** ``tokenizers`` merges the adjacent pair that comes first in its merge
@@ -41,11 +42,11 @@ import hashlib
 import json
 import re
 import threading
-import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import tiktoken
+from tokenizers import normalizers
 
 # The pattern a lone ByteLevel pre-tokenizer (use_regex) splits with.
 GPT2_PATTERN: Final = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -54,46 +55,14 @@ GPT2_PATTERN: Final = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{
 _CONTRACTIONS: Final = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 # Unicode general categories: Oniguruma and fancy-regex were compared on every code point for each.
 _CATEGORIES: Final = frozenset(
-    [
-        "L",
-        "Lu",
-        "Ll",
-        "Lt",
-        "Lm",
-        "Lo",
-        "M",
-        "Mn",
-        "Mc",
-        "Me",
-        "N",
-        "Nd",
-        "Nl",
-        "No",
-        "P",
-        "Pc",
-        "Pd",
-        "Ps",
-        "Pe",
-        "Pi",
-        "Pf",
-        "Po",
-        "S",
-        "Sm",
-        "Sc",
-        "Sk",
-        "So",
-        "Z",
-        "Zs",
-        "Zl",
-        "Zp",
-        "C",
-        "Cc",
-        "Cf",
-        "Co",
-        "Cn",
-    ]
+    {"L", "Lu", "Ll", "Lt", "Lm", "Lo", "M", "Mn", "Mc", "Me", "N", "Nd", "Nl", "No"}
+    | {"P", "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po", "S", "Sm", "Sc", "Sk", "So"}
+    | {"Z", "Zs", "Zl", "Zp", "C", "Cc", "Cf", "Co", "Cn"}
 )
-_PROCESSORS: Final = frozenset({"ByteLevel", "TemplateProcessing"})  # add tokens only when asked to
+# Post-processors that change offsets only, or add tokens only when special tokens are asked for.
+_PROCESSORS: Final = frozenset({"ByteLevel", "TemplateProcessing"})
+_QUANTIFIER: Final = re.compile(r"\{(\d+)(,\d*)?\}")
+_PROPERTY: Final = re.compile(r"\\[pP]\{(\w+)\}")
 _CACHE_SIZE: Final = 8
 
 
@@ -131,12 +100,14 @@ def _token_bytes(token: str) -> bytes:
 
 
 class FastBPE:
-    """A tiktoken encoding giving, for any text, the ids ``tokenizers`` gives without added special tokens."""
+    """A tiktoken encoding giving the ids ``tokenizers`` gives without added special tokens (or None)."""
 
     def __init__(self, encoding: tiktoken.Encoding, added: Mapping[str, int], *, nfc: bool) -> None:
         self._encoding = encoding
         self._added = dict(added)
-        self._nfc = nfc
+        # tokenizers' own NFC: its Unicode tables are older than Python's unicodedata (which composes
+        # U+11935 U+11930 to U+11938, tokenizers does not).
+        self._nfc = normalizers.NFC().normalize_str if nfc else None
         # With NFC the text between added tokens is normalized before its split, so the added tokens are
         # found first (longest first, as tokenizers does; they never overlap).
         self._added_split = (
@@ -181,14 +152,14 @@ class FastBPE:
                 size = len(text.encode())
             except UnicodeEncodeError:  # lone surrogates: tiktoken would replace them, tokenizers refuses
                 return None
-            if self._nfc:
-                ids, size = self._encode_normalized(text)
+            if self._nfc is not None:
+                ids, size = self._encode_normalized(text, self._nfc)
             else:
                 ids = self._encoding.encode(text, allowed_special="all")
         # tiktoken drops text its pattern does not match; tokenizers keeps it as a piece.
         return ids if len(self._encoding.decode_bytes(ids)) == size else None
 
-    def _encode_normalized(self, text: str) -> tuple[list[int], int]:
+    def _encode_normalized(self, text: str, nfc: Callable[[str], str]) -> tuple[list[int], int]:
         """The ids of ``text`` with NFC applied between added tokens, and the UTF-8 size they cover."""
         ids: list[int] = []
         size = 0
@@ -197,7 +168,7 @@ class FastBPE:
             if index % 2:  # split's captured separators: the added tokens
                 ids.append(self._added[piece])
             elif piece:
-                piece = unicodedata.normalize("NFC", piece)
+                piece = nfc(piece)
                 # Encoded apart: an added token NFC makes appear is ordinary text to tokenizers.
                 ids.extend(self._encoding.encode_ordinary(piece))
             size += len(piece.encode())
@@ -339,15 +310,19 @@ def _bpe_below(piece: bytes, ranks: Mapping[bytes, int], limit: int) -> list[byt
     """tiktoken's BPE of ``piece`` with ranks below ``limit``, stopped at two parts (``piece`` itself
     ranks ``limit``, so two parts never merge)."""
     parts = [piece[i : i + 1] for i in range(len(piece))]
+    get = ranks.get
+    pairs = [get(parts[i] + parts[i + 1], limit) for i in range(len(parts) - 1)]  # each pair's rank
     while len(parts) > 2:
-        best, at = limit, -1
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1], limit)
-            if rank < best:
-                best, at = rank, i
-        if at < 0:
+        best = min(pairs)
+        if best >= limit:
             break
+        at = pairs.index(best)  # the leftmost, as tiktoken
         parts[at : at + 2] = [parts[at] + parts[at + 1]]
+        del pairs[at]
+        if at < len(pairs):
+            pairs[at] = get(parts[at] + parts[at + 1], limit)
+        if at:
+            pairs[at - 1] = get(parts[at - 1] + parts[at], limit)
     return parts
 
 
@@ -371,7 +346,10 @@ def _check_pattern(pattern: str) -> None:
 class _PatternReader:
     """A recursive reading of a split pattern, computing the fewest characters each part matches."""
 
-    _ESCAPES: Final = frozenset("rnts")  # \r \n \t \s, \S
+    _ESCAPES: Final = frozenset("rntsS")
+    # Escaped, these stand for themselves in both engines (Oniguruma reads some other escaped punctuation,
+    # as \< and \>, as word boundaries).
+    _ESCAPED_LITERALS: Final = frozenset("\\[](){}|?*+.^$-/'")
     _SPECIAL: Final = frozenset("\\[](){}|?*+.^$")
 
     def __init__(self, pattern: str) -> None:
@@ -439,7 +417,7 @@ class _PatternReader:
             self.pos += 1
             least = 0 if char in "?*" else 1
         elif char == "{":
-            match = re.compile(r"\{(\d+)(,\d*)?\}").match(self.pattern, self.pos)
+            match = _QUANTIFIER.match(self.pattern, self.pos)
             if not match:
                 raise self._refuse("a '{' that is no quantifier")
             self.pos = match.end()
@@ -453,13 +431,11 @@ class _PatternReader:
     def escape(self) -> None:
         letter = self.pattern[self.pos + 1 : self.pos + 2]
         if letter in ("p", "P"):
-            match = re.compile(r"\\[pP]\{(\w+)\}").match(self.pattern, self.pos)
+            match = _PROPERTY.match(self.pattern, self.pos)
             if not match or match.group(1) not in _CATEGORIES:
                 raise self._refuse("a Unicode property other than a general category")
             self.pos = match.end()
-        elif (
-            letter in self._ESCAPES or letter == "S" or (letter and not letter.isalnum() and letter.isascii())
-        ):
+        elif letter and (letter in self._ESCAPES or letter in self._ESCAPED_LITERALS):
             self.pos += 2
         else:
             raise self._refuse(f"the escape \\{letter}")
