@@ -10,6 +10,7 @@ from typing import Any
 
 import hypothesis
 import pytest
+import tiktoken
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -383,3 +384,18 @@ def test_unknown_syntax_is_refused(pattern: str) -> None:
 
     with pytest.raises(NotExpressible):
         _check_pattern(pattern)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("category", [r"\p{L}", r"\p{N}", r"\p{M}", r"\s"])
+def test_character_classes_read_alike(category: str) -> None:
+    """Oniguruma (tokenizers) and fancy-regex (tiktoken) put the same code points in the classes split
+    patterns use (all general categories were compared once; these would show a Unicode upgrade of either)."""
+    text = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+    only_matches = tiktoken.Encoding(
+        "bytes", pat_str=category, mergeable_ranks={bytes([b]): b for b in range(256)}, special_tokens={}
+    )
+    fancy = set(bytes(only_matches.encode_ordinary(text)).decode())
+    unmatched = pre_tokenizers.Split(Regex(category), behavior="removed").pre_tokenize_str(text)
+    oniguruma = set(text) - set("".join(piece for piece, _ in unmatched))
+    assert fancy == oniguruma

@@ -14,12 +14,13 @@ tokenizer.json's own vocabulary.
 * the pre-tokenizer is ``Split(Regex P, Isolated)`` then ``ByteLevel`` without its own regex, or a lone
   ``ByteLevel`` with its regex (GPT-2's pattern); P is written in a syntax both regex engines read alike
   (:func:`_check_pattern`) and never matches empty text (tiktoken cannot encode an empty piece);
-* no normalizer, or NFC; no truncation, no padding; a post-processor that only adds special tokens;
+* no normalizer, or NFC (applied, as ``tokenizers`` does, to the text between added tokens, by its own
+  normalizer: Python's ``unicodedata`` has newer Unicode tables); no truncation, no padding; a
+  post-processor that only adds special tokens;
 * added tokens without ``lstrip``/``rstrip``/``single_word``, none overlapping another (``tokenizers``
   takes the leftmost longest, tiktoken the leftmost first, in two passes when the tokens differ in
   ``normalized``: disjoint tokens make every rule agree), and with NFC none ``normalized`` (they would be
-  sought in the normalized text); with NFC the text between added tokens is normalized by ``tokenizers``'
-  own normalizer (Python's ``unicodedata`` has newer Unicode tables);
+  sought in the normalized text);
 * the merges are those tiktoken's rank-ordered BPE performs (:func:`_check_merges`).
 
 **How equivalence is ensured.** ``tokenizers`` merges the adjacent pair that comes first in its merge
@@ -32,7 +33,9 @@ Vocabulary entries no merge produces are left out of the ranks (``tokenizers`` n
 unless ``ignore_merges`` finds them whole: then there must be none). At run time, a text whose UTF-8 is
 not fully covered by the returned tokens (the split pattern skipped some of it, where ``tokenizers`` keeps
 the gap as a piece) or that holds lone surrogates goes to ``tokenizers`` (:meth:`FastBPE.encode` returns
-None). The verdict is computed once per tokenizer.json (its SHA-256) in a process.
+None). The character classes the patterns may use were compared between Oniguruma and fancy-regex on
+every code point. The merge check costs about 0.3 s for a 32k vocabulary, 2 to 3 s for 150k: the verdict
+is computed once per tokenizer.json (its SHA-256) in a process.
 """
 
 from __future__ import annotations
