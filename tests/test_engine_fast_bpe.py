@@ -49,7 +49,7 @@ CORPUS = [
     "I'm sure they'll say it's fine; we've DONE it, you'd SEE'S",
 ]
 SPECIAL = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
-ADDED = ["<tool_call>", "</tool_call>", "<think>", "</think>", "é"]
+ADDED = ["<tool_call>", "</tool_call>", "<think>", "</think>", "\u01d8"]  # ǘ: NFC of u, U+0308, U+0301
 # Text that trips splitters and normalizers: contractions in any case (and the long s, which folds to s),
 # runs of spaces and line breaks, digits, combining marks NFC composes, a Hangul syllable in jamo.
 TRICKY = [
@@ -64,6 +64,7 @@ TRICKY = [
     "\t",
     "12345",
     "e\u0301",
+    "u\u0308\u0301",
     "\u0301",
     "\u1100\u1161",
     "\U00011935\U00011930",  # NFC makes U+11938 of it in Python 3.11, not in tokenizers
@@ -137,7 +138,10 @@ def _llama3() -> EngineTokenizer:
 
 
 def _qwen_nfc() -> EngineTokenizer:
-    return _engine(_trained(_split_then_bytes(QWEN2_PATTERN), normalizer=normalizers.NFC()))
+    """Qwen2's layout: NFC, its split, the ByteLevel post-processor."""
+    tokenizer = _trained(_split_then_bytes(QWEN2_PATTERN), normalizer=normalizers.NFC())
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return _engine(tokenizer)
 
 
 def _gpt2() -> EngineTokenizer:
@@ -185,7 +189,8 @@ def _added_contents(tokenizer: EngineTokenizer) -> list[str]:
 def test_same_ids_as_tokenizers(accepted: EngineTokenizer, data: st.DataObject) -> None:
     assert accepted._fast_bpe is not None
     text = data.draw(_texts(_added_contents(accepted)))
-    assert accepted.encode(text) == _hf_ids(accepted, text)
+    # The fast path answers (these patterns leave no gap) and agrees.
+    assert accepted._fast_bpe.encode(text) == accepted.encode(text) == _hf_ids(accepted, text)
 
 
 def test_same_ids_on_the_corpus_and_a_chat_prompt(accepted: EngineTokenizer) -> None:
@@ -193,8 +198,9 @@ def test_same_ids_on_the_corpus_and_a_chat_prompt(accepted: EngineTokenizer) -> 
     prompt = model.render(
         [{"role": "system", "content": "\n\n".join(CORPUS)}, {"role": "user", "content": " ".join(CORPUS)}]
     )
+    assert accepted._fast_bpe is not None
     for text in [*CORPUS, prompt, ""]:
-        assert accepted.encode(text) == _hf_ids(accepted, text)
+        assert accepted._fast_bpe.encode(text) == _hf_ids(accepted, text)
 
 
 def test_added_special_tokens_stay_with_tokenizers() -> None:
@@ -213,12 +219,13 @@ def test_lone_surrogates_fail_as_in_tokenizers() -> None:
 
 
 def test_nfc_applies_between_added_tokens_only() -> None:
-    """An added token NFC would form ("é" from "e" + U+0301) is ordinary text to tokenizers, which seeks
-    non-normalized added tokens before normalizing."""
+    """An added token NFC would form (U+01D8 from "u" + U+0308 + U+0301) is ordinary text to tokenizers,
+    which seeks non-normalized added tokens before normalizing."""
     qwen = _qwen_nfc()
-    text = "e\u0301<think>é</think>\u0301"
-    assert qwen.encode(text) == _hf_ids(qwen, text)
-    assert qwen.token_id("é") not in qwen.encode("e\u0301")
+    assert qwen._fast_bpe is not None
+    text = "u\u0308\u0301<think>\u01d8</think>\u0301"
+    assert qwen._fast_bpe.encode(text) == _hf_ids(qwen, text)
+    assert qwen.token_id("\u01d8") not in qwen.encode("u\u0308\u0301")
 
 
 def test_a_pattern_that_skips_text_falls_back_per_text() -> None:
@@ -281,6 +288,12 @@ def _with_overlap() -> dict[str, Any]:
     return _spec(tokenizer)
 
 
+def _added_on_a_byte() -> dict[str, Any]:
+    tokenizer = Tokenizer.from_str(load().tokenizer.to_str())
+    tokenizer.add_tokens([AddedToken("é", normalized=False)])  # tokenizers gives it the id of byte 0xE9's "é"
+    return _spec(tokenizer)
+
+
 def _nfkc() -> dict[str, Any]:
     return _spec(_trained(_split_then_bytes(QWEN2_PATTERN), normalizer=normalizers.NFKC()))
 
@@ -325,6 +338,7 @@ REFUSED: dict[str, tuple[Callable[[], dict[str, Any]], str]] = {
     "another split": (_other_split_merges, "is not tiktoken's"),
     "lstrip": (_with_lstrip, "strips spaces"),
     "overlapping added tokens": (_with_overlap, "inside another"),
+    "added token on a byte's id": (_added_on_a_byte, "id of other bytes"),
     "NFKC": (_nfkc, "neither absent nor NFC"),
     "normalized added token with NFC": (_nfc_normalized_token, "NFC-normalized text"),
     "empty match": (_empty_match, "match empty text"),

@@ -136,7 +136,7 @@ class FastBPE:
         if any(step is not None and step.get("type") not in _PROCESSORS for step in steps):
             raise NotExpressible(f"the post-processor {processor.get('type')!r} may change the ids")
         added = _added_tokens(spec.get("added_tokens") or [], nfc=nfc)
-        ranks = _ranks(spec.get("model") or {}, added_ids=set(added.values()))
+        ranks = _ranks(spec.get("model") or {}, added)
         try:
             encoding = tiktoken.Encoding(
                 "tokenizer.json", pat_str=pattern, mergeable_ranks=ranks, special_tokens=added
@@ -264,7 +264,7 @@ def _added_tokens(entries: Sequence[Mapping[str, Any]], *, nfc: bool) -> dict[st
     return added
 
 
-def _ranks(model: Mapping[str, Any], *, added_ids: set[int]) -> dict[bytes, int]:
+def _ranks(model: Mapping[str, Any], added: Mapping[str, int]) -> dict[bytes, int]:
     """tiktoken's mergeable ranks for the BPE model: the 256 bytes and the merge results, by token id."""
     if model.get("type") != "BPE":
         raise NotExpressible(f"the model is {model.get('type')!r}, not BPE")
@@ -291,8 +291,15 @@ def _ranks(model: Mapping[str, Any], *, added_ids: set[int]) -> dict[bytes, int]
         steps.append((left, right, rank))
     if len(set(ranks.values())) != len(ranks):  # tiktoken panics on a repeated id
         raise NotExpressible("two vocabulary entries share an id")
+    # An added token on a vocabulary entry's id ("é" on the entry of byte 0xE9) decodes, in tiktoken, as
+    # that entry's bytes: FastBPE.encode's count of the bytes covered would miss.
+    token_of_id = {rank: token for token, rank in ranks.items()}
+    for content, token_id in added.items():
+        if token_of_id.get(token_id, content.encode()) != content.encode():
+            raise NotExpressible(f"the added token {content!r} has the id of other bytes' vocabulary entry")
     if model.get("ignore_merges"):  # tokenizers then looks a piece up whole in the entire vocabulary
         made = set(ranks.values())
+        added_ids = set(added.values())
         if any(len(t) > 1 and i not in made and i not in added_ids for t, i in vocab.items()):
             raise NotExpressible("ignore_merges with vocabulary entries no merge makes")
     _check_merges(steps, ranks)
