@@ -161,10 +161,29 @@ def _o200k() -> EngineTokenizer:
     return _engine(_trained(_split_then_bytes(O200K_PATTERN)))
 
 
+def _llama3_every_split() -> EngineTokenizer:
+    """Llama 3's tokenizer.json as transformers' converter wrote it: every split of a token into two tokens
+    is a merge (in the order of the result's id, then the parts'), and pieces are looked up whole first."""
+    spec = json.loads(_llama3().tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    merges = []
+    for token in {left + right for left, right in spec["model"]["merges"]}:
+        for cut in range(1, len(token)):
+            if token[:cut] in vocab and token[cut:] in vocab:
+                merges.append(
+                    (vocab[token], vocab[token[:cut]], vocab[token[cut:]], [token[:cut], token[cut:]])
+                )
+    assert len(merges) > len(spec["model"]["merges"])
+    spec["model"]["merges"] = [merge for *_, merge in sorted(merges)]
+    spec["model"]["ignore_merges"] = True
+    return _engine(Tokenizer.from_str(json.dumps(spec)))
+
+
 ACCEPTED: dict[str, Callable[[], EngineTokenizer]] = {
     "fake": _fake,
     "llama3": _llama3,
     "llama3-ignore-merges": _llama3_ignore_merges,
+    "llama3-every-split": _llama3_every_split,
     "qwen-nfc": _qwen_nfc,
     "gpt2": _gpt2,
     "o200k": _o200k,
@@ -334,8 +353,8 @@ def _unigram() -> dict[str, Any]:
 
 
 REFUSED: dict[str, tuple[Callable[[], dict[str, Any]], str]] = {
-    "reordered merges": (_reordered_merges, "lower id than the merge before"),
-    "another split": (_other_split_merges, "is not tiktoken's"),
+    "reordered merges": (_reordered_merges, "lower id than a merge before"),
+    "another split": (_other_split_merges, "no merge makes"),
     "lstrip": (_with_lstrip, "strips spaces"),
     "overlapping added tokens": (_with_overlap, "inside another"),
     "added token on a byte's id": (_added_on_a_byte, "id of other bytes"),

@@ -21,14 +21,18 @@ tokenizer.json's own vocabulary.
   takes the leftmost longest, tiktoken the leftmost first, in two passes when the tokens differ in
   ``normalized``: disjoint tokens make every rule agree), and with NFC none ``normalized`` (they would be
   sought in the normalized text);
-* the merges are those tiktoken's rank-ordered BPE performs (:func:`_check_merges`).
+* the merges include those tiktoken's rank-ordered BPE performs, in rank order (:func:`_check_merges`).
 
 **How equivalence is ensured.** ``tokenizers`` merges the adjacent pair that comes first in its merge
-list, tiktoken the adjacent pair whose concatenation has the lowest rank (here: the token id). They agree
-when the merge list is the one transformers' tiktoken converter derives from the ranks: merge results of
-increasing rank, and each merge (a, b) exactly the two pieces tiktoken's BPE leaves of a+b when it may use
-only lower ranks. Then, by induction over the rank, every merge tiktoken makes on any text is in the merge
-list and comes at the same point, and tiktoken's whole-piece lookup returns what the merges would reach.
+list, tiktoken the adjacent pair whose concatenation has the lowest rank (here: the token id), the
+leftmost on a tie both. They agree when the merge list holds the merges transformers' tiktoken converter
+derives from the ranks: for each merge result T of rank r, the split of T into the two parts tiktoken's
+BPE leaves of it when it may use only ranks below r; and the list comes in increasing rank of the results.
+Then in any state tiktoken's BPE reaches on any text, two adjacent parts making a token T are the parts
+tiktoken's BPE of T alone reaches (the merges inside T's span came in that order), that is T's listed
+split: both see the same candidate pairs in the same order, and tiktoken's whole-piece lookup returns what
+the merges reach. Other splits of T in the list (Llama 3's tokenizer.json lists every split whose parts
+are tokens) never meet as adjacent parts, so they change nothing.
 Vocabulary entries no merge produces are left out of the ranks (``tokenizers`` never outputs them either,
 unless ``ignore_merges`` finds them whole: then there must be none). At run time, a text whose UTF-8 is
 not fully covered by the returned tokens (the split pattern skipped some of it, where ``tokenizers`` keeps
@@ -277,18 +281,18 @@ def _ranks(model: Mapping[str, Any], added: Mapping[str, int]) -> dict[bytes, in
     ranks = {_token_bytes(token): rank for token, rank in vocab.items() if len(token) == 1}
     if len(ranks) != 256:
         raise NotExpressible("the vocabulary lacks some of the 256 bytes")
-    steps: list[tuple[bytes, bytes, int]] = []
+    splits: dict[bytes, list[bytes]] = {}  # each merge result: the left parts of the merges making it
     previous = -1
     for merge in merges:
         if len(merge) != 2 or (rank := vocab.get(merge[0] + merge[1])) is None:
             raise NotExpressible(f"the merge {merge!r} does not make a vocabulary entry")
-        if rank <= previous:
-            raise NotExpressible(f"the merge {merge!r} makes a lower id than the merge before it")
+        if rank < previous:
+            raise NotExpressible(f"the merge {merge!r} makes a lower id than a merge before it")
         previous = rank
         left = _token_bytes(merge[0])
-        right = _token_bytes(merge[1])
-        ranks[left + right] = rank
-        steps.append((left, right, rank))
+        token = left + _token_bytes(merge[1])
+        ranks[token] = rank
+        splits.setdefault(token, []).append(left)
     if len(set(ranks.values())) != len(ranks):  # tiktoken panics on a repeated id
         raise NotExpressible("two vocabulary entries share an id")
     # An added token on a vocabulary entry's id ("é" on the entry of byte 0xE9) decodes, in tiktoken, as
@@ -302,17 +306,18 @@ def _ranks(model: Mapping[str, Any], added: Mapping[str, int]) -> dict[bytes, in
         added_ids = set(added.values())
         if any(len(t) > 1 and i not in made and i not in added_ids for t, i in vocab.items()):
             raise NotExpressible("ignore_merges with vocabulary entries no merge makes")
-    _check_merges(steps, ranks)
+    _check_merges(splits, ranks)
     return ranks
 
 
-def _check_merges(merges: Sequence[tuple[bytes, bytes, int]], ranks: Mapping[bytes, int]) -> None:
-    """Each merge (a, b) of rank r must be what tiktoken's BPE leaves of a+b using only ranks below r."""
-    for left, right, rank in merges:
-        pieces = _bpe_below(left + right, ranks, rank)
-        if len(pieces) != 2 or pieces[0] != left:
+def _check_merges(splits: Mapping[bytes, Sequence[bytes]], ranks: Mapping[bytes, int]) -> None:
+    """Each merge result T of rank r must be made by a merge of the two parts tiktoken's BPE leaves of T
+    using only ranks below r (given the left parts of the merges making each T)."""
+    for token, lefts in splits.items():
+        pieces = _bpe_below(token, ranks, ranks[token])
+        if len(pieces) != 2 or pieces[0] not in lefts:
             raise NotExpressible(
-                f"the merge {left!r} + {right!r} is not tiktoken's: its ranks split the result as {pieces!r}"
+                f"no merge makes {token!r} of the parts tiktoken's ranks leave of it, {pieces!r}"
             )
 
 
