@@ -38,17 +38,17 @@ unless ``ignore_merges`` finds them whole: then there must be none). At run time
 not fully covered by the returned tokens (the split pattern skipped some of it, where ``tokenizers`` keeps
 the gap as a piece) or that holds lone surrogates goes to ``tokenizers`` (:meth:`FastBPE.encode` returns
 None). The character classes the patterns may use were compared between Oniguruma and fancy-regex on
-every code point. The merge check costs about 0.3 s for a 32k vocabulary, 2 to 3 s for 150k: the verdict
-is computed once per tokenizer.json (its SHA-256) in a process.
+every code point. The merge check costs about 0.3 s for a 32k vocabulary, 2 to 3 s for 150k, so
+:func:`fast_bpe` remembers its verdicts.
 """
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import re
 import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
@@ -70,7 +70,6 @@ _CATEGORIES: Final = frozenset(
 _PROCESSORS: Final = frozenset({"ByteLevel", "TemplateProcessing"})
 _QUANTIFIER: Final = re.compile(r"\{(\d+)(,\d*)?\}")
 _PROPERTY: Final = re.compile(r"\\[pP]\{(\w+)\}")
-_CACHE_SIZE: Final = 8
 
 
 class NotExpressible(ValueError):
@@ -182,26 +181,30 @@ class FastBPE:
         return ids, size
 
 
-_cache: collections.OrderedDict[str, FastBPE | None] = collections.OrderedDict()
-_cache_lock = threading.Lock()
+# What was decided per tokenizer.json (its SHA-256): a refusal for the process, an encoding as long as a
+# tokenizer uses it (an encoding of a large vocabulary weighs tens of MB).
+_expressible: weakref.WeakValueDictionary[str, FastBPE] = weakref.WeakValueDictionary()
+_refused: set[str] = set()
+_decided = threading.Lock()
 
 
 def fast_bpe(tokenizer_json: str) -> FastBPE | None:
-    """:meth:`FastBPE.from_json`, or None when not expressible; remembered for the process by SHA-256."""
+    """:meth:`FastBPE.from_json`, or None when not expressible; the same object for the same file."""
     digest = hashlib.sha256(tokenizer_json.encode()).hexdigest()
-    with _cache_lock:
-        if digest in _cache:
-            _cache.move_to_end(digest)
-            return _cache[digest]
+    with _decided:
+        if digest in _refused:
+            return None
+        known = _expressible.get(digest)
+    if known is not None:
+        return known
     try:
-        verdict: FastBPE | None = FastBPE.from_json(tokenizer_json)
+        built = FastBPE.from_json(tokenizer_json)
     except NotExpressible:
-        verdict = None
-    with _cache_lock:
-        _cache[digest] = verdict
-        if len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return verdict
+        with _decided:
+            _refused.add(digest)
+        return None
+    with _decided:
+        return _expressible.setdefault(digest, built)
 
 
 def _check_normalizer(normalizer: Any) -> bool:

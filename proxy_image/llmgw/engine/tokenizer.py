@@ -14,9 +14,9 @@ ZIP archive with its SHA-256 (:func:`read_tokenizer_archive`), the way a model r
   (Llama 3 ends on ``<|eot_id|>`` and ``<|eom_id|>`` as well as ``<|end_of_text|>``).
 
 :class:`EngineTokenizer` holds what the text pipeline needs from them; it never adds special tokens to
-encoded text unless asked, since the chat template already wrote them. A byte-level BPE tokenizer that
-tiktoken can express with the same ids (GPT-2's and Qwen's, for instance) encodes such text with tiktoken,
-several times faster (:mod:`llmgw.engine._fast_bpe`).
+encoded text unless asked, since the chat template already wrote them. Such text is encoded by tiktoken,
+several times faster, when it can express the tokenizer with the same ids (byte-level BPE in GPT-2's,
+Llama 3's or Qwen's layout, for instance: :mod:`llmgw.engine._fast_bpe`).
 """
 
 from __future__ import annotations
