@@ -57,6 +57,31 @@ from tokenizers import normalizers
 
 # The pattern a lone ByteLevel pre-tokenizer (use_regex) splits with.
 GPT2_PATTERN: Final = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+# The split patterns of Llama 3 (and cl100k), Qwen 2/3 and o200k, as their tokenizer.json files write them.
+LLAMA3_PATTERN: Final = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+QWEN2_PATTERN: Final = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+O200K_PATTERN: Final = "|".join(
+    [
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    ]
+)
+# Patterns that split any text end to end: every character is a letter (or mark), a number, whitespace or
+# something else, and each of these patterns has an alternative that matches it whatever follows (``\p{L}+``
+# after an optional prefix, ``\p{N}``, ``\s+``, `` ?[^\s\p{L}\p{N}]+``). For them the check that the ids
+# cover the whole text (a tenth of the encoding's time) is skipped.
+_GAPLESS_PATTERNS: Final = frozenset({GPT2_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, O200K_PATTERN})
 # The only case-insensitive text a pattern may hold: Oniguruma folds some letter pairs to one character
 # ("ss" to "ß"), fancy-regex does not; this group was compared on every character.
 _CONTRACTIONS: Final = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
@@ -108,8 +133,11 @@ def _token_bytes(token: str) -> bytes:
 class FastBPE:
     """A tiktoken encoding giving the ids ``tokenizers`` gives without added special tokens (or None)."""
 
-    def __init__(self, encoding: tiktoken.Encoding, added: Mapping[str, int], *, nfc: bool) -> None:
+    def __init__(
+        self, encoding: tiktoken.Encoding, added: Mapping[str, int], *, nfc: bool, gapless: bool = False
+    ) -> None:
         self._encoding = encoding
+        self._gapless = gapless
         self._added = dict(added)
         # tokenizers' own NFC: its Unicode tables are older than Python's unicodedata (which composes
         # U+11935 U+11930 to U+11938, tokenizers does not).
@@ -146,7 +174,7 @@ class FastBPE:
             )
         except ValueError as exc:  # the pattern does not compile in fancy-regex, or ids repeat
             raise NotExpressible(f"tiktoken refuses the tokenizer: {exc}") from exc
-        return cls(encoding, added, nfc=nfc)
+        return cls(encoding, added, nfc=nfc, gapless=pattern in _GAPLESS_PATTERNS)
 
     def encode(self, text: str) -> list[int] | None:
         """``text``'s ids with added tokens recognized, or None when ``tokenizers`` must encode it."""
@@ -163,7 +191,7 @@ class FastBPE:
             else:
                 ids = self._encoding.encode(text, allowed_special="all")
         # tiktoken drops text its pattern does not match; tokenizers keeps it as a piece.
-        return ids if len(self._encoding.decode_bytes(ids)) == size else None
+        return ids if self._gapless or len(self._encoding.decode_bytes(ids)) == size else None
 
     def _encode_normalized(self, text: str, nfc: Callable[[str], str]) -> tuple[list[int], int]:
         """The ids of ``text`` with NFC applied between added tokens, and the UTF-8 size they cover."""
