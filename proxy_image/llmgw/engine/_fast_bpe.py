@@ -38,8 +38,9 @@ unless ``ignore_merges`` finds them whole: then there must be none). At run time
 not fully covered by the returned tokens (the split pattern skipped some of it, where ``tokenizers`` keeps
 the gap as a piece; not checked for the patterns of GPT-2, Llama 3, Qwen and o200k, which leave none) or
 that holds lone surrogates goes to ``tokenizers`` (:meth:`FastBPE.encode` returns None). The character
-classes the patterns may use were compared between Oniguruma and fancy-regex on every code point. The merge check costs about 0.3 s for a 32k vocabulary, 2 to 3 s for 150k, so
-:func:`fast_bpe` remembers its verdicts.
+classes the patterns may use were compared between Oniguruma and fancy-regex on every code point. The
+merge check costs about 0.3 s for a 32k vocabulary, 2 to 3 s for 150k, so :func:`fast_bpe` remembers its
+verdicts.
 """
 
 from __future__ import annotations
