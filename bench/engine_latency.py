@@ -30,6 +30,9 @@ engine). It measures, in blocks that alternate round after round (the order flip
   CPUs other processes on the machine used meanwhile. At c=1 it includes what a process does while idle
   (SMG's health checks and load monitoring, timers).
 
+* **prompt tokenization**, in this process once the children are gone: each size's rendered prompt encoded
+  by the ``tokenizers`` package and by llmgw's ``EngineTokenizer`` (its tiktoken path), the ids checked equal.
+
 Targets (printed with "yes" / "**no**"): llmgw's added TTFT (p50) within 1 ms of SMG's at every prompt size;
 llmgw's streamed tokens/s at c=64 at least 0.8x SMG's. A missed target is not an error. When llmgw has no
 ``vllm`` provider type (``llmgw.providers.CLIENTS``), its engine rows are skipped with a message and the
@@ -154,6 +157,7 @@ class Settings:
     budget_s: float
     token_delay_ms: float
     block_timeout_s: float
+    tokenize_repeats: int  # prompts per size in the in-process tokenization table
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -166,6 +170,7 @@ class Settings:
             budget_s=args.budget or (40.0 if quick else 240.0),
             token_delay_ms=args.token_delay_ms,
             block_timeout_s=30.0 if quick else 60.0,
+            tokenize_repeats=3 if quick else 40,
         )
 
 
@@ -920,6 +925,53 @@ def cpu_tables(results: Results, bench: Bench) -> list[str]:
     return out
 
 
+def tokenization_ms(prompts: Prompts, repeats: int) -> tuple[dict[int, tuple[float, float]], bool] | None:
+    """In this process, once the children are gone: the median time to encode each size's rendered prompt
+    (a new one each time) with the ``tokenizers`` package and with llmgw's ``EngineTokenizer`` (its tiktoken
+    path when the tokenizer allows it), alternating; and whether that path is in use. None without
+    ``llmgw.engine``."""
+    try:
+        from llmgw.engine import EngineTokenizer
+    except ImportError:
+        return None
+    tokenizer = EngineTokenizer.from_files(prompts.model.files())
+    out = {}
+    for size in PROMPT_SIZES:
+        hf: list[float] = []
+        llmgw: list[float] = []
+        for i in range(repeats + 2):  # the first two warm up
+            text = prompts.model.render(prompts.messages(size, 100_000 + i))
+            t0 = time.perf_counter_ns()
+            expected = tokenizer.tokenizer.encode(text, add_special_tokens=False).ids
+            t1 = time.perf_counter_ns()
+            ids = tokenizer.encode(text)
+            t2 = time.perf_counter_ns()
+            if ids != expected:
+                raise AssertionError(f"llmgw's ids differ from tokenizers' on the ~{size}-token prompt")
+            if i >= 2:
+                hf.append((t1 - t0) / 1e6)
+                llmgw.append((t2 - t1) / 1e6)
+        out[size] = (percentile(hf, 0.5), percentile(llmgw, 0.5))
+    return out, getattr(tokenizer, "_fast_bpe", None) is not None
+
+
+def tokenization_table(timings: tuple[dict[int, tuple[float, float]], bool] | None) -> list[str]:
+    if timings is None:
+        return ["Prompt tokenization: skipped (llmgw.engine is not installed).", ""]
+    by_size, fast = timings
+    out = [
+        "Prompt tokenization in one process (the rendered chat prompt, p50; the proxy does this per request):",
+        "",
+        "| prompt | tokenizers package | llmgw EngineTokenizer"
+        + (" (tiktoken path)" if fast else " (no fast path for this tokenizer)")
+        + " | ratio |",
+        "|---|---|---|---|",
+    ]
+    for size, (hf, llmgw) in by_size.items():
+        out.append(f"| ~{size:,} tokens | {hf:.3f} ms | {llmgw:.3f} ms | {hf / llmgw:.1f}x |")
+    return [*out, ""]
+
+
 def other_load(results: Results) -> float | None:
     """The share of all CPUs that processes other than the bench's used while measuring."""
     busy = ours = wall = 0.0
@@ -935,7 +987,7 @@ def other_load(results: Results) -> float | None:
 
 def versions() -> dict[str, str]:
     out = {}
-    for dist in ("smg", "smg-grpc-proto", "grpcio", "aiohttp", "uvloop", "tokenizers", "jinja2"):
+    for dist in ("smg", "smg-grpc-proto", "grpcio", "aiohttp", "uvloop", "tokenizers", "tiktoken", "jinja2"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[dist] = importlib.metadata.version(dist)
     return out
@@ -952,7 +1004,13 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def report(info: dict[str, Any], settings: Settings, bench: Bench, engine_note: str) -> str:
+def report(
+    info: dict[str, Any],
+    settings: Settings,
+    bench: Bench,
+    engine_note: str,
+    tokenization: tuple[dict[int, tuple[float, float]], bool] | None,
+) -> str:
     results = Results(bench.blocks)
     load = info["loadavg_at_start"]
     end_load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -990,7 +1048,7 @@ def report(info: dict[str, Any], settings: Settings, bench: Bench, engine_note: 
         out += [f"**Skipped:** {engine_note}.", ""]
     rows, verdicts = ttft_table(results, bench)
     tp_rows, tp_ok = throughput_table(results, bench)
-    out += [*rows, "", *tp_rows, "", *cpu_tables(results, bench), ""]
+    out += [*rows, "", *tp_rows, "", *cpu_tables(results, bench), "", *tokenization_table(tokenization)]
     out += ["Targets:", ""]
     for size in PROMPT_SIZES:
         out.append(
@@ -1068,9 +1126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         finally:
             stack.stop()
-    log("done")
     assert bench is not None
-    print(report(info, settings, bench, engine_note), flush=True)
+    log("tokenizing the prompts in this process")
+    tokenization = tokenization_ms(bench.prompts, settings.tokenize_repeats)
+    log("done")
+    print(report(info, settings, bench, engine_note, tokenization), flush=True)
     if args.json:
         raw = {
             "command": command_line(),
@@ -1078,6 +1138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "settings": dataclasses.asdict(settings),
             "llmgw_engine_provider": engine,
             "prompt_tokens": {str(k): v for k, v in bench.prompts.tokens.items()},
+            "tokenization_ms": None
+            if tokenization is None
+            else {str(k): {"tokenizers": hf, "llmgw": ours} for k, (hf, ours) in tokenization[0].items()},
             "notes": bench.notes,
             "child_pids": stack.pids,
             "blocks": [

@@ -76,6 +76,12 @@ def test_quick_run_prints_the_tables(tmp_path: pathlib.Path) -> None:
         cells = _row(out, process)
         assert cells[1].endswith(" ms") and cells[2].endswith(" µs"), cells
     assert "llmgw's streamed tokens/s at c=64 at least 0.8x SMG's: " in out
+    if engine:  # the tokenization table: both encoders, every size (the ids were checked equal)
+        assert "llmgw EngineTokenizer (tiktoken path)" in out
+        for label in ("~100", "~2,000", "~8,000"):
+            cells = _row(out, f"{label} tokens")
+            assert cells[1].endswith(" ms") and cells[2].endswith(" ms") and cells[3].endswith("x"), cells
+        assert set(data["tokenization_ms"]) == {"100", "2000", "8000"}
     if not engine:
         assert "**Skipped:** llmgw has no vllm provider yet" in out
 
