@@ -28,8 +28,7 @@ engine). It measures, in blocks that alternate round after round (the order flip
 * **CPU time per request and per streamed token** of each process (all its threads:
   ``/proc/PID/task/*/schedstat``, or ``/proc/PID/stat`` when a thread ended meanwhile), and the share of the
   CPUs other processes on the machine used meanwhile. At c=1 it includes what a process does while idle
-  (SMG's health checks and load monitoring, timers).
-
+  (SMG's health checks and load monitoring, timers);
 * **prompt tokenization**, in this process once the children are gone: each size's rendered prompt encoded
   by the ``tokenizers`` package and by llmgw's ``EngineTokenizer`` (its tiktoken path), the ids checked equal.
 
