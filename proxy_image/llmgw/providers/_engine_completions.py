@@ -31,7 +31,6 @@ import orjson
 
 from llmgw.codecs.openai_chat import clip
 from llmgw.engine import ChoiceDecoder, EngineTokenizer, Finish
-from llmgw.errors import GatewayError, Kind
 from llmgw.providers._engine_protocol import ModelInfo, Sampling
 from llmgw.providers._engine_request import (
     check_prompt,
@@ -311,12 +310,7 @@ async def _prompt_deltas(
                     continue
                 reason = item.finish_reason
                 if reason in ("abort", "error") and not choice.done:
-                    raise GatewayError(
-                        Kind.UNAVAILABLE if reason == "abort" else Kind.BAD_GATEWAY,
-                        f"provider {client.provider.name!r}: the engine ended the request ({reason})",
-                        retryable=True,
-                        upstream_status=503 if reason == "abort" else 502,
-                    )
+                    raise client.ended_by_engine(reason)
                 choice.feed(pending.pop(item.index, []))
                 if not choice.done and not choice.tokens and len(item.output_ids):
                     choice.feed(list(item.output_ids))  # an engine that sent no chunks

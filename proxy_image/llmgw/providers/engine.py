@@ -319,6 +319,15 @@ class EngineClient:
             message = f"provider {name!r} failed with {code.name}: {details}".rstrip(": ")
         return from_upstream_grpc(code, message)
 
+    def ended_by_engine(self, reason: str) -> GatewayError:
+        """A choice the engine ended with finish reason "abort" (503: retryable elsewhere) or "error"."""
+        return GatewayError(
+            Kind.UNAVAILABLE if reason == "abort" else Kind.BAD_GATEWAY,
+            f"provider {self.provider.name!r}: the engine ended the request ({reason})",
+            retryable=True,
+            upstream_status=503 if reason == "abort" else 502,
+        )
+
     def _broken(self, what: str) -> GatewayError:
         return GatewayError(
             Kind.BAD_GATEWAY, f"provider {self.provider.name!r}: {what}", retryable=True, upstream_status=502
@@ -550,12 +559,7 @@ class EngineClient:
                         continue
                     reason = item.finish_reason
                     if reason in ("abort", "error") and not choice.done:
-                        raise GatewayError(
-                            Kind.UNAVAILABLE if reason == "abort" else Kind.BAD_GATEWAY,
-                            f"provider {self.provider.name!r}: the engine ended the request ({reason})",
-                            retryable=True,
-                            upstream_status=503 if reason == "abort" else 502,
-                        )
+                        raise self.ended_by_engine(reason)
                     ids = pending.pop(item.index, None)
                     if ids is not None and (part := choice.feed(ids)) is not None:
                         parts.append(part)
