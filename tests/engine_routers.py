@@ -1,5 +1,5 @@
-"""What the engine tests share: SMG, the reference router, started in front of a fake engine, and the answer
-of a chat request (unary or streamed) reduced to what two routers must agree on."""
+"""What the engine tests share: SMG, the reference router, started in front of a fake engine; the answer of a
+chat request (unary or streamed) reduced to what two routers must agree on; a client that goes away."""
 
 from __future__ import annotations
 
@@ -132,3 +132,20 @@ async def answer(client: openai.AsyncOpenAI, stream: bool, **request: Any) -> di
         },
         "usage": usage,
     }
+
+
+async def leave_mid_stream(engine: FakeProvider, events: Any) -> list[Any]:
+    """Read three events of a stream (the engine slowed down first, so that it is still generating), then
+    close it as a client that goes away does; wait (5 s at most) for the engine to count the request
+    cancelled, and give the AbortRequest messages it received."""
+    seen = 0
+    async for _ in events:
+        seen += 1
+        if seen == 3:
+            break
+    await events.close()
+    deadline = time.monotonic() + 5
+    while engine.stats["cancelled"] == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert engine.stats["cancelled"] == 1
+    return [r for r in engine.received if type(r).__name__ == "AbortRequest"]

@@ -6,15 +6,13 @@ prompts, token prompts, echo, the refusals, and an Abort when the client leaves.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from engine_routers import MODEL, SMG, smg
+from engine_routers import MODEL, SMG, leave_mid_stream, smg
 from test_engine_provider import Start, engine_proxy
 
 from llmgw_dev.fakes import make_reply
@@ -330,18 +328,8 @@ async def test_client_that_leaves_aborts_the_request(start_proxy: Start, kind: s
     async with engine_proxy(start_proxy, kind) as (engine, _, client, _server):
         engine.faults.token_delay_ms = 100
         events = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=200, stream=True)
-        seen = 0
-        async for _ in events:
-            seen += 1
-            if seen == 3:
-                break
-        await events.close()
-        deadline = time.monotonic() + 5
-        while engine.stats["cancelled"] == 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert engine.stats["cancelled"] == 1
+        aborts = await leave_mid_stream(engine, events)
         generate = generate_requests(engine)[-1]
-        aborts = [r for r in engine.received if type(r).__name__ == "AbortRequest"]
         assert aborts and generate.request_id in str(aborts[-1])
 
 

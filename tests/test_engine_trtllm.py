@@ -9,12 +9,10 @@ finds the engine's protocol itself (it probes SGLang's, vLLM's, then TensorRT-LL
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import io
 import json
-import time
 import zipfile
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,7 +20,7 @@ from typing import Any
 import grpc
 import openai
 import pytest
-from engine_routers import MODEL, SMG, answer, smg
+from engine_routers import MODEL, SMG, answer, leave_mid_stream, smg
 from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import trtllm_service_pb2 as tpb
 from smg_grpc_proto.generated import trtllm_service_pb2_grpc as tpb_grpc
@@ -354,17 +352,7 @@ async def test_proxy_refusals_bias_abort_and_embeddings(start_proxy: Start) -> N
         # A client that goes away: Abort by request id, the engine ends it "cancelled".
         engine.faults.token_delay_ms = 100
         events = await client.chat.completions.create(model=MODEL, messages=HELLO, stream=True)
-        seen = 0
-        async for _ in events:
-            seen += 1
-            if seen == 3:
-                break
-        await events.close()
-        deadline = time.monotonic() + 5
-        while engine.stats["cancelled"] == 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert engine.stats["cancelled"] == 1
-        aborts = [r for r in engine.received if type(r).__name__ == "AbortRequest"]
+        aborts = await leave_mid_stream(engine, events)
         assert aborts and aborts[-1].request_id.startswith("chatcmpl-")
         engine.faults.token_delay_ms = 0
         # TensorRT-LLM does not embed: its UNIMPLEMENTED reaches the client as an error, not a vector.

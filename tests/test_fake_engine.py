@@ -24,7 +24,7 @@ import aiohttp
 import grpc
 import openai
 import pytest
-from engine_routers import MODEL, answer, free_port, smg
+from engine_routers import MODEL, answer, free_port, leave_mid_stream, smg
 from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import sglang_scheduler_pb2 as sgl
 from smg_grpc_proto.generated import sglang_scheduler_pb2_grpc as sgl_grpc
@@ -622,17 +622,7 @@ async def cross_check(backend: str, kind: str) -> None:
         # A client that goes away: the router aborts the request and the engine ends it with "abort".
         engine.faults.token_delay_ms = 100
         events = await router.chat.completions.create(model=MODEL, messages=HELLO, stream=True)
-        seen = 0
-        async for _ in events:
-            seen += 1
-            if seen == 3:
-                break
-        await events.close()
-        deadline = time.monotonic() + 5
-        while engine.stats["cancelled"] == 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert engine.stats["cancelled"] == 1
-        aborts = [r for r in engine.received if type(r).__name__ == "AbortRequest"]
+        aborts = await leave_mid_stream(engine, events)
         assert aborts and engine.received[-2].request_id in str(aborts[-1])
         # Too long a prompt, max_tokens 0: a 400 both ways; a max_tokens above the context is clamped.
         for client in (router, direct):
