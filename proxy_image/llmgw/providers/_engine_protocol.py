@@ -86,6 +86,7 @@ class Protocol:
     service: str
     pb: Any
     constraints: frozenset[str]
+    ids_field = "input_ids"  # TokenizedInput's field of the prompt's ids
 
     def path(self, method: str) -> str:
         return f"/{self.service}/{method}"
@@ -100,11 +101,15 @@ class Protocol:
         raise NotImplementedError
 
     def embed(self, request_id: str, ids: list[int]) -> bytes:
-        return bytes(
-            self.pb.EmbedRequest(
-                request_id=request_id, tokenized=self.pb.TokenizedInput(input_ids=ids)
-            ).SerializeToString()
-        )
+        request = self.pb.EmbedRequest(request_id=request_id)
+        self._set_prompt(request.tokenized, ids, "")
+        return bytes(request.SerializeToString())
+
+    def _set_prompt(self, tokenized: Any, ids: list[int], text: str) -> None:
+        """The prompt into the request's own TokenizedInput: one built apart would be copied in, ids and all
+        (a third of a long prompt's request time)."""
+        getattr(tokenized, self.ids_field).extend(ids)
+        tokenized.original_text = text
 
     def model_info(self, body: bytes) -> ModelInfo:
         m = self.pb.GetModelInfoResponse.FromString(body)
@@ -147,13 +152,6 @@ class Protocol:
     def embedding(self, body: bytes) -> tuple[list[float], int]:
         answer = self.pb.EmbedResponse.FromString(body)
         return list(answer.embedding), int(answer.prompt_tokens)
-
-
-def _set_prompt(tokenized: Any, ids_field: Any, ids: list[int], text: str) -> None:
-    """The prompt into the request's own TokenizedInput: one built apart would be copied in, ids and all
-    (a third of a long prompt's request time)."""
-    ids_field.extend(ids)
-    tokenized.original_text = text
 
 
 class Vllm(Protocol):
@@ -203,7 +201,7 @@ class Vllm(Protocol):
             sampling_params=p,
             stream=True,
         )
-        _set_prompt(request.tokenized, request.tokenized.input_ids, ids, text)
+        self._set_prompt(request.tokenized, ids, text)
         return bytes(request.SerializeToString())
 
     def abort(self, request_id: str) -> bytes:
@@ -258,7 +256,7 @@ class Sglang(Protocol):
             sampling_params=p,
             stream=True,
         )
-        _set_prompt(request.tokenized, request.tokenized.input_ids, ids, text)
+        self._set_prompt(request.tokenized, ids, text)
         if s.logprobs is not None:
             request.return_logprob = True
             request.top_logprobs_num = s.logprobs
@@ -275,6 +273,7 @@ class Trtllm(Protocol):
     name = "trtllm"
     service = "trtllm.TrtllmService"
     pb = _trtllm
+    ids_field = "input_token_ids"
     constraints = frozenset({"json_schema", "json_object", "regex", "grammar", "choice", "structural_tag"})
     _GUIDES = {
         "json_schema": "GUIDE_TYPE_JSON_SCHEMA",
@@ -323,7 +322,7 @@ class Trtllm(Protocol):
             ignore_eos=s.ignore_eos,
             include_stop_token_in_output=s.include_stop_str_in_output,
         )
-        _set_prompt(request.tokenized, request.tokenized.input_token_ids, ids, text)
+        self._set_prompt(request.tokenized, ids, text)
         if s.logit_bias:
             vocab = info.vocab_size if info is not None else 0
             if vocab <= 0:
@@ -354,13 +353,6 @@ class Trtllm(Protocol):
 
     def abort(self, request_id: str) -> bytes:
         return bytes(self.pb.AbortRequest(request_id=request_id).SerializeToString())
-
-    def embed(self, request_id: str, ids: list[int]) -> bytes:
-        return bytes(
-            self.pb.EmbedRequest(
-                request_id=request_id, tokenized=self.pb.TokenizedInput(input_token_ids=ids)
-            ).SerializeToString()
-        )
 
     def model_info(self, body: bytes) -> ModelInfo:
         m = self.pb.GetModelInfoResponse.FromString(body)
