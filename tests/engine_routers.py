@@ -149,3 +149,16 @@ async def leave_mid_stream(engine: FakeProvider, events: Any) -> list[Any]:
         await asyncio.sleep(0.05)
     assert engine.stats["cancelled"] == 1
     return [r for r in engine.received if type(r).__name__ == "AbortRequest"]
+
+
+async def greedy_logprobs(client: openai.AsyncOpenAI, messages: Any) -> list[Any]:
+    """The logprobs of a greedy 4-token answer with 2 alternatives each: (token, logprob, [(token, logprob)])
+    per token, rounded to 5 places, for two servers to agree on."""
+    reply = await client.chat.completions.create(
+        model=MODEL, messages=messages, logprobs=True, top_logprobs=2, max_tokens=4, temperature=0.0
+    )
+    assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content is not None
+    return [
+        (e.token, round(e.logprob, 5), [(t.token, round(t.logprob, 5)) for t in e.top_logprobs])
+        for e in reply.choices[0].logprobs.content
+    ]

@@ -20,7 +20,7 @@ import grpc
 import openai
 import pydantic
 import pytest
-from engine_routers import MODEL, answer, leave_mid_stream
+from engine_routers import MODEL, answer, greedy_logprobs, leave_mid_stream
 
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgateway.v1 import llm_service_pb2_grpc as pb_grpc
@@ -228,18 +228,7 @@ async def test_reasoning_stop_length_and_n(start_proxy: Start) -> None:
 async def test_logprobs_and_json_schema(start_proxy: Start) -> None:
     async with engine_proxy(start_proxy) as (_, rest, client, _server):
         direct = openai.AsyncOpenAI(base_url=rest.base_url, api_key="unused", max_retries=0)
-        values = []
-        for c in (client, direct):
-            reply = await c.chat.completions.create(
-                model=MODEL, messages=HELLO, logprobs=True, top_logprobs=2, max_tokens=4, temperature=0.0
-            )
-            assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content is not None
-            values.append(
-                [
-                    (e.token, round(e.logprob, 5), [(t.token, round(t.logprob, 5)) for t in e.top_logprobs])
-                    for e in reply.choices[0].logprobs.content
-                ]
-            )
+        values = [await greedy_logprobs(c, HELLO) for c in (client, direct)]
         assert values[0] == values[1] and len(values[0]) == 4
         events = await client.chat.completions.create(
             model=MODEL, messages=HELLO, logprobs=True, max_tokens=4, stream=True

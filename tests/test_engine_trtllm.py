@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import openai
 import pytest
-from engine_routers import MODEL, SMG, answer, leave_mid_stream, smg
+from engine_routers import MODEL, SMG, answer, greedy_logprobs, leave_mid_stream, smg
 from smg_grpc_proto.generated import common_pb2
 from smg_grpc_proto.generated import trtllm_service_pb2 as tpb
 from smg_grpc_proto.generated import trtllm_service_pb2_grpc as tpb_grpc
@@ -313,18 +313,7 @@ async def test_proxy_answers_as_vllm_http_does(start_proxy: Start) -> None:
         assert thought["choices"][0]["reasoning"].startswith("The user wrote: hello there")
         assert thought["choices"][0]["content"].strip() == make_reply("hello there wörld 😀").text
         # Logprobs: the same tokens and values as vLLM's server.
-        values = []
-        for c in (client, direct):
-            reply = await c.chat.completions.create(
-                model=MODEL, messages=HELLO, logprobs=True, top_logprobs=2, max_tokens=4, temperature=0.0
-            )
-            assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content is not None
-            values.append(
-                [
-                    (e.token, round(e.logprob, 5), [(t.token, round(t.logprob, 5)) for t in e.top_logprobs])
-                    for e in reply.choices[0].logprobs.content
-                ]
-            )
+        values = [await greedy_logprobs(c, HELLO) for c in (client, direct)]
         assert values[0] == values[1] and len(values[0]) == 4
         reply = await client.chat.completions.create(model=MODEL, messages=HELLO, logprobs=True, max_tokens=3)
         assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content is not None
