@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from k8s import Kubectl, poll
-from lightkube import Client
+from lightkube import ApiError, Client
 from lightkube.resources.core_v1 import Pod
 from prometheus import PrometheusServer, Target
 from test_local_kubelet import LoopThread
@@ -35,6 +35,10 @@ from conftest import LLMGW
 from llmgw_dev.fakes import FakeProvider
 from llmgw_dev.local_kubelet import LocalKubelet
 from llmgw_operator.kube import LLMGateway
+
+# Each test's own waits (pods 60 s, the migration 150 s) must end before pytest's timeout, so that a slow
+# run fails with the gateway's status and the operator's log, not a stack dump.
+pytestmark = pytest.mark.timeout(300)
 
 INTERVAL_S = 4
 OPENAI_KEY, GRPC_KEY = "sk-e2e-openai", "sk-e2e-grpc"
@@ -114,13 +118,13 @@ class World:
         assert self.kubelet is not None
         return [pod.ip for pod in self.kubelet.pods if pod.ready and pod.ip]
 
-    def wait(self, what: str, probe: Callable[[], Any], timeout: float) -> Any:
-        def diagnose() -> str:
-            gateways = [g.to_dict() for g in self.client.list(LLMGateway, namespace=self.namespace)]
-            status = json.dumps([g.get("status", {}) for g in gateways], indent=1)[-4000:]
-            return f"status: {status}\noperator log:\n{(self.tmp / 'operator.log').read_text()[-3000:]}"
+    def diagnose(self) -> str:
+        gateways = [g.to_dict() for g in self.client.list(LLMGateway, namespace=self.namespace)]
+        status = json.dumps([g.get("status", {}) for g in gateways], indent=1)[-6000:]
+        return f"status: {status}\noperator log:\n{(self.tmp / 'operator.log').read_text()[-4000:]}"
 
-        return poll(what, probe, timeout, diagnose=diagnose)
+    def wait(self, what: str, probe: Callable[[], Any], timeout: float) -> Any:
+        return poll(what, probe, timeout, diagnose=self.diagnose)
 
     def start(self, kubeconfig: Path) -> None:
         self.prometheus = PrometheusServer(prometheus_binary(), self.tmp / "prometheus", [], "1s")
@@ -278,7 +282,10 @@ class WeightLag:
         written = 0
         deadline = time.monotonic() + 240
         while not self.stop.is_set() and time.monotonic() < deadline:
-            weight = int(self.world.gateway().get("status", {}).get("grpcWeight", 0))
+            try:
+                weight = int(self.world.gateway().get("status", {}).get("grpcWeight", 0))
+            except ApiError:  # the gateway is gone: the test has ended
+                return
             if weight != written:
                 since, written = time.monotonic(), weight
                 while not self._live(weight) and time.monotonic() - since < 30:
@@ -298,13 +305,21 @@ def test_healthy_migration_reaches_100_percent(world: World) -> None:
     load.start()
     lag = WeightLag(world)
     started = time.monotonic()
-    world.wait("phase Succeeded", lambda: migration(world).get("phase") == "Succeeded", timeout=150)
+    phase = world.wait(
+        "a final phase",
+        lambda: (
+            migration(world).get("phase") in ("Succeeded", "RolledBack", "Failed")
+            and migration(world)["phase"]
+        ),
+        timeout=150,
+    )
     took = time.monotonic() - started
     codes = load.finish()
     lags = lag.finish()
 
     status = world.gateway()["status"]
-    assert status["phase"] == "Succeeded" and status["grpcWeight"] == 100
+    assert phase == "Succeeded", f"the migration ended {phase}, not Succeeded\n{world.diagnose()}"
+    assert status["grpcWeight"] == 100
     history = status["migration"]["history"]
     assert [(h["weight"], h["result"]) for h in history] == [
         (10, "passed"),
