@@ -262,9 +262,14 @@ async def test_refusals(start_proxy: Start) -> None:
         reply = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100_000)
         assert reply.choices[0].finish_reason == "stop"
         image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
-        with pytest.raises(openai.BadRequestError, match=r"messages\[0\]\.content\[1\]"):
+        with pytest.raises(openai.BadRequestError, match="an image cannot go to provider .* no mm_processor"):
             await client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}]
+            )
+        audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+        with pytest.raises(openai.BadRequestError, match=r"messages\[0\]\.content\[1\]"):
+            await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}, audio]}]
             )
         with pytest.raises(openai.BadRequestError, match="modalities"):
             await client.chat.completions.create(

@@ -13,7 +13,9 @@ so a prompt here is the prompt the model was trained on:
   request adds (``chat_template_kwargs``: ``enable_thinking`` for Qwen 3, ...).
 
 Messages are prepared as vLLM prepares them (:func:`template_messages`): content given as a list of parts
-becomes one string (text parts joined by newlines), since most templates expect a string; an assistant's
+becomes one string (text parts joined by newlines), since most templates expect a string; a conversation
+with images keeps its parts instead, in transformers' shape (``{"type": "text", "text": ...}``,
+``{"type": "image"}``), which a vision model's template turns into its image placeholders; an assistant's
 tool-call arguments (a JSON string on the wire) become the object templates write with ``tojson``.
 Compiled templates are cached (a bounded LRU), so a model's template is compiled once.
 """
@@ -50,9 +52,10 @@ def render_chat_template(
     bos_token: str | None = None,
     eos_token: str | None = None,
     template_kwargs: Mapping[str, Any] | None = None,
+    keep_parts: bool = False,
 ) -> str:
     """The prompt ``template`` writes for ``messages`` (OpenAI chat messages, prepared by
-    :func:`template_messages`).
+    :func:`template_messages`; ``keep_parts`` for a conversation with images).
 
     ``continue_final_message`` leaves the last (assistant) message open for the model to go on with,
     cutting what the template writes after its content, as transformers does. ``template_kwargs`` are
@@ -63,7 +66,7 @@ def render_chat_template(
             "add_generation_prompt and continue_final_message cannot both be set: the first opens a new "
             "assistant message, the second continues the last one"
         )
-    prepared = template_messages(messages)
+    prepared = template_messages(messages, keep_parts=keep_parts)
     variables: dict[str, Any] = dict(template_kwargs or {})
     variables.update(
         messages=prepared,
@@ -99,19 +102,22 @@ def render_chat_template(
     return rendered
 
 
-def template_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def template_messages(
+    messages: Iterable[Mapping[str, Any]], *, keep_parts: bool = False
+) -> list[dict[str, Any]]:
     """Messages as chat templates expect them: content as one string, tool-call arguments as objects.
 
     A list of content parts becomes its text parts joined by newlines (vLLM's "string" content format,
-    which most templates need); any other part (an image, audio) is refused, since a text-only engine
-    provider cannot carry it.
+    which most templates need); any other part (an image, audio) is refused. With ``keep_parts`` (a
+    conversation with images, for a vision model's template) a list stays a list of transformers' parts:
+    text parts ``{"type": "text", "text": ...}``, images ``{"type": "image"}``.
     """
     prepared = []
     for position, message in enumerate(messages):
         copy = dict(message)
         content = copy.get("content")
         if isinstance(content, list):
-            copy["content"] = _flatten_parts(content, position)
+            copy["content"] = _parts(content, position) if keep_parts else _flatten_parts(content, position)
         if isinstance(copy.get("tool_calls"), list):
             copy["tool_calls"] = [_parsed_arguments(call) for call in copy["tool_calls"]]
         prepared.append(copy)
@@ -121,20 +127,46 @@ def template_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, A
 def _flatten_parts(parts: list[Any], position: int) -> str:
     texts = []
     for part in parts:
-        if isinstance(part, str):
-            texts.append(part)
-            continue
-        kind = part.get("type") if isinstance(part, Mapping) else None
-        if kind in ("text", "input_text") and isinstance(part.get("text"), str):
-            texts.append(part["text"])
-        elif kind == "refusal" and isinstance(part.get("refusal"), str):  # an assistant's, sent back
-            texts.append(part["refusal"])
+        text = _part_text(part)
+        if text is None:
+            raise ChatTemplateError(
+                f"message {position} has a content part of type {_kind(part)!r}: this provider sends text "
+                "to the model's chat template and cannot carry images, audio or files"
+            )
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def _parts(parts: list[Any], position: int) -> list[dict[str, Any]]:
+    kept: list[dict[str, Any]] = []
+    for part in parts:
+        text = _part_text(part)
+        if text is not None:
+            kept.append({"type": "text", "text": text})
+        elif _kind(part) == "image_url":
+            kept.append({"type": "image"})
         else:
             raise ChatTemplateError(
-                f"message {position} has a content part of type {kind!r}: this provider sends text to "
-                "the model's chat template and cannot carry images, audio or files"
+                f"message {position} has a content part of type {_kind(part)!r}: this provider carries "
+                "text and images only"
             )
-    return "\n".join(texts)
+    return kept
+
+
+def _kind(part: Any) -> Any:
+    return part.get("type") if isinstance(part, Mapping) else None
+
+
+def _part_text(part: Any) -> str | None:
+    """A text part's text (an assistant's refusal sent back counts as its text); None for other parts."""
+    if isinstance(part, str):
+        return part
+    kind = _kind(part)
+    if kind in ("text", "input_text") and isinstance(part.get("text"), str):
+        return str(part["text"])
+    if kind == "refusal" and isinstance(part.get("refusal"), str):
+        return str(part["refusal"])
+    return None
 
 
 def _parsed_arguments(call: Any) -> Any:

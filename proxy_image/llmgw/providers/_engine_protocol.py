@@ -23,15 +23,19 @@ import dataclasses
 import importlib
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import struct_pb2  # type: ignore[import-untyped]
+
+from llmgw.engine.media import MediaSupport, item_limits
 
 # smg-grpc-proto ships no type information: its modules are Any here.
 common_pb2: Any = importlib.import_module("smg_grpc_proto.generated.common_pb2")
 _vllm: Any = importlib.import_module("smg_grpc_proto.generated.vllm_engine_pb2")
 _sglang: Any = importlib.import_module("smg_grpc_proto.generated.sglang_scheduler_pb2")
 _trtllm: Any = importlib.import_module("smg_grpc_proto.generated.trtllm_service_pb2")
+_IMAGE = common_pb2.Modality.Value("IMAGE")
 
 
 @dataclasses.dataclass
@@ -87,14 +91,26 @@ class Protocol:
     pb: Any
     constraints: frozenset[str]
     ids_field = "input_ids"  # TokenizedInput's field of the prompt's ids
+    server_info_tells_media = False  # whether media_support reads GetServerInfo
 
     def path(self, method: str) -> str:
         return f"/{self.service}/{method}"
 
     def generate(
-        self, request_id: str, ids: list[int], text: str, s: Sampling, info: ModelInfo | None = None
+        self,
+        request_id: str,
+        ids: list[int],
+        text: str,
+        s: Sampling,
+        info: ModelInfo | None = None,
+        images: Sequence[str | bytes] = (),
     ) -> bytes:
-        """The GenerateRequest; a :class:`Unsupported` names a field the protocol cannot carry."""
+        """The GenerateRequest; a :class:`Unsupported` names a field the protocol cannot carry. ``images``
+        are in the form :meth:`media_support` names (URLs or bytes), one per anchor in ``ids``."""
+        raise NotImplementedError
+
+    def media_support(self, server_info: bytes | None) -> MediaSupport:
+        """What the engine takes of a request's images, from its GetServerInfo answer (None: it has none)."""
         raise NotImplementedError
 
     def abort(self, request_id: str) -> bytes:
@@ -158,10 +174,17 @@ class Vllm(Protocol):
     name = "vllm"
     service = "vllm.grpc.engine.VllmEngine"
     pb = _vllm
+    server_info_tells_media = True
     constraints = frozenset({"json_schema", "json_object", "regex", "grammar", "choice", "structural_tag"})
 
     def generate(
-        self, request_id: str, ids: list[int], text: str, s: Sampling, info: ModelInfo | None = None
+        self,
+        request_id: str,
+        ids: list[int],
+        text: str,
+        s: Sampling,
+        info: ModelInfo | None = None,
+        images: Sequence[str | bytes] = (),
     ) -> bytes:
         p = self.pb.SamplingParams(
             top_p=s.top_p,
@@ -202,7 +225,20 @@ class Vllm(Protocol):
             stream=True,
         )
         self._set_prompt(request.tokenized, ids, text)
+        for url in images:
+            request.media_refs.items.add(modality=_IMAGE, url=url)
         return bytes(request.SerializeToString())
+
+    def media_support(self, server_info: bytes | None) -> MediaSupport:
+        info = None if server_info is None else self.pb.GetServerInfoResponse.FromString(server_info)
+        if info is None or not info.mm_processor:
+            return MediaSupport(
+                None,
+                "its vLLM engine does not process images itself (its GetServerInfo names no mm_processor), "
+                "and the gateway does not preprocess pixels for a model",
+            )
+        schemes = frozenset(s.strip().lower() for s in info.mm_media_ref_schemes.split(",") if s.strip())
+        return MediaSupport("url", schemes=schemes, max_images=item_limits(info.mm_item_limits).get("image"))
 
     def abort(self, request_id: str) -> bytes:
         return bytes(self.pb.AbortRequest(request_ids=[request_id]).SerializeToString())
@@ -215,7 +251,13 @@ class Sglang(Protocol):
     constraints = frozenset({"json_schema", "json_object", "regex", "grammar", "choice", "structural_tag"})
 
     def generate(
-        self, request_id: str, ids: list[int], text: str, s: Sampling, info: ModelInfo | None = None
+        self,
+        request_id: str,
+        ids: list[int],
+        text: str,
+        s: Sampling,
+        info: ModelInfo | None = None,
+        images: Sequence[str | bytes] = (),
     ) -> bytes:
         p = self.pb.SamplingParams(
             temperature=1.0 if s.temperature is None else s.temperature,
@@ -268,6 +310,13 @@ class Sglang(Protocol):
             self.pb.AbortRequest(request_id=request_id, reason="the client went away").SerializeToString()
         )
 
+    def media_support(self, server_info: bytes | None) -> MediaSupport:
+        return MediaSupport(
+            None,
+            "SGLang's engine takes images as pixel tensors preprocessed for its model family, which the "
+            "gateway does not make",
+        )
+
 
 class Trtllm(Protocol):
     name = "trtllm"
@@ -288,7 +337,13 @@ class Trtllm(Protocol):
     )
 
     def generate(
-        self, request_id: str, ids: list[int], text: str, s: Sampling, info: ModelInfo | None = None
+        self,
+        request_id: str,
+        ids: list[int],
+        text: str,
+        s: Sampling,
+        info: ModelInfo | None = None,
+        images: Sequence[str | bytes] = (),
     ) -> bytes:
         c = self.pb.SamplingConfig(
             beam_width=1,
@@ -323,6 +378,8 @@ class Trtllm(Protocol):
             include_stop_token_in_output=s.include_stop_str_in_output,
         )
         self._set_prompt(request.tokenized, ids, text)
+        if images:
+            request.multimodal_input.image_data.extend(images)
         if s.logit_bias:
             vocab = info.vocab_size if info is not None else 0
             if vocab <= 0:
@@ -353,6 +410,9 @@ class Trtllm(Protocol):
 
     def abort(self, request_id: str) -> bytes:
         return bytes(self.pb.AbortRequest(request_id=request_id).SerializeToString())
+
+    def media_support(self, server_info: bytes | None) -> MediaSupport:
+        return MediaSupport("bytes")  # its input processor decodes them; a text model's engine refuses
 
     def model_info(self, body: bytes) -> ModelInfo:
         m = self.pb.GetModelInfoResponse.FromString(body)

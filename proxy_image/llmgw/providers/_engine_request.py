@@ -3,7 +3,9 @@ OpenAI server decides them, and what the answer's choices need (stops, parsers, 
 
 Every field is either carried (into the prompt through the chat template, into the sampling parameters, or
 into the gateway's own handling of the answer) or refused with a 400 naming it: a field an engine cannot
-carry (an image, audio output, a predicted output) is never dropped silently.
+carry (audio, a file, a predicted output, an image for an engine that takes none) is never dropped silently.
+Images go as :mod:`llmgw.engine.media` describes: the template writes one placeholder per image, counted
+before the request leaves, and the images travel as the engine's :class:`MediaSupport` says.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ from llmgw.engine import (
     EngineTokenizer,
     TokenizerError,
     render_chat_template,
+)
+from llmgw.engine.media import (
+    MediaError,
+    MediaSupport,
+    anchor_of,
+    check_anchors,
+    data_url_bytes,
+    image_urls,
+    scheme_of,
 )
 from llmgw.engine.tool_parsers import TOOL_PARSERS
 from llmgw.errors import GatewayError, Kind
@@ -51,7 +62,7 @@ _CARRIED = frozenset(
         "response_format",
     }
 )  # fmt: skip
-_TEXT_PARTS = frozenset({"text", "input_text", "refusal"})
+_CARRIED_PARTS = frozenset({"text", "input_text", "refusal", "image_url"})
 _INT32 = 2**31
 
 
@@ -73,6 +84,7 @@ class Plan:
     tool_choice_auto: bool  # calls found in the text make the finish reason "tool_calls"
     logprobs: bool
     top_logprobs: int
+    images: list[str | bytes] = dataclasses.field(default_factory=list)  # one per anchor in ids, in order
 
 
 def _number(body: Mapping[str, Any], key: str, low: float, high: float) -> float | None:
@@ -145,11 +157,11 @@ def check_fields(body: Mapping[str, Any], provider: str) -> None:
         if isinstance(content, list):
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
-                if kind not in _TEXT_PARTS:
+                if kind not in _CARRIED_PARTS:
                     raise invalid(
                         f"messages[{i}].content[{j}]: a part of type {openai_chat.clip(kind)} cannot be "
-                        f"carried by provider {provider!r}: it renders text through the model's chat "
-                        "template (images, audio and files are not supported)"
+                        f"carried by provider {provider!r}: it renders text and images through the "
+                        "model's chat template (audio and files are not supported)"
                     )
         if isinstance(message, dict) and message.get("audio") is not None:
             raise invalid(f"messages[{i}].audio: provider {provider!r} cannot carry audio")
@@ -257,10 +269,22 @@ def plan(
     tool_call_parser: str | None,
     reasoning_parser: str | None,
     seed_bits: int,
+    media: MediaSupport,
 ) -> Plan:
     """The request's prompt and sampling parameters; a GatewayError (400) naming what cannot be done."""
     body = openai_chat.request_to_json(req)
     check_fields(body, provider)
+    try:
+        urls = image_urls(body["messages"])
+        images = _images(urls, media, provider)
+    except MediaError as exc:
+        raise invalid(str(exc)) from None
+    anchor = anchor_of(tokenizer.token_id) if urls else None
+    if urls and anchor is None:
+        raise invalid(
+            f"messages: {len(urls)} image(s), but the model of provider {provider!r} has no image placeholder "
+            "token in its tokenizer: it is not a vision model"
+        )
     tools = _tools(body)
     choice = body.get("tool_choice")
     if choice is not None and not (choice in ("none", "auto", "required") or isinstance(choice, dict)):
@@ -307,10 +331,16 @@ def plan(
             bos_token=tokenizer.bos_token,
             eos_token=tokenizer.eos_token,
             template_kwargs=template_kwargs,
+            keep_parts=bool(urls),
         )
     except (ChatTemplateError, TokenizerError) as exc:
         raise invalid(f"messages: {exc}") from None
     ids = tokenizer.encode(prompt)
+    if anchor is not None:
+        try:
+            check_anchors(ids, anchor, len(urls))
+        except MediaError as exc:
+            raise invalid(f"messages: {exc}") from None
     check_prompt(ids, info, "messages")
     max_tokens = read_integer(body, "max_completion_tokens", 1, _INT32 - 1)
     if max_tokens is None:
@@ -343,7 +373,30 @@ def plan(
         tool_choice_auto=auto,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
+        images=images,
     )
+
+
+def _images(urls: list[str], media: MediaSupport, provider: str) -> list[str | bytes]:
+    """The images as the engine takes them: the URLs it fetches itself, or the bytes of data: URLs."""
+    if not urls:
+        return []
+    if media.transport is None:
+        raise MediaError(f"messages: an image cannot go to provider {provider!r}: {media.refusal}")
+    if media.max_images is not None and len(urls) > media.max_images:
+        raise MediaError(
+            f"messages: {len(urls)} images; the engine of provider {provider!r} takes at most "
+            f"{media.max_images} in one prompt"
+        )
+    if media.transport == "bytes":
+        return [data_url_bytes(url, f"messages: image {n + 1}") for n, url in enumerate(urls)]
+    for n, url in enumerate(urls):
+        if scheme_of(url) not in media.schemes:
+            raise MediaError(
+                f"messages: image {n + 1}: the engine of provider {provider!r} fetches images from "
+                f"{', '.join(sorted(media.schemes)) or 'no'} URLs only, not {scheme_of(url) or 'this'} ones"
+            )
+    return list(urls)
 
 
 def check_prompt(ids: list[int], info: ModelInfo, field: str) -> None:

@@ -11,7 +11,9 @@ server (or the SMG router) does around it, with :mod:`llmgw.engine`:
   the fetch) and kept by the archive's SHA-256;
 * **request** (:mod:`._engine_request`): the chat template renders the conversation, tools and documents;
   the prompt's ids and the sampling parameters (the model's defaults for what the client left unset) go to
-  ``Generate``; a field the engine cannot carry is refused (400) by name;
+  ``Generate``; a field the engine cannot carry is refused (400) by name; images go as the engine says it
+  takes them (:mod:`llmgw.engine.media`: vLLM's ``GetServerInfo``), and the usage then counts the prompt
+  the engine expanded them into;
 * **answer**: each choice's ids run through :class:`llmgw.engine.ChoicePipeline` (text, stop strings held
   back, reasoning, tool calls) into OpenAI-layout chunks: a role chunk, content/reasoning/tool-call deltas,
   each choice's finish, then a usage chunk; a unary answer is those chunks put together;
@@ -58,6 +60,7 @@ from llmgw.engine import (
     reasoning_parser,
     tool_parser,
 )
+from llmgw.engine.media import MediaSupport
 from llmgw.engine.tool_parsers import openai_call_id
 from llmgw.errors import GatewayError, Kind, from_upstream_grpc
 from llmgw.providers import _engine_completions
@@ -95,13 +98,15 @@ _tokenizers: dict[tuple[str, str, str], EngineTokenizer] = {}
 
 
 class _Model:
-    """What a provider's requests need of its model: the engine's info and the tokenizer."""
+    """What a provider's requests need of its model: the engine's info, the tokenizer, what it takes of
+    images."""
 
-    __slots__ = ("info", "tokenizer")
+    __slots__ = ("info", "media", "tokenizer")
 
-    def __init__(self, info: ModelInfo, tokenizer: EngineTokenizer) -> None:
+    def __init__(self, info: ModelInfo, tokenizer: EngineTokenizer, media: MediaSupport) -> None:
         self.info = info
         self.tokenizer = tokenizer
+        self.media = media
 
 
 def _read_directory(path: str, max_bytes: int) -> dict[str, bytes]:
@@ -406,6 +411,17 @@ class EngineClient:
         try:
             body = await self._call("GetModelInfo", self.protocol.empty("GetModelInfoRequest"), deadline)
             info = self.protocol.model_info(body)
+            server_info = None
+            if self.protocol.server_info_tells_media:
+                try:
+                    server_info = await self._call(
+                        "GetServerInfo", self.protocol.empty("GetServerInfoRequest"), deadline
+                    )
+                except RpcError as exc:
+                    if exc.code != grpc.StatusCode.UNIMPLEMENTED:
+                        raise
+                    # an engine without GetServerInfo: it says nothing of images, so it takes none
+            media = self.protocol.media_support(server_info)
         except DecodeError as exc:
             raise malformed_response(self.provider, exc) from None
         settings = self.settings
@@ -438,7 +454,7 @@ class EngineClient:
             info.max_context_length,
             digest[:12],
         )
-        return _Model(info, tokenizer)
+        return _Model(info, tokenizer, media)
 
     async def model(self, deadline: float) -> _Model:
         """The model's info and tokenizer, fetched once; a failed fetch is tried again by the next request."""
@@ -535,16 +551,20 @@ class EngineClient:
             tool_call_parser=settings.tool_call_parser,
             reasoning_parser=settings.reasoning_parser,
             seed_bits=32 if self.protocol.name == "vllm" else 64,
+            media=state.media,
         )
         p = await asyncio.to_thread(prepare) if req.ByteSize() > _INLINE_BYTES else prepare()
         choices = self._choices(p, state.tokenizer)
         request_id = "chatcmpl-" + secrets.token_hex(16)
         created = int(time.time())
         cached = 0
+        prompt_tokens = len(p.ids)  # the engine's own count when images expand the prompt
         role_sent = False
         pending: dict[int, list[int]] = {}  # a choice's ids of this batch, fed at once
         parts: list[pb.ChunkChoice] = []
-        batches = self.generate_batches(request_id, p.ids, p.sampling, state.info, deadline, stats)
+        batches = self.generate_batches(
+            request_id, p.ids, p.sampling, state.info, deadline, stats, images=p.images
+        )
         async with contextlib.aclosing(batches):
             async for batch in batches:
                 # Every message already received is taken at once: a choice's tokens of one batch make one
@@ -552,6 +572,8 @@ class EngineClient:
                 for kind, item in batch:
                     choice = choices[item.index]
                     cached = max(cached, item.cached_tokens)
+                    if p.images:
+                        prompt_tokens = max(prompt_tokens, item.prompt_tokens)
                     if kind == "chunk":
                         if p.logprobs and item.HasField("output_logprobs"):
                             choice.add_logprobs(item.output_logprobs)
@@ -586,9 +608,9 @@ class EngineClient:
                 parts.clear()
         completion = sum(c.tokens for c in choices.values())
         usage = pb.Usage(
-            prompt_tokens=len(p.ids),
+            prompt_tokens=prompt_tokens,
             completion_tokens=completion,
-            total_tokens=len(p.ids) + completion,
+            total_tokens=prompt_tokens + completion,
             prompt_tokens_details=pb.PromptTokensDetails(cached_tokens=cached),
         )
         yield pb.ChatChunk(id=request_id, model=model, created=created, usage=usage)
@@ -754,12 +776,13 @@ class EngineClient:
         info: ModelInfo,
         deadline: float,
         stats: CallStats,
+        images: list[str | bytes] | None = None,
     ) -> AsyncGenerator[list[tuple[str, Any]], None]:
         """One Generate call's answer, every message already received at once: ``("chunk" | "complete",
         message)`` in vLLM's layout. An Abort follows when the caller stops reading before every choice's
         complete came."""
         try:
-            upstream = self.protocol.generate(request_id, ids, "", sampling, info)
+            upstream = self.protocol.generate(request_id, ids, "", sampling, info, images or ())
         except Unsupported as exc:
             raise invalid(f"{exc} (provider {self.provider.name!r})") from None
         stats.sent += len(upstream)
