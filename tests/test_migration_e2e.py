@@ -266,6 +266,9 @@ class WeightLag:
 
     def __init__(self, world: World) -> None:
         self.world, self.lags = world, []
+        # The LLMGateway decoders are built on first use, not thread-safely (see World.pod_ips): first here,
+        # before the thread polls the gateway beside the test's own polls.
+        world.gateway()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
