@@ -21,6 +21,18 @@ with the model of :mod:`.model` (a real tokenizer; token ids in, token ids out).
   and JSON-schema guides) shape the answer (:mod:`.model`), the others are ignored. A prompt at or above
   ``max_context_length``, ``max_tokens`` 0 and other invalid parameters (TensorRT-LLM: also beam search, an
   ``embedding_bias`` not of the vocabulary's size) are refused with INVALID_ARGUMENT before any fault.
+- Images (:mod:`.model`), with the provider's ``vision`` option (``--vision``): vLLM's ``media_refs`` (which
+  need ``tokenized`` input: one unexpanded ``<|image_pad|>`` anchor per item; every item's modality IMAGE, at
+  most 4 items, each url a ``data:`` URL the engine "fetches", its bytes an image the model can read) and
+  TensorRT-LLM's ``multimodal_input.image_data`` (an image's raw bytes each). The anchors and the images must be
+  as many and no image may exceed the encoder budget (1024 tokens); the model answers from the expanded prompt
+  and every ``prompt_tokens`` (and the prefix cache) counts it. Anything else, images sent to an engine without
+  ``vision`` ("<model> is not a multimodal model"), and preprocessed ``mm_inputs`` (vLLM's, and SGLang's with or
+  without ``vision``: "this engine takes preprocessed multimodal tensors, which the fake does not model") are
+  refused with INVALID_ARGUMENT before any fault. With ``vision``, vLLM's ``GetModelInfo`` says
+  ``supports_vision`` and its ``GetServerInfo`` ``mm_processor`` "inprocess" (``mm_processor_source`` "flag"),
+  ``mm_media_ref_schemes`` "data", ``mm_item_limits`` "image=4" and ``mm_encoder_budget`` 1024; without, they
+  are empty (false, 0).
 - ``Abort`` finishes the named running requests with "abort" (vLLM: ``request_ids``; SGLang and TensorRT-LLM:
   ``request_id``, answering whether it was found; TensorRT-LLM sends no empty chunk first); a client that goes
   away cancels its request.
@@ -59,7 +71,18 @@ import grpc
 
 from llmgw_dev.fakes.endpoints import embedding
 from llmgw_dev.fakes.llmservice import GrpcApi
-from llmgw_dev.fakes.model import DEFAULT_SAMPLING, FakeModel, Generation, Sampling, load
+from llmgw_dev.fakes.model import (
+    DEFAULT_SAMPLING,
+    ENCODER_BUDGET,
+    MAX_IMAGES,
+    FakeModel,
+    Generation,
+    ImageFacts,
+    Sampling,
+    fetch_media,
+    image_facts,
+    load,
+)
 from llmgw_dev.fakes.server import FakeProvider, stall
 
 # smg-grpc-proto ships no type information: its modules are Any here.
@@ -78,6 +101,8 @@ _MODEL_DIR: Final = "/nonexistent/llmgw-fake-engine"  # where the engine says it
 VLLM_VERSION: Final = "0.11.0"
 SGLANG_VERSION: Final = "0.5.4"
 TRTLLM_VERSION: Final = "1.2.0"
+MEDIA_SCHEMES: Final = frozenset({"data"})  # the URL schemes a vision engine fetches media_refs from
+PREPROCESSED: Final = "this engine takes preprocessed multimodal tensors, which the fake does not model"
 
 
 def tokenizer_chunks(data: bytes, size: int = CHUNK_SIZE) -> list[Any]:
@@ -123,6 +148,7 @@ class Engine(GrpcApi):
         super().__init__(fake)
         self.model: FakeModel = load(fake.models[0], fake.response_tokens)
         self.model_name = fake.models[0]
+        self.vision = fake.vision
         self._running: dict[str, _Request] = {}
         self._prefixes: collections.OrderedDict[tuple[int, ...], None] = collections.OrderedDict()
         self._started = time.time()
@@ -142,6 +168,17 @@ class Engine(GrpcApi):
 
     def _streaming(self, request: Any) -> bool:
         return bool(request.stream)
+
+    def _images(self, request: Any) -> tuple[ImageFacts, ...]:
+        """The request's images, in prompt order (none: a text prompt); ValueError for media it cannot take."""
+        return ()
+
+    def _multimodal(self, count: int) -> None:
+        """Refuse images when the model is not a vision model, or more of them than one prompt may carry."""
+        if not self.vision:
+            raise ValueError(f"{self.model_name} is not a multimodal model")
+        if count > MAX_IMAGES:
+            raise ValueError(f"At most {MAX_IMAGES} image(s) may be provided in one prompt.")
 
     def _count_reasoning(self, request: Any, g: Generation, end: int, message: Any) -> Any:
         """Set the reasoning tokens among ``g``'s first ``end`` on ``message`` when the protocol counts them."""
@@ -239,8 +276,10 @@ class Engine(GrpcApi):
             self._last_receive = time.time()
             try:
                 ids = self._input_ids(request)
+                images = self._images(request)
                 sampling = self._sampling(request)
-                generations = self.model.generate(ids, sampling)
+                generations = self.model.generate(ids, sampling, images)
+                ids = self.model.expand(ids, images)  # what prompt_tokens and the prefix cache count
             except ValueError as exc:
                 self.fake.stats["rejected"] += 1
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -456,6 +495,27 @@ class Vllm(Engine):
             return self.model.encode(request.text)
         raise ValueError("GenerateRequest has neither tokenized nor text input")
 
+    def _images(self, request: Any) -> tuple[ImageFacts, ...]:
+        """The images of ``media_refs`` (data URLs only), checked as the worker-side processor does."""
+        if request.HasField("mm_inputs") or len(request.extra_mm_inputs):
+            raise ValueError(PREPROCESSED)
+        items = request.media_refs.items if request.HasField("media_refs") else ()
+        if not items:
+            return ()
+        self._multimodal(len(items))
+        if request.WhichOneof("input") != "tokenized":
+            raise ValueError("media_refs requires tokenized input")
+        images = []
+        for i, item in enumerate(items):
+            if item.modality != common_pb2.IMAGE:
+                try:
+                    name = common_pb2.Modality.Name(item.modality)
+                except ValueError:
+                    name = str(item.modality)
+                raise ValueError(f"media_refs.items[{i}]: modality {name} is not supported (images only)")
+            images.append(image_facts(fetch_media(item.url, MEDIA_SCHEMES)))
+        return tuple(images)
+
     def _sampling(self, request: Any) -> Sampling:
         p = request.sampling_params
         if p.HasField("temperature") and p.temperature < 0:
@@ -492,7 +552,7 @@ class Vllm(Engine):
             is_generation=True,
             max_context_length=m.max_context_length,
             vocab_size=m.vocab_size,
-            supports_vision=False,
+            supports_vision=self.vision,
             served_model_name=self.model_name,
             tokenizer_path=f"{_MODEL_DIR}/{self.model_name}",
             model_type="qwen3",
@@ -505,6 +565,15 @@ class Vllm(Engine):
         )
 
     async def _server_info(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        media: dict[str, Any] = {}
+        if self.vision:
+            media = {
+                "mm_processor": "inprocess",
+                "mm_media_ref_schemes": ",".join(sorted(MEDIA_SCHEMES)),
+                "mm_processor_source": "flag",
+                "mm_item_limits": f"image={MAX_IMAGES}",
+                "mm_encoder_budget": ENCODER_BUDGET,
+            }
         return vpb.GetServerInfoResponse(
             active_requests=len(self._running),
             is_paused=False,
@@ -516,6 +585,7 @@ class Vllm(Engine):
             block_size=BLOCK_SIZE,
             model_dtype="torch.bfloat16",
             max_num_seqs=256,
+            **media,
         )
 
     async def _get_loads(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -578,6 +648,11 @@ class Sglang(Engine):
                 "Use a shorter input or enable --allow-auto-truncate."
             )
         return ids
+
+    def _images(self, request: Any) -> tuple[ImageFacts, ...]:
+        if request.HasField("mm_inputs"):
+            raise ValueError(PREPROCESSED)
+        return ()
 
     def _sampling(self, request: Any) -> Sampling:
         p = request.sampling_params
@@ -753,6 +828,14 @@ class Trtllm(Engine):
         if len(ids) > limit:
             raise ValueError(f"The prompt length ({len(ids)}) should not exceed max_input_len ({limit})")
         return ids
+
+    def _images(self, request: Any) -> tuple[ImageFacts, ...]:
+        """The images of ``multimodal_input.image_data`` (raw bytes), in prompt order."""
+        data = request.multimodal_input.image_data if request.HasField("multimodal_input") else ()
+        if not data:
+            return ()
+        self._multimodal(len(data))
+        return tuple(image_facts(item) for item in data)
 
     def _sampling(self, request: Any) -> Sampling:
         c = request.sampling_config

@@ -6,7 +6,8 @@ any UTF-8 round-trips) trained with ``tokenizers`` on the small English corpus
 ``llmgw_dev/data/tokenizer_corpus.txt`` when the model is first built (about 15 ms, the same ids every run).
 Special tokens ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` follow the BPE vocabulary, then the
 ordinary (non-special) added tokens ``<tool_call>``, ``</tool_call>``, ``<think>``, ``</think>``, which survive
-``skip_special_tokens`` as in Qwen3.
+``skip_special_tokens`` as in Qwen3, then Qwen2-VL's special ``<|vision_start|>``, ``<|image_pad|>``,
+``<|vision_end|>`` (the last ids: every other token keeps the id it had before them).
 :meth:`FakeModel.files` are the model's files (``tokenizer.json``, ``tokenizer_config.json`` with the chat
 template, ``config.json``, ``generation_config.json`` with the EOS ids); :meth:`FakeModel.tokenizer_zip` is
 them as the deterministic ZIP archive an engine's ``GetTokenizer`` streams.
@@ -16,12 +17,33 @@ them as the deterministic ZIP archive an engine's ``GetTokenizer`` streams.
 dropped), tool results as ``<tool_response>`` in a user turn, and ``add_generation_prompt``. Thinking is off
 unless ``enable_thinking`` is true (the template sets it to false when undefined, which routers read as a
 thinking toggle that defaults off): the generation prompt then ends inside an open ``<think>\\n``; otherwise it
-ends with the empty ``<think>\\n\\n</think>\\n\\n`` block.
+ends with the empty ``<think>\\n\\n</think>\\n\\n`` block. A message's ``content`` may be a list of parts
+(Qwen2.5-VL's handling, any role): they render in order with nothing between them, a part of type "text" as
+its text, a part of type "image" or "image_url" (or with an "image" or "image_url" key) as
+``<|vision_start|><|image_pad|><|vision_end|>``, others as nothing; string content renders as it always did.
+
+**Images** (``vision``, an option of the engines and of ``vllm-http``, not of the model: without it they refuse
+images with "<model> is not a multimodal model"). :func:`image_facts` reads an image's format and size from its
+header (PNG, JPEG's SOFn marker, GIF, WebP's VP8, VP8L and VP8X; anything else: ValueError "cannot identify
+image file", PIL's words; no image library). :func:`image_tokens` is how many tokens it takes, as Qwen2-VL
+counts them: ``ceil(height / 28) * ceil(width / 28)``, at least 1. :func:`fetch_media` resolves a media URL:
+only ``data:<mime>;base64,<payload>`` (the fakes never go to the network); another scheme, a data URL that is
+not base64 or bad base64 is a ValueError naming the allowed schemes or the fault. :meth:`FakeModel.expand` is
+the prompt the model runs on: each ``<|image_pad|>`` anchor (one per image, in prompt order) repeated
+``image_tokens`` times; the anchors and the images must be as many, at most :data:`MAX_IMAGES` (4) images, and
+none may need more than :data:`ENCODER_BUDGET` (1024) tokens ("... exceeds the encoder budget of 1024 tokens"),
+else ValueError. ``prompt_tokens``, the context length and the engines' prefix cache count the expanded prompt.
 
 **Generation** (:meth:`FakeModel.generate`) reads the prompt ids back as text and answers:
 
 - the subject is the last user turn's text (the whole prompt when it has no chat turns); when that turn is a
   tool result (``<tool_response>``) the subject is the result's text and no tool is called;
+- **images**: with images, the model reads each ``<|vision_start|>...<|vision_end|>`` block of the prompt as
+  the text ``a {width}x{height} {FORMAT} image`` of its image (the i-th block, the i-th image; FORMAT is PNG,
+  JPEG, GIF or WEBP), set apart by one space from text next to it that does not already end or start with
+  whitespace: parts [text "What is this?", a 4x2 PNG] read "What is this? a 4x2 PNG image", and the answer
+  is "This is a fake reply to: What is this? a 4x2 PNG image ..."; two images in a row read "a 4x2 PNG
+  image a 3x5 GIF image"; without images the prompt is read as text, as before;
 - the answer is the other fakes' reply to the subject (:func:`~llmgw_dev.fakes.faults.make_reply`, ``words``
   words), then ``<|im_end|>`` (the EOS, in the output ids);
 - **tool call trigger**: the system prompt declares tools (``<tools>``) and the last user message contains a
@@ -45,17 +67,20 @@ ends with the empty ``<think>\\n\\n</think>\\n\\n`` block.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import codecs
 import dataclasses
 import functools
 import hashlib
 import io
 import json
+import math
 import random
 import re
 import struct
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -70,6 +95,13 @@ MAX_CONTEXT_LENGTH: Final = 8192
 DEFAULT_SAMPLING: Final[Mapping[str, float | int]] = {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
 SPECIAL_TOKENS: Final = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 ADDED_TOKENS: Final = ("<tool_call>", "</tool_call>", "<think>", "</think>")
+VISION_TOKENS: Final = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")  # special, after the others
+IMAGE_BLOCK: Final = (
+    "<|vision_start|><|image_pad|><|vision_end|>"  # an image part, as the template renders it
+)
+PATCH: Final = 28  # an image token covers PATCH x PATCH pixels (Qwen2-VL: 14-pixel patches merged 2 x 2)
+ENCODER_BUDGET: Final = 1024  # the most image tokens one image may have
+MAX_IMAGES: Final = 4  # images one prompt may carry (vLLM's --limit-mm-per-prompt image=4)
 _CORPUS: Final = Path(__file__).resolve().parents[1] / "data" / "tokenizer_corpus.txt"
 _VOCAB_SIZE: Final = 1200  # the BPE's bound; the small corpus stops it earlier
 # Qwen2's pre-tokenizer split.
@@ -82,15 +114,30 @@ _FILLER: Final = " lorem ipsum dolor sit amet consectetur adipiscing elit sed do
 _TURN_RE: Final = re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|\Z)", re.S)
 _TOOLS_RE: Final = re.compile(r"<tools>\n(.*?)\n</tools>", re.S)
 _TOOL_RESPONSE_RE: Final = re.compile(r"<tool_response>\n(.*?)\n</tool_response>", re.S)
+_VISION_RE: Final = re.compile(r"<\|vision_start\|>.*?<\|vision_end\|>", re.S)
 
 CHAT_TEMPLATE: Final = """\
+{%- macro render_content(content) %}
+    {%- if content is string %}
+        {{- content }}
+    {%- elif content is iterable and content is not mapping %}
+        {%- for part in content %}
+            {%- if part is mapping and (part.type == 'image' or part.type == 'image_url' or 'image' in part
+                or 'image_url' in part) %}
+                {{- '<|vision_start|><|image_pad|><|vision_end|>' }}
+            {%- elif part is mapping and part.type == 'text' and part.text is string %}
+                {{- part.text }}
+            {%- endif %}
+        {%- endfor %}
+    {%- endif %}
+{%- endmacro %}
 {%- if enable_thinking is not defined %}
     {%- set enable_thinking = false %}
 {%- endif %}
 {%- if tools %}
     {{- '<|im_start|>system\\n' }}
     {%- if messages[0].role == 'system' %}
-        {{- messages[0].content + '\\n\\n' }}
+        {{- render_content(messages[0].content) + '\\n\\n' }}
     {%- endif %}
     {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n" }}
     {{- "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
@@ -102,14 +149,10 @@ CHAT_TEMPLATE: Final = """\
     {{- "<tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": " }}
     {{- "<args-json-object>}\\n</tool_call><|im_end|>\\n" }}
 {%- elif messages[0].role == 'system' %}
-    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+    {{- '<|im_start|>system\\n' + render_content(messages[0].content) + '<|im_end|>\\n' }}
 {%- endif %}
 {%- for message in messages %}
-    {%- if message.content is string %}
-        {%- set content = message.content %}
-    {%- else %}
-        {%- set content = '' %}
-    {%- endif %}
+    {%- set content = render_content(message.content) %}
     {%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}
         {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
     {%- elif message.role == 'assistant' %}
@@ -206,6 +249,106 @@ class Prompt:
     thinking: bool  # the prompt ends inside an open <think>
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ImageFacts:
+    """What the model sees of an image: its format (PIL's name: PNG, JPEG, GIF, WEBP) and size in pixels."""
+
+    format: str
+    width: int
+    height: int
+
+    def describe(self) -> str:
+        """The image as the model reads it in a prompt: ``a 4x2 PNG image``."""
+        return f"a {self.width}x{self.height} {self.format} image"
+
+
+_NOT_AN_IMAGE: Final = "cannot identify image file"
+# JPEG's start-of-frame markers (SOF0..SOF15 but DHT, JPG and DAC), which carry the frame's size.
+_SOF: Final = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def image_facts(data: bytes) -> ImageFacts:
+    """The format and size in an image's header (PNG, JPEG, GIF, WebP: VP8, VP8L, VP8X); ValueError
+    ("cannot identify image file", PIL's words) for anything else, a truncated header or a zero size."""
+    try:
+        facts = _header(data)
+    except (struct.error, IndexError):
+        facts = None
+    if facts is None or facts.width < 1 or facts.height < 1:
+        raise ValueError(_NOT_AN_IMAGE)
+    return facts
+
+
+def _header(data: bytes) -> ImageFacts | None:
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        return ImageFacts("PNG", width, height)
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        width, height = struct.unpack("<HH", data[6:10])
+        return ImageFacts("GIF", width, height)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        chunk, body = data[12:16], data[20:]
+        if chunk == b"VP8 " and body[3:6] == b"\x9d\x01\x2a":
+            width, height = struct.unpack("<HH", body[6:10])
+            return ImageFacts("WEBP", width & 0x3FFF, height & 0x3FFF)
+        if chunk == b"VP8L" and body[:1] == b"\x2f":
+            bits = int.from_bytes(body[1:5], "little")
+            return ImageFacts("WEBP", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+        if chunk == b"VP8X" and len(body) >= 10:
+            return ImageFacts(
+                "WEBP", int.from_bytes(body[4:7], "little") + 1, int.from_bytes(body[7:10], "little") + 1
+            )
+        return None
+    if data[:2] == b"\xff\xd8":
+        at = 2
+        while at + 4 <= len(data):
+            if data[at] != 0xFF:
+                return None
+            marker = data[at + 1]
+            if marker == 0xFF:  # fill byte
+                at += 1
+                continue
+            if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # no length
+                at += 2
+                continue
+            if marker in (0xD9, 0xDA):  # the end, or the scan before any frame
+                return None
+            (length,) = struct.unpack(">H", data[at + 2 : at + 4])
+            if marker in _SOF:
+                height, width = struct.unpack(">HH", data[at + 5 : at + 9])
+                return ImageFacts("JPEG", width, height)
+            at += 2 + length
+    return None
+
+
+def image_tokens(facts: ImageFacts) -> int:
+    """How many ``<|image_pad|>`` an image's anchor expands to, as Qwen2-VL counts them: one per 28 x 28
+    pixels, ``ceil(height / 28) * ceil(width / 28)``, at least 1."""
+    return max(1, math.ceil(facts.height / PATCH) * math.ceil(facts.width / PATCH))
+
+
+def fetch_media(url: str, schemes: Collection[str] = frozenset({"data"})) -> bytes:
+    """The bytes behind a media URL. Only ``data:<mime>;base64,<payload>`` is fetched (the fakes never go to
+    the network): any other scheme, or one not in ``schemes``, is a ValueError naming the allowed schemes, as
+    is a data URL that is not base64 or whose payload is not valid base64."""
+    scheme, colon, rest = url.partition(":")
+    scheme = scheme.lower() if colon else ""
+    allowed = sorted(s for s in schemes if s == "data")
+    if scheme not in allowed:
+        shown = f"{scheme}:" if scheme else repr(url[:40])
+        raise ValueError(
+            f"media URL scheme {shown} is not allowed: the allowed schemes are "
+            f"{', '.join(allowed) or 'none'} (the fake engine never goes to the network)"
+        )
+    head, comma, payload = rest.partition(",")
+    if not comma or not head.lower().endswith(";base64"):
+        raise ValueError("Only base64 data URLs are supported for now.")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the data URL's payload is not valid base64") from None
+
+
 def _train() -> Tokenizer:
     tokenizer = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -227,6 +370,7 @@ def _train() -> Tokenizer:
     tokenizer.train_from_iterator([_CORPUS.read_text(encoding="utf-8")], trainer=trainer)
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in ADDED_TOKENS])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in VISION_TOKENS])
     return tokenizer
 
 
@@ -283,7 +427,7 @@ class FakeModel:
         self.tokenizer = _train()
         self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         ids: dict[str, int] = {}
-        for token in (*SPECIAL_TOKENS, *ADDED_TOKENS):
+        for token in (*SPECIAL_TOKENS, *ADDED_TOKENS, *VISION_TOKENS):
             token_id = self.tokenizer.token_to_id(token)
             assert token_id is not None
             ids[token] = token_id
@@ -291,13 +435,16 @@ class FakeModel:
         self.eos_token_id: int = ids["<|im_end|>"]
         self.im_start_id: int = ids["<|im_start|>"]
         self.think_end_id: int = ids["</think>"]
+        self.image_pad_id: int = ids["<|image_pad|>"]
         self.eos_token_ids: tuple[int, ...] = (self.eos_token_id,)  # config.json
         self.generation_eos_ids: tuple[int, ...] = (self.eos_token_id, self.endoftext_id)
-        self.special_ids = frozenset(ids[t] for t in SPECIAL_TOKENS)
+        self.special_ids = frozenset(ids[t] for t in (*SPECIAL_TOKENS, *VISION_TOKENS))
+        # The vocabulary before the vision tokens: logprobs' alternatives are drawn from it (as before them).
+        self._text_vocab_size = ids[VISION_TOKENS[0]]
         self.max_context_length = MAX_CONTEXT_LENGTH
         self._filler = self.encode(_FILLER)
         inverse = {c: b for b, c in _bytes_to_unicode().items()}
-        added = {*SPECIAL_TOKENS, *ADDED_TOKENS}
+        added = {*SPECIAL_TOKENS, *ADDED_TOKENS, *VISION_TOKENS}
         self.token_bytes: list[bytes] = []  # each id's bytes, for incremental decoding
         for token_id in range(self.vocab_size):
             token = self.tokenizer.id_to_token(token_id) or ""
@@ -325,15 +472,15 @@ class FakeModel:
                 "normalized": False,
                 "rstrip": False,
                 "single_word": False,
-                "special": t in SPECIAL_TOKENS,
+                "special": t not in ADDED_TOKENS,
             }
-            for t in (*SPECIAL_TOKENS, *ADDED_TOKENS)
+            for t in (*SPECIAL_TOKENS, *ADDED_TOKENS, *VISION_TOKENS)
         }
         tokenizer_config = {
             "add_bos_token": False,
             "add_prefix_space": False,
             "added_tokens_decoder": added,
-            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>", *VISION_TOKENS],
             "bos_token": None,
             "chat_template": CHAT_TEMPLATE,
             "clean_up_tokenization_spaces": False,
@@ -417,11 +564,68 @@ class FakeModel:
         context.setdefault("eos_token", "<|im_end|>")
         return str(self._env.render(**context))
 
+    # ---- images
+
+    def expand(self, prompt_ids: Sequence[int], images: Sequence[ImageFacts]) -> list[int]:
+        """The prompt the model runs on: each ``<|image_pad|>`` anchor of ``prompt_ids`` (one per image, in
+        prompt order) repeated :func:`image_tokens` times for its image. ValueError when there are more than
+        :data:`MAX_IMAGES` images, when the anchors and the images are not as many, or when an image needs
+        more tokens than :data:`ENCODER_BUDGET`. Without images the prompt is as it is (a text prompt's
+        ``<|image_pad|>`` is an ordinary special token)."""
+        if not images:
+            return list(prompt_ids)
+        if len(images) > MAX_IMAGES:
+            raise ValueError(f"At most {MAX_IMAGES} image(s) may be provided in one prompt.")
+        anchors = sum(1 for t in prompt_ids if t == self.image_pad_id)
+        if anchors != len(images):
+            raise ValueError(
+                f"The prompt has {anchors} image placeholder(s) (<|image_pad|>) but the request has "
+                f"{len(images)} image(s)"
+            )
+        counts = [image_tokens(facts) for facts in images]
+        for i, (facts, count) in enumerate(zip(images, counts, strict=True)):
+            if count > ENCODER_BUDGET:
+                raise ValueError(
+                    f"The image item {i} ({facts.width}x{facts.height}) has {count} tokens, which exceeds "
+                    f"the encoder budget of {ENCODER_BUDGET} tokens"
+                )
+        out: list[int] = []
+        pending = iter(counts)
+        for token in prompt_ids:
+            if token == self.image_pad_id:
+                out.extend([token] * next(pending))
+            else:
+                out.append(token)
+        return out
+
+    def _see(self, text: str, images: Sequence[ImageFacts]) -> str:
+        """``text`` with each ``<|vision_start|>...<|vision_end|>`` block replaced by its image's description
+        (:meth:`ImageFacts.describe`), set apart by one space from any text that does not already end or
+        start with whitespace."""
+        pieces = _VISION_RE.split(text)
+        if len(pieces) - 1 != len(images):
+            raise ValueError(
+                f"The prompt has {len(pieces) - 1} image(s) (<|vision_start|>) but the request has "
+                f"{len(images)} image(s)"
+            )
+        out = pieces[0]
+        for facts, after in zip(images, pieces[1:], strict=True):
+            if out and not out[-1].isspace():
+                out += " "
+            out += facts.describe()
+            if after and not after[0].isspace():
+                out += " "
+            out += after
+        return out
+
     # ---- generation
 
-    def read(self, prompt_ids: Sequence[int]) -> Prompt:
-        """What the model reads in the prompt (see the module docstring)."""
+    def read(self, prompt_ids: Sequence[int], images: Sequence[ImageFacts] = ()) -> Prompt:
+        """What the model reads in the prompt (see the module docstring); with ``images``, each vision block
+        reads as its image's description."""
         text = self.decode(prompt_ids, skip_special_tokens=False)
+        if images:
+            text = self._see(text, images)
         turns = _TURN_RE.findall(text)
         thinking = text.rfind("<think>") > max(text.rfind("</think>"), text.rfind("<|im_end|>"))
         tools: list[Mapping[str, Any]] = []
@@ -504,8 +708,14 @@ class FakeModel:
             opening = raw.endswith((".", "?", "!"))
         return names[-1] if names else words[-1] if words else "demo"
 
-    def generate(self, prompt_ids: Sequence[int], sampling: Sampling) -> list[Generation]:
-        """The ``n`` choices for the prompt; raises ValueError for a prompt the model cannot take."""
+    def generate(
+        self, prompt_ids: Sequence[int], sampling: Sampling, images: Sequence[ImageFacts] = ()
+    ) -> list[Generation]:
+        """The ``n`` choices for the prompt; raises ValueError for a prompt the model cannot take. With
+        ``images`` (in prompt order), ``prompt_ids`` has one ``<|image_pad|>`` anchor per image and the model
+        runs on the :meth:`expand`-ed prompt (the context length counts it)."""
+        if images:
+            prompt_ids = self.expand(prompt_ids, images)
         if not prompt_ids:
             raise ValueError("The prompt cannot be empty")
         if len(prompt_ids) >= self.max_context_length:
@@ -521,7 +731,7 @@ class FakeModel:
         bad = [t for t in sampling.stop_token_ids if t >= self.vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids out of the vocabulary: {bad}")
-        prompt = self.read(prompt_ids)
+        prompt = self.read(prompt_ids, images)
         temperature = (
             DEFAULT_SAMPLING["temperature"] if sampling.temperature is None else sampling.temperature
         )
@@ -606,7 +816,7 @@ class FakeModel:
         step = 0
         while len(alternatives) < top:
             step += 1
-            candidate = (candidate * 31 + 7 + step) % self.vocab_size
+            candidate = (candidate * 31 + 7 + step) % self._text_vocab_size
             if candidate in (t for t, _ in alternatives):
                 continue
             alternatives.append((candidate, value - 0.5 * step - _unit("alt", token, position, step)))

@@ -85,6 +85,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="gRPC kinds (grpc, vllm, sglang): serve the /_fake control API over HTTP on this port",
     )
+    parser.add_argument(
+        "--vision",
+        action="store_true",
+        help="kinds vllm, trtllm, vllm-http: a vision model, which takes images (data: URLs)",
+    )
     defaults = Faults()
     faults = parser.add_argument_group("faults (changeable at runtime with PUT /_fake/faults)")
     for field, (metavar, text) in _FAULT_OPTIONS.items():
@@ -117,6 +122,7 @@ def provider_from_args(args: argparse.Namespace) -> FakeProvider:
         faults=faults,
         response_tokens=args.response_tokens,
         control_port=args.control_port,
+        vision=args.vision,
     )
 
 

@@ -35,6 +35,7 @@ _MAX_BODY: Final = 64 * 1024 * 1024
 _RECEIVED_KEPT: Final = 64  # chat requests kept in FakeProvider.received
 _JSON: Final = {"Content-Type": "application/json"}
 _SSE: Final = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+VISION_KINDS: Final = ("vllm", "sglang", "trtllm", "vllm-http")  # the kinds that take vision=True
 
 
 def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -343,7 +344,9 @@ class FakeProvider:
     ``cancelled`` (the client went away first), ``injected_errors`` (``fail_next``, ``error_rate`` and broken
     streams), ``rate_limited``, ``unauthorized`` and ``rejected`` (invalid request or unknown model);
     ``inflight`` is the number of chat requests being answered. ``received`` keeps the JSON of the latest
-    chat requests (oldest first), so tests can see exactly what reached the provider.
+    chat requests (oldest first), so tests can see exactly what reached the provider. ``vision`` (the
+    model kinds only: ``vllm``, ``trtllm``, ``vllm-http``; ``sglang`` takes it but refuses every image) makes
+    the model a vision model that takes images (:mod:`.model`, :mod:`.engine`, :mod:`.vllm_http`).
     """
 
     def __init__(
@@ -357,6 +360,7 @@ class FakeProvider:
         faults: Faults | None = None,
         response_tokens: int = 20,
         control_port: int | None = None,
+        vision: bool = False,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind: {kind!r} is not one of {', '.join(KINDS)}")
@@ -368,6 +372,10 @@ class FakeProvider:
             raise ValueError(f"response_tokens: {response_tokens} must be at least 1")
         if not models:
             raise ValueError("models: at least one model is required")
+        if vision and kind not in VISION_KINDS:
+            raise ValueError(
+                f"vision: kind {kind!r} has no model to see images; use one of {', '.join(VISION_KINDS)}"
+            )
         self.kind = kind
         self.host = host.strip("[]")
         self.port = port
@@ -377,6 +385,7 @@ class FakeProvider:
         self._model_set = frozenset(self.models)
         self.faults = faults if faults is not None else Faults()
         self.response_tokens = response_tokens
+        self.vision = vision
         self.stats: dict[str, int] = {}
         self.inflight = 0
         # The latest chat requests received, as JSON (the gRPC kind: converted by the gateway's codec).

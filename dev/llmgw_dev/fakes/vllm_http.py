@@ -15,6 +15,16 @@ token ids), ``GET /v1/models``, ``GET /health``. Usage counts real tokens (the E
 the model's defaults (temperature...) apply to what a request leaves unset. Errors use vLLM's envelope
 (``{"error": {"message", "type", "param", "code"}}``); a prompt that leaves no room for one token is a 400.
 Auth, faults and ``received`` work as for the other HTTP kinds (:class:`~.server.HttpApi`).
+
+Images, as vLLM serves a vision model (the provider's ``vision`` option): when a chat request's messages hold
+``image_url`` parts (a ``data:`` URL each; another scheme, bad base64 or bytes that are not an image: a 400 in
+vLLM's envelope; more than 4: a 400), every message whose content is a list goes to the template as HF parts
+(``{"type": "text", "text"}`` and ``{"type": "image"}``, other parts dropped), the images are read in prompt
+order, the prompt is expanded (:meth:`.model.FakeModel.expand`) and the model answers from it, so the answer
+names the images and ``usage.prompt_tokens`` counts the expanded prompt: what the engine kind ``vllm`` answers
+to the same rendered prompt with the images as ``media_refs``. A request without images is unchanged (its text
+parts joined with newlines). Without ``vision`` an ``image_url`` part is a 400 ("<model> is not a multimodal
+model").
 """
 
 from __future__ import annotations
@@ -31,7 +41,16 @@ import orjson
 from aiohttp import web
 
 from llmgw_dev.fakes.faults import MODEL_CREATED, Chat, Reply, new_id
-from llmgw_dev.fakes.model import FakeModel, Generation, Sampling, load
+from llmgw_dev.fakes.model import (
+    MAX_IMAGES,
+    FakeModel,
+    Generation,
+    ImageFacts,
+    Sampling,
+    fetch_media,
+    image_facts,
+    load,
+)
 from llmgw_dev.fakes.server import BadRequest, HttpApi, json_response
 
 _DONE: Final = b"data: [DONE]\n\n"
@@ -56,6 +75,28 @@ def _content_text(content: Any) -> str:
             str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text"
         )
     raise BadRequest("messages: content must be a string or a list of content parts", param="messages")
+
+
+def _image_url(part: Any) -> str | None:
+    """The URL of an ``image_url`` content part (None: not an image part)."""
+    if not isinstance(part, dict) or part.get("type") != "image_url":
+        return None
+    value = part.get("image_url")
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str):
+        raise BadRequest("image_url: must be an object with a url string", param="messages")
+    return url
+
+
+def _parts(content: list[Any]) -> list[dict[str, Any]]:
+    """A content list as the template's HF parts: ``{"type": "text", "text"}`` and ``{"type": "image"}``."""
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        if _image_url(part) is not None:
+            parts.append({"type": "image"})
+        elif isinstance(part, dict) and part.get("type") == "text":
+            parts.append({"type": "text", "text": str(part.get("text", ""))})
+    return parts
 
 
 def _int(body: Mapping[str, Any], key: str, low: int = 0) -> int | None:
@@ -285,13 +326,33 @@ class VllmHttp(HttpApi):
         }
         return b"data: " + orjson.dumps(body) + b"\n\n"
 
-    def _prompt(self, body: Mapping[str, Any]) -> tuple[list[int], bool, bool]:
-        """The chat's prompt ids, whether it opens a thought, and whether tools are on."""
-        messages = []
+    def _prompt(self, body: Mapping[str, Any]) -> tuple[list[int], bool, bool, tuple[ImageFacts, ...]]:
+        """The chat's prompt ids (one ``<|image_pad|>`` anchor per image), whether it opens a thought, whether
+        tools are on, and its images in prompt order."""
+        urls: list[str] = []
         for i, message in enumerate(body["messages"]):
             if not isinstance(message, dict) or not isinstance(message.get("role"), str):
                 raise BadRequest(f"messages[{i}]: must be an object with a role", param="messages")
-            messages.append({**message, "content": _content_text(message.get("content"))})
+            content = message.get("content")
+            if isinstance(content, list):
+                urls.extend(url for url in map(_image_url, content) if url is not None)
+        if urls:
+            model = body.get("model") or self.fake.models[0]
+            if not self.fake.vision:
+                raise BadRequest(f"{model} is not a multimodal model", param="messages")
+            if len(urls) > MAX_IMAGES:
+                raise BadRequest(f"At most {MAX_IMAGES} image(s) may be provided in one prompt.")
+        messages = []
+        for message in body["messages"]:
+            content = message.get("content")
+            if urls and isinstance(content, list):
+                messages.append({**message, "content": _parts(content)})
+            else:
+                messages.append({**message, "content": _content_text(content)})
+        try:
+            images = tuple(image_facts(fetch_media(url)) for url in urls)
+        except ValueError as exc:
+            raise BadRequest(str(exc), param="messages") from None
         tools = body.get("tools") or None
         if tools is not None and not isinstance(tools, list):
             raise BadRequest("tools: must be a list", param="tools")
@@ -309,17 +370,24 @@ class VllmHttp(HttpApi):
         except Exception as exc:  # a template error is the client's
             raise BadRequest(f"chat template error: {exc}") from None
         ids = self.model.encode(text)
-        return ids, self.model.read(ids).thinking, use_tools
+        return ids, self.model.read(ids).thinking, use_tools, images
 
-    def _generate(self, ids: list[int], sampling: Sampling) -> list[Generation]:
-        if len(ids) >= self.model.max_context_length:
+    def _generate(
+        self, ids: list[int], sampling: Sampling, images: tuple[ImageFacts, ...] = ()
+    ) -> tuple[list[Generation], int]:
+        """The choices and the prompt's length, its images' anchors expanded."""
+        try:
+            prompt = len(self.model.expand(ids, images))
+        except ValueError as exc:
+            raise BadRequest(str(exc), param="messages") from None
+        if prompt >= self.model.max_context_length:
             raise BadRequest(
                 f"This model's maximum context length is {self.model.max_context_length} tokens. However, your "
-                f"request has {len(ids)} input tokens. Please reduce the length of the input messages.",
+                f"request has {prompt} input tokens. Please reduce the length of the input messages.",
                 param="messages",
             )
         try:
-            return self.model.generate(ids, sampling)
+            return self.model.generate(ids, sampling, images), prompt
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
 
@@ -356,10 +424,10 @@ class VllmHttp(HttpApi):
     async def _answer(self, request: web.Request, chat: Chat, reply: Reply) -> web.StreamResponse:
         body = chat.body
         try:
-            ids, thinking, use_tools = self._prompt(body)
+            ids, thinking, use_tools, images = self._prompt(body)
             schema, forced = constraint_of(body, use_tools)
             sampling = dataclasses.replace(sampling_of(body, chat=True), json_schema=schema)
-            generations = self._generate(ids, sampling)
+            generations, prompt_tokens = self._generate(ids, sampling, images)
         except BadRequest as exc:
             self.fake.stats["rejected"] += 1
             return self._invalid(exc)
@@ -379,7 +447,6 @@ class VllmHttp(HttpApi):
             choices.append(_Choice(g, content, reasoning, calls, finish))
         completion_id = new_id("chatcmpl-")
         created = int(time.time())
-        prompt_tokens = len(ids)
         completion_tokens = sum(len(c.generation.token_ids) for c in choices)
         usage = {
             "prompt_tokens": prompt_tokens,
@@ -527,7 +594,7 @@ class VllmHttp(HttpApi):
                 sampling = sampling_of(body, chat=False)
                 if sampling.max_tokens is None:
                     sampling = dataclasses.replace(sampling, max_tokens=16)  # the OpenAI default vLLM keeps
-                generations = self._generate(ids, sampling)
+                generations, _ = self._generate(ids, sampling)
             except orjson.JSONDecodeError as exc:
                 self.fake.stats["rejected"] += 1
                 return _error(400, f"JSON decode error: {exc}")
