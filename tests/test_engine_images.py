@@ -6,18 +6,15 @@ answer alike, usage counting the prompt the engine expanded them into."""
 from __future__ import annotations
 
 import base64
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anthropic
 import openai
 import pytest
 from engine_routers import MODEL, answer
-from test_engine_provider import Start, config, engine_settings, sdk
+from test_engine_provider import Start, engine_proxy
 from test_fake_engine_media import data_url, gif, png
 
-from llmgw.server import ProxyServer
 from llmgw_dev.fakes import FakeProvider
 from llmgw_dev.fakes.model import load
 
@@ -31,24 +28,6 @@ def look(*images: bytes, text: str = "What is in this picture?") -> list[dict[st
         {"type": "image_url", "image_url": {"url": data_url(image, mime[image[:2]])}} for image in images
     ]
     return [{"role": "user", "content": parts}]
-
-
-@contextlib.asynccontextmanager
-async def vision_proxy(
-    start_proxy: Start, kind: str = "vllm", vision: bool = True, **settings: Any
-) -> AsyncIterator[tuple[FakeProvider, openai.AsyncOpenAI, ProxyServer]]:
-    async with FakeProvider(kind, models=[MODEL], vision=vision) as engine:
-        server = await start_proxy(
-            config(
-                [{"name": "engine", kind: engine_settings(engine.target, **settings)}],
-                [{"model": MODEL, "grpc": "engine"}],
-            )
-        )
-        client = sdk(server)
-        try:
-            yield engine, client, server
-        finally:
-            await client.close()
 
 
 def generated(engine: FakeProvider) -> list[Any]:
@@ -66,10 +45,7 @@ async def test_images_answer_as_vllm_http_does(start_proxy: Start, kind: str) ->
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(WIDE)}}]},
         ],
     ]
-    async with (
-        vision_proxy(start_proxy, kind) as (engine, client, _),
-        FakeProvider("vllm-http", models=[MODEL], vision=True) as rest,
-    ):
+    async with engine_proxy(start_proxy, kind, vision=True) as (engine, rest, client, _):
         direct = openai.AsyncOpenAI(base_url=rest.base_url, api_key="unused", max_retries=0)
         for messages in conversations:
             for stream in (False, True):
@@ -93,7 +69,7 @@ async def test_images_answer_as_vllm_http_does(start_proxy: Start, kind: str) ->
 
 
 async def test_usage_counts_the_expanded_prompt(start_proxy: Start) -> None:
-    async with vision_proxy(start_proxy) as (_, client, _):
+    async with engine_proxy(start_proxy, vision=True) as (_, _, client, _):
         text_only = await client.chat.completions.create(
             model=MODEL, messages=look(text="What is in this picture?")
         )
@@ -108,7 +84,7 @@ async def test_usage_counts_the_expanded_prompt(start_proxy: Start) -> None:
 
 
 async def test_anthropic_image_blocks_reach_the_engine(start_proxy: Start) -> None:
-    async with vision_proxy(start_proxy) as (_, client, server):
+    async with engine_proxy(start_proxy, vision=True) as (_, _, client, server):
         messages = anthropic.AsyncAnthropic(
             base_url=f"http://127.0.0.1:{server.rest_port}", api_key="unused", max_retries=0
         )
@@ -139,7 +115,7 @@ async def test_anthropic_image_blocks_reach_the_engine(start_proxy: Start) -> No
 
 
 async def test_refusals(start_proxy: Start) -> None:
-    async with vision_proxy(start_proxy) as (engine, client, _):
+    async with engine_proxy(start_proxy, vision=True) as (engine, _, client, _):
         before = len(generated(engine))
         # The engine fetches data: URLs only (its mm_media_ref_schemes): said before the request leaves.
         remote = [
@@ -162,18 +138,18 @@ async def test_refusals(start_proxy: Start) -> None:
             await client.chat.completions.create(model=MODEL, messages=bogus)
     # A template that writes no placeholder (a text model's) loses no image: a 400.
     text_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-    async with vision_proxy(start_proxy, chatTemplate=text_template) as (engine, client, _):
+    async with engine_proxy(start_proxy, vision=True, chatTemplate=text_template) as (engine, _, client, _):
         with pytest.raises(
             openai.BadRequestError, match=r"wrote 0 image placeholder\(s\) \(<\|image_pad\|>\)"
         ):
             await client.chat.completions.create(model=MODEL, messages=look(WIDE))
         assert generated(engine) == []
-    async with vision_proxy(start_proxy, "sglang") as (_, client, _):
+    async with engine_proxy(start_proxy, "sglang", vision=True) as (_, _, client, _):
         with pytest.raises(openai.BadRequestError, match="SGLang's engine takes images as pixel tensors"):
             await client.chat.completions.create(model=MODEL, messages=look(WIDE))
-    async with vision_proxy(start_proxy, "trtllm") as (_, client, _):
+    async with engine_proxy(start_proxy, "trtllm", vision=True) as (_, _, client, _):
         with pytest.raises(openai.BadRequestError, match=r"image 1: .*does not fetch https URLs"):
             await client.chat.completions.create(model=MODEL, messages=remote)
-    async with vision_proxy(start_proxy, "trtllm", vision=False) as (_, client, _):
+    async with engine_proxy(start_proxy, "trtllm") as (_, _, client, _):
         with pytest.raises(openai.BadRequestError, match="is not a multimodal model"):
             await client.chat.completions.create(model=MODEL, messages=look(WIDE))

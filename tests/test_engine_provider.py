@@ -120,13 +120,13 @@ def sdk(server: ProxyServer) -> openai.AsyncOpenAI:
 
 @contextlib.asynccontextmanager
 async def engine_proxy(
-    start_proxy: Start, kind: str = "vllm", **settings: Any
+    start_proxy: Start, kind: str = "vllm", vision: bool = False, **settings: Any
 ) -> AsyncIterator[tuple[FakeProvider, FakeProvider, openai.AsyncOpenAI, ProxyServer]]:
-    """A fake engine of ``kind`` and the vllm-http fake, an SDK client on a proxy whose ``demo-model`` route
-    goes to the engine; the second yielded client talks to vllm-http directly."""
+    """A fake engine of ``kind`` and the vllm-http fake (both seeing images with ``vision``), an SDK client on
+    a proxy whose ``demo-model`` route goes to the engine; the second yielded fake is vllm-http."""
     async with (
-        FakeProvider(kind, models=[MODEL]) as engine,
-        FakeProvider("vllm-http", models=[MODEL]) as rest,
+        FakeProvider(kind, models=[MODEL], vision=vision) as engine,
+        FakeProvider("vllm-http", models=[MODEL], vision=vision) as rest,
     ):
         server = await start_proxy(
             config(
