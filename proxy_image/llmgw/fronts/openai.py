@@ -14,7 +14,8 @@ with an OpenAI-style ``{"error": ...}`` event. A client that disconnects cancels
 openai provider or an engine's or llmgateway provider's ``Embed``. ``POST /v1/responses`` and
 ``POST /v1/completions`` (OpenAI's Responses and legacy Completions APIs, which vLLM serves too) are relayed as
 JSON to the providers that serve them (openai providers as they are but for the model name, engine providers
-the Completions API, see :mod:`llmgw.providers._engine_completions`), their Server-Sent Events event for event;
+both, see :mod:`llmgw.providers._engine_responses` and :mod:`llmgw.providers._engine_completions`), their
+Server-Sent Events event for event;
 a failure after the first event ends the stream with the API's own error event. ``GET /v1/models/{id}`` answers OpenAI's model object, or
 its 404. ``x-llmgw-timeout-seconds`` sets a request's deadline (``limits.requestTimeoutSeconds`` stays the
 cap).
