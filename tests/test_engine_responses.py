@@ -15,7 +15,10 @@ import pydantic
 import pytest
 from engine_routers import MODEL, SMG, answer, leave_mid_stream, smg
 from test_engine_provider import HELLO, HISTORY, THINK, TOOLS, WEATHER, Start, engine_proxy
+from test_fake_engine_media import data_url, png
 
+from llmgateway.v1 import llm_service_pb2 as pb
+from llmgw.codecs.openai_responses import ResponseWriter
 from llmgw_dev.fakes.model import load
 
 # The chat tests' tools, flattened as the Responses API has them.
@@ -194,6 +197,33 @@ async def test_instructions_and_a_multi_turn_conversation(start_proxy: Start) ->
         assert model.decode(list(prompt), skip_special_tokens=False) == model.render(conversation)
 
 
+async def test_images_as_the_chat_path_sees_them(start_proxy: Start) -> None:
+    image = data_url(png(100, 60))
+    items = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_text", "text": "What is in this picture?"},
+                {"type": "input_image", "image_url": image, "detail": "auto"},
+            ],
+        }
+    ]
+    conversation = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in this picture?"},
+                {"type": "image_url", "image_url": {"url": image, "detail": "auto"}},
+            ],
+        }
+    ]
+    async with engine_proxy(start_proxy, vision=True) as (engine, _, client, _server):
+        response = await client.responses.create(model=MODEL, input=items)
+        assert "a 100x60 PNG image" in response.output_text
+        assert [item.url for item in generate_requests(engine)[-1].media_refs.items] == [image]
+        assert said(response) == await chat_said(client, {"messages": conversation})
+
+
 async def test_a_tool_call_round_trip(start_proxy: Start) -> None:
     async with engine_proxy(start_proxy) as (_, _, client, _server):
         first = await client.responses.create(model=MODEL, input=WEATHER, tools=RESPONSES_TOOLS)
@@ -305,6 +335,50 @@ async def test_logprobs_of_the_text(start_proxy: Start) -> None:
         # Without include, none.
         plain = await client.responses.create(model=MODEL, **HELLO_INPUT, top_logprobs=2)
         assert plain.output[0].content[0].logprobs == [] and plain.top_logprobs == 2
+
+
+def test_the_writer_makes_an_item_per_kind_as_chunks_come() -> None:
+    """Reasoning, text, calls in the order they come, a new item when the kind changes; whitespace between
+    calls dropped (as the chat path drops it from a reply with calls), kept in a reply of text only."""
+
+    def chunk(**delta: Any) -> pb.ChatChunk:
+        calls = delta.pop("calls", [])
+        out = pb.ChatChunk(id="chatcmpl-1", model=MODEL)
+        out.choices.add(index=0, delta=pb.ChunkDelta(**delta, tool_calls=calls))
+        return out
+
+    def call(index: int, name: str = "", arguments: str = "") -> pb.ToolCallDelta:
+        fields = {"id": f"call_{index}", "type": "function", "name": name} if name else {}
+        return pb.ToolCallDelta(index=index, arguments=arguments, **fields)
+
+    writer = ResponseWriter({"model": MODEL, "input": "hi"}, logprobs=False)
+    chunks = [
+        chunk(role="assistant", content=""),
+        chunk(reasoning_content="Let me see."),
+        chunk(content="\n\n"),
+        chunk(content="Checking."),
+        chunk(calls=[call(0, "get_weather", '{"city": ')]),
+        chunk(calls=[call(0, arguments='"Paris"}')]),
+        chunk(content="\n"),
+        chunk(calls=[call(1, "get_time", "{}")]),
+        chunk(content="\n"),
+    ]
+    events = writer.start() + [e for c in chunks for e in writer.feed(c)] + writer.end()
+    output = writer.response["output"]
+    assert [i["type"] for i in output] == ["reasoning", "message", "function_call", "function_call"]
+    assert output[0]["content"] == [{"type": "reasoning_text", "text": "Let me see."}]
+    assert output[1]["content"][0]["text"] == "\n\nChecking."
+    assert [(i["call_id"], i["name"], i["arguments"]) for i in output[2:]] == [
+        ("call_0", "get_weather", '{"city": "Paris"}'),
+        ("call_1", "get_time", "{}"),
+    ]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-1]["type"] == "response.completed" and writer.response["status"] == "completed"
+    # Whitespace only, no calls: the reply is that text.
+    writer = ResponseWriter({"model": MODEL, "input": "hi"}, logprobs=False)
+    writer.feed(chunk(content=" "))
+    writer.end()
+    assert [i["content"][0]["text"] for i in writer.response["output"]] == [" "]
 
 
 # ------------------------------------------------------------------------------------------------ streams
