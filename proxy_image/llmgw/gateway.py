@@ -700,8 +700,8 @@ class Gateway:
 
 def _serves(client: Any, capability: str) -> bool:
     """Whether a provider client (or its class) has ``capability``: a method name, or ``relay:<endpoint>``
-    for an endpoint among its ``relayed_endpoints`` (an anthropic provider serves neither the Completions
-    nor the Responses API)."""
+    for an endpoint among its ``relayed_endpoints`` (anthropic and llmgateway providers serve neither the
+    Completions nor the Responses API)."""
     kind, _, endpoint = capability.partition(":")
     if kind == "relay":
         return endpoint in getattr(client, "relayed_endpoints", ())
