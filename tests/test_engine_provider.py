@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -262,7 +263,9 @@ async def test_refusals(start_proxy: Start) -> None:
         reply = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100_000)
         assert reply.choices[0].finish_reason == "stop"
         image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
-        with pytest.raises(openai.BadRequestError, match="an image cannot go to provider .* no mm_processor"):
+        with pytest.raises(
+            openai.BadRequestError, match=r"an image cannot go to provider .* no mm_processor"
+        ):
             await client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}]
             )
@@ -368,6 +371,67 @@ async def test_two_workers_behind_one_name(start_proxy: Start, monkeypatch: pyte
         for _ in range(3):
             await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
         assert sum(type(r).__name__ == "GenerateRequest" for r in two.received) == before + 3
+        await client.close()
+
+
+async def test_a_fleet_that_moves_to_another_model(
+    start_proxy: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Requests go only to workers serving the model the proxy loaded; once none is left and others serve
+    another model (a rolling upgrade), the proxy loads that one; an engine restarted at the same address
+    with another model is noticed by its new connection."""
+
+    def generated(*engines: FakeProvider) -> list[int]:
+        return [sum(type(r).__name__ == "GenerateRequest" for r in e.received) for e in engines]
+
+    async with (
+        FakeProvider("vllm", models=["model-a"]) as old,
+        FakeProvider("vllm", models=["model-b"]) as new,
+    ):
+        addresses = {"engines.test": [("127.0.0.1", old.port)]}
+        real = _engine_workers.resolve
+
+        async def resolve(host: str, port: int) -> list[tuple[str, int]]:
+            return addresses[host] if host in addresses else await real(host, port)
+
+        monkeypatch.setattr(_engine_workers, "resolve", resolve)
+        server = await start_proxy(
+            config(
+                [
+                    {
+                        "name": "engine",
+                        "vllm": engine_settings("engines.test:50051", resolveIntervalSeconds=0.1),
+                    }
+                ],
+                [{"model": MODEL, "grpc": "engine"}],
+            )
+        )
+        client = sdk(server)
+        await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+        # The new model's engine joins: checked, set aside; model-a's engine takes every request.
+        addresses["engines.test"].append(("127.0.0.1", new.port))
+        await asyncio.sleep(0.2)
+        for _ in range(4):
+            await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+        assert generated(old, new) == [5, 0]
+        # The old engine leaves: the proxy loads model-b from the new one, and no request fails.
+        addresses["engines.test"] = [("127.0.0.1", new.port)]
+        await asyncio.sleep(0.2)
+        caplog.set_level(logging.WARNING, logger="llmgw")
+        for _ in range(3):
+            reply = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+            assert reply.choices[0].finish_reason == "length"
+        assert generated(old, new) == [5, 3]
+        assert "now serve model 'model-b', not 'model-a'" in caplog.text
+        # model-b's engine restarts at its address serving model-c: its new connection is checked again.
+        port = new.port
+        await new.stop()
+        async with FakeProvider("vllm", models=["model-c"], port=port) as restarted:
+            for _ in range(2):
+                reply = await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+                assert reply.choices[0].finish_reason == "length"
+            assert generated(restarted) == [2]
+        assert "now serve model 'model-c', not 'model-b'" in caplog.text
         await client.close()
 
 
@@ -546,10 +610,10 @@ async def test_concurrent_first_requests_fetch_the_tokenizer_once(
     fetches = 0
     real = engine_module.EngineClient._tokenizer_archive
 
-    async def counted(self: Any, deadline: float) -> tuple[bytes, str]:
+    async def counted(self: Any, worker: Any, deadline: float) -> tuple[bytes, str]:
         nonlocal fetches
         fetches += 1
-        return await real(self, deadline)
+        return await real(self, worker, deadline)
 
     monkeypatch.setattr(engine_module.EngineClient, "_tokenizer_archive", counted)
     async with engine_proxy(start_proxy) as (_, _, client, _server):

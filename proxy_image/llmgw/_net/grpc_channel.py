@@ -425,6 +425,11 @@ class Channel:
         self._headers: dict[str, bytes] = {}  # path -> the constant part of its header block
         self._conn: _ClientConnection | None = None
         self._connecting: asyncio.Future[_ClientConnection] | None = None
+        self.connections = 0  # connections made so far: a new one may reach another server
+
+    def connected(self) -> bool:
+        """Whether the next call goes over the connection the last one used (no new connection first)."""
+        return self._conn is not None and self._conn.usable()
 
     def _header_block(self, path: str, timeout: float | None) -> bytes:
         block = self._headers.get(path)
@@ -451,6 +456,7 @@ class Channel:
         self._connecting = None
         if not future.cancelled() and future.exception() is None:
             self._conn = future.result()
+            self.connections += 1
 
     async def _connect(self) -> _ClientConnection:
         """A connection whose server has sent its SETTINGS, so that its limits hold from the first call."""

@@ -78,6 +78,11 @@ class ModelInfo:
     is_generation: bool
     vocab_size: int = 0  # 0: the engine does not say
 
+    @property
+    def key(self) -> tuple[str, str]:
+        """The model as its engine names it: a worker serving another key serves another model."""
+        return self.model_path, self.served_model_name
+
 
 class Unsupported(ValueError):
     """A request field the engine's protocol cannot carry: its message names the field (a 400)."""

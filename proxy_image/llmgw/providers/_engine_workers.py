@@ -10,6 +10,13 @@ Each request goes to the worker with the fewest requests outstanding (ties in tu
 failed with UNAVAILABLE (it refused the connection, went away) is skipped for :data:`COOLDOWN` seconds and
 checked again after; when every worker is in its cooldown, they are tried all the same, so that an engine
 that came back is noticed at once.
+
+**The model a worker serves.** The check also says which model the worker serves (:attr:`Worker.model`), and
+it is made again whenever the worker's connection is new (an engine restarted at the same address may serve
+another model): a request for one model goes only to workers that serve it. A worker that serves another is
+set aside, and when none is left for the model asked for while others serve another, :meth:`WorkerPool.acquire`
+raises :class:`ModelMoved`: the fleet moved to a new model (a rolling upgrade whose old pods are gone), and
+the client loads the new one.
 """
 
 from __future__ import annotations
@@ -47,10 +54,33 @@ def _name(address: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class Worker:
-    """One engine: its channel and the requests it has outstanding."""
+ModelKey = tuple[str, str]  # a model as its engine names it: (path, served name)
 
-    __slots__ = ("address", "channel", "checked", "down_until", "name", "outstanding", "retired")
+
+class ModelMoved(RpcError):
+    """No worker serves the model a request was prepared for, and some serve another: load that one."""
+
+    def __init__(self, asked: ModelKey, served: ModelKey) -> None:
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE, f"the engines now serve model {served[1]!r}, not {asked[1]!r}"
+        )
+        self.asked, self.served = asked, served
+
+
+class Worker:
+    """One engine: its channel, the requests it has outstanding, the model it serves."""
+
+    __slots__ = (
+        "address",
+        "channel",
+        "checked",
+        "checked_connection",
+        "down_until",
+        "model",
+        "name",
+        "outstanding",
+        "retired",
+    )
 
     def __init__(self, address: tuple[str, int], channel: grpc_channel.Channel) -> None:
         self.address = address
@@ -58,12 +88,20 @@ class Worker:
         self.channel = channel
         self.outstanding = 0
         self.down_until = 0.0
-        self.checked = False  # HealthCheck answered healthy since the worker was first seen or failed
+        self.checked = False  # the check passed since the worker was first seen or failed
+        self.checked_connection = 0  # the channel's connection the check went over
+        self.model: ModelKey | None = None  # what the check found it serves (set by the pool's ``health``)
         self.retired = False  # its address is no longer the target's: closed after its last call
+
+    def needs_check(self) -> bool:
+        """Not checked yet, or the next call would go over another connection than the check did."""
+        channel = self.channel
+        return not (self.checked and channel.connected() and channel.connections == self.checked_connection)
 
 
 class WorkerPool:
-    """The workers behind one target. ``health`` checks a worker (raises RpcError when it is not ready)."""
+    """The workers behind one target. ``health`` checks a worker (raises RpcError when it is not ready) and
+    sets the model it serves."""
 
     def __init__(
         self,
@@ -141,14 +179,27 @@ class WorkerPool:
             self._resolving.add_done_callback(done)
         await asyncio.shield(self._resolving)
 
-    async def acquire(self, deadline: float) -> Worker:
-        """The worker for the next request, counted as outstanding until :meth:`release`."""
+    async def acquire(self, deadline: float, model: ModelKey | None = None) -> Worker:
+        """The worker for the next request (one that serves ``model``, when given), counted as outstanding
+        until :meth:`release`."""
         await self._addresses()
         tried: set[tuple[str, int]] = set()
+        other: ModelKey | None = None  # a model some worker serves instead
         while True:
             now = time.monotonic()
-            workers = [w for w in self.workers.values() if w.address not in tried]
+            workers = [
+                w
+                for w in self.workers.values()
+                # A worker set aside for another model is tried again once its connection is new.
+                if w.address not in tried and (model is None or w.model in (None, model) or w.needs_check())
+            ]
             if not workers:
+                if model is not None and other is None:
+                    other = next(
+                        (w.model for w in self.workers.values() if w.model not in (None, model)), None
+                    )
+                if other is not None and model is not None:
+                    raise ModelMoved(model, other)
                 raise RpcError(grpc.StatusCode.UNAVAILABLE, f"no worker of {self.target} is ready")
             ready = [w for w in workers if w.down_until <= now] or workers
             fewest = min(w.outstanding for w in ready)
@@ -156,7 +207,7 @@ class WorkerPool:
             worker = tied[self._turn % len(tied)]
             self._turn += 1
             worker.outstanding += 1
-            if worker.checked:
+            if not worker.needs_check():
                 return worker
             try:
                 await self._health(worker, max(0.05, min(HEALTH_TIMEOUT, deadline - time.monotonic())))
@@ -170,6 +221,12 @@ class WorkerPool:
                 self.release(worker)
                 raise
             worker.checked = True
+            worker.checked_connection = worker.channel.connections
+            if model is not None and worker.model != model:
+                self.release(worker)
+                tried.add(worker.address)
+                other = other or worker.model
+                continue
             return worker
 
     def release(self, worker: Worker, *, failed: bool = False) -> None:

@@ -7,8 +7,10 @@ server (or the SMG router) does around it, with :mod:`llmgw.engine`:
   channel; a request goes to the one with the fewest outstanding requests, one that fails with
   UNAVAILABLE sits out a while, a new one answers ``HealthCheck`` before its first request;
 * **model**: ``GetModelInfo`` (context length, EOS ids, default sampling parameters) and the tokenizer, from
-  ``tokenizerPath`` or the engine's ``GetTokenizer`` archive, fetched once (concurrent first requests share
-  the fetch) and kept by the archive's SHA-256;
+  ``tokenizerPath`` or the engine's ``GetTokenizer`` archive, fetched from one worker once (concurrent first
+  requests share the fetch) and kept by the archive's SHA-256; a chat request goes only to a worker serving
+  that model, and when none does any more while others serve another (the fleet moved to a new model), that
+  one is loaded and served;
 * **request** (:mod:`._engine_request`): the chat template renders the conversation, tools and documents;
   the prompt's ids and the sampling parameters (the model's defaults for what the client left unset) go to
   ``Generate``; a field the engine cannot carry is refused (400) by name; images go as the engine says it
@@ -74,7 +76,7 @@ from llmgw.providers._engine_protocol import (
     common_pb2,
 )
 from llmgw.providers._engine_request import NATIVE_FIELDS, Plan, invalid, plan
-from llmgw.providers._engine_workers import Worker, WorkerPool
+from llmgw.providers._engine_workers import ModelKey, ModelMoved, Worker, WorkerPool
 from llmgw.providers.base import (
     MAX_RELAYED_CHARS,
     CallStats,
@@ -290,6 +292,8 @@ class EngineClient:
     # -- errors ---------------------------------------------------------------------------------------
 
     def error(self, exc: RpcError, worker: Worker | None = None) -> GatewayError:
+        if isinstance(exc, ModelMoved):  # after this request was prepared: the next one loads the new model
+            self._forget(exc.asked)
         code = exc.code
         name = self.provider.name
         details = redact(exc.details or "")
@@ -353,33 +357,43 @@ class EngineClient:
         try:
             healthy, message = self.protocol.health_ok(body)
         except DecodeError:
-            return
+            healthy, message = True, ""
         if not healthy:
             raise RpcError(grpc.StatusCode.UNAVAILABLE, f"the engine is not ready: {message[:200]}")
+        # Which model it serves: requests prepared with one model's tokenizer go to its workers only.
+        body = await worker.channel.unary(
+            self.protocol.path("GetModelInfo"), self.protocol.empty("GetModelInfoRequest"), timeout
+        )
+        try:
+            worker.model = self.protocol.model_info(body).key
+        except DecodeError as exc:
+            raise malformed_response(self.provider, exc) from None
 
-    async def _call(self, method: str, request: bytes, deadline: float) -> bytes:
-        worker = await self.pool.acquire(deadline)
+    async def _unary(self, worker: Worker, method: str, request: bytes, deadline: float) -> bytes:
+        return await worker.channel.unary(
+            self.protocol.path(method),
+            request,
+            max(0.001, deadline - time.monotonic()),
+            first_message_timeout=self.provider.timeout_s,
+        )
+
+    async def _call(self, method: str, request: bytes, deadline: float, model: ModelKey | None) -> bytes:
+        """One unary call, to a worker serving ``model``."""
+        worker = await self.pool.acquire(deadline, model)
         failed = False
         try:
-            return await worker.channel.unary(
-                self.protocol.path(method),
-                request,
-                max(0.001, deadline - time.monotonic()),
-                first_message_timeout=self.provider.timeout_s,
-            )
+            return await self._unary(worker, method, request, deadline)
         except RpcError as exc:
             failed = exc.code == grpc.StatusCode.UNAVAILABLE
             raise
         finally:
             self.pool.release(worker, failed=failed)
 
-    async def _tokenizer_archive(self, deadline: float) -> tuple[bytes, str]:
-        worker = await self.pool.acquire(deadline)
+    async def _tokenizer_archive(self, worker: Worker, deadline: float) -> tuple[bytes, str]:
         limit = self.settings.max_tokenizer_bytes
         parts: list[bytes] = []
         size = 0
         digest = ""
-        failed = False
         chunks = worker.channel.server_stream(
             self.protocol.path("GetTokenizer"),
             common_pb2.GetTokenizerRequest().SerializeToString(),
@@ -396,27 +410,38 @@ class EngineClient:
                 parts.append(chunk.data)
                 if chunk.sha256:
                     digest = chunk.sha256
-        except RpcError as exc:
-            failed = exc.code == grpc.StatusCode.UNAVAILABLE
-            raise
         except DecodeError as exc:
             raise malformed_response(self.provider, exc) from None
         finally:
             await chunks.aclose()
-            self.pool.release(worker, failed=failed)
         if not digest:
             raise self._broken("its tokenizer archive came without its SHA-256")
         return b"".join(parts), digest
 
-    async def _load_model(self, deadline: float) -> _Model:
+    async def _load_model(self, deadline: float, model: ModelKey | None) -> _Model:
+        """The model's info, what it takes of images and its tokenizer, all from one worker (one serving
+        ``model``, when given: while a fleet moves to another model, two workers may serve two)."""
+        worker = await self.pool.acquire(deadline, model)
+        failed = False
         try:
-            body = await self._call("GetModelInfo", self.protocol.empty("GetModelInfoRequest"), deadline)
+            return await self._load_model_from(worker, deadline)
+        except RpcError as exc:
+            failed = exc.code == grpc.StatusCode.UNAVAILABLE
+            raise
+        finally:
+            self.pool.release(worker, failed=failed)
+
+    async def _load_model_from(self, worker: Worker, deadline: float) -> _Model:
+        try:
+            body = await self._unary(
+                worker, "GetModelInfo", self.protocol.empty("GetModelInfoRequest"), deadline
+            )
             info = self.protocol.model_info(body)
             server_info = None
             if self.protocol.server_info_tells_media:
                 try:
-                    server_info = await self._call(
-                        "GetServerInfo", self.protocol.empty("GetServerInfoRequest"), deadline
+                    server_info = await self._unary(
+                        worker, "GetServerInfo", self.protocol.empty("GetServerInfoRequest"), deadline
                     )
                 except RpcError as exc:
                     if exc.code != grpc.StatusCode.UNIMPLEMENTED:
@@ -436,7 +461,7 @@ class EngineClient:
                     raise TokenizerError(f"tokenizerPath cannot be read: {exc.strerror or exc}") from None
                 digest = _files_digest(files)
             else:
-                data, digest = await self._tokenizer_archive(deadline)
+                data, digest = await self._tokenizer_archive(worker, deadline)
                 files = await asyncio.to_thread(
                     read_tokenizer_archive, data, digest, max_bytes=settings.max_tokenizer_bytes
                 )
@@ -457,17 +482,51 @@ class EngineClient:
         )
         return _Model(info, tokenizer, media)
 
-    async def model(self, deadline: float) -> _Model:
-        """The model's info and tokenizer, fetched once; a failed fetch is tried again by the next request."""
+    async def model(self, deadline: float, served: ModelKey | None = None) -> _Model:
+        """The model's info and tokenizer, fetched once (from a worker serving ``served``, when given); a
+        failed fetch is tried again by the next request."""
         future = self._model
         if future is None or (future.done() and (future.cancelled() or future.exception() is not None)):
-            future = self._model = asyncio.ensure_future(self._load_model(deadline))
+            future = self._model = asyncio.ensure_future(self._load_model(deadline, served))
         try:
             return await asyncio.wait_for(asyncio.shield(future), max(0.001, deadline - time.monotonic()))
         except TimeoutError:
             raise timed_out(self.provider, TimeoutError("the request's deadline passed")) from None
         except RpcError as exc:
             raise self.error(exc) from None
+
+    async def _model_and_worker(self, deadline: float) -> tuple[_Model, Worker]:
+        """The model and a worker that serves it; when none does any more but others serve another model
+        (the fleet moved to it), that model, loaded, and one of its workers. The worker is the caller's to
+        release (through :meth:`generate_batches`)."""
+        state = await self.model(deadline)
+        try:
+            return state, await self.pool.acquire(deadline, state.info.key)
+        except ModelMoved as moved:
+            log.warning(
+                "provider %r: its engines now serve model %r, not %r: loading it",
+                self.provider.name,
+                moved.served[1],
+                moved.asked[1],
+            )
+            self._forget(moved.asked)
+            served = moved.served
+        except RpcError as exc:
+            raise self.error(exc) from None
+        state = await self.model(deadline, served)
+        try:
+            return state, await self.pool.acquire(deadline, state.info.key)
+        except RpcError as exc:
+            raise self.error(exc) from None
+
+    def _forget(self, key: ModelKey) -> None:
+        """Drop the model ``key`` (unless another is already loaded or loading): the next request loads."""
+        future = self._model
+        loaded = (
+            future is not None and future.done() and not future.cancelled() and future.exception() is None
+        )
+        if loaded and future is not None and future.result().info.key == key:
+            self._model = None
 
     # -- generation -----------------------------------------------------------------------------------
 
@@ -537,24 +596,30 @@ class EngineClient:
         """The answer in OpenAI's layout: a role chunk (with the first content), deltas, each choice's
         finish, then a usage chunk with no choices."""
         deadline = time.monotonic() + timeout
-        state = await self.model(deadline)
-        if not state.info.is_generation:
-            raise invalid(f"model: provider {self.provider.name!r} serves an embedding model, not a chat one")
-        settings = self.settings
-        # A long conversation takes a while to render and tokenize: off the event loop.
-        prepare = functools.partial(
-            plan,
-            req,
-            provider=self.provider.name,
-            tokenizer=state.tokenizer,
-            info=state.info,
-            chat_template=settings.chat_template,
-            tool_call_parser=settings.tool_call_parser,
-            reasoning_parser=settings.reasoning_parser,
-            seed_bits=32 if self.protocol.name == "vllm" else 64,
-            media=state.media,
-        )
-        p = await asyncio.to_thread(prepare) if req.ByteSize() > _INLINE_BYTES else prepare()
+        state, worker = await self._model_and_worker(deadline)
+        try:
+            if not state.info.is_generation:
+                raise invalid(
+                    f"model: provider {self.provider.name!r} serves an embedding model, not a chat one"
+                )
+            settings = self.settings
+            # A long conversation takes a while to render and tokenize: off the event loop.
+            prepare = functools.partial(
+                plan,
+                req,
+                provider=self.provider.name,
+                tokenizer=state.tokenizer,
+                info=state.info,
+                chat_template=settings.chat_template,
+                tool_call_parser=settings.tool_call_parser,
+                reasoning_parser=settings.reasoning_parser,
+                seed_bits=32 if self.protocol.name == "vllm" else 64,
+                media=state.media,
+            )
+            p = await asyncio.to_thread(prepare) if req.ByteSize() > _INLINE_BYTES else prepare()
+        except BaseException:
+            self.pool.release(worker)
+            raise
         choices = self._choices(p, state.tokenizer)
         request_id = "chatcmpl-" + secrets.token_hex(16)
         created = int(time.time())
@@ -564,7 +629,7 @@ class EngineClient:
         pending: dict[int, list[int]] = {}  # a choice's ids of this batch, fed at once
         parts: list[pb.ChunkChoice] = []
         batches = self.generate_batches(
-            request_id, p.ids, p.sampling, state.info, deadline, stats, images=p.images
+            request_id, p.ids, p.sampling, state.info, deadline, stats, images=p.images, worker=worker
         )
         async with contextlib.aclosing(batches):
             async for batch in batches:
@@ -726,7 +791,7 @@ class EngineClient:
         async def one(ids: list[int]) -> tuple[list[float], int]:
             request = self.protocol.embed("embd-" + secrets.token_hex(16), ids)
             stats.sent += len(request)
-            body = await self._call("Embed", request, deadline)
+            body = await self._call("Embed", request, deadline, state.info.key)
             stats.received += len(body)
             return self.protocol.embedding(body)
 
@@ -780,19 +845,23 @@ class EngineClient:
         deadline: float,
         stats: CallStats,
         images: list[str | bytes] | None = None,
+        worker: Worker | None = None,
     ) -> AsyncGenerator[list[tuple[str, Any]], None]:
         """One Generate call's answer, every message already received at once: ``("chunk" | "complete",
-        message)`` in vLLM's layout. An Abort follows when the caller stops reading before every choice's
-        complete came."""
+        message)`` in vLLM's layout, from ``worker`` (acquired for the call, released here) or one that serves
+        the model. An Abort follows when the caller stops reading before every choice's complete came."""
         try:
             upstream = self.protocol.generate(request_id, ids, "", sampling, info, images or ())
         except Unsupported as exc:
+            if worker is not None:
+                self.pool.release(worker)
             raise invalid(f"{exc} (provider {self.provider.name!r})") from None
         stats.sent += len(upstream)
-        try:
-            worker = await self.pool.acquire(deadline)
-        except RpcError as exc:
-            raise self.error(exc) from None
+        if worker is None:
+            try:
+                worker = await self.pool.acquire(deadline, info.key)
+            except RpcError as exc:
+                raise self.error(exc) from None
         failed = False
         completed: set[int] = set()
         batches = worker.channel.server_stream_batches(
