@@ -132,8 +132,10 @@ async def test_endpoints_a_provider_cannot_serve_are_a_clear_400(fakes: Fakes, s
     assert "route 'demo-claude'" in message and "'anthropic-fake' (type anthropic)" in message
     assert "Anthropic has no embeddings API" in message
     with pytest.raises(openai.BadRequestError) as caught:
-        await client.responses.create(model="grpc-only", input="hi")
-    assert "POST /v1/responses" in str(caught.value) and "'grpc-fake' (type llmgateway)" in str(caught.value)
+        await client.completions.create(model="grpc-only", prompt="hi")
+    assert "POST /v1/completions" in str(caught.value) and "'grpc-fake' (type llmgateway)" in str(
+        caught.value
+    )
     with pytest.raises(openai.BadRequestError, match="POST /v1/completions"):
         await client.completions.create(model="demo-claude", prompt="hi")
     with pytest.raises(openai.BadRequestError, match="unknown model"):
@@ -177,6 +179,53 @@ async def test_responses_unary_and_streamed(fakes: Fakes, start_proxy: Any) -> N
     assert text == events[-1].response.output_text  # type: ignore[union-attr]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert fakes.openai.received[-1]["stream"] is True and fakes.openai.received[-1]["model"] == "demo-model"
+
+
+@pytest.mark.parametrize("model", ["demo-claude", "grpc-only"])
+async def test_responses_on_the_chat_path_of_providers_without_the_api(
+    fakes: Fakes, start_proxy: Any, model: str
+) -> None:
+    """Anthropic and llmgateway upstreams have no Responses API: the gateway serves it on their chat path
+    (:mod:`llmgw.providers._responses`), as it does for inference engines."""
+    server = await start_proxy(proxy_config(fakes))
+    client = sdk(server)
+    chat = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "hello there"}]
+    )
+    response = await client.responses.create(model=model, input="hello there", instructions="Be brief.")
+    assert response.status == "completed" and response.store is False
+    assert response.output_text == chat.choices[0].message.content
+    assert response.usage is not None and response.usage.output_tokens > 0
+    upstream = fakes.anthropic if model == "demo-claude" else fakes.grpc
+    assert upstream.stats["requests"] >= 2
+    events = [e async for e in await client.responses.create(model=model, input="hello there", stream=True)]
+    kinds = [e.type for e in events]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert kinds[-1] == "response.completed"
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == events[-1].response.output_text == chat.choices[0].message.content  # type: ignore[union-attr]
+    tools: Any = [
+        {
+            "type": "function",
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        }
+    ]
+    called = await client.responses.create(
+        model=model,
+        input="What is the weather in Paris? Use get_weather.",
+        tools=tools,
+        tool_choice="required",
+    )
+    calls = [item for item in called.output if item.type == "function_call"]
+    assert calls and calls[0].name == "get_weather"
+    with pytest.raises(openai.BadRequestError, match="previous_response_id: the gateway keeps no responses"):
+        await client.responses.create(model=model, input="hi", previous_response_id="resp_1")
 
 
 async def test_completions_unary_and_streamed(fakes: Fakes, start_proxy: Any) -> None:

@@ -20,7 +20,7 @@ server (or the SMG router) does around it, with :mod:`llmgw.engine`:
   back, reasoning, tool calls) into OpenAI-layout chunks: a role chunk, content/reasoning/tool-call deltas,
   each choice's finish, then a usage chunk; a unary answer is those chunks put together;
 * **the legacy Completions API** (:mod:`._engine_completions`): ``/v1/completions``, the prompt as written
-  (no chat template), in vLLM's ``text_completion`` layout; the **Responses API** (:mod:`._engine_responses`):
+  (no chat template), in vLLM's ``text_completion`` layout; the **Responses API** (:mod:`._responses`):
   ``/v1/responses`` on top of the chat path, as vLLM's OpenAI server and SMG serve it;
 * **cancellation**: a client that goes away resets the call and sends ``Abort`` for its request id.
 
@@ -66,7 +66,7 @@ from llmgw.engine import (
 from llmgw.engine.media import MediaSupport
 from llmgw.engine.tool_parsers import openai_call_id
 from llmgw.errors import GatewayError, Kind, from_upstream_grpc
-from llmgw.providers import _engine_completions, _engine_responses
+from llmgw.providers import _engine_completions, _responses
 from llmgw.providers._engine_protocol import (
     PROTOCOLS,
     ModelInfo,
@@ -819,21 +819,21 @@ class EngineClient:
             task.cancel()
         await self.pool.close()
 
-    # -- OpenAI's Completions and Responses APIs (:mod:`._engine_completions`, :mod:`._engine_responses`) --
+    # -- OpenAI's Completions and Responses APIs (:mod:`._engine_completions`, :mod:`._responses`) --
 
     relayed_endpoints = frozenset({"/completions", "/responses"})  # what relay() and relay_stream() serve
 
     async def relay(self, endpoint: str, body: dict[str, Any], timeout: float, stats: CallStats) -> Any:
         """The answer to a ``/completions`` request (``body["model"]``: the name to answer with), in vLLM's
         ``text_completion`` layout, or to a ``/responses`` request: a Response object."""
-        api = _engine_responses if endpoint == "/responses" else _engine_completions
+        api = _responses if endpoint == "/responses" else _engine_completions
         return await api.answer(self, body, timeout, stats)
 
     def relay_stream(
         self, endpoint: str, body: dict[str, Any], timeout: float, stats: CallStats
     ) -> AsyncGenerator[tuple[str, bytes], None]:
         """The Server-Sent Events (name, data) of a streamed ``/completions`` or ``/responses`` request."""
-        api = _engine_responses if endpoint == "/responses" else _engine_completions
+        api = _responses if endpoint == "/responses" else _engine_completions
         return api.events(self, body, timeout, stats)
 
     async def generate_batches(
