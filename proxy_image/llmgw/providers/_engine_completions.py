@@ -36,6 +36,7 @@ from llmgw.providers._engine_request import (
     check_prompt,
     decoder_stop_ids,
     invalid,
+    prepared,
     read_constraint,
     read_flag,
     read_integer,
@@ -66,8 +67,6 @@ _NATIVE_FIELDS = frozenset(
 DEFAULT_MAX_TOKENS = 16
 _MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 _LOGPROB_FLOOR = -9999.0  # vLLM's floor: -inf is no JSON number
-# Prompts longer than this (in all) are tokenized in a thread, as a long chat is rendered.
-_INLINE_CHARS = 32 * 1024
 _DONE = ("", b"[DONE]")
 
 
@@ -379,7 +378,7 @@ async def _start(
         info=state.info,
         seed_bits=32 if client.protocol.name == "vllm" else 64,
     )
-    plan = await asyncio.to_thread(prepare) if _size(body.get("prompt")) > _INLINE_CHARS else prepare()
+    plan = await prepared(prepare, _size(body.get("prompt")))
     streams = [
         _prompt_deltas(
             client,

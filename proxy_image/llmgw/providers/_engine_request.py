@@ -10,10 +10,11 @@ before the request leaves, and the images travel as the engine's :class:`MediaSu
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import orjson
 
@@ -64,6 +65,15 @@ _CARRIED = frozenset(
 )  # fmt: skip
 _CARRIED_PARTS = frozenset({"text", "input_text", "refusal", "image_url"})
 _INT32 = 2**31
+_T = TypeVar("_T")
+# A request larger than this (bytes, or a prompt's characters) is prepared (template, tokens) in a thread: a long
+# conversation takes milliseconds to render and tokenize, which the event loop's other streams must not wait.
+_INLINE_SIZE = 32 * 1024
+
+
+async def prepared(prepare: Callable[[], _T], size: int) -> _T:
+    """``prepare()``'s result, computed in a thread when ``size`` says the request is large."""
+    return await asyncio.to_thread(prepare) if size > _INLINE_SIZE else prepare()
 
 
 def invalid(message: str) -> GatewayError:

@@ -75,7 +75,7 @@ from llmgw.providers._engine_protocol import (
     Unsupported,
     common_pb2,
 )
-from llmgw.providers._engine_request import NATIVE_FIELDS, Plan, invalid, plan
+from llmgw.providers._engine_request import NATIVE_FIELDS, Plan, invalid, plan, prepared
 from llmgw.providers._engine_workers import ModelKey, ModelMoved, Worker, WorkerPool
 from llmgw.providers.base import (
     MAX_RELAYED_CHARS,
@@ -94,7 +94,6 @@ log = logging.getLogger("llmgw.providers")
 ABORT_TIMEOUT = 2.0  # the bound of the Abort sent for a request whose client went away
 _UNAVAILABLE_LOG_INTERVAL = 10.0
 _TOKENIZERS_KEPT = 8
-_INLINE_BYTES = 32 * 1024  # a request larger than this is prepared (template, tokens) in a thread
 # Tokenizers by (model path, served name, SHA-256 of their files), shared by every client of the process (a
 # reload makes new clients: they fetch the archive again, but do not build its tokenizer again).
 _tokenizers: dict[tuple[str, str, str], EngineTokenizer] = {}
@@ -616,7 +615,7 @@ class EngineClient:
                 seed_bits=32 if self.protocol.name == "vllm" else 64,
                 media=state.media,
             )
-            p = await asyncio.to_thread(prepare) if req.ByteSize() > _INLINE_BYTES else prepare()
+            p = await prepared(prepare, req.ByteSize())
         except BaseException:
             self.pool.release(worker)
             raise
