@@ -297,25 +297,20 @@ async def _prompt_deltas(
     async with contextlib.aclosing(batches):
         async for batch in batches:
             # A choice's ids of one batch are fed at once (one delta), as the chat path does.
-            pending: dict[int, list[int]] = {}
-            for kind, item in batch:
-                choice = choices[item.index]
-                cached = max(cached, item.cached_tokens)
-                if kind == "chunk":
-                    if plan.logprobs is not None and item.HasField("output_logprobs"):
-                        entries = _logprob_entries(item.output_logprobs, plan.logprobs, token_text, tokenizer)
-                        choice.add_logprobs(entries)
-                    pending.setdefault(item.index, []).extend(item.token_ids)
+            cached = max(cached, batch.cached_tokens)
+            for step in batch.steps:
+                choice = choices[step.index]
+                if plan.logprobs is not None:
+                    for logprobs in step.logprobs:
+                        choice.add_logprobs(_logprob_entries(logprobs, plan.logprobs, token_text, tokenizer))
+                if step.finish in ("abort", "error") and not choice.done:
+                    raise client.ended_by_engine(step.finish)
+                choice.feed(step.ids)
+                if step.finish is None:
                     continue
-                reason = item.finish_reason
-                if reason in ("abort", "error") and not choice.done:
-                    raise client.ended_by_engine(reason)
-                choice.feed(pending.pop(item.index, []))
-                if not choice.done and not choice.tokens and len(item.output_ids):
-                    choice.feed(list(item.output_ids))  # an engine that sent no chunks
-                choice.end(reason)
-            for index, ids in pending.items():
-                choices[index].feed(ids)
+                if not choice.done and not choice.tokens and step.complete_ids:
+                    choice.feed(step.complete_ids)  # an engine that sent no chunks
+                choice.end(step.finish)
             deltas = [delta for c in choices if (delta := c.take()) is not None]
             if deltas:
                 yield deltas

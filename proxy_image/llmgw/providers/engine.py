@@ -99,6 +99,27 @@ _TOKENIZERS_KEPT = 8
 _tokenizers: dict[tuple[str, str, str], EngineTokenizer] = {}
 
 
+@dataclasses.dataclass(slots=True)
+class ChoiceStep:
+    """What one batch of a Generate answer says of one choice: its new ids (one delta), their logprobs, and
+    its end when the batch holds its Complete."""
+
+    index: int
+    ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[Any] = dataclasses.field(default_factory=list)  # the chunks' OutputLogProbs, in order
+    finish: str | None = None  # the Complete's finish reason ("" when it gives none)
+    complete_ids: list[int] = dataclasses.field(default_factory=list)  # for an engine that sent no chunks
+
+
+@dataclasses.dataclass(slots=True)
+class Batch:
+    """The messages of a Generate answer already received, by choice (in the order they first appear)."""
+
+    steps: list[ChoiceStep]
+    cached_tokens: int  # the most any message says
+    prompt_tokens: int
+
+
 class _Model:
     """What a provider's requests need of its model: the engine's info, the tokenizer, what it takes of
     images."""
@@ -625,7 +646,6 @@ class EngineClient:
         cached = 0
         prompt_tokens = len(p.ids)  # the engine's own count when images expand the prompt
         role_sent = False
-        pending: dict[int, list[int]] = {}  # a choice's ids of this batch, fed at once
         parts: list[pb.ChunkChoice] = []
         batches = self.generate_batches(
             request_id, p.ids, p.sampling, state.info, deadline, stats, images=p.images, worker=worker
@@ -634,30 +654,24 @@ class EngineClient:
             async for batch in batches:
                 # Every message already received is taken at once: a choice's tokens of one batch make one
                 # delta, so a proxy that falls behind a fast engine catches up instead of falling further.
-                for kind, item in batch:
-                    choice = choices[item.index]
-                    cached = max(cached, item.cached_tokens)
-                    if p.images:
-                        prompt_tokens = max(prompt_tokens, item.prompt_tokens)
-                    if kind == "chunk":
-                        if p.logprobs and item.HasField("output_logprobs"):
-                            choice.add_logprobs(item.output_logprobs)
-                        pending.setdefault(item.index, []).extend(item.token_ids)
+                cached = max(cached, batch.cached_tokens)
+                if p.images:
+                    prompt_tokens = max(prompt_tokens, batch.prompt_tokens)
+                for step in batch.steps:
+                    choice = choices[step.index]
+                    if p.logprobs:
+                        for logprobs in step.logprobs:
+                            choice.add_logprobs(logprobs)
+                    if step.finish in ("abort", "error") and not choice.done:
+                        raise self.ended_by_engine(step.finish)
+                    if step.ids and (part := choice.feed(step.ids)) is not None:
+                        parts.append(part)
+                    if step.finish is None:
                         continue
-                    reason = item.finish_reason
-                    if reason in ("abort", "error") and not choice.done:
-                        raise self.ended_by_engine(reason)
-                    ids = pending.pop(item.index, None)
-                    if ids is not None and (part := choice.feed(ids)) is not None:
+                    if not choice.done and not choice.tokens and step.complete_ids:
+                        choice.feed(step.complete_ids)  # an engine that sent no chunks
+                    if (part := choice.end(step.finish or "stop")) is not None:
                         parts.append(part)
-                    if not choice.done and not choice.tokens and len(item.output_ids):
-                        choice.feed(list(item.output_ids))  # an engine that sent no chunks
-                    if (part := choice.end(reason or "stop")) is not None:
-                        parts.append(part)
-                for index, ids in pending.items():
-                    if (part := choices[index].feed(ids)) is not None:
-                        parts.append(part)
-                pending.clear()
                 if not parts:
                     continue
                 if not role_sent:
@@ -845,10 +859,10 @@ class EngineClient:
         stats: CallStats,
         images: list[str | bytes] | None = None,
         worker: Worker | None = None,
-    ) -> AsyncGenerator[list[tuple[str, Any]], None]:
-        """One Generate call's answer, every message already received at once: ``("chunk" | "complete",
-        message)`` in vLLM's layout, from ``worker`` (acquired for the call, released here) or one that serves
-        the model. An Abort follows when the caller stops reading before every choice's complete came."""
+    ) -> AsyncGenerator[Batch, None]:
+        """One Generate call's answer, every message already received at once, by choice (:class:`Batch`),
+        from ``worker`` (acquired for the call, released here) or one that serves the model. An Abort follows
+        when the caller stops reading before every choice's complete came."""
         try:
             upstream = self.protocol.generate(request_id, ids, "", sampling, info, images or ())
         except Unsupported as exc:
@@ -871,9 +885,10 @@ class EngineClient:
             idle_timeout=self.provider.idle_timeout_s,
         )
         try:
-            async for batch in batches:
-                messages = []
-                for body in batch:
+            async for bodies in batches:
+                steps: dict[int, ChoiceStep] = {}
+                cached = prompt_tokens = 0
+                for body in bodies:
                     stats.received += len(body)
                     message = self.protocol.response(body)
                     kind = message.WhichOneof("response")
@@ -884,11 +899,21 @@ class EngineClient:
                         raise malformed_response(
                             self.provider, ValueError(f"an answer for choice {item.index} of {sampling.n}")
                         )
-                    if kind == "complete":
+                    cached = max(cached, item.cached_tokens)
+                    prompt_tokens = max(prompt_tokens, item.prompt_tokens)
+                    step = steps.get(item.index)
+                    if step is None:
+                        step = steps[item.index] = ChoiceStep(item.index)
+                    if kind == "chunk":
+                        step.ids.extend(item.token_ids)
+                        if item.HasField("output_logprobs"):
+                            step.logprobs.append(item.output_logprobs)
+                    else:
                         completed.add(item.index)
-                    messages.append((kind, item))
-                if messages:
-                    yield messages
+                        step.finish = item.finish_reason
+                        step.complete_ids = list(item.output_ids)
+                if steps:
+                    yield Batch(list(steps.values()), cached, prompt_tokens)
         except RpcError as exc:
             failed = exc.code == grpc.StatusCode.UNAVAILABLE
             if exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
