@@ -56,11 +56,14 @@ def test_the_engine_example_config_loads() -> None:
         ("reasoningParser", "r1", "reasoningParser: must be one of deepseek_r1, qwen3"),
         ("chatTemplate", "  ", "chatTemplate: must not be empty"),
         ("target", "http://x:1", "target"),
+        ("loadsIntervalSeconds", -1, "loadsIntervalSeconds: must be >= 0"),
+        ("loadsIntervalSeconds", 1, "trtllm.*loadsIntervalSeconds"),  # TensorRT-LLM has no GetLoads
     ],
 )
 def test_bad_engine_settings_are_refused_naming_the_key(key: str, value: Any, message: str) -> None:
     cfg = base()
-    cfg["providers"].append({"name": "engine", "vllm": {"target": "127.0.0.1:4", key: value}})
+    kind = "trtllm" if message.startswith("trtllm") else "vllm"
+    cfg["providers"].append({"name": "engine", kind: {"target": "127.0.0.1:4", key: value}})
     with pytest.raises(config.ConfigError, match=message):
         config.parse(cfg)
 

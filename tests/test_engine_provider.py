@@ -374,6 +374,64 @@ async def test_two_workers_behind_one_name(start_proxy: Start, monkeypatch: pyte
         await client.close()
 
 
+async def test_other_proxies_load_is_counted(start_proxy: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two proxies share two engines: the one whose engine the other proxy keeps busy (GetLoads says so)
+    sends its requests to the idle engine; with loadsIntervalSeconds 0 its own requests alone decide."""
+
+    def generated(*engines: FakeProvider) -> list[int]:
+        return [sum(type(r).__name__ == "GenerateRequest" for r in e.received) for e in engines]
+
+    async with FakeProvider("vllm", models=[MODEL]) as busy, FakeProvider("vllm", models=[MODEL]) as idle:
+        busy.faults.token_delay_ms = idle.faults.token_delay_ms = 20
+        real = _engine_workers.resolve
+        pair = [("127.0.0.1", busy.port), ("127.0.0.1", idle.port)]
+
+        async def resolve(host: str, port: int) -> list[tuple[str, int]]:
+            return pair if host == "engines.test" else await real(host, port)
+
+        monkeypatch.setattr(_engine_workers, "resolve", resolve)
+
+        async def proxy(target: str, **settings: Any) -> openai.AsyncOpenAI:
+            server = await start_proxy(
+                config(
+                    [{"name": "engine", "vllm": engine_settings(target, **settings)}],
+                    [{"model": MODEL, "grpc": "engine"}],
+                )
+            )
+            return sdk(server)
+
+        other = await proxy(busy.target)  # another proxy, its requests all on the busy engine
+        counted = await proxy("engines.test:50051", loadsIntervalSeconds=0.05)
+        uncounted = await proxy("engines.test:50051", loadsIntervalSeconds=0)
+        for client in (counted, uncounted):  # both workers checked, the first load report asked for
+            await asyncio.gather(
+                *(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1) for _ in range(2))
+            )
+        long = [
+            asyncio.create_task(
+                other.chat.completions.create(
+                    model=MODEL, messages=HELLO, max_tokens=150, extra_body={"ignore_eos": True}
+                )
+            )
+            for _ in range(4)
+        ]
+        await asyncio.sleep(0.3)  # the four are running on the busy engine; a report has come since
+        before = generated(busy, idle)
+        for _ in range(6):
+            await counted.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+        after = generated(busy, idle)
+        assert after[0] - before[0] == 0 and after[1] - before[1] == 6  # all to the idle engine
+        for _ in range(6):
+            await uncounted.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=1)
+        last = generated(busy, idle)
+        assert last[0] - after[0] == 3 and last[1] - after[1] == 3  # in turn: it does not see the others
+        for task in long:
+            task.cancel()
+        await asyncio.gather(*long, return_exceptions=True)
+        for client in (other, counted, uncounted):
+            await client.close()
+
+
 async def test_a_fleet_that_moves_to_another_model(
     start_proxy: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -171,6 +171,7 @@ def test_the_crds_provider_blocks_are_the_proxys_provider_types() -> None:
         "defaultMaxTokens": 1024,
         "tls": True,
         "resolveIntervalSeconds": 10,
+        "loadsIntervalSeconds": 2,
         "tokenizerPath": "/models/qwen",
         "tokenizerConfigMap": "qwen-tokenizer",
         "chatTemplate": "{{ messages[0].content }}",

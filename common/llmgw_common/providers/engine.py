@@ -5,7 +5,8 @@ vLLM (``vllm serve --grpc``), SGLang (gRPC mode) and TensorRT-LLM take token ids
 the ``smg-grpc-proto`` package), so the gateway does what their OpenAI servers did: it renders the model's chat template,
 tokenizes, detokenizes, cuts at stop strings and parses tool calls and reasoning (:mod:`llmgw.engine`). The
 settings say where the engines are (``target``: a name that resolves to several addresses, a headless
-Service, is one worker per address), where the tokenizer comes from (the engine itself, by ``GetTokenizer``,
+Service, is one worker per address; how often each engine is asked for its load, ``GetLoads``, so that requests
+go where other proxies' requests are not), where the tokenizer comes from (the engine itself, by ``GetTokenizer``,
 unless ``tokenizerPath`` names a directory of its files), an override of the model's chat template, and
 which parsers read the model's tool calls and reasoning.
 """
@@ -28,6 +29,8 @@ class EngineSettings:
     target: str  # HOST:PORT; every address the host resolves to is a worker (a headless Service's pods)
     tls: bool = False  # TLS with the system's roots
     resolve_interval_s: float = 30.0  # how often the target's addresses are looked up again
+    # How often each worker is asked for its load (GetLoads; vLLM and SGLang), while requests flow; 0: never.
+    loads_interval_s: float = 5.0
     tokenizer_path: str | None = (
         None  # a directory with tokenizer.json (...); None: the engine's, by GetTokenizer
     )
@@ -45,6 +48,15 @@ def _choice(r: Reader, key: str, names: tuple[str, ...]) -> str | None:
 
 
 def parse(r: Reader) -> EngineSettings:
+    return _parse(r, loads=True)
+
+
+def parse_trtllm(r: Reader) -> EngineSettings:
+    """TensorRT-LLM's server has no GetLoads: ``loadsIntervalSeconds`` is not a setting of its own."""
+    return _parse(r, loads=False)
+
+
+def _parse(r: Reader, *, loads: bool) -> EngineSettings:
     d = EngineSettings(target="")
     template = r.get("chatTemplate", str)
     if template is not None and not template.strip():
@@ -53,6 +65,9 @@ def parse(r: Reader) -> EngineSettings:
         target=target(r),
         tls=r.get("tls", bool, False),
         resolve_interval_s=r.number("resolveIntervalSeconds", d.resolve_interval_s),
+        loads_interval_s=r.number("loadsIntervalSeconds", d.loads_interval_s, exclusive=False)
+        if loads
+        else 0.0,
         tokenizer_path=r.get("tokenizerPath", str),
         chat_template=template,
         tool_call_parser=_choice(r, "toolCallParser", TOOL_CALL_PARSERS),
@@ -64,5 +79,5 @@ def parse(r: Reader) -> EngineSettings:
 VLLM = ProviderType("vllm", "grpc", parse, "a vLLM engine over its gRPC protocol (vllm serve --grpc)")
 SGLANG = ProviderType("sglang", "grpc", parse, "an SGLang scheduler over its gRPC protocol")
 TRTLLM = ProviderType(
-    "trtllm", "grpc", parse, "a TensorRT-LLM server over its gRPC protocol (trtllm.TrtllmService)"
+    "trtllm", "grpc", parse_trtllm, "a TensorRT-LLM server over its gRPC protocol (trtllm.TrtllmService)"
 )

@@ -163,6 +163,11 @@ class Protocol:
     def health(self) -> bytes:
         return bytes(self.pb.HealthCheckRequest().SerializeToString())
 
+    def load(self, body: bytes) -> int:
+        """The requests a GetLoads answer says the engine has, running or waiting, over its DP ranks."""
+        loads = self.pb.GetLoadsResponse.FromString(body).loads
+        return sum(max(x.num_total_reqs, x.num_running_reqs + x.num_waiting_reqs, 0) for x in loads)
+
     def health_ok(self, body: bytes) -> tuple[bool, str]:
         answer = self.pb.HealthCheckResponse.FromString(body)
         return bool(answer.healthy), str(answer.message)

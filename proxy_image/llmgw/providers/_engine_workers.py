@@ -6,7 +6,9 @@ kept as its TLS server name and ``:authority``). The name is looked up again eve
 seconds, lazily, by the first request after the interval: a worker whose address is gone is closed once
 its calls are done, a new one is checked with the engine's ``HealthCheck`` before its first request.
 
-Each request goes to the worker with the fewest requests outstanding (ties in turn). A worker whose call
+Each request goes to the worker with the fewest requests (ties in turn): its own outstanding, plus, when the
+engines report their load (``GetLoads``, polled every ``loads_interval`` seconds while requests flow, in the
+background), the requests the engine had beyond this proxy's own at the last report: other proxies' share. A worker whose call
 failed with UNAVAILABLE (it refused the connection, went away) is skipped for :data:`COOLDOWN` seconds and
 checked again after; when every worker is in its cooldown, they are tried all the same, so that an engine
 that came back is noticed at once.
@@ -78,6 +80,7 @@ class Worker:
         "down_until",
         "model",
         "name",
+        "others",
         "outstanding",
         "retired",
     )
@@ -87,6 +90,7 @@ class Worker:
         self.name = _name(address)
         self.channel = channel
         self.outstanding = 0
+        self.others = 0  # requests the engine had beyond ours at its last load report
         self.down_until = 0.0
         self.checked = False  # the check passed since the worker was first seen or failed
         self.checked_connection = 0  # the channel's connection the check went over
@@ -114,6 +118,8 @@ class WorkerPool:
         resolve_interval: float,
         on_limit: Callable[[str], None] | None,
         health: Callable[[Worker, float], Awaitable[None]],
+        load: Callable[[Worker, float], Awaitable[int]] | None = None,
+        loads_interval: float = 0.0,
     ) -> None:
         host, _, port = target.rpartition(":")
         self.target = target
@@ -125,6 +131,10 @@ class WorkerPool:
         self._resolve_interval = resolve_interval
         self._on_limit = on_limit
         self._health = health
+        self._load = load if loads_interval > 0 else None
+        self._loads_interval = loads_interval
+        self._loads_at = float("-inf")
+        self._polling: asyncio.Task[None] | None = None
         self.workers: dict[tuple[str, int], Worker] = {}
         self._resolved_at = float("-inf")
         self._resolving: asyncio.Future[None] | None = None
@@ -183,6 +193,7 @@ class WorkerPool:
         """The worker for the next request (one that serves ``model``, when given), counted as outstanding
         until :meth:`release`."""
         await self._addresses()
+        self._poll_loads()
         tried: set[tuple[str, int]] = set()
         other: ModelKey | None = None  # a model some worker serves instead
         while True:
@@ -202,8 +213,8 @@ class WorkerPool:
                     raise ModelMoved(model, other)
                 raise RpcError(grpc.StatusCode.UNAVAILABLE, f"no worker of {self.target} is ready")
             ready = [w for w in workers if w.down_until <= now] or workers
-            fewest = min(w.outstanding for w in ready)
-            tied = [w for w in ready if w.outstanding == fewest]
+            fewest = min(w.outstanding + w.others for w in ready)
+            tied = [w for w in ready if w.outstanding + w.others == fewest]
             worker = tied[self._turn % len(tied)]
             self._turn += 1
             worker.outstanding += 1
@@ -229,6 +240,37 @@ class WorkerPool:
                 continue
             return worker
 
+    def _poll_loads(self) -> None:
+        """Ask the checked workers for their load in the background, when the last answers are older than
+        the interval (requests never wait for it)."""
+        if self._load is None or self._polling is not None:
+            return
+        now = time.monotonic()
+        if now - self._loads_at < self._loads_interval:
+            return
+        self._loads_at = now
+        workers = [w for w in self.workers.values() if w.checked]
+        if workers:
+            self._polling = asyncio.get_running_loop().create_task(self._loads(workers))
+
+    async def _loads(self, workers: list[Worker]) -> None:
+        load = self._load
+        assert load is not None
+        timeout = min(HEALTH_TIMEOUT, self._loads_interval)
+
+        async def one(worker: Worker) -> None:
+            try:
+                total = await load(worker, timeout)
+            except RpcError:  # no report (an engine without GetLoads, one going away): its own count decides
+                worker.others = 0
+                return
+            worker.others = max(0, total - worker.outstanding)
+
+        try:
+            await asyncio.gather(*(one(w) for w in workers))
+        finally:
+            self._polling = None
+
     def release(self, worker: Worker, *, failed: bool = False) -> None:
         """A request on ``worker`` ended; ``failed``: with UNAVAILABLE, so the worker sits out a while."""
         worker.outstanding -= 1
@@ -245,6 +287,8 @@ class WorkerPool:
             task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
+        if self._polling is not None:
+            self._polling.cancel()
         workers, self.workers = list(self.workers.values()), {}
         for worker in workers:
             await worker.channel.close()

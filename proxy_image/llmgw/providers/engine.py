@@ -304,6 +304,8 @@ class EngineClient:
             resolve_interval=self.settings.resolve_interval_s,
             on_limit=None if on_limit is None else lambda key: on_limit(f"grpcClient.{key}"),
             health=self._health,
+            load=self._load,
+            loads_interval=self.settings.loads_interval_s,
         )
         self._model: asyncio.Future[_Model] | None = None
         self._aborts: set[asyncio.Task[None]] = set()
@@ -388,6 +390,16 @@ class EngineClient:
             worker.model = self.protocol.model_info(body).key
         except DecodeError as exc:
             raise malformed_response(self.provider, exc) from None
+
+    async def _load(self, worker: Worker, timeout: float) -> int:
+        """The requests the worker's engine has, as its GetLoads says."""
+        body = await worker.channel.unary(
+            self.protocol.path("GetLoads"), self.protocol.empty("GetLoadsRequest"), timeout
+        )
+        try:
+            return self.protocol.load(body)
+        except DecodeError as exc:
+            raise RpcError(grpc.StatusCode.INTERNAL, f"a malformed GetLoads answer: {exc}") from None
 
     async def _unary(self, worker: Worker, method: str, request: bytes, deadline: float) -> bytes:
         return await worker.channel.unary(
