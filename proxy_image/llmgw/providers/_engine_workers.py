@@ -243,8 +243,8 @@ class WorkerPool:
     def _poll_loads(self) -> None:
         """Ask the checked workers for their load in the background, when the last answers are older than
         the interval (requests never wait for it)."""
-        if self._load is None or self._polling is not None:
-            return
+        if self._load is None or self._polling is not None or len(self.workers) < 2:
+            return  # (one worker: there is no choice to make)
         now = time.monotonic()
         if now - self._loads_at < self._loads_interval:
             return
