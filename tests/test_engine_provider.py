@@ -119,6 +119,23 @@ def sdk(server: ProxyServer) -> openai.AsyncOpenAI:
     )
 
 
+def resolve_names(monkeypatch: pytest.MonkeyPatch, names: dict[str, list[tuple[str, int]]]) -> None:
+    """Names that resolve to the addresses ``names`` gives them (changed in place as a test goes on): the
+    hook is ``_engine_workers.resolve``, since a name of several loopback addresses with their own ports
+    cannot be had from the system's resolver."""
+    real = _engine_workers.resolve
+
+    async def resolve(host: str, port: int) -> list[tuple[str, int]]:
+        return names[host] if host in names else await real(host, port)
+
+    monkeypatch.setattr(_engine_workers, "resolve", resolve)
+
+
+def generated(*engines: FakeProvider) -> list[int]:
+    """How many Generate requests each engine got."""
+    return [sum(type(r).__name__ == "GenerateRequest" for r in e.received) for e in engines]
+
+
 @contextlib.asynccontextmanager
 async def engine_proxy(
     start_proxy: Start, kind: str = "vllm", vision: bool = False, **settings: Any
@@ -288,8 +305,7 @@ async def test_refusals(start_proxy: Start) -> None:
                 tools=TOOLS,
                 tool_choice={"type": "function", "function": {"name": "x"}},
             )
-        generated = sum(type(r).__name__ == "GenerateRequest" for r in engine.received)
-        assert generated == 1  # only the clamped max_tokens reached the engine
+        assert generated(engine) == [1]  # only the clamped max_tokens reached the engine
 
 
 # --------------------------------------------------------------------------------------- the gRPC front
@@ -325,16 +341,10 @@ async def test_client_that_leaves_aborts_the_request(start_proxy: Start, kind: s
 
 
 async def test_two_workers_behind_one_name(start_proxy: Start, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A target that resolves to two addresses (the hook: ``_engine_workers.resolve``, since a name of
-    two loopback addresses with two ports cannot be had from the system's resolver)."""
+    """A target that resolves to two addresses."""
     async with FakeProvider("vllm", models=[MODEL]) as one, FakeProvider("vllm", models=[MODEL]) as two:
         addresses = {"engines.test": [("127.0.0.1", one.port), ("127.0.0.1", two.port)]}
-        real = _engine_workers.resolve
-
-        async def resolve(host: str, port: int) -> list[tuple[str, int]]:
-            return addresses[host] if host in addresses else await real(host, port)
-
-        monkeypatch.setattr(_engine_workers, "resolve", resolve)
+        resolve_names(monkeypatch, addresses)
         server = await start_proxy(
             config(
                 [
@@ -357,7 +367,7 @@ async def test_two_workers_behind_one_name(start_proxy: Start, monkeypatch: pyte
             *(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=5) for _ in range(6))
         )
         assert all(r.choices[0].finish_reason == "length" for r in replies)
-        counts = [sum(type(r).__name__ == "GenerateRequest" for r in e.received) for e in (one, two)]
+        counts = generated(one, two)
         assert counts == [3, 3]
         # One engine stops: its requests fail over to the other (a retry skips the worker that failed).
         await one.stop()
@@ -367,10 +377,10 @@ async def test_two_workers_behind_one_name(start_proxy: Start, monkeypatch: pyte
         # The name now resolves to the second alone: the first is forgotten.
         addresses["engines.test"] = [("127.0.0.1", two.port)]
         await asyncio.sleep(0.3)
-        before = sum(type(r).__name__ == "GenerateRequest" for r in two.received)
+        (before,) = generated(two)
         for _ in range(3):
             await client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
-        assert sum(type(r).__name__ == "GenerateRequest" for r in two.received) == before + 3
+        assert generated(two) == [before + 3]
         await client.close()
 
 
@@ -378,18 +388,9 @@ async def test_other_proxies_load_is_counted(start_proxy: Start, monkeypatch: py
     """Two proxies share two engines: the one whose engine the other proxy keeps busy (GetLoads says so)
     sends its requests to the idle engine; with loadsIntervalSeconds 0 its own requests alone decide."""
 
-    def generated(*engines: FakeProvider) -> list[int]:
-        return [sum(type(r).__name__ == "GenerateRequest" for r in e.received) for e in engines]
-
     async with FakeProvider("vllm", models=[MODEL]) as busy, FakeProvider("vllm", models=[MODEL]) as idle:
         busy.faults.token_delay_ms = idle.faults.token_delay_ms = 20
-        real = _engine_workers.resolve
-        pair = [("127.0.0.1", busy.port), ("127.0.0.1", idle.port)]
-
-        async def resolve(host: str, port: int) -> list[tuple[str, int]]:
-            return pair if host == "engines.test" else await real(host, port)
-
-        monkeypatch.setattr(_engine_workers, "resolve", resolve)
+        resolve_names(monkeypatch, {"engines.test": [("127.0.0.1", busy.port), ("127.0.0.1", idle.port)]})
 
         async def proxy(target: str, **settings: Any) -> openai.AsyncOpenAI:
             server = await start_proxy(
@@ -439,20 +440,12 @@ async def test_a_fleet_that_moves_to_another_model(
     another model (a rolling upgrade), the proxy loads that one; an engine restarted at the same address
     with another model is noticed by its new connection."""
 
-    def generated(*engines: FakeProvider) -> list[int]:
-        return [sum(type(r).__name__ == "GenerateRequest" for r in e.received) for e in engines]
-
     async with (
         FakeProvider("vllm", models=["model-a"]) as old,
         FakeProvider("vllm", models=["model-b"]) as new,
     ):
         addresses = {"engines.test": [("127.0.0.1", old.port)]}
-        real = _engine_workers.resolve
-
-        async def resolve(host: str, port: int) -> list[tuple[str, int]]:
-            return addresses[host] if host in addresses else await real(host, port)
-
-        monkeypatch.setattr(_engine_workers, "resolve", resolve)
+        resolve_names(monkeypatch, addresses)
         server = await start_proxy(
             config(
                 [

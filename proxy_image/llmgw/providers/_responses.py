@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncGenerator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
@@ -70,3 +70,19 @@ async def events(
                 yield event["type"], orjson.dumps(event)
     for event in writer.end():
         yield event["type"], orjson.dumps(event)
+
+
+class ResponsesOnChatPath:
+    """A provider client's ``relay`` of the Responses API, on its own chat path (``stream``)."""
+
+    relayed_endpoints = frozenset({"/responses"})  # what relay() and relay_stream() serve
+
+    async def relay(self, endpoint: str, body: dict[str, Any], timeout: float, stats: CallStats) -> Any:
+        """The answer to a ``/responses`` request: a Response object."""
+        return await answer(cast("ProviderClient", self), body, timeout, stats)
+
+    def relay_stream(
+        self, endpoint: str, body: dict[str, Any], timeout: float, stats: CallStats
+    ) -> AsyncGenerator[tuple[str, bytes], None]:
+        """The Server-Sent Events (name, data) of a streamed ``/responses`` request."""
+        return events(cast("ProviderClient", self), body, timeout, stats)

@@ -12,7 +12,7 @@ import orjson
 from llmgateway.v1 import llm_service_pb2 as pb
 from llmgw.codecs import anthropic_messages
 from llmgw.errors import GatewayError, from_upstream_http
-from llmgw.providers import _responses
+from llmgw.providers._responses import ResponsesOnChatPath
 from llmgw.providers._rest import RestClient
 from llmgw.providers.base import MAX_RELAYED_CHARS, CallStats, OnLimit, malformed_response
 from llmgw.redact import redact
@@ -22,7 +22,7 @@ from llmgw_common.providers.anthropic import AnthropicSettings
 _MALFORMED = (KeyError, TypeError, ValueError, AttributeError)  # orjson.JSONDecodeError is a ValueError
 
 
-class AnthropicClient(RestClient):
+class AnthropicClient(RestClient, ResponsesOnChatPath):
     path_suffix = "/v1/messages"
     native_fields = anthropic_messages.PASSED_KEYS
 
@@ -104,20 +104,6 @@ class AnthropicClient(RestClient):
                 yield chunk
         except _MALFORMED as exc:
             raise malformed_response(self.provider, exc) from None
-
-    # -- OpenAI's Responses API, on the chat path (:mod:`._responses`) ------------------------------------
-
-    relayed_endpoints = frozenset({"/responses"})  # what relay() and relay_stream() serve
-
-    async def relay(self, endpoint: str, body: dict[str, Any], timeout: float, stats: CallStats) -> Any:
-        """The answer to a ``/responses`` request: a Response object."""
-        return await _responses.answer(self, body, timeout, stats)
-
-    def relay_stream(
-        self, endpoint: str, body: dict[str, Any], timeout: float, stats: CallStats
-    ) -> AsyncGenerator[tuple[str, bytes], None]:
-        """The Server-Sent Events (name, data) of a streamed ``/responses`` request."""
-        return _responses.events(self, body, timeout, stats)
 
 
 def _beta_header(betas: Sequence[str]) -> bytes:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncGenerator
-from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
@@ -21,7 +20,7 @@ from llmgw._net.grpc_wire import RpcError
 from llmgw.chat import chunk_carries, chunk_finishes
 from llmgw.codecs import retry_after
 from llmgw.errors import GatewayError, from_upstream_grpc
-from llmgw.providers import _responses
+from llmgw.providers._responses import ResponsesOnChatPath
 from llmgw.providers.base import (
     MAX_RELAYED_CHARS,
     CallStats,
@@ -40,7 +39,7 @@ _UNAVAILABLE_LOG_INTERVAL = 10.0  # seconds between two log lines about one prov
 log = logging.getLogger("llmgw.providers")
 
 
-class LLMGatewayClient:
+class LLMGatewayClient(ResponsesOnChatPath):
     native_fields: frozenset[str] = frozenset()
 
     def __init__(
@@ -172,17 +171,3 @@ class LLMGatewayClient:
 
     async def close(self) -> None:
         await self.channel.close()
-
-    # -- OpenAI's Responses API, on the chat path (:mod:`._responses`) ------------------------------------
-
-    relayed_endpoints = frozenset({"/responses"})  # what relay() and relay_stream() serve
-
-    async def relay(self, endpoint: str, body: dict[str, Any], timeout: float, stats: CallStats) -> Any:
-        """The answer to a ``/responses`` request: a Response object."""
-        return await _responses.answer(self, body, timeout, stats)
-
-    def relay_stream(
-        self, endpoint: str, body: dict[str, Any], timeout: float, stats: CallStats
-    ) -> AsyncGenerator[tuple[str, bytes], None]:
-        """The Server-Sent Events (name, data) of a streamed ``/responses`` request."""
-        return _responses.events(self, body, timeout, stats)
