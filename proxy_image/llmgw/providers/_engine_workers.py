@@ -8,10 +8,10 @@ its calls are done, a new one is checked with the engine's ``HealthCheck`` befor
 
 Each request goes to the worker with the fewest requests (ties in turn): its own outstanding, plus, when the
 engines report their load (``GetLoads``, polled every ``loads_interval`` seconds while requests flow, in the
-background), the requests the engine had beyond this proxy's own at the last report: other proxies' share. A worker whose call
-failed with UNAVAILABLE (it refused the connection, went away) is skipped for :data:`COOLDOWN` seconds and
-checked again after; when every worker is in its cooldown, they are tried all the same, so that an engine
-that came back is noticed at once.
+background), the requests the engine had beyond this proxy's own at the last report: other proxies' share.
+A worker whose call failed with UNAVAILABLE (it refused the connection, went away) is skipped for
+:data:`COOLDOWN` seconds and checked again after; when every worker is in its cooldown, they are tried all
+the same, so that an engine that came back is noticed at once.
 
 **The model a worker serves.** The check also says which model the worker serves (:attr:`Worker.model`), and
 it is made again whenever the worker's connection is new (an engine restarted at the same address may serve
