@@ -34,6 +34,7 @@ from llmgw_operator.handlers import (
     PassFailed,
     Slots,
     Watchdog,
+    build_registry,
     fingerprint,
 )
 from llmgw_operator.kube import Kube
@@ -426,3 +427,16 @@ async def test_passes_share_a_queued_pass_and_skip_routine_triggers_in_backoff()
     reconciler.refuse = False
     await passes.run("ns", "b")
     assert passes.backoff.waiting("ns", "b") == 0
+
+
+def test_every_resource_handler_runs_on_the_event_loop() -> None:
+    """kopf runs a plain function in a thread: a handler there could change what the loop's handlers are
+    reading (the gateways' Secret and ConfigMap users once did: "dictionary changed size during iteration")."""
+    registry = build_registry(Settings(), _Reconciler())  # type: ignore[arg-type]
+    handlers = [
+        *registry._watching.get_all_handlers(),
+        *registry._changing.get_all_handlers(),
+    ]
+    assert len(handlers) >= 5
+    plain = [h.id for h in handlers if not asyncio.iscoroutinefunction(h.fn)]
+    assert plain == []

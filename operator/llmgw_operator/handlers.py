@@ -469,8 +469,12 @@ def build_registry(
                 raise kopf.TemporaryError(str(exc), delay=exc.delay) from exc
             log.info("gateway %s/%s: %s; next try in %.0fs", namespace, name, exc, exc.delay)
 
+    # Every resource handler is a coroutine: kopf runs a plain function in a thread, where this one would
+    # change the Users maps while secret_event and config_map_event read them on the event loop.
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def gateway_event(type: str | None, namespace: str | None, name: str, body: kopf.Body, **_: Any) -> None:
+    async def gateway_event(
+        type: str | None, namespace: str | None, name: str, body: kopf.Body, **_: Any
+    ) -> None:
         spec = None if type == "DELETED" else dict(body.get("spec") or {})
         secret_users.update(namespace or "", name, spec)
         config_map_users.update(namespace or "", name, spec)
