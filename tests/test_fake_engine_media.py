@@ -196,7 +196,7 @@ def test_model_generates_from_the_expanded_prompt() -> None:
     facts = image_facts(IMAGE)
     expanded = m.expand(ids, [facts])
     assert len(expanded) == len(ids) - 1 + 12 and expanded.count(m.image_pad_id) == 12
-    (g,) = m.generate(ids, Sampling(temperature=0.0), [facts])
+    (g,) = m.generate(expanded, Sampling(temperature=0.0), [facts])
     assert g.text == make_reply(SEEN).text
     assert m.read(expanded, [facts]).subject == SEEN
     # Two images, one after the other and before text: a space on each side that has none.
@@ -210,11 +210,11 @@ def test_model_generates_from_the_expanded_prompt() -> None:
     (plain,) = m.generate(chat_ids(HELLO), Sampling())
     assert plain.text == make_reply("hello there wörld 😀").text
     with pytest.raises(ValueError, match="1 image placeholder"):
-        m.generate(ids, Sampling(), [facts, facts])
+        m.expand(ids, [facts, facts])
     with pytest.raises(ValueError, match="0 image placeholder"):
-        m.generate(chat_ids(HELLO), Sampling(), [facts])
+        m.expand(chat_ids(HELLO), [facts])
     with pytest.raises(ValueError, match="exceeds the encoder budget of 1024 tokens"):
-        m.generate(ids, Sampling(), [ImageFacts("PNG", 1000, 1000)])
+        m.expand(ids, [ImageFacts("PNG", 1000, 1000)])
     with pytest.raises(ValueError, match="At most 4 image"):
         m.expand(ids, [facts] * 5)
 

@@ -278,8 +278,8 @@ class Engine(GrpcApi):
                 ids = self._input_ids(request)
                 images = self._images(request)
                 sampling = self._sampling(request)
+                ids = self.model.expand(ids, images)  # what the model, prompt_tokens and the prefix cache see
                 generations = self.model.generate(ids, sampling, images)
-                ids = self.model.expand(ids, images)  # what prompt_tokens and the prefix cache count
             except ValueError as exc:
                 self.fake.stats["rejected"] += 1
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

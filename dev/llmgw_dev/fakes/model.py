@@ -712,10 +712,8 @@ class FakeModel:
         self, prompt_ids: Sequence[int], sampling: Sampling, images: Sequence[ImageFacts] = ()
     ) -> list[Generation]:
         """The ``n`` choices for the prompt; raises ValueError for a prompt the model cannot take. With
-        ``images`` (in prompt order), ``prompt_ids`` has one ``<|image_pad|>`` anchor per image and the model
-        runs on the :meth:`expand`-ed prompt (the context length counts it)."""
-        if images:
-            prompt_ids = self.expand(prompt_ids, images)
+        ``images`` (in prompt order), ``prompt_ids`` is the :meth:`expand`-ed prompt (the context length
+        counts it), whose vision blocks read as the images."""
         if not prompt_ids:
             raise ValueError("The prompt cannot be empty")
         if len(prompt_ids) >= self.max_context_length:

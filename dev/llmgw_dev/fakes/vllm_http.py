@@ -377,17 +377,17 @@ class VllmHttp(HttpApi):
     ) -> tuple[list[Generation], int]:
         """The choices and the prompt's length, its images' anchors expanded."""
         try:
-            prompt = len(self.model.expand(ids, images))
+            prompt = self.model.expand(ids, images)
         except ValueError as exc:
             raise BadRequest(str(exc), param="messages") from None
-        if prompt >= self.model.max_context_length:
+        if len(prompt) >= self.model.max_context_length:
             raise BadRequest(
                 f"This model's maximum context length is {self.model.max_context_length} tokens. However, your "
-                f"request has {prompt} input tokens. Please reduce the length of the input messages.",
+                f"request has {len(prompt)} input tokens. Please reduce the length of the input messages.",
                 param="messages",
             )
         try:
-            return self.model.generate(ids, sampling, images), prompt
+            return self.model.generate(prompt, sampling, images), len(prompt)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
 
