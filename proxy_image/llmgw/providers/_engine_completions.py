@@ -309,7 +309,7 @@ async def _prompt_deltas(
                 if step.finish is None:
                     continue
                 if not choice.done and not choice.tokens and step.complete_ids:
-                    choice.feed(step.complete_ids)  # an engine that sent no chunks
+                    choice.feed(list(step.complete_ids))  # an engine that sent no chunks
                 choice.end(step.finish)
             deltas = [delta for c in choices if (delta := c.take()) is not None]
             if deltas:

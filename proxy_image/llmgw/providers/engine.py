@@ -41,7 +41,7 @@ import os
 import secrets
 import struct
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import grpc
@@ -108,7 +108,8 @@ class ChoiceStep:
     ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[Any] = dataclasses.field(default_factory=list)  # the chunks' OutputLogProbs, in order
     finish: str | None = None  # the Complete's finish reason ("" when it gives none)
-    complete_ids: list[int] = dataclasses.field(default_factory=list)  # for an engine that sent no chunks
+    # The Complete's output ids, read only from an engine that sent no chunks (so not copied here).
+    complete_ids: Sequence[int] = ()
 
 
 @dataclasses.dataclass(slots=True)
@@ -554,10 +555,9 @@ class EngineClient:
     def _forget(self, key: ModelKey) -> None:
         """Drop the model ``key`` (unless another is already loaded or loading): the next request loads."""
         future = self._model
-        loaded = (
-            future is not None and future.done() and not future.cancelled() and future.exception() is None
-        )
-        if loaded and future is not None and future.result().info.key == key:
+        if future is None or not future.done() or future.cancelled() or future.exception() is not None:
+            return
+        if future.result().info.key == key:
             self._model = None
 
     # -- generation -----------------------------------------------------------------------------------
@@ -681,7 +681,7 @@ class EngineClient:
                     if step.finish is None:
                         continue
                     if not choice.done and not choice.tokens and step.complete_ids:
-                        choice.feed(step.complete_ids)  # an engine that sent no chunks
+                        choice.feed(list(step.complete_ids))  # an engine that sent no chunks
                     if (part := choice.end(step.finish or "stop")) is not None:
                         parts.append(part)
                 if not parts:
@@ -923,7 +923,7 @@ class EngineClient:
                     else:
                         completed.add(item.index)
                         step.finish = item.finish_reason
-                        step.complete_ids = list(item.output_ids)
+                        step.complete_ids = item.output_ids
                 if steps:
                     yield Batch(list(steps.values()), cached, prompt_tokens)
         except RpcError as exc:
