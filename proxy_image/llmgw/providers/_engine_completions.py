@@ -371,7 +371,7 @@ async def _start(
         provider=client.provider.name,
         tokenizer=state.tokenizer,
         info=state.info,
-        seed_bits=32 if client.protocol.name == "vllm" else 64,
+        seed_bits=client.protocol.seed_bits,
     )
     plan = await prepared(prepare, _size(body.get("prompt")))
     streams = [

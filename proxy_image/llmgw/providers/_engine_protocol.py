@@ -97,6 +97,7 @@ class Protocol:
     constraints: frozenset[str]
     ids_field = "input_ids"  # TokenizedInput's field of the prompt's ids
     server_info_tells_media = False  # whether media_support reads GetServerInfo
+    seed_bits = 64  # the sampling seed's width (vLLM's is a signed 32-bit integer)
 
     def path(self, method: str) -> str:
         return f"/{self.service}/{method}"
@@ -185,6 +186,7 @@ class Vllm(Protocol):
     service = "vllm.grpc.engine.VllmEngine"
     pb = _vllm
     server_info_tells_media = True
+    seed_bits = 32
     constraints = frozenset({"json_schema", "json_object", "regex", "grammar", "choice", "structural_tag"})
 
     def generate(

@@ -645,7 +645,7 @@ class EngineClient:
                 chat_template=settings.chat_template,
                 tool_call_parser=settings.tool_call_parser,
                 reasoning_parser=settings.reasoning_parser,
-                seed_bits=32 if self.protocol.name == "vllm" else 64,
+                seed_bits=self.protocol.seed_bits,
                 media=state.media,
             )
             p = await prepared(prepare, req.ByteSize())
